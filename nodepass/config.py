@@ -1,0 +1,460 @@
+"""Instance URLs (``server://``, ``client://``, ``master://``) and the
+environment tunables, parsed once into frozen attrs objects.
+
+Everything downstream takes these objects, never raw strings, so a bad URL is
+refused in one place with one readable message (``URLError``) and a bad
+parameter value is replaced by its default with a warning the caller logs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Mapping, Union
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import attrs
+
+from nodepass.durations import DurationError, format_duration, parse_duration
+
+LOG_LEVELS = ("none", "debug", "info", "warn", "error", "event")
+
+
+class URLError(ValueError):
+    """An instance URL that cannot be run at all (exit status 2)."""
+
+
+def default_key(port: int) -> str:
+    """The tunnel key used when the URL gives none: the 32-bit FNV-1a hash of
+    the tunnel port as decimal text, as 8 lowercase hex digits.  Both peers
+    derive it the same way, so a keyless server and client still agree."""
+    h = 0x811C9DC5
+    for byte in str(port).encode("ascii"):
+        h ^= byte
+        h = (h * 0x01000193) & 0xFFFFFFFF
+    return f"{h:08x}"
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``host:port`` with IPv6 literals bracketed, the way Go's
+    ``net.JoinHostPort`` writes it."""
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Inverse of :func:`join_host_port`; raises ``URLError``."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise URLError(f"invalid address {text!r}: expected [IPv6]:port")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise URLError(f"invalid address {text!r}: missing port")
+        if ":" in host:
+            raise URLError(f"invalid address {text!r}: IPv6 literals need brackets")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise URLError(f"invalid port in address {text!r}")
+    return host, int(port_text)
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_unspecified(host: str) -> bool:
+    if host == "":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+@attrs.frozen
+class Address:
+    """One ``host:port``; ``host`` carries no brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return join_host_port(self.host, self.port)
+
+    @classmethod
+    def parse(cls, text: str) -> "Address":
+        return cls(*split_host_port(text))
+
+
+# Defaults of every query parameter, as typed values.
+_TUNNEL_DEFAULTS: dict[str, object] = {
+    "log": "info",
+    "tls": 0,
+    "crt": "",
+    "key": "",
+    "dns": 300.0,
+    "min": 64,
+    "max": 1024,
+    "mode": 0,
+    "quic": 0,
+    "dial": "auto",
+    "read": 0.0,
+    "rate": 0,
+    "slot": 65536,
+    "proxy": 0,
+    "notcp": 0,
+    "noudp": 0,
+}
+
+# Order of the start line (SPEC §7); the config URL sorts instead.
+SERVER_START_KEYS = ("dns", "max", "mode", "quic", "dial", "read", "rate", "slot", "proxy", "notcp", "noudp")
+CLIENT_START_KEYS = ("dns", "min", "mode", "quic", "dial", "read", "rate", "slot", "proxy", "notcp", "noudp")
+SERVER_CONFIG_KEYS = ("dns", "max", "mode", "quic", "dial", "read", "rate", "slot", "proxy", "notcp", "noudp")
+CLIENT_CONFIG_KEYS = ("dns", "min", "mode", "dial", "read", "rate", "slot", "proxy", "notcp", "noudp")
+
+_DURATION_KEYS = {"dns", "read"}
+
+
+def _int_param(name: str, lo: int, hi: int):
+    def check(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"{name} must be between {lo} and {hi}")
+        return value
+
+    return check
+
+
+def _level(raw: str) -> str:
+    if raw not in LOG_LEVELS:
+        raise ValueError(f"log must be one of {', '.join(LOG_LEVELS)}")
+    return raw
+
+
+def _dial(raw: str) -> str:
+    if raw == "auto" or is_ip_literal(raw):
+        return raw
+    raise ValueError("dial must be an IP address or auto")
+
+
+def _duration(raw: str) -> float:
+    try:
+        return parse_duration(raw)
+    except DurationError as e:
+        raise ValueError(str(e)) from None
+
+
+_VALIDATORS = {
+    "log": _level,
+    "tls": _int_param("tls", 0, 2),
+    "crt": str,
+    "key": str,
+    "dns": _duration,
+    "min": _int_param("min", 1, 1 << 20),
+    "max": _int_param("max", 1, 1 << 20),
+    "mode": _int_param("mode", 0, 2),
+    "quic": _int_param("quic", 0, 1),
+    "dial": _dial,
+    "read": _duration,
+    "rate": _int_param("rate", 0, 1 << 40),
+    "slot": _int_param("slot", 0, 1 << 31),
+    "proxy": _int_param("proxy", 0, 1),
+    "notcp": _int_param("notcp", 0, 1),
+    "noudp": _int_param("noudp", 0, 1),
+}
+
+
+def _param_text(name: str, value: object) -> str:
+    if name in _DURATION_KEYS:
+        return format_duration(value)  # type: ignore[arg-type]
+    return str(value)
+
+
+@attrs.frozen
+class TunnelConfig:
+    """A parsed ``server://`` or ``client://`` URL with every parameter typed.
+
+    ``given`` holds the names of query parameters the URL spelled out, so the
+    master can tell a default from an explicit choice; ``warnings`` the
+    messages about values that were replaced by defaults.
+    """
+
+    role: str  # "server" | "client"
+    tunnel: Address
+    targets: tuple[Address, ...]
+    tunnel_key: str
+    key_given: bool = False
+    log: str = "info"
+    tls: int = 0
+    crt: str = ""
+    key: str = ""
+    dns: float = 300.0
+    min: int = 64
+    max: int = 1024
+    mode: int = 0
+    quic: int = 0
+    dial: str = "auto"
+    read: float = 0.0
+    rate: int = 0
+    slot: int = 65536
+    proxy: int = 0
+    notcp: int = 0
+    noudp: int = 0
+    given: frozenset = frozenset()
+    warnings: tuple[str, ...] = ()
+    raw: str = ""
+
+    @property
+    def is_server(self) -> bool:
+        return self.role == "server"
+
+    @property
+    def title(self) -> str:
+        """``Server``/``Client``, the word that starts lifecycle log lines."""
+        return self.role.capitalize()
+
+    def targets_text(self) -> str:
+        return ",".join(str(t) for t in self.targets)
+
+    def _base(self, with_key: bool) -> str:
+        userinfo = f"{quote(self.tunnel_key, safe='')}@" if with_key else ""
+        return f"{self.role}://{userinfo}{self.tunnel}/{self.targets_text()}"
+
+    def start_url(self, mode: int | None = None) -> str:
+        """The URL printed in the ``Server started:`` line: the key always
+        shown, parameters in NodePass's fixed order."""
+        keys = SERVER_START_KEYS if self.is_server else CLIENT_START_KEYS
+        values = {k: getattr(self, k) for k in keys}
+        if mode is not None:
+            values["mode"] = mode
+        query = "&".join(f"{k}={_param_text(k, values[k])}" for k in keys)
+        return f"{self._base(True)}?{query}"
+
+    def config_url(self) -> str:
+        """The master's ``config`` field: every default written out, keys in
+        alphabetical order, plus log/tls/crt/key where the URL named them."""
+        keys = set(SERVER_CONFIG_KEYS if self.is_server else CLIENT_CONFIG_KEYS)
+        keys |= {k for k in ("log", "tls", "crt", "key") if k in self.given}
+        query = "&".join(f"{k}={_param_text(k, getattr(self, k))}" for k in sorted(keys))
+        return f"{self._base(self.key_given)}?{query}"
+
+    def evolve(self, **changes) -> "TunnelConfig":
+        return attrs.evolve(self, **changes)
+
+
+@attrs.frozen
+class MasterConfig:
+    """A parsed ``master://`` URL."""
+
+    api: Address
+    prefix: str = "/api"
+    log: str = "info"
+    tls: int = 0
+    crt: str = ""
+    key: str = ""
+    given: frozenset = frozenset()
+    warnings: tuple[str, ...] = ()
+    raw: str = ""
+    role: str = "master"
+
+    @property
+    def title(self) -> str:
+        return "Master"
+
+
+InstanceConfig = Union[TunnelConfig, MasterConfig]
+
+
+def _parse_query(query: str, allowed: tuple[str, ...]) -> tuple[dict, set, list]:
+    values: dict[str, object] = {}
+    given: set[str] = set()
+    warnings: list[str] = []
+    seen: set[str] = set()
+    for name, raw in parse_qsl(query, keep_blank_values=True):
+        if name in seen:
+            continue  # Go's Query().Get returns the first value
+        seen.add(name)
+        if name not in allowed:
+            warnings.append(f"Unknown parameter {name!r} ignored")
+            continue
+        try:
+            values[name] = _VALIDATORS[name](raw)
+        except ValueError as e:
+            default = _TUNNEL_DEFAULTS[name]
+            shown = _param_text(name, default) if default != "" else '""'
+            warnings.append(f"Invalid {name}={raw!r} ({e}), using default {shown}")
+            continue
+        given.add(name)
+    return values, given, warnings
+
+
+def parse_url(text: str) -> InstanceConfig:
+    """Parse an instance URL.  Raises :class:`URLError` when the URL cannot be
+    run (unknown scheme, no tunnel address, no target, bad port, a loop)."""
+    if not isinstance(text, str) or not text.strip():
+        raise URLError("empty instance URL")
+    text = text.strip()
+    if "://" not in text:
+        raise URLError(f"invalid URL {text!r}: expected server://, client:// or master://")
+    try:
+        parts = urlsplit(text)
+    except ValueError as e:
+        raise URLError(f"invalid URL {text!r}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("server", "client", "master"):
+        raise URLError(f"unknown scheme {parts.scheme!r}: expected server, client or master")
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at:
+        userinfo, hostport = "", netloc
+    if not hostport:
+        raise URLError(f"invalid URL {text!r}: no {'API' if scheme == 'master' else 'tunnel'} address")
+    try:
+        address = Address.parse(hostport)
+    except URLError as e:
+        raise URLError(f"invalid URL {text!r}: {e}") from None
+
+    if scheme == "master":
+        values, given, warnings = _parse_query(parts.query, ("log", "tls", "crt", "key"))
+        prefix = parts.path.rstrip("/") or "/api"
+        if not prefix.startswith("/"):
+            prefix = "/" + prefix
+        return MasterConfig(
+            api=address,
+            prefix=prefix,
+            given=frozenset(given),
+            warnings=tuple(warnings),
+            raw=text,
+            **values,
+        )
+
+    path = unquote(parts.path.lstrip("/"))
+    if not path:
+        raise URLError(f"invalid URL {text!r}: no target address")
+    targets = []
+    for item in path.split(","):
+        try:
+            targets.append(Address.parse(item))
+        except URLError as e:
+            raise URLError(f"invalid URL {text!r}: target {e}") from None
+    values, given, warnings = _parse_query(parts.query, tuple(_TUNNEL_DEFAULTS))
+    # A client learns tls/max/quic from the server and a server has no pool
+    # minimum; Go peers ignore such parameters silently, and so do we.
+    if scheme == "client":
+        for name in ("max", "quic", "tls", "crt", "key"):
+            values.pop(name, None)
+            given.discard(name)
+    else:
+        values.pop("min", None)
+        given.discard("min")
+    if scheme == "server" and values.get("quic") == 1 and values.get("tls", 0) == 0:
+        values["tls"] = 1
+        warnings.append("quic=1 requires TLS, using tls=1")
+    for target in targets:
+        if target.port == address.port and (is_loopback(target.host) or is_unspecified(address.host)):
+            raise URLError(
+                f"invalid URL {text!r}: target {target} uses the tunnel port {address.port} "
+                "on this host, which would loop forever"
+            )
+    key = unquote(userinfo.partition(":")[0]) if userinfo else ""
+    return TunnelConfig(
+        role=scheme,
+        tunnel=address,
+        targets=tuple(targets),
+        tunnel_key=key or default_key(address.port),
+        key_given=bool(key),
+        given=frozenset(given),
+        warnings=tuple(warnings),
+        raw=text,
+        **values,
+    )
+
+
+def _env_duration(env: Mapping[str, str], name: str, default: float, warnings: list) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = parse_duration(raw)
+    except DurationError:
+        warnings.append(f"Invalid {name}={raw!r}, using default {format_duration(default)}")
+        return default
+    return value
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, warnings: list) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+        if value <= 0:
+            raise ValueError
+    except ValueError:
+        warnings.append(f"Invalid {name}={raw!r}, using default {default}")
+        return default
+    return value
+
+
+@attrs.frozen
+class Tunables:
+    """The ``NP_*`` environment tunables of SPEC §1, in seconds and bytes."""
+
+    semaphore_limit: int = 65536
+    tcp_data_buf_size: int = 16384
+    udp_data_buf_size: int = 16384
+    handshake_timeout: float = 5.0
+    tcp_dial_timeout: float = 5.0
+    udp_dial_timeout: float = 5.0
+    udp_read_timeout: float = 30.0
+    pool_get_timeout: float = 5.0
+    min_pool_interval: float = 0.1
+    max_pool_interval: float = 1.0
+    report_interval: float = 5.0
+    service_cooldown: float = 3.0
+    shutdown_timeout: float = 5.0
+    reload_interval: float = 3600.0
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str] | None = None) -> "Tunables":
+        env = os.environ if env is None else env
+        w: list[str] = []
+        d = cls()
+        return cls(
+            semaphore_limit=_env_int(env, "NP_SEMAPHORE_LIMIT", d.semaphore_limit, w),
+            tcp_data_buf_size=_env_int(env, "NP_TCP_DATA_BUF_SIZE", d.tcp_data_buf_size, w),
+            udp_data_buf_size=_env_int(env, "NP_UDP_DATA_BUF_SIZE", d.udp_data_buf_size, w),
+            handshake_timeout=_env_duration(env, "NP_HANDSHAKE_TIMEOUT", d.handshake_timeout, w),
+            tcp_dial_timeout=_env_duration(env, "NP_TCP_DIAL_TIMEOUT", d.tcp_dial_timeout, w),
+            udp_dial_timeout=_env_duration(env, "NP_UDP_DIAL_TIMEOUT", d.udp_dial_timeout, w),
+            udp_read_timeout=_env_duration(env, "NP_UDP_READ_TIMEOUT", d.udp_read_timeout, w),
+            pool_get_timeout=_env_duration(env, "NP_POOL_GET_TIMEOUT", d.pool_get_timeout, w),
+            min_pool_interval=_env_duration(env, "NP_MIN_POOL_INTERVAL", d.min_pool_interval, w),
+            max_pool_interval=_env_duration(env, "NP_MAX_POOL_INTERVAL", d.max_pool_interval, w),
+            report_interval=_env_duration(env, "NP_REPORT_INTERVAL", d.report_interval, w),
+            service_cooldown=_env_duration(env, "NP_SERVICE_COOLDOWN", d.service_cooldown, w),
+            shutdown_timeout=_env_duration(env, "NP_SHUTDOWN_TIMEOUT", d.shutdown_timeout, w),
+            reload_interval=_env_duration(env, "NP_RELOAD_INTERVAL", d.reload_interval, w),
+            warnings=tuple(w),
+        )

@@ -1,0 +1,216 @@
+"""One ``server://`` or ``client://`` instance as a Twisted service.
+
+The service owns the lifecycle that SPEC §7 gives every tunnel: start a
+*runner* (the mode-specific machinery), and when the runner reports a fatal
+error, log ``Server error: ...``, tear everything down, wait
+``NP_SERVICE_COOLDOWN``, log ``Server restart`` and start again -- for as long
+as the service runs.  The master runs many of these in one reactor; the
+``nodepass`` command and ``twistd nodepass`` run exactly one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred, ensureDeferred
+
+from nodepass.config import TunnelConfig, Tunables
+from nodepass.logs import NodeLog
+from nodepass.relay import TokenBucket
+from nodepass.stats import Checkpoint, InstanceStats
+
+
+class TunnelError(Exception):
+    """A fatal error of a running tunnel: the service restarts after cooldown."""
+
+
+@attrs.define
+class InstanceContext:
+    """What every runner needs, built once per start."""
+
+    config: TunnelConfig
+    tunables: Tunables
+    reactor: object
+    log: NodeLog
+    stats: InstanceStats
+    limiter: Optional[TokenBucket]
+    report: Callable[[int, int], None]  # (ping_ms, pool) -> emit CHECK_POINT
+
+
+class Runner:
+    """Base of the mode-specific runners.
+
+    ``start()`` brings the mode up (raises on failure); ``failed`` fires with
+    a :class:`TunnelError` (as errback) when the running mode dies; ``stop()``
+    tears everything down and is safe to call at any point, twice.
+    """
+
+    mode: int = 0
+
+    def __init__(self, ctx: InstanceContext):
+        self.ctx = ctx
+        self.failed: Deferred = Deferred()
+
+    def fail(self, message: str) -> None:
+        if not self.failed.called:
+            self.failed.errback(TunnelError(message))
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def pool_idle(self) -> int:
+        return 0
+
+
+async def make_runner(ctx: InstanceContext) -> Runner:
+    """Pick the runner for the configured (or auto-detected) mode (SPEC §2)."""
+    cfg = ctx.config
+    if cfg.is_server:
+        from nodepass.server import ServerRunner
+
+        return ServerRunner(ctx)
+    from nodepass.single import SingleEndRunner, tunnel_address_binds
+
+    if cfg.mode == 1 or (cfg.mode == 0 and tunnel_address_binds(cfg)):
+        return SingleEndRunner(ctx)
+    from nodepass.client import ClientRunner
+
+    return ClientRunner(ctx)
+
+
+class TunnelService(service.Service):
+    """Runs one tunnel instance, restarting it after fatal errors."""
+
+    def __init__(
+        self,
+        config: TunnelConfig,
+        tunables: Optional[Tunables] = None,
+        reactor=None,
+        log: Optional[NodeLog] = None,
+        stats: Optional[InstanceStats] = None,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config
+        self.tunables = tunables or Tunables.from_environ()
+        self.reactor = reactor
+        self.log = log or NodeLog(config.log)
+        self.stats = stats or InstanceStats(config.slot)
+        self.stats.slot_limit = config.slot
+        self.checkpoint_listeners: list[Callable[[Checkpoint], None]] = []
+        self.status_listeners: list[Callable[[str, str], None]] = []
+        self.runner: Optional[Runner] = None
+        self.last_checkpoint: Optional[Checkpoint] = None
+        self._loop: Optional[Deferred] = None
+        self._stopping = False
+        self._sleep: Optional[Deferred] = None
+        self.started: Deferred = Deferred()  # fires once the first run is up (tests await it)
+
+    @property
+    def name_word(self) -> str:
+        return self.config.title
+
+    def _report(self, ping: int, pool: int) -> None:
+        mode = self.runner.mode if self.runner is not None else 0
+        cp = self.stats.checkpoint(mode, ping, pool)
+        self.last_checkpoint = cp
+        self.log.event(cp.line())
+        for listener in list(self.checkpoint_listeners):
+            listener(cp)
+
+    def _status(self, status: str, message: str = "") -> None:
+        for listener in list(self.status_listeners):
+            listener(status, message)
+
+    def _context(self) -> InstanceContext:
+        cfg = self.config
+        limiter = TokenBucket(cfg.rate * 125000, self.reactor) if cfg.rate else None
+        return InstanceContext(
+            config=cfg,
+            tunables=self.tunables,
+            reactor=self.reactor,
+            log=self.log,
+            stats=self.stats,
+            limiter=limiter,
+            report=self._report,
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        for w in self.config.warnings:
+            self.log.warn(w)
+        self._loop = ensureDeferred(self._run())
+        self._loop.addErrback(lambda f: self.log.error("%s loop crashed: %s", self.name_word, f.getErrorMessage()))
+
+    async def _run(self) -> None:
+        word = self.name_word
+        while not self._stopping:
+            runner = None
+            try:
+                runner = await make_runner(self._context())
+                self.runner = runner
+                await runner.start()
+                if self._stopping:
+                    break
+                self.log.info("%s started: %s", word, self.config.start_url(runner.mode))
+                self._status("running", "")
+                if not self.started.called:
+                    self.started.callback(runner)
+                await runner.failed
+                break  # runner ended cleanly (stop requested)
+            except defer.CancelledError:
+                break
+            except Exception as e:  # noqa: BLE001 - any fatal error means restart
+                if self._stopping:
+                    break
+                self.log.error("%s error: %s", word, e)
+                self._status("error", f"{word} error: {e}")
+                if runner is not None:
+                    await runner.stop()
+                self.runner = None
+                self._sleep = task.deferLater(self.reactor, self.tunables.service_cooldown, lambda: None)
+                try:
+                    await self._sleep
+                except defer.CancelledError:
+                    break
+                finally:
+                    self._sleep = None
+                if self._stopping:
+                    break
+                self.log.info("%s restart", word)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        self._stopping = True
+        return ensureDeferred(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        if self._sleep is not None:
+            self._sleep.cancel()
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            d = ensureDeferred(runner.stop())
+            timeout = self.tunables.shutdown_timeout
+            if timeout > 0:
+                d.addTimeout(timeout, self.reactor)
+            try:
+                await d
+            except Exception as e:  # noqa: BLE001
+                self.log.warn("%s shutdown incomplete: %s", self.name_word, e)
+            if not runner.failed.called:
+                runner.failed.callback(None)
+        if self._loop is not None:
+            try:
+                await self._loop
+            except Exception:  # noqa: BLE001 - already logged
+                pass
+        self._status("stopped", "")

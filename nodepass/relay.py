@@ -1,0 +1,293 @@
+"""The relay core shared by every mode: two connected protocols spliced
+together with streaming producers in both directions.
+
+Flow control is Twisted's own: each end's transport is registered as the
+producer of the other end's transport, so when a slow reader lets a write
+buffer fill, the transport pauses the *other* socket's reading -- the kernel
+then pushes back on the fast writer, and nothing here buffers without bound.
+The rate limiter and the pre-splice hold use the same pause mechanism through
+:class:`PauseGate`, which counts pause reasons so that they never resume a
+socket another reason still wants paused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Callable, Optional
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nodepass.stats import InstanceStats
+
+
+class TokenBucket:
+    """One bucket of ``rate`` bytes/s shared by every connection of an
+    instance, both directions together (SPEC §5).  ``consume`` never blocks:
+    it answers how long the caller should pause to stay under the rate."""
+
+    def __init__(self, bytes_per_second: float, clock):
+        self.rate = float(bytes_per_second)
+        self.capacity = max(self.rate / 20.0, 16384.0)
+        self.tokens = self.capacity
+        self._clock = clock
+        self._stamp = clock.seconds()
+
+    def consume(self, n: int) -> float:
+        now = self._clock.seconds()
+        self.tokens = min(self.capacity, self.tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self.tokens -= n
+        if self.tokens >= 0:
+            return 0.0
+        return -self.tokens / self.rate
+
+
+@implementer(IPushProducer)
+class PauseGate:
+    """Pauses a transport's reading for as long as any reason holds."""
+
+    __slots__ = ("_transport", "_reasons")
+
+    def __init__(self, transport):
+        self._transport = transport
+        self._reasons: set = set()
+
+    def pause(self, reason: str) -> None:
+        if not self._reasons:
+            self._transport.pauseProducing()
+        self._reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._reasons:
+            self._reasons.discard(reason)
+            if not self._reasons:
+                self._transport.resumeProducing()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._reasons)
+
+    # IPushProducer, as seen by the *peer's* transport (its consumer role).
+    def pauseProducing(self) -> None:
+        self.pause("consumer")
+
+    def resumeProducing(self) -> None:
+        self.resume("consumer")
+
+    def stopProducing(self) -> None:
+        self._transport.loseConnection()
+
+
+class RelayEnd(Protocol):
+    """One side of a relayed pair.
+
+    Before :func:`splice` joins it to a peer, whatever arrives is kept and
+    reading is paused (at most one read's worth is held).  After, every chunk
+    goes straight to the peer's transport.
+    """
+
+    relay: Optional["Relay"] = None
+    gate: Optional[PauseGate] = None
+    connected_ = False
+
+    def __init__(self) -> None:
+        self._early: list[bytes] = []
+        self._lost_callbacks: list[Callable[[Failure], None]] = []
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+        self.gate = PauseGate(self.transport)
+
+    def hold(self) -> None:
+        """Stop reading until spliced."""
+        self.gate.pause("splice")
+
+    def take_early(self) -> bytes:
+        data = b"".join(self._early)
+        self._early = []
+        return data
+
+    def dataReceived(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is None:
+            self._early.append(data)
+            self.gate.pause("splice")
+            return
+        relay.forward(self, data)
+
+    def on_lost(self, callback: Callable[[Failure], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+        if self.relay is not None:
+            self.relay.end_lost(self)
+        callbacks, self._lost_callbacks = self._lost_callbacks, []
+        for cb in callbacks:
+            cb(reason)
+
+
+def proxy_v1_header(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
+    """PROXY protocol v1 line (SPEC §5): ``PROXY TCP4|TCP6 SRC DST SPORT DPORT``.
+    Mixed families are written as TCP6 with IPv4-mapped addresses, which
+    HAProxy's grammar accepts; unknown addresses give ``PROXY UNKNOWN``."""
+    try:
+        s = ipaddress.ip_address(src[0].split("%")[0])
+        d = ipaddress.ip_address(dst[0].split("%")[0])
+    except ValueError:
+        return b"PROXY UNKNOWN\r\n"
+    if s.version == 4 and d.version == 4:
+        fam = "TCP4"
+    else:
+        fam = "TCP6"
+        if s.version == 4:
+            s = ipaddress.IPv6Address(f"::ffff:{s}")
+        if d.version == 4:
+            d = ipaddress.IPv6Address(f"::ffff:{d}")
+    return f"PROXY {fam} {s} {d} {src[1]} {dst[1]}\r\n".encode("ascii")
+
+
+class Relay:
+    """A spliced pair.  ``target`` is the end facing the user or the target
+    service -- the one whose bytes count as TCP RX (read from it) and TCP TX
+    (written to it); ``tunnel`` is the other end (pool connection, or in
+    single-end mode the dialled target... see callers)."""
+
+    __slots__ = (
+        "target",
+        "tunnel",
+        "stats",
+        "limiter",
+        "idle",
+        "clock",
+        "_on_close",
+        "_closed",
+        "_timer",
+        "_last_target",
+        "_last_tunnel",
+        "udp",
+    )
+
+    def __init__(
+        self,
+        target: RelayEnd,
+        tunnel: RelayEnd,
+        stats: InstanceStats,
+        clock,
+        limiter: Optional[TokenBucket] = None,
+        idle: float = 0.0,
+        on_close: Optional[Callable[[], None]] = None,
+        udp: bool = False,
+    ):
+        self.target = target
+        self.tunnel = tunnel
+        self.stats = stats
+        self.limiter = limiter
+        self.idle = idle
+        self.clock = clock
+        self.udp = udp
+        self._on_close = on_close
+        self._closed = False
+        self._timer = None
+        now = clock.seconds()
+        self._last_target = now
+        self._last_tunnel = now
+
+    def forward(self, source: RelayEnd, data: bytes) -> None:
+        n = len(data)
+        if source is self.target:
+            if self.udp:
+                self.stats.udp_rx += n
+            else:
+                self.stats.tcp_rx += n
+            if self.idle:
+                self._last_target = self.clock.seconds()
+            self.tunnel.transport.write(data)
+        else:
+            if self.udp:
+                self.stats.udp_tx += n
+            else:
+                self.stats.tcp_tx += n
+            if self.idle:
+                self._last_tunnel = self.clock.seconds()
+            self.target.transport.write(data)
+        limiter = self.limiter
+        if limiter is not None:
+            delay = limiter.consume(n)
+            if delay > 0 and not source.lost:
+                source.gate.pause("rate")
+                self.clock.callLater(delay, source.gate.resume, "rate")
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        oldest = min(self._last_target, self._last_tunnel)
+        due = oldest + self.idle
+        now = self.clock.seconds()
+        if now >= due:
+            self.close()
+        else:
+            self._timer = self.clock.callLater(due - now, self._check_idle)
+
+    def start(self) -> None:
+        """Join the two ends: producers both ways, early bytes flushed,
+        reading resumed."""
+        a, b = self.target, self.tunnel
+        a.relay = self
+        b.relay = self
+        if a.lost or b.lost:
+            self.end_lost(a if a.lost else b)
+            return
+        a.transport.registerProducer(b.gate, True)
+        b.transport.registerProducer(a.gate, True)
+        for end in (a, b):
+            early = end.take_early()
+            if early:
+                self.forward(end, early)
+        if self.idle:
+            self._timer = self.clock.callLater(self.idle, self._check_idle)
+        a.gate.resume("splice")
+        b.gate.resume("splice")
+
+    def end_lost(self, end: RelayEnd) -> None:
+        other = self.tunnel if end is self.target else self.target
+        if not other.lost and other.transport is not None:
+            other.transport.loseConnection()
+        self._finish()
+
+    def close(self) -> None:
+        for end in (self.target, self.tunnel):
+            if not end.lost and end.transport is not None:
+                end.transport.loseConnection()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._on_close is not None:
+            cb, self._on_close = self._on_close, None
+            cb()
+
+
+def splice(
+    target: RelayEnd,
+    tunnel: RelayEnd,
+    stats: InstanceStats,
+    clock,
+    limiter: Optional[TokenBucket] = None,
+    idle: float = 0.0,
+    on_close: Optional[Callable[[], None]] = None,
+    udp: bool = False,
+) -> Relay:
+    relay = Relay(target, tunnel, stats, clock, limiter=limiter, idle=idle, on_close=on_close, udp=udp)
+    relay.start()
+    return relay

@@ -1,0 +1,122 @@
+"""``twistd nodepass URL``: options and the service tree.
+
+The tree is the same for every entry point (twistd, the ``nodepass`` console
+script, ``.tac`` files, tests)::
+
+    NodePassRoot (MultiService)
+      └── TunnelService | MasterService
+            └── listeners, pools, instances ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from twisted.application import service
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import ILogObserver
+from twisted.python import usage
+from twisted.python.components import Componentized
+
+from nodepass.config import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
+from nodepass.logs import NodeLog, NodePassObserver
+
+
+class Options(usage.Options):
+    synopsis = "[options] URL"
+    longdesc = (
+        "Run one NodePass instance: server://, client:// or master://. "
+        "See docs/urls.md for every query parameter."
+    )
+    optParameters = [
+        ["state-dir", None, None, "Master state directory (default: $NP_STATE_DIR or ~/.local/state/nodepass)."],
+    ]
+
+    def parseArgs(self, url: str) -> None:
+        self["url"] = url
+
+    def postOptions(self) -> None:
+        try:
+            self["config"] = parse_url(self["url"])
+        except URLError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def default_state_dir() -> str:
+    env = os.environ.get("NP_STATE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "nodepass")
+
+
+class NodePassRoot(service.MultiService):
+    """The root of the tree: logs the shutdown line, and under twistd installs
+    the NodePass log observer on the application so twistd's own output
+    follows SPEC §7 as well."""
+
+    def __init__(self, config: InstanceConfig, log: NodeLog, observer: Optional[NodePassObserver] = None):
+        super().__init__()
+        self.config = config
+        self.log = log
+        self.observer = observer
+
+    def setServiceParent(self, parent):
+        if isinstance(parent, Componentized) and self.observer is not None:
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.observer)
+        return super().setServiceParent(parent)
+
+    def stopService(self):
+        d = super().stopService()
+
+        def done(result):
+            self.log.info("%s shutdown complete", self.config.title)
+            return result
+
+        return d.addBoth(done)
+
+
+def build_service(
+    config: InstanceConfig,
+    tunables: Optional[Tunables] = None,
+    state_dir: Optional[str] = None,
+    reactor=None,
+    observer: Optional[NodePassObserver] = None,
+) -> NodePassRoot:
+    """The whole service tree for one instance URL."""
+    tunables = tunables or Tunables.from_environ()
+    log = NodeLog(config.log)
+    root = NodePassRoot(config, log, observer)
+    for w in tunables.warnings:
+        log.warn(w)
+    if isinstance(config, MasterConfig):
+        from nodepass.master.service import MasterService
+
+        child = MasterService(config, state_dir or default_state_dir(), tunables=tunables, reactor=reactor, log=log)
+    else:
+        from nodepass.instance import TunnelService
+
+        child = TunnelService(config, tunables=tunables, reactor=reactor, log=log)
+    child.setServiceParent(root)
+    return root
+
+
+def _twistd_observer(options: Options) -> NodePassObserver:
+    """Where twistd would have logged: stdout with ``-n`` and no logfile,
+    else the logfile (``twistd.log`` by default), in NodePass format."""
+    parent = getattr(options, "parent", None)
+    level = options["config"].log
+    logfile = parent.get("logfile") if parent is not None else None
+    nodaemon = parent.get("nodaemon") if parent is not None else True
+    if logfile == "-" or (not logfile and nodaemon):
+        return NodePassObserver(lambda: sys.stdout, level)
+    from twisted.python.logfile import LogFile
+
+    return NodePassObserver(LogFile.fromFullPath(logfile or "twistd.log"), level, colour=False)
+
+
+def makeService(options: Options) -> service.IService:
+    return build_service(options["config"], state_dir=options["state-dir"], observer=_twistd_observer(options))
