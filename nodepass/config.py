@@ -43,8 +43,9 @@ def join_host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def split_host_port(text: str) -> tuple[str, int]:
-    """Inverse of :func:`join_host_port`; raises ``URLError``."""
+def split_host_port(text: str, allow_zero: bool = False) -> tuple[str, int]:
+    """Inverse of :func:`join_host_port`; raises ``URLError``.  Port 0 (let
+    the OS choose) is allowed only for addresses we listen on."""
     text = text.strip()
     if text.startswith("["):
         end = text.find("]")
@@ -57,7 +58,7 @@ def split_host_port(text: str) -> tuple[str, int]:
             raise URLError(f"invalid address {text!r}: missing port")
         if ":" in host:
             raise URLError(f"invalid address {text!r}: IPv6 literals need brackets")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not port_text.isdigit() or not (0 if allow_zero else 1) <= int(port_text) < 65536:
         raise URLError(f"invalid port in address {text!r}")
     return host, int(port_text)
 
@@ -99,8 +100,8 @@ class Address:
         return join_host_port(self.host, self.port)
 
     @classmethod
-    def parse(cls, text: str) -> "Address":
-        return cls(*split_host_port(text))
+    def parse(cls, text: str, allow_zero: bool = False) -> "Address":
+        return cls(*split_host_port(text, allow_zero))
 
 
 # Defaults of every query parameter, as typed values.
@@ -330,7 +331,7 @@ def parse_url(text: str) -> InstanceConfig:
     if not hostport:
         raise URLError(f"invalid URL {text!r}: no {'API' if scheme == 'master' else 'tunnel'} address")
     try:
-        address = Address.parse(hostport)
+        address = Address.parse(hostport, allow_zero=True)
     except URLError as e:
         raise URLError(f"invalid URL {text!r}: {e}") from None
 
