@@ -1,0 +1,207 @@
+"""Instance URLs, parameters, Go durations and tunables (SPEC §1, §7)."""
+
+from __future__ import annotations
+
+from twisted.trial import unittest
+
+from nodepass.config import (
+    Address,
+    MasterConfig,
+    Tunables,
+    TunnelConfig,
+    URLError,
+    default_key,
+    parse_url,
+)
+from nodepass.durations import DurationError, format_duration, parse_duration
+
+
+class DurationTests(unittest.TestCase):
+    def test_parse(self) -> None:
+        cases = {
+            "0": 0.0,
+            "1h30m": 5400.0,
+            "250ms": 0.25,
+            "5m": 300.0,
+            "1.5s": 1.5,
+            "2h45m30.5s": 9930.5,
+            "100us": 0.0001,
+            "100\u00b5s": 0.0001,
+            "10ns": 1e-8,
+        }
+        for text, seconds in cases.items():
+            self.assertAlmostEqual(parse_duration(text), seconds, places=9, msg=text)
+
+    def test_format_like_go(self) -> None:
+        cases = {
+            0: "0s",
+            300: "5m0s",
+            3600: "1h0m0s",
+            0.25: "250ms",
+            90: "1m30s",
+            1.5: "1.5s",
+            5400: "1h30m0s",
+            0.0001: "100\u00b5s",
+            1e-8: "10ns",
+        }
+        for seconds, text in cases.items():
+            self.assertEqual(format_duration(seconds), text)
+
+    def test_rejects(self) -> None:
+        for bad in ("", "5", "1x", "h", "-1s", "1h-2m", "abc", "1.2.3s"):
+            self.assertRaises(DurationError, parse_duration, bad)
+
+
+class KeyTests(unittest.TestCase):
+    def test_default_key_vectors(self) -> None:
+        # SPEC §1 / issue 2 vector, and the real client on port 41003 of SPEC §7.
+        self.assertEqual(default_key(10101), "e68be2b4")
+        self.assertEqual(default_key(41003), "61741aaf")
+
+    def test_url_without_key_uses_default(self) -> None:
+        cfg = parse_url("client://127.0.0.1:10101/127.0.0.1:80")
+        self.assertEqual(cfg.tunnel_key, "e68be2b4")
+        self.assertFalse(cfg.key_given)
+
+    def test_url_with_key(self) -> None:
+        cfg = parse_url("server://s3cr%40t@0.0.0.0:10101/127.0.0.1:80")
+        self.assertEqual(cfg.tunnel_key, "s3cr@t")
+        self.assertTrue(cfg.key_given)
+
+
+class TunnelURLTests(unittest.TestCase):
+    def test_defaults(self) -> None:
+        cfg = parse_url("server://0.0.0.0:10101/127.0.0.1:8080")
+        self.assertIsInstance(cfg, TunnelConfig)
+        self.assertEqual(cfg.role, "server")
+        self.assertEqual(cfg.tunnel, Address("0.0.0.0", 10101))
+        self.assertEqual(cfg.targets, (Address("127.0.0.1", 8080),))
+        expected = dict(
+            log="info", tls=0, crt="", key="", dns=300.0, max=1024, mode=0, quic=0,
+            dial="auto", read=0.0, rate=0, slot=65536, proxy=0, notcp=0, noudp=0,
+        )
+        for name, value in expected.items():
+            self.assertEqual(getattr(cfg, name), value, name)
+        self.assertEqual(parse_url("client://h:1/t:2").min, 64)
+        self.assertEqual(cfg.warnings, ())
+
+    def test_every_parameter(self) -> None:
+        cfg = parse_url(
+            "server://k@[::]:10101/[::1]:80,example.com:81?log=debug&tls=2&crt=/c.pem&key=/k.pem"
+            "&dns=30s&max=10&mode=1&quic=0&dial=127.0.0.2&read=1h30m&rate=8&slot=7&proxy=1&notcp=1&noudp=1"
+        )
+        self.assertEqual(cfg.tunnel, Address("::", 10101))
+        self.assertEqual(cfg.targets, (Address("::1", 80), Address("example.com", 81)))
+        self.assertEqual(
+            (cfg.log, cfg.tls, cfg.crt, cfg.key, cfg.dns, cfg.max, cfg.mode, cfg.dial, cfg.read),
+            ("debug", 2, "/c.pem", "/k.pem", 30.0, 10, 1, "127.0.0.2", 5400.0),
+        )
+        self.assertEqual((cfg.rate, cfg.slot, cfg.proxy, cfg.notcp, cfg.noudp), (8, 7, 1, 1, 1))
+        self.assertEqual(cfg.targets_text(), "[::1]:80,example.com:81")
+        client = parse_url("client://h:1/t:2?min=3&mode=2")
+        self.assertEqual((client.min, client.mode), (3, 2))
+
+    def test_bad_values_fall_back_with_warning(self) -> None:
+        cfg = parse_url(
+            "client://h:1/t:2?log=loud&min=abc&mode=7&dns=soon&read=-1s&rate=-3&slot=x&proxy=2&dial=nowhere"
+        )
+        self.assertEqual(
+            (cfg.log, cfg.min, cfg.mode, cfg.dns, cfg.read, cfg.rate, cfg.slot, cfg.proxy, cfg.dial),
+            ("info", 64, 0, 300.0, 0.0, 0, 65536, 0, "auto"),
+        )
+        self.assertEqual(len(cfg.warnings), 9)
+        self.assertIn("Invalid min='abc'", " ".join(cfg.warnings))
+
+    def test_quic_forces_tls(self) -> None:
+        cfg = parse_url("server://:10101/127.0.0.1:80?quic=1")
+        self.assertEqual((cfg.quic, cfg.tls), (1, 1))
+
+    def test_start_url_matches_spec_example(self) -> None:
+        cfg = parse_url("client://127.0.0.1:41003/127.0.0.1:41001?mode=2")
+        self.assertEqual(
+            "Client started: " + cfg.start_url(),
+            "Client started: client://61741aaf@127.0.0.1:41003/127.0.0.1:41001?dns=5m0s&min=64&mode=2"
+            "&quic=0&dial=auto&read=0s&rate=0&slot=65536&proxy=0&notcp=0&noudp=0",
+        )
+        server = parse_url("server://:10101/127.0.0.1:80?dns=1h")
+        self.assertEqual(
+            server.start_url(mode=1),
+            "server://e68be2b4@:10101/127.0.0.1:80?dns=1h0m0s&max=1024&mode=1&quic=0&dial=auto"
+            "&read=0s&rate=0&slot=65536&proxy=0&notcp=0&noudp=0",
+        )
+
+    def test_config_url_matches_spec_example(self) -> None:
+        cfg = parse_url("client://127.0.0.1:7011/127.0.0.1:8088?log=warn")
+        self.assertEqual(
+            cfg.config_url(),
+            "client://127.0.0.1:7011/127.0.0.1:8088?dial=auto&dns=5m0s&log=warn&min=64&mode=0"
+            "&notcp=0&noudp=0&proxy=0&rate=0&read=0s&slot=65536",
+        )
+        server = parse_url("server://key@:10101/127.0.0.1:80?tls=1&log=info")
+        self.assertEqual(
+            server.config_url(),
+            "server://key@:10101/127.0.0.1:80?dial=auto&dns=5m0s&log=info&max=1024&mode=0"
+            "&notcp=0&noudp=0&proxy=0&quic=0&rate=0&read=0s&slot=65536&tls=1",
+        )
+
+
+class BadURLTests(unittest.TestCase):
+    def test_refused(self) -> None:
+        bad = [
+            "",
+            "nothing",
+            "http://h:1/t:2",
+            "server://",
+            "server://h/t:2",
+            "server://h:99999/t:2",
+            "server://h:1",
+            "server://h:1/",
+            "client://h:1/t",
+            "client://h:1/t:0",
+            "client://h:1/::1:80",
+            "client://[::1:1/t:2",
+            "master://",
+        ]
+        for text in bad:
+            self.assertRaises(URLError, parse_url, text)
+
+    def test_loop_check(self) -> None:
+        self.assertRaises(URLError, parse_url, "server://0.0.0.0:8080/127.0.0.1:8080")
+        self.assertRaises(URLError, parse_url, "client://10.0.0.1:8080/localhost:8080")
+        self.assertRaises(URLError, parse_url, "server://:8080/10.0.0.2:8080")
+        self.assertRaises(URLError, parse_url, "server://[::]:8080/[::1]:8080")
+        # A remote target on the same port through a specific tunnel host is fine.
+        parse_url("client://10.0.0.1:8080/10.0.0.2:8080")
+
+
+class MasterURLTests(unittest.TestCase):
+    def test_master(self) -> None:
+        cfg = parse_url("master://127.0.0.1:9090")
+        self.assertIsInstance(cfg, MasterConfig)
+        self.assertEqual((cfg.api, cfg.prefix, cfg.log, cfg.tls), (Address("127.0.0.1", 9090), "/api", "info", 0))
+        cfg = parse_url("master://0.0.0.0:9090/admin/?log=debug&tls=2&crt=a&key=b")
+        self.assertEqual((cfg.prefix, cfg.log, cfg.tls, cfg.crt, cfg.key), ("/admin", "debug", 2, "a", "b"))
+
+
+class TunablesTests(unittest.TestCase):
+    def test_defaults(self) -> None:
+        t = Tunables.from_environ({})
+        self.assertEqual(
+            (t.semaphore_limit, t.tcp_data_buf_size, t.udp_data_buf_size, t.handshake_timeout, t.tcp_dial_timeout),
+            (65536, 16384, 16384, 5.0, 5.0),
+        )
+        self.assertEqual(
+            (t.udp_dial_timeout, t.udp_read_timeout, t.pool_get_timeout, t.min_pool_interval, t.max_pool_interval),
+            (5.0, 30.0, 5.0, 0.1, 1.0),
+        )
+        self.assertEqual(
+            (t.report_interval, t.service_cooldown, t.shutdown_timeout, t.reload_interval), (5.0, 3.0, 5.0, 3600.0)
+        )
+
+    def test_environment(self) -> None:
+        t = Tunables.from_environ(
+            {"NP_REPORT_INTERVAL": "250ms", "NP_UDP_DATA_BUF_SIZE": "2048", "NP_RELOAD_INTERVAL": "2h", "NP_TCP_DIAL_TIMEOUT": "x"}
+        )
+        self.assertEqual((t.report_interval, t.udp_data_buf_size, t.reload_interval), (0.25, 2048, 7200.0))
+        self.assertEqual(t.tcp_dial_timeout, 5.0)
+        self.assertEqual(len(t.warnings), 1)
