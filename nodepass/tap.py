@@ -104,6 +104,17 @@ def build_service(
     return root
 
 
+def application_for(url: str, state_dir: Optional[str] = None) -> service.Application:
+    """A twistd application for one instance URL, for ``.tac`` files (see
+    ``tap/``).  Raises :class:`URLError` for a bad URL."""
+    config = parse_url(url)
+    application = service.Application("nodepass")
+    build_service(config, state_dir=state_dir, observer=NodePassObserver(lambda: sys.stdout, config.log)).setServiceParent(
+        application
+    )
+    return application
+
+
 def _twistd_observer(options: Options) -> NodePassObserver:
     """Where twistd would have logged: stdout with ``-n`` and no logfile,
     else the logfile (``twistd.log`` by default), in NodePass format."""
