@@ -1,0 +1,575 @@
+"""An async client for the NodePass master API (SPEC §8), built on treq.
+
+Every route has a method; every method is ``async`` and returns the decoded
+JSON the master answered (``None`` for 204).  A non-2xx answer raises
+:class:`MasterAPIError` carrying the status and the master's ``error``
+message; an unreachable master raises it too, with status 0, so scripts need
+one ``except``.
+
+``events()`` returns an :class:`EventStream`: an async iterator over the
+Server-Sent Events of ``/events``, decoded to dicts ``{"type", "time",
+"instance", "logs"}``.  It applies back-pressure: when the script stops
+consuming, the socket is paused instead of queueing without bound.
+
+Usage::
+
+    async with MasterClient("http://127.0.0.1:9090/api", key) as master:
+        inst = await master.create_instance("server://:10101/127.0.0.1:8080")
+        async with master.events() as stream:
+            async for event in stream:
+                print(event["type"], event["instance"]["id"])
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from typing import Any, Optional
+from urllib.parse import quote
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import defer, ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    ResponseDone,
+)
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+KEY_INSTANCE = "********"
+
+__all__ = ["MasterClient", "MasterAPIError", "EventStream", "KEY_INSTANCE"]
+
+
+class MasterAPIError(Exception):
+    """The master answered with an error status (or could not be reached:
+    ``status`` 0)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        if self.status:
+            return f"HTTP {self.status}: {self.message}"
+        return self.message
+
+
+@implementer(IPolicyForHTTPS)
+class _NoVerifyPolicy:
+    """TLS without certificate checks, for a master running ``tls=1`` (an
+    in-memory self-signed certificate nobody can verify)."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+
+@implementer(IPolicyForHTTPS)
+class _CAFilePolicy:
+    """Verify the master against one PEM CA (or self-signed) certificate."""
+
+    def __init__(self, pem: bytes):
+        self._root = ssl.Certificate.loadPEM(pem)
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
+
+
+def _api_root(base_url: str) -> str:
+    """``http://h:p/api`` and ``http://h:p/api/v1`` both mean the same
+    master; callers may pass either."""
+    base = base_url.strip().rstrip("/")
+    if "://" not in base:
+        raise ValueError(f"master URL {base_url!r} must start with http:// or https://")
+    scheme = base.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"master URL {base_url!r} must start with http:// or https://")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    return base
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
+        return decoded["error"]
+    text = body.decode("utf-8", "replace").strip()
+    return text[:200] or "(empty answer)"
+
+
+def _instance_path(instance_id: str) -> str:
+    if not isinstance(instance_id, str) or not instance_id:
+        raise ValueError("instance ID must be a non-empty string")
+    return "/instances/" + quote(instance_id, safe="*")
+
+
+class MasterClient:
+    """A connection (pool) to one master.
+
+    ``base_url`` is the API root, e.g. ``http://127.0.0.1:9090/api`` (the
+    ``/v1`` may be included or not).  ``verify=False`` accepts any server
+    certificate (a ``tls=1`` master); ``ca_file`` verifies against a given
+    PEM certificate instead of the system roots.  ``timeout`` bounds each
+    request until its answer's headers arrive (not the event stream).
+    Call :meth:`close` (or use ``async with``) when done.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        verify: bool = True,
+        ca_file: Optional[str] = None,
+        timeout: Optional[float] = 30.0,
+        persistent: bool = True,
+        reactor: Any = None,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.root = _api_root(base_url)
+        self.api_key = api_key
+        self.timeout = timeout
+        self._reactor = reactor
+        if not verify:
+            policy: Any = _NoVerifyPolicy()
+        elif ca_file:
+            with open(ca_file, "rb") as f:
+                policy = _CAFilePolicy(f.read())
+        else:
+            policy = BrowserLikePolicyForHTTPS()
+        self._pool = HTTPConnectionPool(reactor, persistent=persistent)
+        self._pool.retryAutomatically = False  # a PATCH/POST must not be replayed
+        self._http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
+        self._streams: set[EventStream] = set()
+
+    async def __aenter__(self) -> "MasterClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close event streams and idle keep-alive connections."""
+        for stream in list(self._streams):
+            await stream.close()
+        await self._pool.closeCachedConnections()
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _headers(self, accept: str = "application/json") -> dict:
+        return {"X-API-Key": [self.api_key], "Accept": [accept]}
+
+    async def raw_request(
+        self,
+        method: str,
+        path: str,
+        body: Optional[bytes] = None,
+        headers: Optional[dict] = None,
+        params: Optional[dict] = None,
+    ) -> tuple[int, Any, bytes]:
+        """Send any request under the API root; answer ``(status, headers,
+        body)`` without interpreting them (for tests and odd scripts)."""
+        all_headers = self._headers()
+        if body is not None:
+            all_headers["Content-Type"] = ["application/json"]
+        all_headers.update(headers or {})
+        try:
+            response = await self._http.request(
+                method,
+                self.root + path,
+                data=body,
+                params=params,
+                headers=all_headers,
+                allow_redirects=False,
+                timeout=self.timeout,
+                reactor=self._reactor,
+            )
+            content = await treq.content(response)
+        except defer.CancelledError:
+            raise MasterAPIError(0, f"no answer from {self.root} within {self.timeout}s") from None
+        except Exception as e:
+            raise MasterAPIError(0, f"cannot reach master at {self.root}: {_reason(e)}") from None
+        return response.code, response.headers, content
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        params: Optional[dict] = None,
+        expect: tuple[int, ...] = (200,),
+    ) -> Any:
+        body = None if payload is None else json.dumps(payload).encode("utf-8")
+        code, _headers, content = await self.raw_request(method, path, body, params=params)
+        if code not in expect:
+            raise MasterAPIError(code, _error_message(content))
+        if code == 204 or not content:
+            return None
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise MasterAPIError(code, "answer is not JSON") from None
+
+    # -- instances --------------------------------------------------------
+
+    async def list_instances(self) -> list[dict]:
+        """Every instance, the ``********`` key instance included."""
+        return await self._call("GET", "/instances")
+
+    async def get_instance(self, instance_id: str) -> dict:
+        return await self._call("GET", _instance_path(instance_id))
+
+    async def create_instance(self, url: str, alias: Optional[str] = None) -> dict:
+        """Create and start an instance; answers the new instance."""
+        payload: dict[str, Any] = {"url": url}
+        if alias is not None:
+            payload["alias"] = alias
+        return await self._call("POST", "/instances", payload, expect=(201,))
+
+    async def patch_instance(self, instance_id: str, **fields: Any) -> dict:
+        """PATCH any of ``alias``, ``action``, ``restart``, ``meta``."""
+        return await self._call("PATCH", _instance_path(instance_id), fields)
+
+    async def action(self, instance_id: str, action: str) -> dict:
+        return await self.patch_instance(instance_id, action=action)
+
+    async def start(self, instance_id: str) -> dict:
+        return await self.action(instance_id, "start")
+
+    async def stop(self, instance_id: str) -> dict:
+        return await self.action(instance_id, "stop")
+
+    async def restart(self, instance_id: str) -> dict:
+        return await self.action(instance_id, "restart")
+
+    async def reset(self, instance_id: str) -> dict:
+        """Zero the instance's traffic counters."""
+        return await self.action(instance_id, "reset")
+
+    async def set_alias(self, instance_id: str, alias: str) -> dict:
+        return await self.patch_instance(instance_id, alias=alias)
+
+    async def set_restart_policy(self, instance_id: str, restart: bool) -> dict:
+        """Whether the master starts this instance when it starts."""
+        return await self.patch_instance(instance_id, restart=bool(restart))
+
+    async def set_meta(
+        self,
+        instance_id: str,
+        *,
+        peer: Optional[dict] = None,
+        tags: Optional[dict] = None,
+    ) -> dict:
+        meta: dict[str, Any] = {}
+        if peer is not None:
+            meta["peer"] = peer
+        if tags is not None:
+            meta["tags"] = tags
+        return await self.patch_instance(instance_id, meta=meta)
+
+    async def set_tags(self, instance_id: str, tags: dict) -> dict:
+        return await self.set_meta(instance_id, tags=tags)
+
+    async def put_url(self, instance_id: str, url: str) -> dict:
+        """Replace the instance's URL and restart it."""
+        return await self._call("PUT", _instance_path(instance_id), {"url": url})
+
+    async def put_action(self, instance_id: str, action: str) -> dict:
+        """The older API generation's ``PUT {"action": ...}``."""
+        return await self._call("PUT", _instance_path(instance_id), {"action": action})
+
+    async def delete_instance(self, instance_id: str) -> None:
+        await self._call("DELETE", _instance_path(instance_id), expect=(204,))
+
+    async def rotate_key(self) -> str:
+        """Make the master generate a new API key; this client switches to it.
+        Every open event stream is closed by the master."""
+        inst = await self.action(KEY_INSTANCE, "restart")
+        self.api_key = inst["url"]
+        return self.api_key
+
+    # -- master -----------------------------------------------------------
+
+    async def info(self) -> dict:
+        return await self._call("GET", "/info")
+
+    async def set_master_alias(self, alias: str) -> dict:
+        return await self._call("POST", "/info", {"alias": alias})
+
+    async def tcping(self, target: str) -> dict:
+        """``{"target", "connected", "latency", "error"}`` of a TCP connect
+        from the master to ``host:port``."""
+        return await self._call("GET", "/tcping", params={"target": target})
+
+    async def openapi(self) -> dict:
+        return await self._call("GET", "/openapi.json")
+
+    def events(self, *, high_water: int = 256) -> "EventStream":
+        """The ``/events`` stream; iterate it with ``async for``."""
+        return EventStream(self, high_water=high_water)
+
+
+def _reason(error: BaseException) -> str:
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(str(r.value) for r in reasons)
+    return str(error) or error.__class__.__name__
+
+
+_END = object()
+
+
+class EventStream:
+    """Server-Sent Events from ``/events`` as an async iterator of dicts.
+
+    The stream connects on first iteration (or ``await stream.open()``, which
+    returns once the master has accepted it, so nothing created afterwards is
+    missed).  It ends when the master closes it (after a ``shutdown`` event)
+    and raises :class:`MasterAPIError` if the connection breaks otherwise.
+    ``close()`` ends it from this side.
+    """
+
+    MAX_LINE = 1 << 22
+
+    def __init__(self, client: MasterClient, *, high_water: int = 256):
+        self._client = client
+        self._high_water = high_water
+        self._queue: collections.deque = collections.deque()
+        self._waiter: Optional[Deferred] = None
+        self._opening: Optional[Deferred] = None
+        self._transport: Any = None
+        self._paused = False
+        self._done = False
+        self._closing = False
+        self._error: Optional[MasterAPIError] = None
+        self._open_error: Optional[MasterAPIError] = None
+        self._lost: Deferred = Deferred()
+        self.retry_ms: Optional[int] = None
+        self.saw_shutdown = False
+
+    async def __aenter__(self) -> "EventStream":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def open(self) -> None:
+        """Connect (once); raises :class:`MasterAPIError` on refusal."""
+        if self._opening is None:
+            self._opening = defer.ensureDeferred(self._open_safely())
+        await _shield(self._opening)
+        if self._open_error is not None:
+            raise self._open_error
+
+    async def _open_safely(self) -> None:
+        try:
+            await self._open()
+        except Exception as e:
+            if not isinstance(e, MasterAPIError):
+                e = MasterAPIError(0, f"event stream not opened: {_reason(e)}")
+            self._open_error = e
+            self._done = True
+            if not self._lost.called:
+                self._lost.callback(None)
+
+    async def _open(self) -> None:
+        client = self._client
+        headers = client._headers("text/event-stream")
+        headers["Cache-Control"] = ["no-cache"]
+        try:
+            response = await client._http.request(
+                "GET",
+                client.root + "/events",
+                headers=headers,
+                unbuffered=True,
+                allow_redirects=False,
+                timeout=client.timeout,
+                reactor=client._reactor,
+            )
+        except Exception as e:
+            self._done = True
+            self._lost.callback(None)
+            raise MasterAPIError(0, f"cannot reach master at {client.root}: {_reason(e)}") from None
+        if response.code != 200:
+            body = await treq.content(response)
+            self._done = True
+            self._lost.callback(None)
+            raise MasterAPIError(response.code, _error_message(body))
+        client._streams.add(self)
+        response.deliverBody(_SSEProtocol(self))
+        if self._closing and self._transport is not None:
+            self._transport.stopProducing()
+
+    async def __anext__(self) -> dict:
+        await self.open()
+        if self._queue:
+            return self._take()
+        if self._done:
+            return self._finished()
+        self._waiter = Deferred()
+        await self._waiter
+        if self._queue:
+            return self._take()
+        return self._finished()
+
+    async def next(self, timeout: Optional[float] = None) -> dict:
+        """The next event, or :class:`MasterAPIError` (status 0) when none
+        arrives within ``timeout`` seconds; ``StopAsyncIteration`` at end."""
+        d = defer.ensureDeferred(self.__anext__())
+        if timeout is not None:
+            d.addTimeout(timeout, self._client._reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise MasterAPIError(0, f"no event within {timeout}s") from None
+
+    def _take(self) -> dict:
+        event = self._queue.popleft()
+        if self._paused and len(self._queue) <= self._high_water // 2 and self._transport:
+            self._paused = False
+            self._transport.resumeProducing()
+        return event
+
+    def _finished(self) -> dict:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        raise StopAsyncIteration
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)
+
+    # called by the protocol
+    def _push(self, event: dict) -> None:
+        if event.get("type") == "shutdown":
+            self.saw_shutdown = True
+        self._queue.append(event)
+        if len(self._queue) >= self._high_water and not self._paused and self._transport:
+            self._paused = True
+            self._transport.pauseProducing()
+        self._wake()
+
+    def _lost_connection(self, reason: Failure) -> None:
+        self._done = True
+        self._client._streams.discard(self)
+        clean = reason.check(ResponseDone, PotentialDataLoss) or self._closing or self.saw_shutdown
+        if not clean:
+            self._error = MasterAPIError(0, f"event stream broken: {_reason(reason.value)}")
+        self._wake()
+        if not self._lost.called:
+            self._lost.callback(None)
+
+    def _protocol_error(self, message: str) -> None:
+        self._error = MasterAPIError(0, message)
+        self._closing = True
+        if self._transport is not None:
+            self._transport.stopProducing()
+
+    async def close(self) -> None:
+        """Disconnect and wait until the connection is really gone."""
+        self._closing = True
+        if self._opening is None:
+            return
+        if not self._opening.called:
+            self._opening.cancel()
+        if self._transport is not None and not self._done:
+            if self._paused:
+                self._paused = False
+                self._transport.resumeProducing()
+            self._transport.stopProducing()
+        if self._lost.called or self._done and self._transport is None:
+            return
+        await _shield(self._lost)
+
+
+async def _shield(d: Deferred) -> Any:
+    """Await ``d`` (which never fails) without consuming its result, so
+    several coroutines may wait for the same event."""
+    inner: Deferred = Deferred()
+
+    def relay(result):
+        inner.callback(None)
+        return result
+
+    d.addBoth(relay)
+    await inner
+
+
+class _SSEProtocol(Protocol):
+    """Splits the byte stream into SSE events (``text/event-stream``)."""
+
+    def __init__(self, stream: EventStream):
+        self._stream = stream
+        self._buffer = b""
+        self._event_name = ""
+        self._data: list[str] = []
+
+    def makeConnection(self, transport) -> None:
+        self._stream._transport = transport
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                break
+            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            self._line(line.rstrip(b"\r").decode("utf-8", "replace"))
+        if len(self._buffer) > EventStream.MAX_LINE:
+            self._buffer = b""
+            self._stream._protocol_error("event stream line too long")
+
+    def _line(self, line: str) -> None:
+        if not line:
+            self._dispatch()
+            return
+        if line.startswith(":"):
+            return  # comment / keep-alive
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event_name = value
+        elif field == "retry" and value.isdigit():
+            self._stream.retry_ms = int(value)
+
+    def _dispatch(self) -> None:
+        data, self._data = self._data, []
+        self._event_name = ""
+        if not data:
+            return
+        try:
+            event = json.loads("\n".join(data))
+        except ValueError:
+            self._stream._protocol_error("event data is not JSON")
+            return
+        if not isinstance(event, dict):
+            self._stream._protocol_error("event data is not a JSON object")
+            return
+        self._stream._push(event)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stream._lost_connection(reason)
