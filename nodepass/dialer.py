@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from typing import Callable, Optional, Sequence
 
+from twisted.internet import defer
 from twisted.internet import error as terror
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -86,7 +87,15 @@ class TargetGroup:
         return i
 
     def _connect(self, ip: str, port: int, factory: Factory) -> Deferred:
-        d = Deferred()
+        connector = None
+
+        def cancel(_d: Deferred) -> None:
+            # Cancelling a dial (e.g. at shutdown) must not leave a socket
+            # connecting in the reactor.
+            if connector is not None:
+                connector.stopConnecting()
+
+        d = Deferred(cancel)
 
         class _Wrap(ClientFactory):
             def buildProtocol(self_inner, addr):
@@ -106,13 +115,15 @@ class TargetGroup:
                     d.errback(reason)
 
         bind = (self.source, 0) if self.source else None
-        self.reactor.connectTCP(ip, port, _Wrap(), timeout=self.timeout, bindAddress=bind)
+        connector = self.reactor.connectTCP(ip, port, _Wrap(), timeout=self.timeout, bindAddress=bind)
         return d
 
     async def connect_one(self, target: Address, factory: Factory) -> Protocol:
         ip = await self.dns.resolve(target.host)
         try:
             return await self._connect(ip, target.port, factory)
+        except defer.CancelledError:
+            raise
         except Exception as e:
             if self.source and _bind_failure(e):
                 self.log.error("Dial source %s unusable (%s), falling back to auto", self.source, e)
@@ -130,6 +141,8 @@ class TargetGroup:
             target = self.targets[(start + k) % n]
             try:
                 return await self.connect_one(target, factory)
+            except defer.CancelledError:
+                raise
             except Exception as e:  # noqa: BLE001 - every failure means "try the next"
                 last = e
                 if on_fail is not None:

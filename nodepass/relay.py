@@ -22,6 +22,12 @@ from zope.interface import implementer
 
 from nodepass.stats import InstanceStats
 
+#: Read size and write-buffer high-water mark given to relayed TCP
+#: transports (Twisted's ``bufferSize`` is both).  Large reads keep the
+#: per-chunk Python cost small next to the bytes moved; the same value bounds
+#: what one direction of a pair can hold in user space to about twice this.
+RELAY_BUFFER_SIZE = 256 * 1024
+
 
 class TokenBucket:
     """One bucket of ``rate`` bytes/s shared by every connection of an
@@ -170,6 +176,7 @@ class Relay:
         "_last_target",
         "_last_tunnel",
         "udp",
+        "_rate_calls",
     )
 
     def __init__(
@@ -193,6 +200,7 @@ class Relay:
         self._on_close = on_close
         self._closed = False
         self._timer = None
+        self._rate_calls: dict = {}
         now = clock.seconds()
         self._last_target = now
         self._last_tunnel = now
@@ -218,9 +226,13 @@ class Relay:
         limiter = self.limiter
         if limiter is not None:
             delay = limiter.consume(n)
-            if delay > 0 and not source.lost:
+            if delay > 0 and not source.lost and not self._closed and source not in self._rate_calls:
                 source.gate.pause("rate")
-                self.clock.callLater(delay, source.gate.resume, "rate")
+                self._rate_calls[source] = self.clock.callLater(delay, self._rate_resume, source)
+
+    def _rate_resume(self, source: RelayEnd) -> None:
+        self._rate_calls.pop(source, None)
+        source.gate.resume("rate")
 
     def _check_idle(self) -> None:
         self._timer = None
@@ -273,6 +285,10 @@ class Relay:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for call in self._rate_calls.values():
+            if call.active():
+                call.cancel()
+        self._rate_calls.clear()
         if self._on_close is not None:
             cb, self._on_close = self._on_close, None
             cb()

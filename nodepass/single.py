@@ -1,0 +1,327 @@
+"""Single-end forwarding (client ``mode=1``, SPEC §2): no server, no pool.
+
+The client listens on its tunnel address and relays every accepted TCP
+connection and every UDP session straight to the target group.  Each TCP
+connection takes a slot, is held unread while the target is dialled (round
+robin with failover), gets the PROXY v1 line when ``proxy=1``, and is then
+spliced to the target with the instance's rate limiter and ``read`` idle
+timeout.  UDP sessions come from :mod:`nodepass.udp` with a connected UDP
+socket to the next target as their backend.
+
+Every ``NP_REPORT_INTERVAL`` the runner measures a TCP connect to the next
+target (its own round robin, so health checks do not skew the users') and
+reports it as the CHECK_POINT PING, with POOL 0.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Optional
+
+from twisted.internet import error as terror
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.protocol import Factory
+
+from nodepass.config import Address, TunnelConfig
+from nodepass.dialer import AllTargetsFailed, TargetGroup
+from nodepass.instance import InstanceContext, Runner, TunnelError
+from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
+from nodepass.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
+
+#: Listen backlog: bursts of new connections must not overflow the accept
+#: queue (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+
+
+def tunnel_address_binds(config: TunnelConfig) -> bool:
+    """Can this host listen on the tunnel address (TCP)?  The client
+    ``mode=0`` probe (SPEC §2): yes means single-end forwarding.  The probe
+    socket is closed before returning, so the runner can bind right after.
+    ``SO_REUSEADDR`` is set as Twisted's listener sets it, so lingering
+    TIME_WAIT connections do not make the answer differ from a real listen."""
+    host = config.tunnel.host or None
+    try:
+        infos = socket.getaddrinfo(host, config.tunnel.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return False
+    if not infos:
+        return False
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        sock = socket.socket(family, kind, proto)
+    except OSError:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+class _UserEnd(RelayEnd):
+    """An accepted user connection; hands itself to the runner."""
+
+    runner: "SingleEndRunner"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.runner._accepted(self)
+
+
+class _UserFactory(Factory):
+    def __init__(self, runner: "SingleEndRunner"):
+        self.runner = runner
+
+    def buildProtocol(self, addr):
+        end = _UserEnd()
+        end.runner = self.runner
+        end.factory = self
+        return end
+
+
+class _TargetFactory(Factory):
+    protocol = RelayEnd
+
+    noisy = False
+
+
+def _peer(transport) -> tuple[str, int]:
+    p = transport.getPeer()
+    return (p.host, p.port)
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    return str(Address(addr[0], addr[1]))
+
+
+class SingleEndRunner(Runner):
+    """Client ``mode=1``: listen on the tunnel address, relay to targets."""
+
+    mode = 1
+
+    def __init__(self, ctx: InstanceContext):
+        super().__init__(ctx)
+        cfg = ctx.config
+        self.group = TargetGroup(
+            cfg.targets,
+            ctx.reactor,
+            ctx.log,
+            dns_ttl=cfg.dns,
+            dial=cfg.dial,
+            timeout=ctx.tunables.tcp_dial_timeout,
+        )
+        self.relays: set[Relay] = set()
+        self.udp_listener: Optional[UDPSessionListener] = None
+        self.tcp_port = None
+        self.udp_port = None
+        self._ends: set[RelayEnd] = set()
+        self._dials: set[Deferred] = set()
+        self._udp_targets: set[TargetUDP] = set()
+        self._loop: Optional[task.LoopingCall] = None
+        self._ping: Optional[Deferred] = None
+        self._ping_index = 0
+        self._stopping = False
+        self._target_factory = _TargetFactory()
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self) -> None:
+        ctx = self.ctx
+        cfg, reactor = ctx.config, ctx.reactor
+        host, port = cfg.tunnel.host, cfg.tunnel.port
+        if not cfg.notcp:
+            try:
+                self.tcp_port = reactor.listenTCP(port, _UserFactory(self), backlog=LISTEN_BACKLOG, interface=host)
+            except terror.CannotListenError as e:
+                raise TunnelError(f"cannot listen on TCP {cfg.tunnel}: {_reason(e)}") from None
+        if not cfg.noudp:
+            self.udp_listener = UDPSessionListener(
+                self._open_udp_backend,
+                ctx.stats,
+                reactor,
+                ctx.log,
+                idle_timeout=ctx.tunables.udp_read_timeout,
+                buf_size=ctx.tunables.udp_data_buf_size,
+            )
+            try:
+                self.udp_port = reactor.listenUDP(
+                    port, self.udp_listener, interface=host, maxPacketSize=ctx.tunables.udp_data_buf_size
+                )
+            except terror.CannotListenError as e:
+                raise TunnelError(f"cannot listen on UDP {cfg.tunnel}: {_reason(e)}") from None
+        interval = ctx.tunables.report_interval
+        if interval > 0:
+            self._loop = task.LoopingCall(self._checkpoint)
+            self._loop.clock = reactor
+            self._loop.start(interval, now=False)
+
+    async def stop(self) -> None:
+        """Close listeners, in-flight dials, every relayed pair and UDP
+        session; fires once every socket is released."""
+        self._stopping = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._ping is not None:
+            self._ping.cancel()
+        waits: list[Deferred] = []
+        for attr in ("tcp_port", "udp_port"):
+            port = getattr(self, attr)
+            setattr(self, attr, None)
+            if port is not None:
+                d = port.stopListening()
+                if d is not None:
+                    waits.append(d)
+        waits.extend(t.released for t in self._udp_targets)
+        if self.udp_listener is not None:
+            self.udp_listener.close_all()
+        for d in list(self._dials):
+            d.cancel()
+        for end in list(self._ends):
+            if not end.lost and end.transport is not None:
+                lost: Deferred = Deferred()
+                end.on_lost(lambda _r, lost=lost: lost.callback(None))
+                waits.append(lost)
+                end.transport.abortConnection()
+        for target in list(self._udp_targets):
+            target.close()
+        if waits:
+            await DeferredList(waits, consumeErrors=True)
+
+    # -- TCP -------------------------------------------------------------
+    def _track(self, end: RelayEnd) -> None:
+        self._ends.add(end)
+        end.on_lost(lambda _reason: self._ends.discard(end))
+
+    def _accepted(self, user: _UserEnd) -> None:
+        if self._stopping:
+            user.transport.abortConnection()
+            return
+        self._track(user)
+        stats, log = self.ctx.stats, self.ctx.log
+        if not stats.acquire_tcp():
+            log.error("TCP slot limit reached (%d), closing connection from %s", stats.slot_limit, _fmt(_peer(user.transport)))
+            user.transport.loseConnection()
+            return
+        user.hold()
+        user.transport.bufferSize = RELAY_BUFFER_SIZE
+        d = ensureDeferred(self._connect_target(user))
+        self._dials.add(d)
+        d.addErrback(lambda f: log.error("TCP relay setup failed: %s", f.getErrorMessage()))
+        d.addBoth(lambda _r: self._dials.discard(d))
+
+    async def _connect_target(self, user: _UserEnd) -> None:
+        ctx = self.ctx
+        stats, log = ctx.stats, ctx.log
+        try:
+            target = await self.group.connect(self._target_factory)
+        except CancelledError:
+            stats.release_tcp()
+            return
+        except AllTargetsFailed as e:
+            stats.release_tcp()
+            log.error("TCP connection from %s dropped: %s", _fmt(_peer(user.transport)), e)
+            if not user.lost:
+                user.transport.loseConnection()
+            return
+        self._track(target)
+        if user.lost or self._stopping:
+            stats.release_tcp()
+            target.transport.loseConnection()
+            return
+        target.transport.bufferSize = RELAY_BUFFER_SIZE
+        if ctx.config.proxy:
+            target.transport.write(proxy_v1_header(_peer(user.transport), _peer(target.transport)))
+        log.debug("TCP %s -> %s relaying", _fmt(_peer(user.transport)), _fmt(_peer(target.transport)))
+        relay = Relay(
+            target,
+            user,
+            stats,
+            ctx.reactor,
+            limiter=ctx.limiter,
+            idle=ctx.config.read,
+            on_close=lambda: self._relay_closed(relay),
+        )
+        self.relays.add(relay)
+        relay.start()
+
+    def _relay_closed(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        self.ctx.stats.release_tcp()
+
+    # -- UDP -------------------------------------------------------------
+    async def _open_udp_backend(self, session: UDPSession) -> TargetUDP:
+        ctx = self.ctx
+        ip, port, _target = await self.group.resolve_next()
+        if session.closed or self._stopping:
+            raise CancelledError()
+        kwargs = dict(
+            on_datagram=session.reply,
+            on_close=session.close,
+            stats=ctx.stats,
+            log=ctx.log,
+            count_traffic=True,
+            buf_size=ctx.tunables.udp_data_buf_size,
+        )
+        source = self.group.source
+        try:
+            target = open_target_udp(ctx.reactor, ip, port, source=source, **kwargs)
+        except terror.CannotListenError as e:
+            if not source:
+                raise
+            ctx.log.error("Dial source %s unusable (%s), falling back to auto", source, _reason(e))
+            self.group.source = None
+            target = open_target_udp(ctx.reactor, ip, port, source=None, **kwargs)
+        self._udp_targets.add(target)
+
+        def closed() -> None:
+            self._udp_targets.discard(target)
+            session.close()
+
+        target.on_close = closed
+        ctx.log.debug("UDP %s -> %s session", _fmt(session.addr), _fmt((ip, port)))
+        return target
+
+    # -- CHECK_POINT -----------------------------------------------------
+    def _checkpoint(self) -> None:
+        if self._ping is not None or self._stopping:
+            return  # the previous probe is still dialling
+        d = self._ping = ensureDeferred(self._probe())
+
+        def done(result):
+            self._ping = None
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: f.trap(CancelledError))
+        d.addErrback(lambda f: self.ctx.log.error("Checkpoint failed: %s", f.getErrorMessage()))
+
+    async def _probe(self) -> None:
+        targets = self.group.targets
+        target = targets[self._ping_index % len(targets)]
+        self._ping_index += 1
+        started = time.monotonic()
+        ping = 0
+        try:
+            end = await self.group.connect_one(target, self._target_factory)
+        except CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unreachable target is PING=0
+            self.ctx.log.warn("Checkpoint: target %s unreachable: %s", target, e)
+        else:
+            ping = int(round((time.monotonic() - started) * 1000))
+            self._track(end)
+            end.transport.loseConnection()
+        if not self._stopping:
+            self.ctx.report(ping, 0)
+
+
+def _reason(e: Exception) -> str:
+    socket_error = getattr(e, "socketError", None)
+    if isinstance(socket_error, OSError) and socket_error.strerror:
+        return socket_error.strerror.lower()
+    return str(e)

@@ -1,0 +1,365 @@
+"""Small async helpers shared by the test modules: real servers and clients on
+127.0.0.1 with ports from the OS.  Keep this a plain module of small,
+independent helpers; every listener a helper opens is returned so the test
+can close it (trial fails on a dirty reactor)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from typing import Callable, Optional
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
+from zope.interface import implementer
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; raise AssertionError after
+    ``timeout`` seconds.  For conditions that have no event to await."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+async def sleep(seconds: float) -> None:
+    """Let the reactor run for a while (only for 'nothing happens' checks)."""
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port number currently free for both TCP and UDP on ``host``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        t = socket.socket(family, socket.SOCK_STREAM)
+        u = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            t.bind((host, 0))
+            port = t.getsockname()[1]
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue
+            return port
+        finally:
+            t.close()
+            u.close()
+    raise RuntimeError("no free port")
+
+
+def dead_port(host: str = "127.0.0.1") -> int:
+    """A port with nothing listening (connections are refused)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def ipv6_available() -> bool:
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.bind(("::1", 0))
+        s.close()
+        return True
+    except OSError:
+        return False
+
+
+# -- servers -------------------------------------------------------------
+
+
+class _TrackingFactory(Factory):
+    """Keeps the live protocols so tests can inspect and close them."""
+
+    noisy = False
+
+    def __init__(self, protocol_class, **attrs):
+        self.protocol = protocol_class
+        self.attrs = attrs
+        self.connections: list[Protocol] = []
+        self.accepted = 0
+
+    def buildProtocol(self, addr):
+        p = self.protocol()
+        p.factory = self
+        for k, v in self.attrs.items():
+            setattr(p, k, v)
+        self.accepted += 1
+        self.connections.append(p)
+        return p
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connectionLost(self, reason) -> None:
+        if self in self.factory.connections:
+            self.factory.connections.remove(self)
+
+
+class Sink(Protocol):
+    """Records what it receives; ``done`` fires with the bytes at close."""
+
+    def connectionMade(self) -> None:
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.done: Deferred = Deferred()
+        self.arrived: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.received += len(data)
+        if not self.arrived.called:
+            self.arrived.callback(None)
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def connectionLost(self, reason) -> None:
+        if not self.done.called:
+            self.done.callback(self.data())
+
+
+class Stalled(Protocol):
+    """Accepts and never reads: the slowest possible receiver."""
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+
+class Source(Protocol):
+    """Sends ``payload`` (set on the factory) and closes."""
+
+    payload = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+        self.transport.loseConnection()
+
+
+def listen_tcp(protocol_class, host: str = "127.0.0.1", **attrs):
+    """Listen on an OS-chosen port; returns ``(port_object, factory)``.
+    ``port_object.getHost().port`` is the number."""
+    factory = _TrackingFactory(protocol_class, **attrs)
+    port = reactor.listenTCP(0, factory, interface=host)
+    return port, factory
+
+
+def listen_echo(host: str = "127.0.0.1"):
+    return listen_tcp(Echo, host)
+
+
+def listen_sink(host: str = "127.0.0.1"):
+    return listen_tcp(Sink, host)
+
+
+class UDPEcho(DatagramProtocol):
+    """Echoes each datagram to its sender; records the senders seen."""
+
+    def __init__(self) -> None:
+        self.senders: list[tuple[str, int]] = []
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.senders.append(addr)
+        self.transport.write(data, addr)
+
+
+class UDPClient(DatagramProtocol):
+    """Collects datagrams; ``next()`` waits for the next one."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self._waiters: list[Deferred] = []
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.received.append(data)
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(data)
+
+    def next(self, timeout: float = 5.0) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        d.addTimeout(timeout, reactor)
+        return d
+
+
+def listen_udp(protocol: DatagramProtocol, host: str = "127.0.0.1", port: int = 0):
+    return reactor.listenUDP(port, protocol, interface=host)
+
+
+# -- clients -------------------------------------------------------------
+
+
+class Client(Protocol):
+    """A client that records everything; ``lost`` fires with the bytes."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.lost: Deferred = Deferred()
+        self._want: Optional[tuple[int, Deferred]] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.received += len(data)
+        self._check()
+
+    def _check(self) -> None:
+        if self._want is not None and self.received >= self._want[0]:
+            _, d = self._want
+            self._want = None
+            d.callback(self.data())
+
+    def wait_bytes(self, n: int, timeout: float = 10.0) -> Deferred:
+        """Fires with all data so far once at least ``n`` bytes arrived."""
+        d: Deferred = Deferred()
+        self._want = (n, d)
+        d.addTimeout(timeout, reactor)
+        self._check()
+        return d
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def connectionLost(self, reason) -> None:
+        if self._want is not None:
+            _, d = self._want
+            self._want = None
+            d.errback(reason)
+        if not self.lost.called:
+            self.lost.callback(self.data())
+
+
+class HashingClient(Client):
+    """Hashes what it reads instead of keeping it (for large transfers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sha = hashlib.sha256()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.received += len(data)
+        self._check()
+
+    def _check(self) -> None:
+        if self._want is not None and self.received >= self._want[0]:
+            _, d = self._want
+            self._want = None
+            d.callback(self.sha.hexdigest())
+
+    def data(self) -> bytes:
+        return b""
+
+
+async def connect(port: int, host: str = "127.0.0.1", protocol_class=Client, timeout: float = 5.0):
+    """Open a TCP connection; returns the connected protocol."""
+    d: Deferred = Deferred()
+
+    class F(ClientFactory):
+        noisy = False
+
+        def buildProtocol(self, addr):
+            p = protocol_class()
+            made = p.connectionMade
+
+            def connection_made():
+                made()
+                if not d.called:
+                    d.callback(p)
+
+            p.connectionMade = connection_made
+            return p
+
+        def clientConnectionFailed(self, connector, reason):
+            if not d.called:
+                d.errback(reason)
+
+    reactor.connectTCP(host, port, F(), timeout=timeout)
+    return await d
+
+
+async def close(proto: Protocol) -> None:
+    """Close a connection and wait until it is gone."""
+    if proto.transport is None or not proto.transport.connected:
+        return
+    lost: Deferred = Deferred()
+    orig = proto.connectionLost
+
+    def connection_lost(reason):
+        orig(reason)
+        if not lost.called:
+            lost.callback(None)
+
+    proto.connectionLost = connection_lost
+    proto.transport.loseConnection()
+    await lost
+
+
+@implementer(IPushProducer)
+class PushSender:
+    """Writes ``chunk`` repeatedly on ``transport`` for as long as the
+    transport does not pause it (streaming producer), counting the bytes
+    handed over.  Stops after ``limit`` bytes when given."""
+
+    def __init__(self, transport, chunk: bytes = b"x" * 65536, limit: Optional[int] = None):
+        self.transport = transport
+        self.chunk = chunk
+        self.limit = limit
+        self.written = 0
+        self.paused = False
+        self.stopped = False
+        self._scheduled = None
+        transport.registerProducer(self, True)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._scheduled is None and not self.paused and not self.stopped:
+            self._scheduled = reactor.callLater(0, self._run)
+
+    def _run(self) -> None:
+        self._scheduled = None
+        for _ in range(16):
+            if self.paused or self.stopped:
+                return
+            if self.limit is not None and self.written >= self.limit:
+                self.stopped = True
+                return
+            self.transport.write(self.chunk)
+            self.written += len(self.chunk)
+        self._schedule()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+
+
+async def stop_listening(*ports) -> None:
+    for p in ports:
+        if p is not None:
+            await defer.maybeDeferred(p.stopListening)
+
+
+def transport_buffered(transport) -> int:
+    """Bytes a Twisted FileDescriptor holds in user space, not yet written."""
+    if transport is None:
+        return 0
+    return getattr(transport, "_tempDataLen", 0) + len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)

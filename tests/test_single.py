@@ -1,0 +1,426 @@
+"""Single-end forwarding (client ``mode=1``), SPEC §2, §5, §6, §7: real
+sockets on loopback, the service run in-process with short tunables."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from nodepass.config import Address, Tunables, parse_url
+from nodepass.instance import TunnelService
+from nodepass.logs import NodeLog
+from nodepass.single import SingleEndRunner, tunnel_address_binds
+from tests.helpers import (
+    Client,
+    HashingClient,
+    PushSender,
+    Source,
+    Stalled,
+    UDPClient,
+    UDPEcho,
+    close,
+    connect,
+    dead_port,
+    free_port,
+    ipv6_available,
+    listen_echo,
+    listen_sink,
+    listen_tcp,
+    listen_udp,
+    sleep,
+    stop_listening,
+    transport_buffered,
+    wait_for,
+)
+
+MiB = 1024 * 1024
+
+
+def _port(listening) -> int:
+    return listening.getHost().port
+
+
+class ForwarderMixin:
+    """Starts a single-end forwarder in-process and cleans it up."""
+
+    def start_forwarder(
+        self,
+        targets: str,
+        query: str = "",
+        host: str = "127.0.0.1",
+        tunables: Tunables | None = None,
+        wait: bool = True,
+        mode: str = "1",
+    ):
+        port = free_port(host)
+        url = f"client://{Address(host, port)}/{targets}?mode={mode}&log=debug{query}"
+        config = parse_url(url)
+        log = NodeLog(config.log)
+        self.lines: list[str] = []
+        log.listeners.append(lambda level, line: self.lines.append(line))
+        svc = TunnelService(config, tunables=tunables or Tunables(report_interval=60), log=log)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        self.service = svc
+        self.fport = port
+        if wait:
+            return svc.started.addCallback(lambda _r: port)
+        return defer.succeed(port)
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def target(self, factory_result):
+        port, factory = factory_result
+        self.addCleanup(port.stopListening)
+        return _port(port), factory
+
+
+def d(coro_fn):
+    """Run an ``async def`` test method as a Deferred."""
+
+    def wrapper(self):
+        return defer.ensureDeferred(coro_fn(self))
+
+    wrapper.__name__ = coro_fn.__name__
+    wrapper.__doc__ = coro_fn.__doc__
+    return wrapper
+
+
+class TCPForwardingTests(ForwarderMixin, unittest.TestCase):
+    @d
+    async def test_64mib_sha256(self) -> None:
+        """64 MiB through the forwarder and back (echo target) arrive intact."""
+        tport, _ = self.target(listen_echo())
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}")
+        payload = os.urandom(64 * MiB)
+        client = await connect(fport, protocol_class=HashingClient)
+        client.transport.write(payload)
+        digest = await client.wait_bytes(len(payload), timeout=60)
+        self.assertEqual(digest, hashlib.sha256(payload).hexdigest())
+        self.assertEqual(client.received, len(payload))
+        stats = self.service.stats
+        self.assertEqual(stats.tcp_tx, len(payload))  # written to the target
+        self.assertEqual(stats.tcp_rx, len(payload))  # read from the target
+        self.assertEqual(stats.tcps, 1)
+        await close(client)
+        await wait_for(lambda: stats.tcps == 0, what="slot released")
+
+    @d
+    async def test_200_concurrent_connections(self) -> None:
+        tport, _ = self.target(listen_echo())
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}")
+        payloads = [os.urandom(16384 + i) for i in range(200)]
+        clients = await defer.gatherResults([defer.ensureDeferred(connect(fport)) for _ in payloads])
+        for c, p in zip(clients, payloads):
+            c.transport.write(p)
+        results = await defer.gatherResults([c.wait_bytes(len(p), timeout=30) for c, p in zip(clients, payloads)])
+        for got, p in zip(results, payloads):
+            self.assertEqual(got, p)
+        self.assertEqual(self.service.stats.tcps, 200)
+        await defer.gatherResults([defer.ensureDeferred(close(c)) for c in clients])
+        await wait_for(lambda: self.service.stats.tcps == 0, what="all slots released")
+
+    @d
+    async def test_backpressure(self) -> None:
+        """A receiver that stops reading stops the relay reading from the
+        sender: the relay's user-space buffers stay small."""
+        tport, _ = self.target(listen_tcp(Stalled))
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}")
+        client = await connect(fport)
+        sender = PushSender(client.transport)
+        self.addCleanup(sender.stopProducing)
+        runner = self.service.runner
+        await wait_for(lambda: len(runner.relays) == 1, what="relay up")
+        (relay,) = runner.relays
+
+        def relay_buffered() -> int:
+            return transport_buffered(relay.target.transport) + transport_buffered(relay.tunnel.transport)
+
+        # Wait until the sender is stuck: paused, and no progress for a while.
+        last = [-1]
+        peak = [0]
+
+        def stuck() -> bool:
+            peak[0] = max(peak[0], relay_buffered())
+            if sender.paused and sender.written == last[0]:
+                return True
+            last[0] = sender.written
+            return False
+
+        await wait_for(stuck, timeout=20, interval=0.2, what="sender blocked")
+        self.assertTrue(relay.tunnel.gate.paused, "relay still reading from the sender")
+        self.assertLess(peak[0], 4 * MiB)
+        # The sender keeps trying; nothing moves and nothing piles up.
+        before = sender.written
+        for _ in range(5):
+            await sleep(0.05)
+            sender.resumeProducing()
+            peak[0] = max(peak[0], relay_buffered())
+        await sleep(0.1)
+        self.assertLess(peak[0], 4 * MiB)
+        self.assertLess(sender.written - before, 4 * MiB)
+        self.assertLess(self.service.stats.tcp_tx, 32 * MiB)
+        sender.stopProducing()
+        client.transport.abortConnection()
+        await client.lost
+
+    @d
+    async def test_rate_limit(self) -> None:
+        """rate=8 (1,000,000 bytes/s) holds a download near 1 MB/s."""
+        size = 1_200_000
+        tport, _ = self.target(listen_tcp(Source, payload=os.urandom(size)))
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}", "&rate=8")
+        started = time.monotonic()
+        client = await connect(fport)
+        data = await client.lost
+        elapsed = time.monotonic() - started
+        self.assertEqual(len(data), size)
+        rate = size / elapsed
+        self.assertGreater(rate, 0.5e6)
+        self.assertLess(rate, 1.6e6)
+
+    @d
+    async def test_slot_limit(self) -> None:
+        tport, _ = self.target(listen_echo())
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}", "&slot=2")
+        a = await connect(fport)
+        b = await connect(fport)
+        for c in (a, b):
+            c.transport.write(b"ping")
+            self.assertEqual(await c.wait_bytes(4), b"ping")
+        third = await connect(fport)
+        third.transport.write(b"ping")
+        self.assertEqual(await third.lost, b"")
+        self.assertTrue(self.logged("slot limit reached (2)"))
+        self.assertEqual(self.service.stats.tcps, 2)
+        await close(a)
+        await wait_for(lambda: self.service.stats.tcps == 1, what="slot released")
+        fourth = await connect(fport)
+        fourth.transport.write(b"pong")
+        self.assertEqual(await fourth.wait_bytes(4), b"pong")
+        await close(b)
+        await close(fourth)
+
+    async def _proxy_header(self, host: str, family: str) -> None:
+        tlisten, tfactory = listen_sink(host)
+        self.addCleanup(tlisten.stopListening)
+        tport = _port(tlisten)
+        fport = await self.start_forwarder(str(Address(host, tport)), "&proxy=1", host=host)
+        client = await connect(fport, host=host)
+        client.transport.write(b"hello")
+        await wait_for(lambda: tfactory.connections and tfactory.connections[0].received >= 5, what="data at target")
+        sink = tfactory.connections[0]
+        cport = client.transport.getHost().port
+        expected = f"PROXY {family} {host} {host} {cport} {tport}\r\nhello".encode()
+        self.assertEqual(sink.data(), expected)
+        await close(client)
+
+    @d
+    async def test_proxy_v1_ipv4(self) -> None:
+        await self._proxy_header("127.0.0.1", "TCP4")
+
+    @d
+    async def test_proxy_v1_ipv6(self) -> None:
+        self.assertTrue(ipv6_available(), "this test needs ::1")
+        await self._proxy_header("::1", "TCP6")
+
+    @d
+    async def test_no_proxy_header_by_default(self) -> None:
+        tlisten, tfactory = listen_sink()
+        self.addCleanup(tlisten.stopListening)
+        fport = await self.start_forwarder(f"127.0.0.1:{_port(tlisten)}")
+        client = await connect(fport)
+        client.transport.write(b"hello")
+        await wait_for(lambda: tfactory.connections and tfactory.connections[0].received >= 5)
+        self.assertEqual(tfactory.connections[0].data(), b"hello")
+        await close(client)
+
+    @d
+    async def test_failover_skips_dead_target(self) -> None:
+        tport, factory = self.target(listen_echo())
+        dead = dead_port()
+        fport = await self.start_forwarder(f"127.0.0.1:{dead},127.0.0.1:{tport}")
+        for i in range(3):
+            c = await connect(fport)
+            c.transport.write(b"x%d" % i)
+            self.assertEqual(await c.wait_bytes(2), b"x%d" % i)
+            await close(c)
+        self.assertEqual(factory.accepted, 3)
+
+    @d
+    async def test_all_targets_failed(self) -> None:
+        fport = await self.start_forwarder(f"127.0.0.1:{dead_port()},127.0.0.1:{dead_port()}")
+        c = await connect(fport)
+        self.assertEqual(await c.lost, b"")
+        self.assertTrue(self.logged("all 2 target(s) failed"))
+        await wait_for(lambda: self.service.stats.tcps == 0, what="slot released")
+
+    @d
+    async def test_round_robin(self) -> None:
+        p1, f1 = self.target(listen_echo())
+        p2, f2 = self.target(listen_echo())
+        fport = await self.start_forwarder(f"127.0.0.1:{p1},127.0.0.1:{p2}")
+        for i in range(6):
+            c = await connect(fport)
+            c.transport.write(b"rr")
+            await c.wait_bytes(2)
+            await close(c)
+        self.assertEqual((f1.accepted, f2.accepted), (3, 3))
+
+    @d
+    async def test_read_timeout_closes_idle_pair(self) -> None:
+        tport, factory = self.target(listen_echo())
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}", "&read=300ms")
+        started = time.monotonic()
+        c = await connect(fport)
+        c.transport.write(b"hi")
+        self.assertEqual(await c.wait_bytes(2), b"hi")
+        await c.lost
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.25)
+        self.assertLess(elapsed, 3.0)
+        await wait_for(lambda: not factory.connections, what="target side closed")
+        self.assertEqual(self.service.stats.tcps, 0)
+
+    @d
+    async def test_stop_closes_live_connections(self) -> None:
+        tport, factory = self.target(listen_echo())
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}")
+        c = await connect(fport)
+        c.transport.write(b"hi")
+        await c.wait_bytes(2)
+        await self.service.stopService()
+        await c.lost
+        await wait_for(lambda: not factory.connections, what="target side closed")
+        with self.assertRaises(Exception):
+            await connect(fport)
+
+
+class LifecycleTests(ForwarderMixin, unittest.TestCase):
+    @d
+    async def test_checkpoint(self) -> None:
+        tport, _ = self.target(listen_echo())
+        seen: list = []
+        got = defer.Deferred()
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}", tunables=Tunables(report_interval=0.1))
+
+        def listener(cp):
+            seen.append(cp)
+            if len(seen) == 2 and not got.called:
+                got.callback(None)
+
+        self.service.checkpoint_listeners.append(listener)
+        c = await connect(fport)
+        c.transport.write(b"abc")
+        await c.wait_bytes(3)
+        await got.addTimeout(5, reactor)
+        cp = seen[-1]
+        self.assertEqual((cp.mode, cp.pool, cp.tcps, cp.tcprx, cp.tcptx), (1, 0, 1, 3, 3))
+        self.assertGreaterEqual(cp.ping, 0)
+        self.assertTrue(
+            any(
+                f"CHECK_POINT|MODE=1|PING={cp.ping}ms|POOL=0|TCPS=1|UDPS=0|TCPRX=3|TCPTX=3|UDPRX=0|UDPTX=0" in line
+                for line in self.lines
+            ),
+            self.lines,
+        )
+        self.assertTrue(self.logged(f"Client started: client://{self.service.config.tunnel_key}@127.0.0.1:{fport}/"))
+        await close(c)
+
+    @d
+    async def test_notcp(self) -> None:
+        fport = await self.start_forwarder(f"127.0.0.1:{dead_port()}", "&notcp=1")
+        # Nothing holds the TCP port; UDP is taken.
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", fport))
+        s.close()
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with self.assertRaises(OSError):
+            u.bind(("127.0.0.1", fport))
+        u.close()
+
+    @d
+    async def test_noudp(self) -> None:
+        echo = UDPEcho()
+        uport = listen_udp(echo)
+        self.addCleanup(uport.stopListening)
+        fport = await self.start_forwarder(f"127.0.0.1:{uport.getHost().port}", "&noudp=1")
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", fport))
+        u.close()
+        with self.assertRaises(OSError):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", fport))
+            finally:
+                s.close()
+
+    @d
+    async def test_udp_through_service(self) -> None:
+        echo = UDPEcho()
+        uport = listen_udp(echo)
+        self.addCleanup(uport.stopListening)
+        fport = await self.start_forwarder(f"127.0.0.1:{uport.getHost().port}")
+        client = UDPClient()
+        cport = listen_udp(client)
+        self.addCleanup(cport.stopListening)
+        cport.write(b"datagram", ("127.0.0.1", fport))
+        self.assertEqual(await client.next(), b"datagram")
+        self.assertEqual(self.service.stats.udps, 1)
+        self.assertEqual((self.service.stats.udp_tx, self.service.stats.udp_rx), (8, 8))
+
+    @d
+    async def test_bind_failure_is_client_error(self) -> None:
+        blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        self.addCleanup(blocker.close)
+        port = blocker.getsockname()[1]
+        config = parse_url(f"client://127.0.0.1:{port}/127.0.0.1:{dead_port()}?mode=1")
+        log = NodeLog("info")
+        lines: list[str] = []
+        log.listeners.append(lambda level, line: lines.append(line))
+        svc = TunnelService(config, tunables=Tunables(service_cooldown=60), log=log)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        await wait_for(lambda: any("Client error:" in l for l in lines), what="Client error line")
+        line = next(l for l in lines if "Client error:" in l)
+        self.assertIn(f"cannot listen on TCP 127.0.0.1:{port}", line)
+        self.assertIn("in use", line)
+        self.assertFalse(svc.started.called)
+
+    @d
+    async def test_mode0_binds_locally_is_single_end(self) -> None:
+        tport, _ = self.target(listen_echo())
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}", mode="0")
+        self.assertIsInstance(self.service.runner, SingleEndRunner)
+        self.assertEqual(self.service.runner.mode, 1)
+        self.assertTrue(self.logged("mode=1&"))
+        c = await connect(fport)
+        c.transport.write(b"auto")
+        self.assertEqual(await c.wait_bytes(4), b"auto")
+        await close(c)
+
+    def test_tunnel_address_binds(self) -> None:
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        taken = busy.getsockname()[1]
+        free = free_port()
+        self.assertFalse(tunnel_address_binds(parse_url(f"client://127.0.0.1:{taken}/127.0.0.1:1")))
+        self.assertTrue(tunnel_address_binds(parse_url(f"client://127.0.0.1:{free}/127.0.0.1:1")))
+        # A remote address cannot be bound here: dual-end.
+        self.assertFalse(tunnel_address_binds(parse_url("client://192.0.2.1:10101/127.0.0.1:1")))
+        # The probe released the port.
+        again = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        again.bind(("127.0.0.1", free))
+        again.close()
