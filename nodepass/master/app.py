@@ -1,0 +1,360 @@
+"""The master's HTTP face: a Klein app under ``{prefix}/v1`` (SPEC §8).
+
+Handlers only decode and validate requests and encode answers; every
+operation is a :class:`~nodepass.master.service.MasterService` method.  A
+request body is validated *completely* before anything is applied, so a 400
+never leaves a change half made.
+
+Routes accept every method and dispatch themselves, so a wrong method gets
+NodePass's JSON ``405 Method not allowed`` (with CORS headers) rather than
+werkzeug's HTML page.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from typing import Awaitable, Callable, Optional
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import IResource
+
+from nodepass.config import URLError
+from nodepass.master.records import MAX_TEXT, PEER_FIELDS, RequestError
+
+MAX_BODY = 64 * 1024
+ACTIONS = ("start", "stop", "restart", "reset")
+
+CORS = {
+    b"access-control-allow-origin": b"*",
+    b"access-control-allow-methods": b"GET, PATCH, POST, PUT, DELETE, OPTIONS",
+    b"access-control-allow-headers": b"Content-Type, Authorization, X-API-Key, Cache-Control",
+}
+
+_log = Logger(namespace="nodepass.master.http")
+
+
+class CappedRequest(server.Request):
+    """A request whose body is kept only up to ``MAX_BODY`` bytes; beyond
+    that it is discarded and the handler answers 413."""
+
+    max_body = MAX_BODY
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length):
+        if length is not None and length > self.max_body:
+            self.too_large = True
+            self.content = BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self.too_large = True
+            self.content = BytesIO()
+            return
+        super().handleContentChunk(data)
+
+
+class MasterSite(server.Site):
+    """The Site of one master: capped requests, no access log, and a record
+    of open connections so stopping the master closes keep-alive and SSE
+    connections instead of leaving them to the peer."""
+
+    requestFactory = CappedRequest
+    noisy = False
+
+    def __init__(self, resource, master):
+        super().__init__(resource)
+        self.master = master
+        self.channels: dict[object, defer.Deferred] = {}
+
+    def log(self, request) -> None:  # no per-request access log (Go prints none)
+        pass
+
+    def buildProtocol(self, addr):
+        proto = super().buildProtocol(addr)
+        gone: defer.Deferred = defer.Deferred()
+        self.channels[proto] = gone
+        original = proto.connectionLost
+
+        def connectionLost(reason, _orig=original, _proto=proto):
+            self.channels.pop(_proto, None)
+            try:
+                return _orig(reason)
+            finally:
+                if not gone.called:
+                    gone.callback(None)
+
+        proto.connectionLost = connectionLost
+        return proto
+
+    async def close_connections(self, reactor, timeout: float = 2.0) -> None:
+        waits = []
+        for proto, gone in list(self.channels.items()):
+            waits.append(gone)
+            transport = getattr(proto, "transport", None)
+            if transport is not None:
+                transport.abortConnection() if hasattr(transport, "abortConnection") else transport.loseConnection()
+        if waits:
+            d = defer.DeferredList(waits)
+            d.addTimeout(timeout, reactor)
+            try:
+                await d
+            except defer.TimeoutError:
+                pass
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise RequestError(400, f"Invalid {name}: must be a string")
+    if len(value) > MAX_TEXT:
+        raise RequestError(400, f"Invalid {name}: at most {MAX_TEXT} characters")
+    return value
+
+
+def _bool(name: str, value) -> bool:
+    if type(value) is not bool:
+        raise RequestError(400, f"Invalid {name}: must be true or false")
+    return value
+
+
+def _action(value) -> str:
+    if not isinstance(value, str) or value not in ACTIONS:
+        shown = value if isinstance(value, str) else json.dumps(value)
+        raise RequestError(400, f"Invalid action: {shown}")
+    return value
+
+
+def _meta(value) -> Optional[dict]:
+    """Validated ``meta``: ``{"peer": {...} | None, "tags": {...} | None}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(400, "Invalid meta: must be an object")
+    for name in value:
+        if name not in ("peer", "tags"):
+            raise RequestError(400, f"Invalid meta: unknown field {name}")
+    out: dict = {"peer": None, "tags": None}
+    peer = value.get("peer")
+    if peer is not None:
+        if not isinstance(peer, dict):
+            raise RequestError(400, "Invalid meta.peer: must be an object")
+        for name in peer:
+            if name not in PEER_FIELDS:
+                raise RequestError(400, f"Invalid meta.peer: unknown field {name}")
+        out["peer"] = {k: _text(f"meta.peer.{k}", v) for k, v in peer.items()}
+    tags = value.get("tags")
+    if tags is not None:
+        if not isinstance(tags, dict):
+            raise RequestError(400, "Invalid meta.tags: must be an object of strings")
+        clean = {}
+        for k, v in tags.items():
+            if len(k) > MAX_TEXT:
+                raise RequestError(400, f"Invalid meta.tags: key longer than {MAX_TEXT} characters")
+            clean[k] = _text(f"meta.tags.{k[:40]}", v)
+        out["tags"] = clean
+    return out
+
+
+def read_body(request, allowed: tuple[str, ...]) -> dict:
+    """The JSON object body, refusing non-objects and unknown fields."""
+    if request.too_large:
+        raise RequestError(413, f"Request body too large (limit {MAX_BODY} bytes)")
+    raw = request.content.read() if request.content is not None else b""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RequestError(400, "Invalid request body") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "Invalid request body")
+    for name in body:
+        if name not in allowed:
+            raise RequestError(400, f"Invalid request body: unknown field {name}")
+    return body
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _json(request, status: int, obj) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _error(request, status: int, message: str) -> bytes:
+    return _json(request, status, {"error": message})
+
+
+Handler = Callable[..., Awaitable[object]]
+
+
+def make_resource(master) -> IResource:
+    """The Klein resource of ``master`` (a MasterService)."""
+    app = Klein()
+    base = master.config.prefix.rstrip("/") + "/v1"
+
+    def route(path: str, handlers: dict[str, Handler], public: bool = False, branch: bool = False):
+        async def endpoint(request, **kwargs):
+            for name, value in CORS.items():
+                request.setHeader(name, value)
+            method = request.method.decode("ascii", "replace").upper()
+            if method == "OPTIONS":
+                request.setResponseCode(200)
+                return b""
+            try:
+                if not public:
+                    master.check_key(request.getHeader(b"x-api-key"))
+                handler = handlers.get("GET" if method == "HEAD" else method)
+                if handler is None:
+                    raise RequestError(405, "Method not allowed")
+                return await handler(request, **kwargs)
+            except RequestError as e:
+                return _error(request, e.status, e.message)
+            except defer.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - never a traceback page
+                _log.failure("Master API request failed: {method} {path}", method=method, path=request.path)
+                master.log.error("API request failed: %s %s", method, request.path.decode("utf-8", "replace"))
+                return _error(request, 500, "Internal server error")
+
+        endpoint.__name__ = "ep_" + path.replace("/", "_").replace("<", "").replace(">", "").replace(":", "_")
+        app.route(path, branch=branch, strict_slashes=False)(endpoint)
+
+    # -- instances ---------------------------------------------------------
+
+    async def list_instances(request):
+        return _json(request, 200, master.list_json())
+
+    async def create_instance(request):
+        body = read_body(request, ("url", "alias", "restart", "meta"))
+        url = body.get("url")
+        if not isinstance(url, str) or not url.strip():
+            raise RequestError(400, "Invalid request body")
+        alias = _text("alias", body["alias"]) if body.get("alias") is not None else None
+        restart = _bool("restart", body["restart"]) if body.get("restart") is not None else None
+        meta = _meta(body.get("meta"))
+        rec = await master.create(url, alias, restart, meta)
+        return _json(request, 201, rec.to_json())
+
+    async def get_instance(request, rid):
+        return _json(request, 200, master.get(rid).to_json())
+
+    def _patch_fields(body):
+        alias = _text("alias", body["alias"]) if body.get("alias") is not None else None
+        action = _action(body["action"]) if "action" in body else None
+        restart = _bool("restart", body["restart"]) if body.get("restart") is not None else None
+        meta = _meta(body.get("meta"))
+        return alias, action, restart, meta
+
+    async def patch_instance(request, rid):
+        master.get(rid)
+        body = read_body(request, ("alias", "action", "restart", "meta"))
+        alias, action, restart, meta = _patch_fields(body)
+        rec = await master.patch(rid, alias, action, restart, meta)
+        return _json(request, 200, rec.to_json())
+
+    async def put_instance(request, rid):
+        rec = master.get(rid)
+        if rec.is_key:
+            raise RequestError(403, "Forbidden: API Key")
+        body = read_body(request, ("url", "action"))
+        if ("url" in body) == ("action" in body):
+            raise RequestError(400, "Invalid request body")
+        if "url" in body:
+            if not isinstance(body["url"], str) or not body["url"].strip():
+                raise RequestError(400, "Invalid request body")
+            rec = await master.put(rid, body["url"], None)
+        else:
+            rec = await master.put(rid, None, _action(body["action"]))
+        return _json(request, 200, rec.to_json())
+
+    async def delete_instance(request, rid):
+        await master.delete(rid)
+        request.setResponseCode(204)
+        return b""
+
+    route(base + "/instances", {"GET": list_instances, "POST": create_instance})
+    route(
+        base + "/instances/<rid>",
+        {"GET": get_instance, "PATCH": patch_instance, "PUT": put_instance, "DELETE": delete_instance},
+    )
+
+    # -- events, info, tcping ---------------------------------------------
+
+    async def events(request):
+        await master.hub.subscribe(request, master.list_json())
+        return None
+
+    async def get_info(request):
+        return _json(request, 200, master.info())
+
+    async def post_info(request):
+        body = read_body(request, ("alias",))
+        if "alias" not in body:
+            raise RequestError(400, "Invalid request body")
+        master.set_alias(_text("alias", body["alias"]))
+        return _json(request, 200, master.info())
+
+    async def tcping(request):
+        raw = request.args.get(b"target", [b""])[0].decode("utf-8", "replace").strip()
+        if not raw:
+            raise RequestError(400, "Target address required")
+        try:
+            result = await master.tcping(raw)
+        except URLError as e:
+            raise RequestError(400, f"Invalid target address: {e}") from None
+        return _json(request, 200, result)
+
+    route(base + "/events", {"GET": events})
+    route(base + "/info", {"GET": get_info, "POST": post_info})
+    route(base + "/tcping", {"GET": tcping})
+
+    # -- documentation (public) -------------------------------------------
+
+    async def openapi(request):
+        try:
+            from nodepass.master.openapi import openapi_document
+        except ImportError:
+            raise RequestError(501, "not implemented yet") from None
+        return _json(request, 200, openapi_document(master.config.prefix))
+
+    async def docs(request):
+        try:
+            from nodepass.master.swagger import docs_page
+        except ImportError:
+            raise RequestError(501, "not implemented yet") from None
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return docs_page(master.config.prefix)
+
+    async def docs_static(request):
+        try:
+            from nodepass.master.swagger import static_resource
+        except ImportError:
+            raise RequestError(501, "not implemented yet") from None
+        return static_resource()
+
+    route(base + "/openapi.json", {"GET": openapi}, public=True)
+    route(base + "/docs", {"GET": docs}, public=True)
+    route(base + "/docs/static/", {"GET": docs_static}, public=True, branch=True)
+
+    # -- everything else: JSON 404 ------------------------------------------
+
+    async def not_found(request, rest=""):
+        raise RequestError(404, "Not found")
+
+    route("/", {m: not_found for m in ("GET", "POST", "PUT", "PATCH", "DELETE")}, public=True)
+    route("/<path:rest>", {m: not_found for m in ("GET", "POST", "PUT", "PATCH", "DELETE")}, public=True)
+
+    return app.resource()

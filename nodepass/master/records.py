@@ -1,0 +1,231 @@
+"""The master's record of one instance, and how a URL given to the API
+becomes the ``url``/``config`` pair dashboards show.
+
+A record outlives every run of its instance: it owns the
+:class:`~nodepass.stats.InstanceStats` handed to each new
+:class:`~nodepass.instance.TunnelService`, so traffic counters stay cumulative
+across restarts (and, through the state file, across master restarts).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Optional
+from urllib.parse import parse_qsl, urlsplit
+
+import attrs
+
+from nodepass.config import MasterConfig, TunnelConfig, URLError, parse_url
+from nodepass.stats import Checkpoint, InstanceStats
+
+API_KEY_ID = "********"
+MAX_TEXT = 256
+PEER_FIELDS = ("sid", "type", "alias")
+
+
+class RequestError(Exception):
+    """A 4xx answer: ``status`` and the ``{"error": message}`` text."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def new_instance_id(taken) -> str:
+    while True:
+        candidate = secrets.token_hex(4)
+        if candidate not in taken:
+            return candidate
+
+
+def empty_meta() -> dict:
+    return {"peer": {"sid": "", "type": "", "alias": ""}, "tags": {}}
+
+
+def _scheme_of(text: str) -> str:
+    if "://" not in text:
+        raise RequestError(400, "Invalid URL format")
+    try:
+        return urlsplit(text).scheme.lower()
+    except ValueError:
+        raise RequestError(400, "Invalid URL format") from None
+
+
+def instance_url(given: str, master: MasterConfig) -> tuple[str, TunnelConfig]:
+    """The stored ``url`` of an instance created from ``given``: the URL as
+    given, plus the master's ``log`` when it names none, plus (server) the
+    master's ``tls`` (and ``crt``/``key`` for tls 2) when it names none.
+
+    Raises :class:`RequestError` with SPEC §8's messages.
+    """
+    if not isinstance(given, str) or not given.strip():
+        raise RequestError(400, "Invalid request body")
+    given = given.strip()
+    scheme = _scheme_of(given)
+    if scheme not in ("server", "client"):
+        raise RequestError(400, "Invalid URL scheme")
+    try:
+        parse_url(given)
+        names = {k for k, _ in parse_qsl(urlsplit(given).query, keep_blank_values=True)}
+    except (URLError, ValueError):
+        raise RequestError(400, "Invalid URL format") from None
+    extra: list[str] = []
+    if "log" not in names:
+        extra.append(f"log={master.log}")
+    if scheme == "server" and "tls" not in names and master.tls:
+        extra.append(f"tls={master.tls}")
+        if master.tls == 2:
+            if "crt" not in names and master.crt:
+                extra.append(f"crt={master.crt}")
+            if "key" not in names and master.key:
+                extra.append(f"key={master.key}")
+    url = given
+    if extra:
+        base, hash_, fragment = url.partition("#")
+        sep = "&" if "?" in base else "?"
+        if base.endswith("?") or base.endswith("&"):
+            sep = ""
+        url = base + sep + "&".join(extra) + (hash_ + fragment if hash_ else "")
+    try:
+        config = parse_url(url)
+    except URLError:
+        raise RequestError(400, "Invalid URL format") from None
+    assert isinstance(config, TunnelConfig)
+    return url, config
+
+
+@attrs.define(eq=False)
+class InstanceRecord:
+    """One instance as the API shows it (SPEC §8 instance object).
+
+    ``mode``/``ping``/``pool``/``tcps``/``udps`` and the byte counters are the
+    latest CHECK_POINT's; ``stats`` is the live counter object the running
+    tunnel adds to.
+    """
+
+    id: str
+    url: str
+    config: Optional[TunnelConfig]
+    alias: str = ""
+    restart: bool = True
+    meta: dict = attrs.Factory(empty_meta)
+    status: str = "stopped"
+    mode: int = 0
+    ping: int = 0
+    pool: int = 0
+    tcps: int = 0
+    udps: int = 0
+    tcprx: int = 0
+    tcptx: int = 0
+    udprx: int = 0
+    udptx: int = 0
+    stats: InstanceStats = attrs.Factory(InstanceStats)
+    master_id: str = ""  # only for the API key record: its ``config``
+
+    @property
+    def is_key(self) -> bool:
+        return self.id == API_KEY_ID
+
+    @property
+    def type(self) -> str:
+        if self.config is None:
+            return ""
+        return self.config.role
+
+    def config_text(self) -> str:
+        if self.is_key:
+            return self.master_id
+        return self.config.config_url() if self.config is not None else ""
+
+    def to_json(self) -> dict:
+        peer = self.meta.get("peer") or {}
+        return {
+            "id": self.id,
+            "alias": self.alias,
+            "type": self.type,
+            "status": self.status,
+            "url": self.url,
+            "config": self.config_text(),
+            "restart": self.restart,
+            "meta": {
+                "peer": {k: str(peer.get(k, "")) for k in PEER_FIELDS},
+                "tags": dict(self.meta.get("tags") or {}),
+            },
+            "mode": self.mode,
+            "ping": self.ping,
+            "pool": self.pool,
+            "tcps": self.tcps,
+            "udps": self.udps,
+            "tcprx": self.tcprx,
+            "tcptx": self.tcptx,
+            "udprx": self.udprx,
+            "udptx": self.udptx,
+        }
+
+    def apply_checkpoint(self, cp: Checkpoint) -> None:
+        self.mode, self.ping, self.pool = cp.mode, cp.ping, cp.pool
+        self.tcps, self.udps = cp.tcps, cp.udps
+        self.tcprx, self.tcptx, self.udprx, self.udptx = cp.tcprx, cp.tcptx, cp.udprx, cp.udptx
+
+    def sync_counters(self) -> None:
+        """Copy the live counters into the record (at stop, before saving)."""
+        s = self.stats
+        self.tcprx, self.tcptx, self.udprx, self.udptx = s.tcp_rx, s.tcp_tx, s.udp_rx, s.udp_tx
+        self.tcps, self.udps = s.tcps, s.udps
+
+    def reset_counters(self) -> None:
+        self.stats.reset_traffic()
+        self.tcprx = self.tcptx = self.udprx = self.udptx = 0
+
+    # -- persistence ------------------------------------------------------
+
+    def to_state(self) -> dict:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "alias": self.alias,
+            "restart": self.restart,
+            "meta": self.to_json()["meta"],
+            "counters": {
+                "tcprx": self.stats.tcp_rx,
+                "tcptx": self.stats.tcp_tx,
+                "udprx": self.stats.udp_rx,
+                "udptx": self.stats.udp_tx,
+            },
+            "mode": self.mode,
+        }
+
+    @classmethod
+    def from_state(cls, item: dict) -> "InstanceRecord":
+        """Raises ``ValueError``/``KeyError``/``TypeError`` on a damaged item."""
+        url = item["url"]
+        config = parse_url(url)
+        if not isinstance(config, TunnelConfig):
+            raise ValueError(f"instance {item.get('id')!r}: not a tunnel URL")
+        rid = str(item["id"])
+        if len(rid) != 8:
+            raise ValueError(f"bad instance id {rid!r}")
+        meta = item.get("meta") or {}
+        peer = meta.get("peer") or {}
+        tags = meta.get("tags") or {}
+        counters = item.get("counters") or {}
+        rec = cls(
+            id=rid,
+            url=url,
+            config=config,
+            alias=str(item.get("alias", "")),
+            restart=bool(item.get("restart", True)),
+            meta={
+                "peer": {k: str(peer.get(k, "")) for k in PEER_FIELDS},
+                "tags": {str(k): str(v) for k, v in tags.items()},
+            },
+            mode=int(item.get("mode", 0)),
+        )
+        rec.stats = InstanceStats(config.slot)
+        rec.stats.tcp_rx = int(counters.get("tcprx", 0))
+        rec.stats.tcp_tx = int(counters.get("tcptx", 0))
+        rec.stats.udp_rx = int(counters.get("udprx", 0))
+        rec.stats.udp_tx = int(counters.get("udptx", 0))
+        rec.sync_counters()
+        return rec
