@@ -285,6 +285,11 @@ class _TargetProtocol(DatagramProtocol):
         self.owner.log.debug("UDP target %s refused", _fmt(self.owner.remote))
         self.owner.close()
 
+    def doStop(self) -> None:
+        # The port can also end without us: epoll reports the pending ICMP
+        # error of a connected UDP socket as a hang-up and Twisted closes it.
+        self.owner._port_gone()
+
 
 class TargetUDP:
     """A connected UDP socket to one target: the exit of one session.
@@ -356,6 +361,12 @@ class TargetUDP:
         if self.on_close is not None:
             cb, self.on_close = self.on_close, None
             cb()
+
+    def _port_gone(self) -> None:
+        if not self.closed:
+            self.log.debug("UDP target %s socket closed", _fmt(self.remote))
+            self.port = None  # already released: nothing to stop
+            self.close()
 
     def _release(self, _result) -> None:
         if not self.released.called:

@@ -192,8 +192,8 @@ class UDPClient(DatagramProtocol):
         return d
 
 
-def listen_udp(protocol: DatagramProtocol, host: str = "127.0.0.1", port: int = 0):
-    return reactor.listenUDP(port, protocol, interface=host)
+def listen_udp(protocol: DatagramProtocol, host: str = "127.0.0.1", port: int = 0, max_packet: int = 65536):
+    return reactor.listenUDP(port, protocol, interface=host, maxPacketSize=max_packet)
 
 
 # -- clients -------------------------------------------------------------
