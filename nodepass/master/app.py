@@ -97,19 +97,32 @@ class MasterSite(server.Site):
         return proto
 
     async def close_connections(self, reactor, timeout: float = 2.0) -> None:
+        """Close every connection: politely first (so a final SSE
+        ``shutdown`` event still reaches its reader), then abort whatever is
+        still open after ``timeout`` (a reader that stopped reading)."""
+        transports = []
         waits = []
         for proto, gone in list(self.channels.items()):
             waits.append(gone)
-            transport = getattr(proto, "transport", None)
+            # Site builds _GenericHTTPChannelProtocol proxies, which do not
+            # expose ``transport``; the real channel does.
+            transport = getattr(proto, "transport", None) or getattr(getattr(proto, "_channel", None), "transport", None)
             if transport is not None:
-                transport.abortConnection() if hasattr(transport, "abortConnection") else transport.loseConnection()
-        if waits:
-            d = defer.DeferredList(waits)
-            d.addTimeout(timeout, reactor)
-            try:
-                await d
-            except defer.TimeoutError:
-                pass
+                transports.append(transport)
+                transport.loseConnection()
+        if not waits:
+            return
+        d = defer.DeferredList(waits, consumeErrors=True)
+        d.addTimeout(timeout, reactor)
+        try:
+            await d
+            return
+        except defer.TimeoutError:
+            pass
+        for transport in transports:
+            abort = getattr(transport, "abortConnection", None)
+            if abort is not None and getattr(transport, "connected", True):
+                abort()
 
 
 # ---------------------------------------------------------------- validation

@@ -15,13 +15,14 @@ from typing import Any
 from nodepass import __version__
 
 ERROR_STATUSES: dict[str, str] = {
-    "400": "Bad request: malformed JSON, wrong field types, unknown fields, "
-    "over-long strings, an invalid URL or action.",
+    "400": "Bad request: `Invalid request body` (not a JSON object, unknown field, "
+    "no url), `Invalid URL format`, `Invalid URL scheme`, `Invalid action: X`, "
+    "`Invalid alias: ...` (wrong type or over 256 characters), a missing or bad tcping target.",
     "401": "Unauthorized: API key required / Unauthorized: Invalid API key.",
     "403": "Forbidden: the operation is not allowed on the `********` key instance.",
     "404": "Instance not found.",
     "409": "Instance URL conflict: the new URL equals the current one.",
-    "413": "Request body too large.",
+    "413": "Request body too large (the limit is 64 KiB).",
 }
 
 _STR256 = {"type": "string", "maxLength": 256}
@@ -40,6 +41,7 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "description": "Who is at the other end of the tunnel, as a dashboard recorded it.",
             "properties": {"sid": _STR256, "type": _STR256, "alias": _STR256},
+            "additionalProperties": False,
         },
         "Tags": {
             "type": "object",
@@ -53,6 +55,7 @@ def _schemas() -> dict[str, Any]:
                 "peer": {"$ref": "#/components/schemas/Peer"},
                 "tags": {"$ref": "#/components/schemas/Tags"},
             },
+            "additionalProperties": False,
         },
         "Instance": {
             "type": "object",
@@ -114,7 +117,10 @@ def _schemas() -> dict[str, Any]:
                     "examples": ["client://127.0.0.1:10101/127.0.0.1:8080"],
                 },
                 "alias": _STR256,
+                "restart": {"type": "boolean", "default": True},
+                "meta": {"$ref": "#/components/schemas/Meta"},
             },
+            "additionalProperties": False,
         },
         "PatchInstance": {
             "type": "object",
@@ -129,6 +135,7 @@ def _schemas() -> dict[str, Any]:
                 "restart": {"type": "boolean"},
                 "meta": {"$ref": "#/components/schemas/Meta"},
             },
+            "additionalProperties": False,
         },
         "Action": {
             "type": "string",
@@ -146,12 +153,14 @@ def _schemas() -> dict[str, Any]:
                     "title": "Replace URL",
                     "required": ["url"],
                     "properties": {"url": {"type": "string"}},
+                    "additionalProperties": False,
                 },
                 {
                     "type": "object",
                     "title": "Action",
                     "required": ["action"],
                     "properties": {"action": {"$ref": "#/components/schemas/Action"}},
+                    "additionalProperties": False,
                 },
             ],
         },
@@ -190,6 +199,7 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["alias"],
             "properties": {"alias": _STR256},
+            "additionalProperties": False,
         },
         "TcpingResult": {
             "type": "object",
