@@ -23,6 +23,8 @@ from typing import Optional
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 
 from nodepass import __version__
 from nodepass.config import MasterConfig, Tunables
@@ -38,6 +40,7 @@ TCPING_LIMIT = 10
 TCPING_QUEUE_WAIT = 1.0
 
 
+@implementer(IOpenSSLContextFactory)
 class _ReloadingContext:
     """Old-style context factory asking the credentials for each new
     connection, so a ``tls=2`` certificate renewed on disk is picked up."""
@@ -92,6 +95,7 @@ class MasterService(service.MultiService):
         self._loops: list[task.LoopingCall] = []
         self._counters_dirty = False
         self._tcping_sem = defer.DeferredSemaphore(TCPING_LIMIT)
+        self.tcping_queue_wait = TCPING_QUEUE_WAIT
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -549,7 +553,7 @@ class MasterService(service.MultiService):
         result = {"target": target, "connected": False, "latency": 0, "error": None}
         acquired = self._tcping_sem.acquire()
         if not acquired.called:
-            timer = self.reactor.callLater(TCPING_QUEUE_WAIT, acquired.cancel)
+            timer = self.reactor.callLater(self.tcping_queue_wait, acquired.cancel)
             try:
                 await acquired
             except defer.CancelledError:
