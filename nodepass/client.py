@@ -1,0 +1,349 @@
+"""Client dual-end mode (``client://`` with ``mode=2``, or ``mode=0`` when
+the tunnel address does not bind locally; SPEC §2-§4).
+
+The client dials the server's tunnel address, sends its key, learns the
+pool type, pool maximum, flow and TLS code from the answer, then keeps a
+pool of pre-opened connections to the same address.  A lost or silent
+control connection is a fatal error: the service logs ``Client error:``,
+cools down and tries again, for as long as the server stays away.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol
+
+from nodepass import codec
+from nodepass.codec import CodecError, TunnelInfo
+from nodepass.control import LineBuffer
+from nodepass.dialer import DNSCache
+from nodepass.instance import TunnelError
+from nodepass.pool import ClientPool
+from nodepass.tls import client_context_factory, peer_certificate_fingerprint
+from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
+
+#: SPEC §4: the client reads the 4-byte pool ID within one minute.
+POOL_ID_TIMEOUT = 60.0
+
+
+class HandshakeRefused(TunnelError):
+    """The server closed the connection without answering our key."""
+
+
+class ClientControlProtocol(Protocol):
+    """The client's control connection: handshake, then signals."""
+
+    def __init__(self, runner: "ClientRunner"):
+        self.runner = runner
+        self.answer: Deferred = Deferred()
+        self.lines = LineBuffer()
+        self.state = "handshake"
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        r = self.runner
+        self.transport.write(r.codec.encode(r.ctx.config.tunnel_key))
+        self._timer = r.ctx.reactor.callLater(r.ctx.tunables.handshake_timeout, self._timeout)
+
+    def _cancel(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timeout(self) -> None:
+        self._timer = None
+        if not self.answer.called:
+            self.answer.errback(TunnelError("tunnel handshake timed out: no answer from the server"))
+            self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "control":
+            self.runner.control.data_received(data)
+            return
+        lines = self.lines.feed(data)
+        if self.lines.overflow and not lines:
+            self._fail(TunnelError("tunnel handshake failed: answer line too long"))
+            return
+        if not lines:
+            return
+        self._cancel()
+        rest = b"\n".join(lines[1:]) + (b"\n" if len(lines) > 1 else b"") + self.lines.rest()
+        try:
+            info = codec.parse_handshake_config(self.runner.codec.decode(lines[0]))
+        except CodecError as e:
+            self._fail(TunnelError(f"tunnel handshake failed: invalid answer from the server: {e}"))
+            return
+        self.state = "control"
+        self.answer.callback((info, rest))
+
+    def _fail(self, exc: Exception) -> None:
+        self._cancel()
+        self.state = "closed"
+        if not self.answer.called:
+            self.answer.errback(exc)
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._cancel()
+        st, self.state = self.state, "closed"
+        if not self.answer.called:
+            self.answer.errback(
+                HandshakeRefused(
+                    "the server refused our tunnel key (it closed the connection without answering the handshake)"
+                )
+            )
+        elif st == "control" and self.runner.control is not None:
+            self.runner.control.connection_lost("control connection lost: " + (reason.getErrorMessage() or "closed"))
+
+
+class ClientPoolConn(PoolEnd):
+    """One pool connection: reads the 4-byte ID, then is a relay end."""
+
+    def __init__(self, timeout: float, clock):
+        super().__init__()
+        self.ready: Deferred = Deferred()
+        self._id_buf = b""
+        self._timeout = timeout
+        self._clock = clock
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._timer = self._clock.callLater(self._timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.ready.called:
+            self.ready.errback(TunnelError("pool ID not received in time"))
+            self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.ready.called:
+            PoolEnd.dataReceived(self, data)
+            return
+        buf = self._id_buf + data
+        if len(buf) < 4:
+            self._id_buf = buf
+            return
+        self._id_buf = b""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.pool_id = codec.pool_id(buf[:4])
+        self.ready.callback(self)
+        if len(buf) > 4:
+            PoolEnd.dataReceived(self, buf[4:])
+
+    def connectionLost(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self.ready.called:
+            self.ready.errback(reason)
+        PoolEnd.connectionLost(self, reason)
+
+
+class ClientRunner(DualEndRunner):
+    """``client://`` in dual-end mode."""
+
+    role = "client"
+    mode = 2
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.server_ip: Optional[str] = None
+        self.info: Optional[TunnelInfo] = None
+        self.control_proto: Optional[ClientControlProtocol] = None
+        self._last_tls_error = 0.0
+        self._dialing: set = set()
+        self._verify_gate: Optional[Deferred] = None
+
+    async def start(self) -> None:
+        ctx = self.ctx
+        cfg = ctx.config
+        reactor = ctx.reactor
+        dns = DNSCache(cfg.dns, reactor)
+        self.server_ip = await dns.resolve(cfg.tunnel.host)
+        proto = ClientControlProtocol(self)
+        self.control_proto = proto
+        try:
+            await self._connect(proto, None, ctx.tunables.tcp_dial_timeout)
+        except Exception as e:  # noqa: BLE001
+            raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {_reason(e)}") from None
+        try:
+            info, rest = await proto.answer
+        except HandshakeRefused as e:
+            ctx.log.error("Tunnel handshake with %s refused: %s", cfg.tunnel, e)
+            raise
+        self.info = info
+        ctx.log.info("Tunnel signal <- : %s <- %s", info.payload(), cfg.tunnel)
+        if info.pool_type != "0":
+            proto.transport.loseConnection()
+            raise TunnelError(f"server asked for pool type {info.pool_type} (QUIC), which is not implemented here")
+        self.flow, self.tls_code = info.flow, info.tls
+        if self.tls_code and self.is_entry:
+            self._verify_gate = Deferred()
+        if self.is_entry:
+            try:
+                self.bind_entry()
+            except Exception:
+                proto.transport.loseConnection()
+                raise
+        t = ctx.tunables
+        self.pool = ClientPool(
+            self._dial_pool,
+            cfg.min,
+            info.max,
+            reactor,
+            ctx.log,
+            min_interval=t.min_pool_interval,
+            max_interval=t.max_pool_interval,
+            on_dial_error=self._pool_dial_error,
+        )
+        control = self.make_control(proto.transport)
+        control.start()
+        if proto.state != "control" or proto.transport is None:
+            raise TunnelError("control connection lost right after the handshake")
+        self.pool.start()
+        if rest:
+            control.data_received(rest)
+
+    def _connect(self, proto, tls_ctx, timeout: float) -> Deferred:
+        """Connect ``proto`` to the server; fires at connectionMade."""
+        reactor = self.ctx.reactor
+        ip, port = self.server_ip, self.ctx.config.tunnel.port
+        factory = _OneShot(proto)
+        if tls_ctx is not None:
+            reactor.connectSSL(ip, port, factory, tls_ctx, timeout=timeout)
+        else:
+            reactor.connectTCP(ip, port, factory, timeout=timeout)
+        return factory.made
+
+    def _tls_ctx(self):
+        if not self.tls_code:
+            return None
+        if getattr(self, "_ctx_cache", None) is None:
+            self._ctx_cache = client_context_factory(self.tls_code, self.ctx.config.tunnel.host)
+        return self._ctx_cache
+
+    def _dial_pool(self) -> Deferred:
+        if self.stopping:
+            return defer.fail(TunnelError("stopping"))
+        conn = ClientPoolConn(POOL_ID_TIMEOUT, self.ctx.reactor)
+        self._dialing.add(conn)
+        d = self._connect(conn, self._tls_ctx(), self.ctx.tunables.tcp_dial_timeout)
+        d.addCallback(lambda _p: conn.ready)
+
+        def done(result):
+            self._dialing.discard(conn)
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def _pool_dial_error(self, exc: BaseException) -> None:
+        ctx = self.ctx
+        text = _reason(exc)
+        is_tls = self.tls_code and _looks_like_tls_failure(exc)
+        now = time.monotonic()
+        if is_tls and now - self._last_tls_error >= max(1.0, ctx.tunables.report_interval):
+            self._last_tls_error = now
+            ctx.log.error(
+                "TLS verification of the server %s failed (tls=%d): %s -- pool connection refused",
+                ctx.config.tunnel, self.tls_code, text,
+            )
+        else:
+            ctx.log.debug("Pool connection failed: %s", text)
+
+    async def entry_gate(self) -> None:
+        gate = self._verify_gate
+        if gate is None or gate.called:
+            return
+        d = Deferred()
+        gate.addBoth(lambda r: (None if d.called else d.callback(None), r)[1])
+        d.addTimeout(self.ctx.tunables.pool_get_timeout, self.ctx.reactor)
+        try:
+            await d
+        except defer.TimeoutError:
+            self._open_gate()
+
+    def _open_gate(self) -> None:
+        gate = self._verify_gate
+        if gate is not None and not gate.called:
+            gate.callback(None)
+
+    async def on_verify(self, sig) -> None:
+        ctx = self.ctx
+        try:
+            await self._verify_conn(sig)
+        finally:
+            self._open_gate()
+
+    async def _verify_conn(self, sig) -> None:
+        ctx = self.ctx
+        _, conn = await self.pool.outgoing_get(sig.id, ctx.tunables.pool_get_timeout)
+        fp = peer_certificate_fingerprint(conn.transport)
+        if fp:
+            ctx.log.info("TLS cert verified: %s", fp)
+        else:
+            ctx.log.warn("TLS verify signal, but pool connection %s has no peer certificate", sig.id)
+        conn.transport.loseConnection()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self._open_gate()
+        for conn in list(self._dialing):
+            if conn.transport is not None:
+                conn.transport.abortConnection()
+        await self.stop_common()
+        proto = self.control_proto
+        if proto is not None and proto.transport is not None and proto.state != "closed":
+            proto.transport.loseConnection()
+
+
+class _OneShot(ClientFactory):
+    """Connects one given protocol; ``made`` fires at connectionMade."""
+
+    noisy = False
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.made: Deferred = Deferred()
+
+    def buildProtocol(self, addr):
+        proto = self.proto
+        orig = proto.connectionMade
+        made = self.made
+
+        def connection_made():
+            orig()
+            if not made.called:
+                made.callback(proto)
+
+        proto.connectionMade = connection_made
+        proto.factory = self
+        return proto
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.made.called:
+            self.made.errback(reason)
+
+
+def _reason(e: BaseException) -> str:
+    if hasattr(e, "getErrorMessage"):
+        return e.getErrorMessage()
+    value = getattr(e, "value", None)
+    if value is not None and value is not e:
+        return _reason(value)
+    return str(e) or type(e).__name__
+
+
+def _looks_like_tls_failure(exc: BaseException) -> bool:
+    value = getattr(exc, "value", exc)
+    name = type(value).__name__
+    mod = type(value).__module__
+    return "SSL" in mod or "service_identity" in mod or "Verification" in name or "certificate" in str(value).lower()

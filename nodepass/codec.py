@@ -1,0 +1,190 @@
+"""The control-channel wire format (SPEC §3.1, §3.3, §3.2 step 4).
+
+Every control message is one line: ``base64_std_padded(payload XOR key)``
+followed by ``\\n``.  Payloads are small URLs whose fragment names the
+signal.  Go NodePass peers build these with ``net/url``; the functions here
+produce the same bytes so either implementation can sit on either end.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Optional, Union
+from urllib.parse import quote, unquote
+
+import attrs
+
+#: Longest control line accepted (handshake key or signal).  Real lines are
+#: well under 200 bytes; anything longer is garbage and is refused rather
+#: than buffered.
+MAX_LINE = 4096
+
+# Fragments of the signals (SPEC §3.3).
+TCP_LAUNCH = "1"
+UDP_LAUNCH = "2"
+VERIFY = "v"
+FLUSH = "f"
+PING = "i"
+PONG = "o"
+
+
+class CodecError(ValueError):
+    """A line that does not decode (bad base64, or not a signal URL)."""
+
+
+def xor(data: bytes, key: bytes) -> bytes:
+    """``data[i] ^ key[i % len(key)]`` -- done on big integers, which is
+    far faster in CPython than a per-byte loop."""
+    if not key or not data:
+        return bytes(data)
+    n = len(data)
+    reps = -(-n // len(key))
+    pad = (key * reps)[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(pad, "big")).to_bytes(n, "big")
+
+
+class Codec:
+    """Line codec bound to one tunnel key."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Union[str, bytes]):
+        self.key = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+
+    def encode(self, payload: Union[str, bytes]) -> bytes:
+        """One wire line, newline included."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        return base64.b64encode(xor(payload, self.key)) + b"\n"
+
+    def decode(self, line: bytes) -> bytes:
+        """The payload of one line (trailing ``\\r``/``\\n`` ignored).
+        Raises :class:`CodecError` for anything that is not strict base64."""
+        line = line.rstrip(b"\r\n")
+        try:
+            raw = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise CodecError(f"invalid base64: {e}") from None
+        return xor(raw, self.key)
+
+
+def path_escape(text: str) -> str:
+    """Go's ``url.PathEscape``: everything but unreserved characters and
+    ``$&+:=@`` is percent-encoded (``/``, ``;``, ``,`` and ``?`` included)."""
+    return quote(text, safe="$&+:=@")
+
+
+@attrs.frozen
+class Signal:
+    """A decoded control signal: ``kind`` is the fragment (``1``, ``2``,
+    ``v``, ``f``, ``i``, ``o`` or anything unknown), ``host`` the URL host
+    (ORIGIN / PEER), ``id`` the unescaped pool connection ID."""
+
+    kind: str
+    host: str = ""
+    id: str = ""
+
+    def payload(self) -> str:
+        if self.host or self.id:
+            return f"np://{self.host}/{path_escape(self.id)}#{self.kind}"
+        return f"np:#{self.kind}"
+
+
+def tcp_launch(origin: str, pool_id: str) -> str:
+    return Signal(TCP_LAUNCH, origin, pool_id).payload()
+
+
+def udp_launch(origin: str, pool_id: str) -> str:
+    return Signal(UDP_LAUNCH, origin, pool_id).payload()
+
+
+def verify(peer: str, pool_id: str) -> str:
+    return Signal(VERIFY, peer, pool_id).payload()
+
+
+def simple(kind: str) -> str:
+    """``np:#f`` / ``np:#i`` / ``np:#o``."""
+    return f"np:#{kind}"
+
+
+def parse_signal(payload: Union[bytes, str]) -> Signal:
+    """Parse a signal URL.  Raises :class:`CodecError` when it is not an
+    ``np:`` URL with a fragment."""
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError("signal is not UTF-8") from None
+    if not payload.startswith("np:"):
+        raise CodecError(f"not a signal URL: {payload[:64]!r}")
+    rest, hash_, fragment = payload[3:].partition("#")
+    if not hash_:
+        raise CodecError(f"signal without fragment: {payload[:64]!r}")
+    host = pool_id = ""
+    if rest.startswith("//"):
+        host, _, path = rest[2:].partition("/")
+        pool_id = unquote(path)
+    elif rest:
+        raise CodecError(f"malformed signal URL: {payload[:64]!r}")
+    return Signal(fragment, host, pool_id)
+
+
+@attrs.frozen
+class TunnelInfo:
+    """The server's handshake answer ``np://P@MAX/FLOW#TLS``."""
+
+    pool_type: str
+    max: int
+    flow: str
+    tls: int
+
+    def payload(self) -> str:
+        return f"np://{self.pool_type}@{self.max}/{self.flow}#{self.tls}"
+
+
+def handshake_config(pool_type: int, max_pool: int, flow: str, tls: int) -> str:
+    return TunnelInfo(str(pool_type), max_pool, flow, tls).payload()
+
+
+def parse_handshake_config(payload: Union[bytes, str]) -> TunnelInfo:
+    """Parse the server's config line; any empty or malformed part raises
+    :class:`CodecError` (SPEC §3.2: the client rejects it)."""
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError("handshake answer is not UTF-8") from None
+    if not payload.startswith("np://"):
+        raise CodecError(f"handshake answer is not an np:// URL: {payload[:64]!r}")
+    rest, _, tls = payload[5:].partition("#")
+    authority, _, flow = rest.partition("/")
+    pool_type, at, max_text = authority.rpartition("@")
+    parts = {"pool type": pool_type if at else "", "max": max_text, "flow": flow, "tls": tls}
+    empty = [name for name, value in parts.items() if not value]
+    if empty:
+        raise CodecError(f"handshake answer {payload!r} has empty {', '.join(empty)}")
+    if flow not in ("-", "+"):
+        raise CodecError(f"handshake answer {payload!r} has unknown flow {flow!r}")
+    if not max_text.isdigit() or int(max_text) < 1:
+        raise CodecError(f"handshake answer {payload!r} has invalid max {max_text!r}")
+    if tls not in ("0", "1", "2"):
+        raise CodecError(f"handshake answer {payload!r} has unknown TLS code {tls!r}")
+    return TunnelInfo(pool_type, int(max_text), flow, int(tls))
+
+
+def pool_id(raw: bytes) -> str:
+    """The pool connection ID of the 4 raw bytes the server writes."""
+    if len(raw) != 4:
+        raise CodecError(f"pool ID needs 4 bytes, got {len(raw)}")
+    return raw.hex()
+
+
+def split_origin(origin: str) -> Optional[tuple[str, int]]:
+    """``ip:port`` / ``[v6]:port`` of a launch signal as a tuple, or None."""
+    host, sep, port = origin.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)

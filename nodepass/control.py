@@ -1,0 +1,202 @@
+"""The control channel (SPEC §3.2 step 5, §3.3) after the handshake.
+
+One :class:`ControlChannel` sits on the control TCP connection of each end.
+It frames lines (refusing over-long ones so garbage cannot grow memory),
+decodes signals and hands them to a handler, sends a ping every
+``NP_REPORT_INTERVAL`` and declares the tunnel broken after
+``3 x NP_REPORT_INTERVAL`` of silence.  Writes are whole lines in one
+``transport.write`` call, which Twisted never interleaves: signals are
+serialised by construction.
+
+The channel is not itself a Protocol: the server's tunnel-port protocol and
+the client's control protocol both feed it, because on the server the same
+connection first carried the handshake.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Callable, Optional
+
+from twisted.internet.task import LoopingCall
+
+from nodepass import codec
+from nodepass.codec import Codec, CodecError, Signal
+from nodepass.logs import NodeLog
+
+
+class LineBuffer:
+    """Splits a byte stream into ``\\n``-terminated lines, at most
+    ``max_line`` bytes each; ``overflow`` is set once a line grows past it
+    (the caller then drops the connection)."""
+
+    __slots__ = ("_buf", "max_line", "overflow")
+
+    def __init__(self, max_line: int = codec.MAX_LINE):
+        self._buf = b""
+        self.max_line = max_line
+        self.overflow = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf + data
+        if b"\n" not in data:
+            self._buf = buf
+            if len(buf) > self.max_line:
+                self.overflow = True
+                self._buf = b""
+            return []
+        lines = buf.split(b"\n")
+        self._buf = lines.pop()
+        if len(self._buf) > self.max_line or any(len(x) > self.max_line for x in lines):
+            self.overflow = True
+            self._buf = b""
+            return [x for x in lines if len(x) <= self.max_line]
+        return lines
+
+    def rest(self) -> bytes:
+        data, self._buf = self._buf, b""
+        return data
+
+
+def enable_keepalive(transport, interval: float) -> None:
+    """TCP keep-alive with the report interval as probe period (SPEC §3.2)."""
+    try:
+        transport.setTcpKeepAlive(True)
+        sock = transport.getHandle()
+        if hasattr(sock, "setsockopt") and hasattr(socket, "TCP_KEEPIDLE"):
+            secs = max(1, int(interval))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs)
+    except Exception:  # noqa: BLE001 - keep-alive is best effort
+        pass
+
+
+class ControlChannel:
+    """Signals over one control connection.
+
+    ``handler(signal)`` gets every decoded signal except ping/pong, which
+    the channel answers itself; ``on_pong(ms)`` gets the round trip of each
+    pong; ``before_ping()`` runs before each ping (the pool health check);
+    ``on_broken(reason)`` runs once when the channel is lost or silent.
+    """
+
+    def __init__(
+        self,
+        transport,
+        key: Codec,
+        clock,
+        interval: float,
+        log: NodeLog,
+        handler: Callable[[Signal], None],
+        on_pong: Callable[[int], None],
+        on_broken: Callable[[str], None],
+        before_ping: Optional[Callable[[], None]] = None,
+    ):
+        self.transport = transport
+        self.codec = key
+        self.clock = clock
+        self.interval = interval
+        self.log = log
+        self.handler = handler
+        self.on_pong = on_pong
+        self.on_broken = on_broken
+        self.before_ping = before_ping
+        self.lines = LineBuffer()
+        self.last_read = clock.seconds()
+        self.ping_sent: Optional[float] = None
+        self.broken = False
+        self._loop: Optional[LoopingCall] = None
+        self._watch = None
+
+    def start(self) -> None:
+        enable_keepalive(self.transport, self.interval)
+        self.last_read = self.clock.seconds()
+        if self.interval > 0:
+            self._loop = LoopingCall(self._tick)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval, now=False)
+            self._watch = self.clock.callLater(self.interval, self._check_silence)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
+        self._watch = None
+
+    # -- outgoing ---------------------------------------------------------
+    def send(self, payload: str) -> None:
+        if self.broken or self.transport is None:
+            return
+        self.log.debug("Tunnel signal -> : %s", payload)
+        self.transport.write(self.codec.encode(payload))
+
+    def ping(self) -> None:
+        self.ping_sent = self.clock.seconds()
+        self.send(codec.simple(codec.PING))
+
+    def _tick(self) -> None:
+        if self.broken:
+            return
+        if self.before_ping is not None:
+            try:
+                self.before_ping()
+            except Exception as e:  # noqa: BLE001 - never let the timer die
+                self.log.error("Pool check failed: %s", e)
+        self.ping()
+
+    def _check_silence(self) -> None:
+        self._watch = None
+        if self.broken:
+            return
+        limit = 3 * self.interval
+        silent = self.clock.seconds() - self.last_read
+        if silent >= limit:
+            self.fail(f"control connection silent for {silent:.1f}s")
+            return
+        self._watch = self.clock.callLater(max(0.05, limit - silent), self._check_silence)
+
+    # -- incoming ---------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        self.last_read = self.clock.seconds()
+        for line in self.lines.feed(data):
+            self._line(line)
+            if self.broken:
+                return
+        if self.lines.overflow:
+            self.fail("control line too long")
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            sig = codec.parse_signal(self.codec.decode(line))
+        except CodecError as e:
+            self.log.warn("Undecodable control signal skipped: %s", e)
+            return
+        self.log.debug("Tunnel signal <- : %s", sig.payload())
+        if sig.kind == codec.PING:
+            self.send(codec.simple(codec.PONG))
+        elif sig.kind == codec.PONG:
+            if self.ping_sent is not None:
+                ms = int(round((self.clock.seconds() - self.ping_sent) * 1000))
+                self.ping_sent = None
+                self.on_pong(ms)
+        else:
+            self.handler(sig)
+
+    def connection_lost(self, why: str = "control connection lost") -> None:
+        self.fail(why)
+
+    def fail(self, reason: str) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        self.stop()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.loseConnection()
+        self.on_broken(reason)

@@ -1,0 +1,340 @@
+"""Connection pools (SPEC §4, TCP pool).
+
+Both ends index idle pool connections by the 4-byte ID the server wrote on
+them.  The *entry* side takes any idle connection ("incoming get") and names
+it in a launch signal; the *exit* side looks that ID up ("outgoing get"),
+waiting a little because the connection may still be on its way.
+
+* :class:`ServerPool` registers accepted connections, writing their random
+  ID, refusing more than ``max`` and duplicate IDs.
+* :class:`ClientPool` dials connections to the server and sizes itself
+  adaptively within ``[min, MAX]``: capacity and the pause between refill
+  rounds follow SPEC §4.  Beyond Go NodePass, every consumed connection is
+  replaced at once (one dial per consumption, never beyond capacity), so a
+  burst of new user connections is not throttled by the round timer.
+
+All timing goes through ``clock`` so tests can drive it with
+:class:`twisted.internet.task.Clock`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict, deque
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
+from nodepass.logs import NodeLog
+
+
+class PoolTimeout(Exception):
+    """No pool connection became available in time."""
+
+
+class PoolClosed(Exception):
+    """The pool was shut down while waiting."""
+
+
+def _close(conn) -> None:
+    transport = getattr(conn, "transport", None)
+    if transport is not None and not getattr(conn, "lost", False):
+        transport.loseConnection()
+
+
+class _Waiter:
+    __slots__ = ("d", "timer")
+
+    def __init__(self, d: Deferred, timer):
+        self.d = d
+        self.timer = timer
+
+
+class _IdlePool:
+    """Idle connections by ID, plus waiters for any / a given ID."""
+
+    def __init__(self, clock, log: NodeLog):
+        self.clock = clock
+        self.log = log
+        self.idle: "OrderedDict[str, object]" = OrderedDict()
+        self.errors = 0
+        self.closed = False
+        self._any: deque[_Waiter] = deque()
+        self._by_id: dict[str, _Waiter] = {}
+
+    # -- bookkeeping ------------------------------------------------------
+    def idle_count(self) -> int:
+        return len(self.idle)
+
+    def ready(self) -> bool:
+        return bool(self.idle)
+
+    def _offer(self, pool_id: str, conn) -> bool:
+        """A connection with its ID is ready: hand it to a waiter or keep it.
+        False when the ID is a duplicate (the caller closes it)."""
+        if self.closed:
+            _close(conn)
+            return False
+        if pool_id in self.idle:
+            return False
+        conn.pool_id = pool_id
+        w = self._by_id.pop(pool_id, None)
+        if w is not None:
+            self._hand(w, (pool_id, conn))
+            return True
+        while self._any:
+            w = self._any.popleft()
+            if not w.d.called:
+                self._hand(w, (pool_id, conn))
+                return True
+        self.idle[pool_id] = conn
+        conn.on_lost(lambda _r, i=pool_id, c=conn: self.discard(i, c))
+        return True
+
+    def _hand(self, w: _Waiter, value) -> None:
+        if w.timer.active():
+            w.timer.cancel()
+        self._consumed()
+        w.d.callback(value)
+
+    def discard(self, pool_id: str, conn) -> None:
+        if self.idle.get(pool_id) is conn:
+            del self.idle[pool_id]
+            self._lost_idle()
+
+    def _consumed(self) -> None:
+        """Hook: a connection left the pool for use."""
+
+    def _lost_idle(self) -> None:
+        """Hook: an idle connection died."""
+
+    # -- gets -------------------------------------------------------------
+    def incoming_get(self, timeout: float) -> Deferred:
+        """Any idle connection, as ``(id, conn)``; waits up to ``timeout``."""
+        while self.idle:
+            pool_id, conn = self.idle.popitem(last=False)
+            if not getattr(conn, "lost", False):
+                self._consumed()
+                return defer.succeed((pool_id, conn))
+        return self._wait(self._any, None, timeout)
+
+    def outgoing_get(self, pool_id: str, timeout: float) -> Deferred:
+        """The connection named ``pool_id``; waits up to ``timeout`` for it
+        to arrive.  A miss counts as a pool error (SPEC §4)."""
+        conn = self.idle.pop(pool_id, None)
+        if conn is not None and not getattr(conn, "lost", False):
+            self._consumed()
+            return defer.succeed((pool_id, conn))
+        if pool_id in self._by_id:
+            self.errors += 1
+            return defer.fail(PoolTimeout(f"pool connection {pool_id} requested twice"))
+        return self._wait(None, pool_id, timeout)
+
+    def _wait(self, queue: Optional[deque], pool_id: Optional[str], timeout: float) -> Deferred:
+        if self.closed:
+            return defer.fail(PoolClosed("pool closed"))
+
+        def expire():
+            if pool_id is not None:
+                if self._by_id.get(pool_id) is w:
+                    del self._by_id[pool_id]
+                self.errors += 1
+                what = f"pool connection {pool_id} did not arrive within {timeout:g}s"
+            else:
+                what = f"no idle pool connection within {timeout:g}s"
+            if not d.called:
+                d.errback(PoolTimeout(what))
+
+        def cancel(_d):
+            if w.timer.active():
+                w.timer.cancel()
+            if pool_id is not None and self._by_id.get(pool_id) is w:
+                del self._by_id[pool_id]
+
+        d = Deferred(cancel)
+        w = _Waiter(d, self.clock.callLater(timeout, expire))
+        if pool_id is not None:
+            self._by_id[pool_id] = w
+        else:
+            queue.append(w)
+        return d
+
+    # -- maintenance ------------------------------------------------------
+    def flush(self) -> int:
+        """Close every idle connection and reset the error count."""
+        idle, self.idle = self.idle, OrderedDict()
+        for conn in idle.values():
+            _close(conn)
+        self.errors = 0
+        return len(idle)
+
+    def needs_flush(self) -> bool:
+        """SPEC §3.3: errors exceed half the idle connections."""
+        return self.errors > 0 and self.errors > len(self.idle) / 2
+
+    def close(self) -> None:
+        self.closed = True
+        self.flush()
+        waiters = list(self._any) + list(self._by_id.values())
+        self._any.clear()
+        self._by_id.clear()
+        for w in waiters:
+            if w.timer.active():
+                w.timer.cancel()
+            if not w.d.called:
+                w.d.errback(PoolClosed("pool closed"))
+
+
+class ServerPool(_IdlePool):
+    """Server side: accepted connections get a random ID written on them."""
+
+    def __init__(self, max_size: int, clock, log: NodeLog):
+        super().__init__(clock, log)
+        self.max = max_size
+
+    def register(self, conn) -> Optional[str]:
+        """Write a fresh ID on ``conn`` and keep it.  Returns the ID, or None
+        when the pool is full or the ID collides (the caller closes)."""
+        if self.closed or len(self.idle) >= self.max:
+            return None
+        raw = os.urandom(4)
+        pool_id = raw.hex()
+        if pool_id in self.idle or pool_id in self._by_id:
+            return None
+        conn.transport.write(raw)
+        if not self._offer(pool_id, conn):
+            return None
+        return pool_id
+
+
+def adjust_capacity(capacity: int, created: int, lo: int, hi: int) -> int:
+    """SPEC §4: after a round, +1 when the connections created since the
+    last round exceed 80% of capacity (the pool is being drained), -1 when
+    they are under 20% (it sits mostly idle); always within ``[lo, hi]``.
+
+    The ratio is taken against capacity, as Go NodePass does: measured
+    against the dials attempted, every successful refill would grow the
+    pool and it would creep up to MAX under any load at all."""
+    ratio = created / capacity if capacity > 0 else 0.0
+    if ratio > 0.8:
+        capacity += 1
+    elif ratio < 0.2:
+        capacity -= 1
+    return max(lo, min(hi, capacity))
+
+
+def adjust_interval(interval: float, idle: int, capacity: int, lo: float, hi: float, step: float = 0.1) -> float:
+    """SPEC §4: refill faster when idle < 20% of capacity, slower when idle
+    > 80%, by ``step`` within ``[lo, hi]``."""
+    if idle < 0.2 * capacity:
+        interval -= step
+    elif idle > 0.8 * capacity:
+        interval += step
+    return max(lo, min(hi, round(interval, 6)))
+
+
+class ClientPool(_IdlePool):
+    """Client side: pre-opened connections, adaptively sized.
+
+    ``dial()`` opens one pool connection and fires with it once its ID has
+    been read (``conn.pool_id``), or fails.
+    """
+
+    def __init__(
+        self,
+        dial: Callable[[], Deferred],
+        min_size: int,
+        max_size: int,
+        clock,
+        log: NodeLog,
+        min_interval: float = 0.1,
+        max_interval: float = 1.0,
+        on_dial_error: Optional[Callable[[BaseException], None]] = None,
+    ):
+        super().__init__(clock, log)
+        self.dial = dial
+        self.max = max(1, max_size)
+        self.min = max(1, min(min_size, self.max))
+        self.capacity = self.min
+        self.min_interval = min_interval
+        self.max_interval = max(max_interval, min_interval)
+        self.interval = min_interval
+        self.inflight = 0
+        self.on_dial_error = on_dial_error
+        self._round_call = None
+        self._in_round = False
+        self.created = 0  # successful dials since the last round ended
+
+    def start(self) -> None:
+        self._schedule(0)
+
+    def _schedule(self, delay: float) -> None:
+        if self.closed:
+            return
+        if self._round_call is not None and self._round_call.active():
+            return
+        self._round_call = self.clock.callLater(delay, self._round)
+
+    def _dial_one(self) -> Deferred:
+        self.inflight += 1
+        d = defer.maybeDeferred(self.dial)
+
+        def ok(conn):
+            self.inflight -= 1
+            if self.closed:
+                _close(conn)
+                return False
+            if not self._offer(conn.pool_id, conn):
+                _close(conn)
+                return False
+            self.created += 1
+            return True
+
+        def bad(f):
+            self.inflight -= 1
+            if self.on_dial_error is not None and not self.closed:
+                self.on_dial_error(f.value)
+            return False
+
+        d.addCallbacks(ok, bad)
+        return d
+
+    def _round(self) -> None:
+        self._round_call = None
+        if self.closed:
+            return
+        want = self.capacity - len(self.idle) - self.inflight
+        if want <= 0:
+            self._after_round()
+            return
+        self._in_round = True
+        dials = [self._dial_one() for _ in range(want)]
+        dl = defer.gatherResults(dials, consumeErrors=True)
+        dl.addCallback(lambda _results: self._after_round())
+
+    def _after_round(self, *_ignored) -> None:
+        self._in_round = False
+        if self.closed:
+            return
+        created, self.created = self.created, 0
+        self.capacity = adjust_capacity(self.capacity, created, self.min, self.max)
+        self.interval = adjust_interval(
+            self.interval, len(self.idle), self.capacity, self.min_interval, self.max_interval
+        )
+        self._schedule(self.interval)
+
+    def _consumed(self) -> None:
+        # Beyond Go: replace a used connection at once, never exceeding
+        # capacity (idle + in flight), so there is no connection storm.
+        if not self.closed and len(self.idle) + self.inflight < self.capacity:
+            self._dial_one()
+
+    def _lost_idle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._round_call is not None and self._round_call.active():
+            self._round_call.cancel()
+        self._round_call = None
+        super().close()

@@ -1,0 +1,306 @@
+"""Server mode (``server://``, SPEC §2-§4).
+
+One TCP listener on the tunnel address carries everything that arrives
+there: the client's handshake (which then becomes the control channel),
+"what is my IP" HTTP probes, and -- after the handshake, only from the
+control connection's IP -- pool connections, which get TLS (``tls>=1``) and
+a random 4-byte ID.  Anything else (wrong keys, garbage, half-open sockets)
+is logged and closed without disturbing a running tunnel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
+from zope.interface import implementer
+
+from nodepass import codec
+from nodepass.codec import CodecError
+from nodepass.instance import TunnelError
+from nodepass.pool import ServerPool
+from nodepass.tls import ServerCredentials
+from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
+
+#: Most bytes of an HTTP probe request we read before answering anyway.
+MAX_PROBE = 8192
+
+
+@implementer(IHandshakeListener)
+class TunnelPortProtocol(PoolEnd):
+    """A connection on the server's tunnel port: handshake, probe, control
+    channel or pool connection, decided by who connects and what it sends."""
+
+    def __init__(self, runner: "ServerRunner"):
+        super().__init__()
+        self.runner = runner
+        self.state = "new"
+        self._buf = b""
+        self._timer = None
+        self.peer = ""
+
+    # -- setup --------------------------------------------------------------
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        r = self.runner
+        peer = self.transport.getPeer()
+        self.peer = addr_text(peer)
+        r.port_conns.add(self)
+        clock = r.ctx.reactor
+        if r.control_ip is not None and peer.host == r.control_ip and r.pool is not None:
+            if r.pool.idle_count() >= r.pool.max:
+                r.ctx.log.debug("Pool full (%d), closing pool connection from %s", r.pool.max, self.peer)
+                self.transport.loseConnection()
+                self.state = "closed"
+                return
+            if r.tls_code:
+                self.state = "pool-tls"
+                self.transport.startTLS(r.creds.context_factory())
+                self._timer = clock.callLater(r.ctx.tunables.handshake_timeout, self._tls_timeout)
+            else:
+                self._register()
+        else:
+            self.state = "sniff"
+            self._timer = clock.callLater(r.ctx.tunables.handshake_timeout, self._sniff_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def handshakeCompleted(self) -> None:
+        if self.state == "pool-tls":
+            self._cancel_timer()
+            self._register()
+
+    def _tls_timeout(self) -> None:
+        self._timer = None
+        if self.state == "pool-tls":
+            self.runner.ctx.log.debug("Pool connection from %s: TLS handshake timed out", self.peer)
+            self.state = "closed"
+            self.transport.abortConnection()
+
+    def _register(self) -> None:
+        self.state = "pool"
+        r = self.runner
+        if r.pool is None or r.pool.register(self) is None:
+            self.state = "closed"
+            self.transport.loseConnection()
+            return
+        r.pool_ready()
+
+    # -- data ---------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        st = self.state
+        if st == "pool":
+            if self.relay is None and self.runner.flow == "-" and self.runner.pool.idle.get(self.pool_id) is self:
+                # In flow "-" the client never writes on a pool connection
+                # before it has been launched: this is not our client.
+                self.runner.ctx.log.debug("Unexpected data on idle pool connection from %s, closing", self.peer)
+                self.runner.pool.discard(self.pool_id, self)
+                self.state = "closed"
+                self.transport.abortConnection()
+                return
+            PoolEnd.dataReceived(self, data)
+        elif st == "control":
+            self.runner.control.data_received(data)
+        elif st == "sniff":
+            self._sniff(data)
+        elif st == "pool-tls":
+            PoolEnd.dataReceived(self, data)
+
+    def _sniff(self, data: bytes) -> None:
+        buf = self._buf + data
+        self._buf = buf
+        if len(buf) >= 4 and buf[3:4] == b" ":
+            if b"\r\n\r\n" in buf or b"\n\n" in buf or len(buf) > MAX_PROBE:
+                self._http_probe(buf[:3])
+            return
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > codec.MAX_LINE:
+                self._deny("handshake line too long")
+            return
+        self._buf = b""
+        self._handshake(buf[:nl], buf[nl + 1 :])
+
+    def _http_probe(self, method: bytes) -> None:
+        self._cancel_timer()
+        self.state = "closed"
+        if method == b"GET":
+            body = (self.transport.getPeer().host + "\n").encode("ascii")
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode("ascii")
+            self.transport.write(head + body)
+        else:
+            self.transport.write(
+                b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 19\r\nConnection: close\r\n\r\nMethod Not Allowed\n"
+            )
+        self.runner.ctx.log.debug("HTTP probe %s from %s answered", method.decode("latin-1"), self.peer)
+        self.transport.loseConnection()
+
+    def _sniff_timeout(self) -> None:
+        self._timer = None
+        if self.state == "sniff":
+            self._deny("handshake timeout")
+
+    def _deny(self, why: str) -> None:
+        self._cancel_timer()
+        self.state = "closed"
+        self.runner.ctx.log.warn("Tunnel access denied: %s (%s)", self.peer, why)
+        self.transport.abortConnection()
+
+    def _handshake(self, line: bytes, rest: bytes) -> None:
+        r = self.runner
+        try:
+            key = r.codec.decode(line)
+        except CodecError:
+            self._deny("bad handshake encoding")
+            return
+        if key != r.codec.key:
+            self._deny("wrong tunnel key")
+            return
+        if r.control is not None:
+            self._deny("a client is already connected")
+            return
+        self._cancel_timer()
+        self.state = "control"
+        r.accept_control(self)
+        if rest:
+            r.control.data_received(rest)
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_timer()
+        r = self.runner
+        r.port_conns.discard(self)
+        st, self.state = self.state, "closed"
+        if st == "control" and r.control is not None:
+            r.control.connection_lost("control connection lost: " + (reason.getErrorMessage() or "closed"))
+        PoolEnd.connectionLost(self, reason)
+
+
+class _TunnelPortFactory(Factory):
+    noisy = False
+    def __init__(self, runner: "ServerRunner"):
+        self.runner = runner
+
+    def buildProtocol(self, addr):
+        if self.runner.stopping:
+            return None
+        return TunnelPortProtocol(self.runner)
+
+
+class ServerRunner(DualEndRunner):
+    """``server://``: listens on the tunnel address, waits for one client."""
+
+    role = "server"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.creds: Optional[ServerCredentials] = None
+        self.tunnel_port = None
+        self.control_ip: Optional[str] = None
+        self.control_peer = ""
+        self.port_conns: set[TunnelPortProtocol] = set()
+        self._verified = False
+        self._verify_conn = None
+        self._verify_timer = None
+
+    @property
+    def tunnel_port_number(self) -> int:
+        return self.tunnel_port.getHost().port if self.tunnel_port is not None else 0
+
+    async def start(self) -> None:
+        ctx = self.ctx
+        cfg = ctx.config
+        if cfg.quic:
+            raise TunnelError("QUIC pool (quic=1) is not implemented in nodepass-py; use quic=0")
+        self.creds = ServerCredentials.from_config(
+            cfg.tls, cfg.crt, cfg.key, ctx.log, ctx.tunables.reload_interval, ctx.reactor,
+            common_name=cfg.tunnel.host or "nodepass",
+        )
+        self.tls_code = self.creds.tls_code
+        if cfg.mode == 1:
+            self.bind_entry()
+            self.flow, self.mode = "-", 1
+        elif cfg.mode == 2:
+            self.flow, self.mode = "+", 2
+        else:
+            try:
+                self.bind_entry()
+            except Exception as e:  # noqa: BLE001 - cannot bind: forward mode
+                ctx.log.debug("Target %s does not bind locally (%s): forward mode", cfg.targets[0], e)
+                self.flow, self.mode = "+", 2
+            else:
+                self.flow, self.mode = "-", 1
+        try:
+            self.tunnel_port = ctx.reactor.listenTCP(
+                cfg.tunnel.port, _TunnelPortFactory(self), interface=cfg.tunnel.host
+            )
+        except Exception:
+            await defer.DeferredList(self._unbind_entry())
+            raise
+        if self.tls_code:
+            ctx.log.info("TLS code %d: certificate %s", self.tls_code, self.creds.fingerprint)
+
+    def accept_control(self, proto: TunnelPortProtocol) -> None:
+        ctx = self.ctx
+        self.control_ip = proto.transport.getPeer().host
+        self.control_peer = proto.peer
+        self.pool = ServerPool(ctx.config.max, ctx.reactor, ctx.log)
+        for other in list(self.port_conns):
+            if other is not proto and other.state == "sniff":
+                other._deny("another client won the handshake")
+        info = codec.handshake_config(0, ctx.config.max, self.flow, self.tls_code)
+        proto.transport.write(self.codec.encode(info))
+        ctx.log.info("Tunnel connection: client %s accepted (%s)", proto.peer, info)
+        self.make_control(proto.transport).start()
+
+    def pool_ready(self) -> None:
+        """First pool connection registered: send the TLS verify signal."""
+        if self._verified or not self.tls_code:
+            return
+        self._verified = True
+        defer.ensureDeferred(self._send_verify()).addErrback(
+            lambda f: self.ctx.log.error("TLS verify failed: %s", f.getErrorMessage())
+        )
+
+    async def _send_verify(self) -> None:
+        ctx = self.ctx
+        pool_id, conn = await self.pool.incoming_get(ctx.tunables.pool_get_timeout)
+        if self.control is None or self.control.broken:
+            conn.transport.loseConnection()
+            return
+        self.control.send(codec.verify(self.control_peer, pool_id))
+        ctx.log.info("TLS cert verified: %s", self.creds.fingerprint)
+        # The client closes it once it has logged the fingerprint; close it
+        # ourselves if it does not.
+        self._verify_conn = conn
+        self._verify_timer = ctx.reactor.callLater(ctx.tunables.pool_get_timeout, self._drop_verify_conn)
+
+    def _drop_verify_conn(self) -> None:
+        timer, self._verify_timer = self._verify_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        conn, self._verify_conn = self._verify_conn, None
+        if conn is not None and not conn.lost:
+            conn.transport.loseConnection()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        ds = []
+        if self.tunnel_port is not None:
+            ds.append(defer.maybeDeferred(self.tunnel_port.stopListening))
+            self.tunnel_port = None
+        for p in list(self.port_conns):
+            if p.transport is not None:
+                p.transport.abortConnection() if p.state != "control" else p.transport.loseConnection()
+        self._drop_verify_conn()
+        await self.stop_common()
+        if ds:
+            await defer.DeferredList(ds)

@@ -1,0 +1,455 @@
+"""What server and client share once a dual-end tunnel is up (SPEC §2-§5).
+
+Both ends run the same control logic and differ only in direction: the
+*entry* side accepts user connections on its target address and names a
+pool connection in a launch signal; the *exit* side takes that pool
+connection and dials its targets.  :class:`DualEndRunner` holds that logic;
+:mod:`nodepass.server` and :mod:`nodepass.client` add the handshake and
+their kind of pool.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.protocol import Factory
+
+from nodepass import codec
+from nodepass.codec import Codec, Signal
+from nodepass.config import join_host_port
+from nodepass.control import ControlChannel
+from nodepass.dialer import TargetGroup
+from nodepass.instance import Runner, TunnelError
+from nodepass.relay import Relay, RelayEnd, proxy_v1_header, splice
+from nodepass.udp import UDPSessionListener, open_target_udp
+
+
+def addr_text(addr) -> str:
+    """``ip:port`` (IPv6 bracketed) of a Twisted address or ``(ip, port)``."""
+    if isinstance(addr, tuple):
+        return join_host_port(addr[0], addr[1])
+    return join_host_port(addr.host, addr.port)
+
+
+class PoolEnd(RelayEnd):
+    """A pool connection (either side) once it is a relay end.  Until it
+    is used, bytes that arrive are held (and reading paused)."""
+
+    pool_id = ""
+
+    def attach(self, sink) -> None:
+        """Route this end's bytes to ``sink.forward(self, data)`` and its
+        loss to ``sink.end_lost(self)`` (a UDP session, not a splice)."""
+        self.relay = sink
+        early = self.take_early()
+        if early:
+            sink.forward(self, early)
+        if self.lost:
+            sink.end_lost(self)
+        elif self.gate is not None:
+            self.gate.resume("splice")
+
+
+class EntryTCP(RelayEnd):
+    """A user connection at the entry's target address."""
+
+    def __init__(self, runner: "DualEndRunner"):
+        super().__init__()
+        self.runner = runner
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.hold()
+        r = self.runner
+        if not r.ctx.stats.acquire_tcp():
+            r.ctx.log.error(
+                "TCP slot limit reached (%d), refusing %s", r.ctx.stats.slot_limit, addr_text(self.transport.getPeer())
+            )
+            self.transport.abortConnection()
+            return
+        ensureDeferred(r.entry_tcp(self)).addErrback(
+            lambda f: r.ctx.log.error("Entry TCP connection failed: %s", f.getErrorMessage())
+        )
+
+
+class _EntryFactory(Factory):
+    noisy = False
+    def __init__(self, runner: "DualEndRunner"):
+        self.runner = runner
+
+    def buildProtocol(self, addr):
+        if self.runner.stopping:
+            return None
+        return EntryTCP(self.runner)
+
+
+class _TargetFactory(Factory):
+    noisy = False
+    protocol = RelayEnd
+
+    def buildProtocol(self, addr):
+        p = RelayEnd()
+        p.factory = self
+        return p
+
+
+class _UDPOverPool:
+    """Entry-side UDP session backend: datagrams written raw on a pool
+    connection; each read coming back is one datagram (SPEC §5)."""
+
+    def __init__(self, conn: PoolEnd, session, buf_size: int):
+        self.conn = conn
+        self.session = session
+        self.buf_size = buf_size
+        conn.attach(self)
+
+    def send(self, datagram: bytes) -> None:
+        t = self.conn.transport
+        if t is not None and not self.conn.lost:
+            t.write(datagram)
+
+    def close(self) -> None:
+        if not self.conn.lost and self.conn.transport is not None:
+            self.conn.transport.loseConnection()
+
+    # relay-sink interface of PoolEnd
+    def forward(self, _end, data: bytes) -> None:
+        n = self.buf_size
+        if len(data) <= n:
+            self.session.reply(data)
+        else:
+            for i in range(0, len(data), n):
+                self.session.reply(data[i : i + n])
+
+    def end_lost(self, _end) -> None:
+        self.session.close()
+
+
+class _PoolToTarget:
+    """Exit-side UDP: a pool connection feeding a connected UDP socket."""
+
+    def __init__(self, conn: PoolEnd, buf_size: int):
+        self.conn = conn
+        self.target = None
+        self.buf_size = buf_size
+
+    def forward(self, _end, data: bytes) -> None:
+        t = self.target
+        if t is None:
+            return
+        n = self.buf_size
+        if len(data) <= n:
+            t.send(data)
+        else:
+            for i in range(0, len(data), n):
+                t.send(data[i : i + n])
+
+    def end_lost(self, _end) -> None:
+        if self.target is not None:
+            self.target.close()
+
+    def reply(self, datagram: bytes) -> None:
+        if not self.conn.lost and self.conn.transport is not None:
+            self.conn.transport.write(datagram)
+
+    def close_conn(self) -> None:
+        if not self.conn.lost and self.conn.transport is not None:
+            self.conn.transport.loseConnection()
+
+
+class DualEndRunner(Runner):
+    """Control signals, both flows, TCP and UDP; subclasses set up the
+    handshake, ``self.pool`` and ``self.control``."""
+
+    role = "server"
+    mode = 2
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg = ctx.config
+        self.codec = Codec(cfg.tunnel_key)
+        self.flow: Optional[str] = None
+        self.tls_code = 0
+        self.pool = None
+        self.control: Optional[ControlChannel] = None
+        self.stopping = False
+        self.targets = TargetGroup(
+            cfg.targets, ctx.reactor, ctx.log, dns_ttl=cfg.dns, dial=cfg.dial, timeout=ctx.tunables.tcp_dial_timeout
+        )
+        self.entry_tcp_port = None
+        self.entry_udp_port = None
+        self.udp_listener: Optional[UDPSessionListener] = None
+        self.relays: set[Relay] = set()
+        self.exit_udp: set = set()
+        self.peer_label = ""
+
+    # -- shape ------------------------------------------------------------
+    @property
+    def is_entry(self) -> bool:
+        return (self.role == "server") == (self.flow == "-")
+
+    @property
+    def entry_port(self) -> int:
+        """The actual TCP port of the entry listener (tests bind port 0)."""
+        p = self.entry_tcp_port or self.entry_udp_port
+        return p.getHost().port if p is not None else 0
+
+    @property
+    def entry_udp_port_number(self) -> int:
+        return self.entry_udp_port.getHost().port if self.entry_udp_port is not None else 0
+
+    def pool_idle(self) -> int:
+        return self.pool.idle_count() if self.pool is not None else 0
+
+    # -- entry listeners --------------------------------------------------
+    def bind_entry(self) -> None:
+        """Listen on the first target address for TCP and UDP (unless
+        disabled).  Raises ``CannotListenError`` when either fails."""
+        ctx = self.ctx
+        cfg, t = ctx.config, ctx.tunables
+        target = cfg.targets[0]
+        host = target.host
+        try:
+            if not cfg.notcp:
+                self.entry_tcp_port = ctx.reactor.listenTCP(target.port, _EntryFactory(self), interface=host)
+            if not cfg.noudp:
+                port = target.port
+                if port == 0 and self.entry_tcp_port is not None:
+                    port = self.entry_tcp_port.getHost().port
+                self.udp_listener = UDPSessionListener(
+                    self._open_udp_backend,
+                    ctx.stats,
+                    ctx.reactor,
+                    ctx.log,
+                    idle_timeout=t.udp_read_timeout,
+                    buf_size=t.udp_data_buf_size,
+                    count_traffic=True,
+                )
+                self.entry_udp_port = ctx.reactor.listenUDP(
+                    port, self.udp_listener, interface=host, maxPacketSize=t.udp_data_buf_size
+                )
+        except Exception:
+            self._unbind_entry()
+            raise
+
+    def _unbind_entry(self) -> list:
+        ds = []
+        for attr in ("entry_tcp_port", "entry_udp_port"):
+            p = getattr(self, attr)
+            setattr(self, attr, None)
+            if p is not None:
+                ds.append(defer.maybeDeferred(p.stopListening))
+        if self.udp_listener is not None:
+            self.udp_listener.close_all()
+        return ds
+
+    # -- control ----------------------------------------------------------
+    def make_control(self, transport) -> ControlChannel:
+        ctx = self.ctx
+        self.control = ControlChannel(
+            transport,
+            self.codec,
+            ctx.reactor,
+            ctx.tunables.report_interval,
+            ctx.log,
+            handler=self.on_signal,
+            on_pong=self.on_pong,
+            on_broken=self.on_broken,
+            before_ping=self.check_pool,
+        )
+        return self.control
+
+    def on_pong(self, ms: int) -> None:
+        self.ctx.report(ms, self.pool_idle())
+
+    def check_pool(self) -> None:
+        pool = self.pool
+        if pool is not None and pool.needs_flush():
+            self.ctx.log.warn("Pool errors (%d) exceed half the idle connections (%d), flushing", pool.errors, pool.idle_count())
+            self.control.send(codec.simple(codec.FLUSH))
+            pool.flush()
+
+    def on_broken(self, reason: str) -> None:
+        if not self.stopping:
+            self.fail(reason)
+
+    def on_signal(self, sig: Signal) -> None:
+        kind = sig.kind
+        log = self.ctx.log
+        if kind == codec.TCP_LAUNCH:
+            if self.is_entry or self.ctx.config.notcp:
+                log.warn("Unexpected TCP launch signal for %s ignored", sig.id)
+                return
+            ensureDeferred(self.exit_tcp(sig.host, sig.id)).addErrback(
+                lambda f: log.error("Exit TCP for %s failed: %s", sig.host, f.getErrorMessage())
+            )
+        elif kind == codec.UDP_LAUNCH:
+            if self.is_entry or self.ctx.config.noudp:
+                log.warn("Unexpected UDP launch signal for %s ignored", sig.id)
+                return
+            ensureDeferred(self.exit_udp(sig.host, sig.id)).addErrback(
+                lambda f: log.error("Exit UDP for %s failed: %s", sig.host, f.getErrorMessage())
+            )
+        elif kind == codec.VERIFY:
+            ensureDeferred(self.on_verify(sig)).addErrback(
+                lambda f: log.error("TLS verify signal failed: %s", f.getErrorMessage())
+            )
+        elif kind == codec.FLUSH:
+            n = self.pool.flush() if self.pool is not None else 0
+            log.debug("Pool flushed on request: %d idle connections closed", n)
+        else:
+            log.debug("Unknown signal fragment %r ignored", kind)
+
+    async def on_verify(self, sig: Signal) -> None:
+        """Overridden by the client (the side without the certificate)."""
+        self.ctx.log.debug("TLS verify signal ignored on this side")
+
+    # -- TCP --------------------------------------------------------------
+    def _splice(self, target: RelayEnd, tunnel: RelayEnd) -> None:
+        ctx = self.ctx
+
+        def closed():
+            self.relays.discard(relay)
+            ctx.stats.release_tcp()
+
+        relay = Relay(
+            target, tunnel, ctx.stats, ctx.reactor, limiter=ctx.limiter, idle=ctx.config.read, on_close=closed
+        )
+        self.relays.add(relay)
+        relay.start()
+
+    async def entry_gate(self) -> None:
+        """Hook: wait before the entry takes pool connections (the client
+        waits for the TLS verify signal so both do not grab the same one)."""
+
+    async def entry_tcp(self, user: EntryTCP) -> None:
+        ctx = self.ctx
+        origin = addr_text(user.transport.getPeer())
+        try:
+            await self.entry_gate()
+            pool_id, conn = await self.pool.incoming_get(ctx.tunables.pool_get_timeout)
+        except Exception as e:  # noqa: BLE001 - timeout or pool closed
+            ctx.log.error("TCP %s: no pool connection: %s", origin, e)
+            user.transport.loseConnection()
+            ctx.stats.release_tcp()
+            return
+        if user.lost or self.control is None or self.control.broken:
+            conn.transport.loseConnection()
+            ctx.stats.release_tcp()
+            return
+        self.control.send(codec.tcp_launch(origin, pool_id))
+        ctx.log.debug("TCP launch %s via pool %s", origin, pool_id)
+        self._splice(user, conn)
+
+    async def exit_tcp(self, origin: str, pool_id: str) -> None:
+        ctx = self.ctx
+        try:
+            _, conn = await self.pool.outgoing_get(pool_id, ctx.tunables.pool_get_timeout)
+        except Exception as e:  # noqa: BLE001
+            ctx.log.error("TCP launch %s: %s", origin, e)
+            return
+        if not ctx.stats.acquire_tcp():
+            ctx.log.error("TCP slot limit reached (%d), dropping %s", ctx.stats.slot_limit, origin)
+            conn.transport.loseConnection()
+            return
+        try:
+            target = await self.targets.connect(_TargetFactory())
+        except Exception as e:  # noqa: BLE001 - AllTargetsFailed or DNS
+            ctx.log.error("TCP %s: dial target failed: %s", origin, e)
+            conn.transport.loseConnection()
+            ctx.stats.release_tcp()
+            return
+        if conn.lost or self.stopping:
+            target.transport.loseConnection()
+            ctx.stats.release_tcp()
+            return
+        target.hold()
+        if ctx.config.proxy:
+            from nodepass.codec import split_origin
+
+            src = split_origin(origin)
+            peer = target.transport.getPeer()
+            if src is not None:
+                target.transport.write(proxy_v1_header(src, (peer.host, peer.port)))
+        self._splice(target, conn)
+
+    # -- UDP --------------------------------------------------------------
+    async def _open_udp_backend(self, session):
+        ctx = self.ctx
+        await self.entry_gate()
+        pool_id, conn = await self.pool.incoming_get(ctx.tunables.pool_get_timeout)
+        if session.closed or self.control is None or self.control.broken:
+            conn.transport.loseConnection()
+            raise TunnelError("UDP session ended before launch")
+        origin = addr_text(session.addr)
+        self.control.send(codec.udp_launch(origin, pool_id))
+        ctx.log.debug("UDP launch %s via pool %s", origin, pool_id)
+        return _UDPOverPool(conn, session, ctx.tunables.udp_data_buf_size)
+
+    async def exit_udp(self, origin: str, pool_id: str) -> None:
+        ctx = self.ctx
+        t = ctx.tunables
+        try:
+            _, conn = await self.pool.outgoing_get(pool_id, t.pool_get_timeout)
+        except Exception as e:  # noqa: BLE001
+            ctx.log.error("UDP launch %s: %s", origin, e)
+            return
+        if not ctx.stats.acquire_udp():
+            ctx.log.error("UDP slot limit reached (%d), dropping %s", ctx.stats.slot_limit, origin)
+            conn.transport.loseConnection()
+            return
+        bridge = _PoolToTarget(conn, t.udp_data_buf_size)
+        released = []
+
+        def on_close():
+            if not released:
+                released.append(1)
+                ctx.stats.release_udp()
+                self.exit_udp.discard(bridge)
+            bridge.close_conn()
+
+        try:
+            ip, port, _target = await self.targets.resolve_next()
+            source = self.targets.source
+            try:
+                target = open_target_udp(
+                    ctx.reactor, ip, port, bridge.reply, on_close, ctx.stats, ctx.log,
+                    count_traffic=True, idle_timeout=t.udp_read_timeout, buf_size=t.udp_data_buf_size, source=source,
+                )
+            except Exception as e:  # noqa: BLE001 - dial source unusable: fall back once
+                if not source:
+                    raise
+                ctx.log.error("Dial source %s unusable for UDP (%s), falling back to auto", source, e)
+                self.targets.source = None
+                target = open_target_udp(
+                    ctx.reactor, ip, port, bridge.reply, on_close, ctx.stats, ctx.log,
+                    count_traffic=True, idle_timeout=t.udp_read_timeout, buf_size=t.udp_data_buf_size,
+                )
+        except Exception as e:  # noqa: BLE001
+            ctx.log.error("UDP %s: open target failed: %s", origin, e)
+            on_close()
+            return
+        bridge.target = target
+        self.exit_udp.add(bridge)
+        conn.attach(bridge)
+
+    # -- teardown ---------------------------------------------------------
+    async def stop_common(self) -> None:
+        self.stopping = True
+        ds = self._unbind_entry()
+        if self.control is not None:
+            self.control.stop()
+            if self.control.transport is not None:
+                self.control.transport.loseConnection()
+                self.control.broken = True
+        if self.pool is not None:
+            self.pool.close()
+        for relay in list(self.relays):
+            relay.close()
+        for bridge in list(self.exit_udp):
+            if bridge.target is not None:
+                bridge.target.close()
+        if ds:
+            await defer.DeferredList(ds)
