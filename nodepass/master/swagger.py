@@ -83,7 +83,8 @@ def docs_page(prefix: str) -> bytes:
     """The HTML of the Swagger UI page for the master under ``prefix``."""
     root = _api_root(prefix)
     static_root = html.escape(f"{root}/docs/static", quote=True)
-    spec_url = json.dumps(f"{root}/openapi.json").replace("</", "<\\/")
+    # JSON is a JS string literal; escaping "<" keeps "</script>" out of it.
+    spec_url = json.dumps(f"{root}/openapi.json").replace("<", "\\u003c")
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -106,10 +107,29 @@ def docs_page(prefix: str) -> bytes:
 
 
 class _AssetDirectory(static.File):
-    """The Swagger UI asset directory, without directory listings."""
+    """Swagger UI's asset directory, serving only the assets the page needs.
+
+    The package also ships a demo ``index.html`` and initializer that load the
+    petstore example from the internet; those are not served, and there is no
+    index page or directory listing."""
+
+    indexNames: list = []
+    _SUFFIXES = (".js", ".css", ".png", ".map")
+    _HIDDEN = {"swagger-initializer.js"}
+
+    def getChild(self, path, request):
+        name = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
+        if not name.endswith(self._SUFFIXES) or name in self._HIDDEN or "/" in name:
+            return resource.NoResource("No such asset")
+        return super().getChild(path, request)
 
     def directoryListing(self) -> resource.Resource:
         return resource.NoResource("No such asset")
+
+    def render_GET(self, request):
+        if self.isdir():  # the directory itself: no listing, no redirect
+            return resource.NoResource("No such asset").render(request)
+        return super().render_GET(request)
 
 
 def static_resource() -> static.File:
