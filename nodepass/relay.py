@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Callable, Optional
 
+from twisted.internet import main, tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -27,6 +28,59 @@ from nodepass.stats import InstanceStats
 #: per-chunk Python cost small next to the bytes moved; the same value bounds
 #: what one direction of a pair can hold in user space to about twice this.
 RELAY_BUFFER_SIZE = 256 * 1024
+
+# The hot path for plain TCP pairs.  Twisted's own read path allocates a new
+# bytes object per read and its write path waits for the next reactor turn
+# (and may join buffers, copying again).  Once a pair is spliced, each plain
+# TCP end is read into one shared buffer (the reactor runs one read at a
+# time, and every byte is sent or copied before the read returns) and written
+# straight to the peer's socket when Twisted holds nothing for it; only what
+# the socket does not take is copied into Twisted's buffer, whose size still
+# drives the producer pause.  TLS and other transports use Twisted's paths.
+_READ_BUFFER = memoryview(bytearray(RELAY_BUFFER_SIZE))
+
+
+def _plain_tcp(transport) -> bool:
+    return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False) and hasattr(transport, "socket")
+
+
+def _write_through(transport, data) -> None:
+    """Write ``data`` (bytes or a view of the shared read buffer) on a plain
+    TCP transport, socket first when nothing is queued ahead of it."""
+    if (
+        not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+        and transport.connected
+        and not transport.disconnecting
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error Twisted's write path will report
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(bytes(data))
+
+
+def _fast_reader(relay: "Relay", end: "RelayEnd"):
+    recv_into = end.transport.socket.recv_into
+    view = _READ_BUFFER
+    forward = relay.forward
+
+    def doRead():
+        try:
+            n = recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        forward(end, view[:n])
+        return None
+
+    return doRead
 
 
 class TokenBucket:
@@ -177,6 +231,8 @@ class Relay:
         "_last_tunnel",
         "udp",
         "_rate_calls",
+        "_through_target",
+        "_through_tunnel",
     )
 
     def __init__(
@@ -201,11 +257,15 @@ class Relay:
         self._closed = False
         self._timer = None
         self._rate_calls: dict = {}
+        self._through_target = False
+        self._through_tunnel = False
         now = clock.seconds()
         self._last_target = now
         self._last_tunnel = now
 
-    def forward(self, source: RelayEnd, data: bytes) -> None:
+    def forward(self, source: RelayEnd, data) -> None:
+        """Move one chunk (bytes, or a view of the shared read buffer that
+        must not outlive this call) from ``source`` to the other end."""
         n = len(data)
         if source is self.target:
             if self.udp:
@@ -214,7 +274,10 @@ class Relay:
                 self.stats.tcp_rx += n
             if self.idle:
                 self._last_target = self.clock.seconds()
-            self.tunnel.transport.write(data)
+            if self._through_tunnel:
+                _write_through(self.tunnel.transport, data)
+            else:
+                self.tunnel.transport.write(bytes(data))
         else:
             if self.udp:
                 self.stats.udp_tx += n
@@ -222,7 +285,10 @@ class Relay:
                 self.stats.tcp_tx += n
             if self.idle:
                 self._last_tunnel = self.clock.seconds()
-            self.target.transport.write(data)
+            if self._through_target:
+                _write_through(self.target.transport, data)
+            else:
+                self.target.transport.write(bytes(data))
         limiter = self.limiter
         if limiter is not None:
             delay = limiter.consume(n)
@@ -257,6 +323,12 @@ class Relay:
             return
         a.transport.registerProducer(b.gate, True)
         b.transport.registerProducer(a.gate, True)
+        if not self.udp:
+            self._through_target = _plain_tcp(a.transport)
+            self._through_tunnel = _plain_tcp(b.transport)
+            for end, plain in ((a, self._through_target), (b, self._through_tunnel)):
+                if plain:
+                    end.transport.doRead = _fast_reader(self, end)
         for end in (a, b):
             early = end.take_early()
             if early:
