@@ -182,7 +182,8 @@ class ServedDocumentTests(unittest.TestCase):
         documented path exists; every method the document lists is answered
         (never 405) and every method it omits gets 405."""
         await self._setup()
-        app = self.master.site.resource._app
+        res = self.master.site.resource
+        app = getattr(res, "inner", res)._app
         base = "/api/v1"
         routed = set()
         for rule in app.url_map.iter_rules():

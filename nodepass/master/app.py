@@ -17,10 +17,11 @@ from io import BytesIO
 from typing import Awaitable, Callable, Optional
 
 from klein import Klein
+from werkzeug.exceptions import NotFound
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 
 from nodepass.config import URLError
 from nodepass.master.records import MAX_TEXT, PEER_FIELDS, RequestError
@@ -213,9 +214,34 @@ def _error(request, status: int, message: str) -> bytes:
 Handler = Callable[..., Awaitable[object]]
 
 
+class _PathGuard(Resource):
+    """Answers a request whose path or Host is not UTF-8 (once
+    percent-decoded) with a JSON 400 and CORS headers.  Klein would log a
+    traceback for it and answer a bare text page."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource):
+        super().__init__()
+        self.inner = inner
+
+    def render(self, request):
+        try:
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            for name, value in CORS.items():
+                request.setHeader(name, value)
+            return _error(request, 400, "Invalid request path: not UTF-8")
+        return self.inner.render(request)
+
+
 def make_resource(master) -> IResource:
     """The Klein resource of ``master`` (a MasterService)."""
     app = Klein()
+    # No 308 redirect (HTML, without CORS) for "//" in a path: such a path
+    # simply matches nothing and gets the JSON 404.
+    app.url_map.merge_slashes = False
     base = master.config.prefix.rstrip("/") + "/v1"
 
     def route(path: str, handlers: dict[str, Handler], public: bool = False, branch: bool = False):
@@ -370,4 +396,12 @@ def make_resource(master) -> IResource:
     route("/", {m: not_found for m in ("GET", "POST", "PUT", "PATCH", "DELETE")}, public=True)
     route("/<path:rest>", {m: not_found for m in ("GET", "POST", "PUT", "PATCH", "DELETE")}, public=True)
 
-    return app.resource()
+    @app.handle_errors(NotFound)
+    def unmatched(request, failure):
+        # Paths no rule can match at all (a decoded newline defeats even
+        # the catch-all): the same JSON 404, not werkzeug's HTML page.
+        for name, value in CORS.items():
+            request.setHeader(name, value)
+        return _error(request, 404, "Not found")
+
+    return _PathGuard(app.resource())
