@@ -60,6 +60,35 @@ def _bind_failure(exc: BaseException) -> bool:
     )
 
 
+class _DialFactory(ClientFactory):
+    """Wraps the caller's factory for one dial: fires ``result`` with the
+    protocol once it is connected, or with the connection failure."""
+
+    noisy = False  # one dial per relayed connection: no start/stop log lines
+    result: Deferred
+    connector = None
+
+    def __init__(self, factory: Factory):
+        self.factory = factory
+
+    def buildProtocol(self, addr):
+        proto = self.factory.buildProtocol(addr)
+        made = proto.connectionMade
+        result = self.result
+
+        def connection_made() -> None:
+            made()
+            if not result.called:
+                result.callback(proto)
+
+        proto.connectionMade = connection_made
+        return proto
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.result.called:
+            self.result.errback(reason)
+
+
 class TargetGroup:
     """The targets of one instance.  Each new outbound dial starts at the
     next index and fails over through the rest."""
@@ -80,6 +109,10 @@ class TargetGroup:
         self.source = None if dial == "auto" else dial
         self.timeout = timeout
         self._next = 0
+        # Literal IPs skip the DNS cache (and its coroutine) entirely.
+        self._literal = frozenset(
+            t.host for t in self.targets if is_ip_literal(t.host) and not is_unspecified(t.host)
+        )
 
     def next_index(self) -> int:
         i = self._next % len(self.targets)
@@ -87,69 +120,97 @@ class TargetGroup:
         return i
 
     def _connect(self, ip: str, port: int, factory: Factory) -> Deferred:
-        connector = None
-
+        """One TCP dial; fires with the connected protocol.  Cancelling it
+        stops the connection attempt (no socket left connecting)."""
+        wrap = _DialFactory(factory)
         def cancel(_d: Deferred) -> None:
-            # Cancelling a dial (e.g. at shutdown) must not leave a socket
-            # connecting in the reactor.
-            if connector is not None:
-                connector.stopConnecting()
+            try:
+                wrap.connector.stopConnecting()
+            except terror.NotConnectingError:
+                pass
 
-        d = Deferred(cancel)
-
-        class _Wrap(ClientFactory):
-            def buildProtocol(self_inner, addr):
-                proto = factory.buildProtocol(addr)
-                orig = proto.connectionMade
-
-                def made():
-                    orig()
-                    if not d.called:
-                        d.callback(proto)
-
-                proto.connectionMade = made
-                return proto
-
-            def clientConnectionFailed(self_inner, connector, reason):
-                if not d.called:
-                    d.errback(reason)
-
+        d = wrap.result = Deferred(cancel)
         bind = (self.source, 0) if self.source else None
-        connector = self.reactor.connectTCP(ip, port, _Wrap(), timeout=self.timeout, bindAddress=bind)
+        wrap.connector = self.reactor.connectTCP(ip, port, wrap, timeout=self.timeout, bindAddress=bind)
         return d
 
-    async def connect_one(self, target: Address, factory: Factory) -> Protocol:
-        ip = await self.dns.resolve(target.host)
-        try:
-            return await self._connect(ip, target.port, factory)
-        except defer.CancelledError:
-            raise
-        except Exception as e:
-            if self.source and _bind_failure(e):
-                self.log.error("Dial source %s unusable (%s), falling back to auto", self.source, e)
-                self.source = None
-                return await self._connect(ip, target.port, factory)
-            raise
+    def _connect_ip(self, ip: str, port: int, factory: Factory) -> Deferred:
+        """:meth:`_connect` with the ``dial`` fallback (SPEC §1): when the
+        source address cannot be bound, log it once and dial automatically
+        from then on."""
+        if not self.source:
+            return self._connect(ip, port, factory)
 
-    async def connect(self, factory: Factory, on_fail: Optional[Callable[[Address, Exception], None]] = None) -> Protocol:
-        """Connect to the next target, failing over through all of them.
-        Raises :class:`AllTargetsFailed` naming how many failed."""
+        def fallback(failure):
+            if self.source and _bind_failure(failure.value):
+                self.log.error("Dial source %s unusable (%s), falling back to auto", self.source, failure.value)
+                self.source = None
+                return self._connect(ip, port, factory)
+            return failure
+
+        return self._connect(ip, port, factory).addErrback(fallback)
+
+    def dial_target(self, target: Address, factory: Factory) -> Deferred:
+        """Connect to one target (resolved through the DNS cache)."""
+        if target.host in self._literal:
+            return self._connect_ip(target.host, target.port, factory)
+
+        async def resolve_and_connect() -> Protocol:
+            ip = await self.dns.resolve(target.host)
+            return await self._connect_ip(ip, target.port, factory)
+
+        return defer.ensureDeferred(resolve_and_connect())
+
+    async def connect_one(self, target: Address, factory: Factory) -> Protocol:
+        return await self.dial_target(target, factory)
+
+    def dial(self, factory: Factory, on_fail: Optional[Callable[[Address, Exception], None]] = None) -> Deferred:
+        """Connect to the next target, failing over through all of them;
+        fires with the connected protocol or fails with
+        :class:`AllTargetsFailed` naming how many failed.  Callback style
+        (no coroutine) because it runs once per relayed connection;
+        cancelling it stops the attempt in progress."""
         start = self.next_index()
         n = len(self.targets)
-        last: Optional[Exception] = None
-        for k in range(n):
+        current: list[Optional[Deferred]] = [None]
+
+        def cancel(_d: Deferred) -> None:
+            if current[0] is not None:
+                current[0].cancel()
+
+        result = Deferred(cancel)
+
+        def attempt(k: int) -> None:
             target = self.targets[(start + k) % n]
-            try:
-                return await self.connect_one(target, factory)
-            except defer.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure means "try the next"
-                last = e
-                if on_fail is not None:
-                    on_fail(target, e)
-                else:
-                    self.log.debug("Dial %s failed: %s", target, e)
-        raise AllTargetsFailed(f"all {n} target(s) failed, last error: {last}")
+            d = current[0] = self.dial_target(target, factory)
+            d.addCallbacks(succeeded, failed, errbackArgs=(k, target))
+
+        def succeeded(proto) -> None:
+            current[0] = None
+            if not result.called:
+                result.callback(proto)
+            else:  # cancelled meanwhile: nobody wants this connection
+                proto.transport.loseConnection()
+
+        def failed(failure, k: int, target: Address) -> None:
+            current[0] = None
+            if result.called:
+                return  # cancelled
+            if on_fail is not None:
+                on_fail(target, failure.value)
+            elif self.log.enabled("debug"):
+                self.log.debug("Dial %s failed: %s", target, failure.getErrorMessage())
+            if k + 1 < n:
+                attempt(k + 1)
+            else:
+                result.errback(AllTargetsFailed(f"all {n} target(s) failed, last error: {failure.getErrorMessage()}"))
+
+        attempt(0)
+        return result
+
+    async def connect(self, factory: Factory, on_fail: Optional[Callable[[Address, Exception], None]] = None) -> Protocol:
+        """Coroutine form of :meth:`dial`."""
+        return await self.dial(factory, on_fail)
 
     async def resolve_next(self) -> tuple[str, int, Address]:
         """Resolve the next target (round robin) for a UDP session."""

@@ -23,9 +23,10 @@ from twisted.internet import error as terror
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 
 from nodepass.config import Address, TunnelConfig
-from nodepass.dialer import AllTargetsFailed, TargetGroup
+from nodepass.dialer import TargetGroup
 from nodepass.instance import InstanceContext, Runner, TunnelError
 from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
 from nodepass.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
@@ -198,36 +199,37 @@ class SingleEndRunner(Runner):
         end.on_lost(lambda _reason: self._ends.discard(end))
 
     def _accepted(self, user: _UserEnd) -> None:
+        # Runs once per connection: callback style, no coroutine.
         if self._stopping:
             user.transport.abortConnection()
             return
         self._track(user)
-        stats, log = self.ctx.stats, self.ctx.log
+        stats = self.ctx.stats
         if not stats.acquire_tcp():
-            log.error("TCP slot limit reached (%d), closing connection from %s", stats.slot_limit, _fmt(_peer(user.transport)))
+            self.ctx.log.error(
+                "TCP slot limit reached (%d), closing connection from %s", stats.slot_limit, _fmt(_peer(user.transport))
+            )
             user.transport.loseConnection()
             return
         user.hold()
         user.transport.bufferSize = RELAY_BUFFER_SIZE
-        d = ensureDeferred(self._connect_target(user))
+        d = self.group.dial(self._target_factory)
         self._dials.add(d)
-        d.addErrback(lambda f: log.error("TCP relay setup failed: %s", f.getErrorMessage()))
-        d.addBoth(lambda _r: self._dials.discard(d))
+        d.addBoth(self._dialled, user, d)
 
-    async def _connect_target(self, user: _UserEnd) -> None:
+    def _dialled(self, result, user: _UserEnd, d: Deferred) -> None:
+        self._dials.discard(d)
         ctx = self.ctx
         stats, log = ctx.stats, ctx.log
-        try:
-            target = await self.group.connect(self._target_factory)
-        except CancelledError:
+        if isinstance(result, Failure):
             stats.release_tcp()
-            return
-        except AllTargetsFailed as e:
-            stats.release_tcp()
-            log.error("TCP connection from %s dropped: %s", _fmt(_peer(user.transport)), e)
+            if result.check(CancelledError):
+                return
+            log.error("TCP connection from %s dropped: %s", _fmt(_peer(user.transport)), result.getErrorMessage())
             if not user.lost:
                 user.transport.loseConnection()
             return
+        target: RelayEnd = result
         self._track(target)
         if user.lost or self._stopping:
             stats.release_tcp()
@@ -236,7 +238,8 @@ class SingleEndRunner(Runner):
         target.transport.bufferSize = RELAY_BUFFER_SIZE
         if ctx.config.proxy:
             target.transport.write(proxy_v1_header(_peer(user.transport), _peer(target.transport)))
-        log.debug("TCP %s -> %s relaying", _fmt(_peer(user.transport)), _fmt(_peer(target.transport)))
+        if log.enabled("debug"):
+            log.debug("TCP %s -> %s relaying", _fmt(_peer(user.transport)), _fmt(_peer(target.transport)))
         relay = Relay(
             target,
             user,
