@@ -18,7 +18,7 @@ the target servers -- is pinned to the other.  Throughput uses blocking
 sockets in threads (1 MiB sends / recv_into, so the load side is mostly
 kernel time); connection rate uses one asyncio loop for clients and target.
 
-    python3 bench/bench_single.py [--seconds 3] [--json]
+    python3 bench/bench_single.py [--seconds 2] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -43,13 +43,22 @@ CHUNK = 1 << 20
 PROFILE = os.environ.get("NP_BENCH_PROFILE", "").split()
 
 
+try:
+    CPUS = sorted(os.sched_getaffinity(0))  # read once: pin() narrows our own set
+except AttributeError:  # not Linux
+    CPUS = []
+
+
+PIN = False  # --pin
+
+
 def pin(pid: int, cpu: int) -> None:
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) >= 2:
-            os.sched_setaffinity(pid, {cpus[cpu % len(cpus)]})
-    except (AttributeError, OSError):
-        pass
+    """With --pin, pin ``pid`` (0 = this process) to one core of two."""
+    if PIN and len(CPUS) >= 2:
+        try:
+            os.sched_setaffinity(pid, {CPUS[cpu % len(CPUS)]})
+        except OSError:
+            pass
 
 
 def free_port() -> int:
@@ -242,6 +251,23 @@ def start_socat(target: int) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
+def _cpu(proc) -> float:
+    """CPU seconds of a forwarder process and its children (socat forks)."""
+    if proc is None:
+        return 0.0
+    try:
+        p = psutil.Process(proc.pid)
+        total = sum(p.cpu_times()[:4])
+        for child in p.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return 0.0
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -253,11 +279,19 @@ def stop(proc: subprocess.Popen) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
+    ap.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each is kept")
     ap.add_argument("--clients", type=int, default=20, help="concurrent clients for the connection rate")
     ap.add_argument("--idle", type=int, default=1000, help="idle connections for the RSS figure")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the forwarder to one core and this process to the other (only on an otherwise idle machine)",
+    )
     args = ap.parse_args()
+    global PIN
+    PIN = args.pin
     if shutil.which("socat") is None:
         print("socat not found (apt-get install socat)", file=sys.stderr)
         return 2
@@ -268,34 +302,44 @@ def main() -> int:
     source = SourceServer()
     loop = asyncio.new_event_loop()
     answer = AnswerServer(loop)
-    results: dict[str, dict[str, float]] = {}
     secs = args.seconds
+    keys = ("1 stream MB/s", "8 streams MB/s", "conn/s")
+    results: dict[str, dict[str, float]] = {}
+    cpu_per_conn: dict[str, float] = {}
 
-    def measure(name: str, src_port: int, ans_port: int) -> None:
-        r = {}
-        r["1 stream MB/s"] = download(src_port, secs, 1) / 1e6
-        r["8 streams MB/s"] = download(src_port, secs, 8) / 1e6
-        rate, errors = loop.run_until_complete(_conn_rate(ans_port, secs, args.clients))
-        r["conn/s"] = rate
-        r["conn errors"] = errors
-        results[name] = r
-        print(f"{name:9s} " + "  ".join(f"{k} {v:,.1f}" for k, v in r.items()), flush=True)
-
-    measure("direct", source.port, answer.port)
-
-    procs = [start_socat(source.port), start_socat(answer.port)]
+    # Both forwarders stay up for the whole run; the measurements are
+    # interleaved over --rounds so that load from elsewhere on the machine
+    # hits all three alike, and the best of the rounds is kept.
+    forwarders = {
+        "socat": [start_socat(source.port), start_socat(answer.port)],
+        "nodepass": [start_nodepass(source.port), start_nodepass(answer.port)],
+    }
+    ports = {"direct": (source.port, answer.port)}
+    ports.update({name: (fs[0][1], fs[1][1]) for name, fs in forwarders.items()})
     try:
-        measure("socat", procs[0][1], procs[1][1])
+        for rnd in range(args.rounds):
+            for name, (src_port, ans_port) in ports.items():
+                r = results.setdefault(name, {k: 0.0 for k in keys})
+                got = {
+                    "1 stream MB/s": download(src_port, secs, 1) / 1e6,
+                    "8 streams MB/s": download(src_port, secs, 8) / 1e6,
+                }
+                proc = forwarders[name][1][0] if name in forwarders else None
+                cpu0 = _cpu(proc)
+                rate, errors = loop.run_until_complete(_conn_rate(ans_port, secs, args.clients))
+                if proc is not None and rate:
+                    cpu_per_conn[name] = min(cpu_per_conn.get(name, 1e9), (_cpu(proc) - cpu0) / (rate * secs))
+                got["conn/s"] = rate
+                for k in keys:
+                    r[k] = max(r[k], got[k])
+                print(
+                    f"round {rnd + 1} {name:9s} " + "  ".join(f"{k} {got[k]:,.0f}" for k in keys) + f"  errors {errors}",
+                    flush=True,
+                )
     finally:
-        for p, _ in procs:
-            stop(p)
-
-    procs = [start_nodepass(source.port), start_nodepass(answer.port)]
-    try:
-        measure("nodepass", procs[0][1], procs[1][1])
-    finally:
-        for p, _ in procs:
-            stop(p)
+        for fs in forwarders.values():
+            for p, _ in fs:
+                stop(p)
 
     # RSS with idle forwarded connections.
     proc, port = start_nodepass(answer.port)
@@ -316,8 +360,10 @@ def main() -> int:
     print()
     print("| measure | direct | socat | nodepass | nodepass/direct | nodepass/socat |")
     print("|---|---|---|---|---|---|")
-    for key in ("1 stream MB/s", "8 streams MB/s", "conn/s"):
+    for key in keys:
         print(f"| {key} | {d[key]:,.0f} | {s[key]:,.0f} | {n[key]:,.0f} | {n[key] / d[key]:.2f} | {n[key] / s[key]:.2f} |")
+    for name, cost in cpu_per_conn.items():
+        print(f"{name} CPU per forwarded connection: {cost * 1e6:.0f} us (one core: {1 / cost:,.0f} conn/s)")
     per_conn = (rss_after - rss_before) / args.idle
     print(
         f"\nnodepass RSS: {rss_before / 2**20:.1f} MiB idle, {rss_after / 2**20:.1f} MiB with {args.idle} "

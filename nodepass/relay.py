@@ -40,6 +40,14 @@ RELAY_BUFFER_SIZE = 256 * 1024
 _READ_BUFFER = memoryview(bytearray(RELAY_BUFFER_SIZE))
 
 
+def _read_buffer(size: int) -> memoryview:
+    """The shared read buffer, grown once if a transport reads more."""
+    global _READ_BUFFER
+    if len(_READ_BUFFER) < size:
+        _READ_BUFFER = memoryview(bytearray(size))
+    return _READ_BUFFER
+
+
 def _plain_tcp(transport) -> bool:
     return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False) and hasattr(transport, "socket")
 
@@ -64,13 +72,16 @@ def _write_through(transport, data) -> None:
 
 
 def _fast_reader(relay: "Relay", end: "RelayEnd"):
+    """A ``doRead`` for a plain TCP transport of a spliced pair: reads up to
+    the transport's ``bufferSize`` into the shared buffer and forwards."""
     recv_into = end.transport.socket.recv_into
-    view = _READ_BUFFER
+    size = end.transport.bufferSize
+    view = _read_buffer(size)
     forward = relay.forward
 
     def doRead():
         try:
-            n = recv_into(view)
+            n = recv_into(view, size)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:

@@ -128,6 +128,10 @@ class SingleEndRunner(Runner):
         self._ping_index = 0
         self._stopping = False
         self._target_factory = _TargetFactory()
+        # NP_TCP_DATA_BUF_SIZE is Go's copy buffer; reads here are never
+        # smaller than RELAY_BUFFER_SIZE, which Python needs to keep the
+        # per-chunk cost low, but a larger tunable makes them larger.
+        self._buffer_size = max(ctx.tunables.tcp_data_buf_size, RELAY_BUFFER_SIZE)
 
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -212,7 +216,7 @@ class SingleEndRunner(Runner):
             user.transport.loseConnection()
             return
         user.hold()
-        user.transport.bufferSize = RELAY_BUFFER_SIZE
+        user.transport.bufferSize = self._buffer_size
         d = self.group.dial(self._target_factory)
         self._dials.add(d)
         d.addBoth(self._dialled, user, d)
@@ -235,7 +239,7 @@ class SingleEndRunner(Runner):
             stats.release_tcp()
             target.transport.loseConnection()
             return
-        target.transport.bufferSize = RELAY_BUFFER_SIZE
+        target.transport.bufferSize = self._buffer_size
         if ctx.config.proxy:
             target.transport.write(proxy_v1_header(_peer(user.transport), _peer(target.transport)))
         if log.enabled("debug"):
