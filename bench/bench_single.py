@@ -39,6 +39,7 @@ import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 1 << 20
+ME = psutil.Process()
 # e.g. NP_BENCH_PROFILE="-m cProfile -o /tmp/np.prof" to profile the forwarder
 PROFILE = os.environ.get("NP_BENCH_PROFILE", "").split()
 
@@ -306,6 +307,7 @@ def main() -> int:
     keys = ("1 stream MB/s", "8 streams MB/s", "conn/s")
     results: dict[str, dict[str, float]] = {}
     cpu_per_conn: dict[str, float] = {}
+    load_per_conn: dict[str, float] = {}  # this process: clients + target
 
     # Both forwarders stay up for the whole run; the measurements are
     # interleaved over --rounds so that load from elsewhere on the machine
@@ -325,8 +327,11 @@ def main() -> int:
                     "8 streams MB/s": download(src_port, secs, 8) / 1e6,
                 }
                 proc = forwarders[name][1][0] if name in forwarders else None
-                cpu0 = _cpu(proc)
+                cpu0, own0 = _cpu(proc), sum(ME.cpu_times()[:2])
                 rate, errors = loop.run_until_complete(_conn_rate(ans_port, secs, args.clients))
+                if rate:
+                    own = (sum(ME.cpu_times()[:2]) - own0) / (rate * secs)
+                    load_per_conn[name] = min(load_per_conn.get(name, 1e9), own)
                 if proc is not None and rate:
                     cpu_per_conn[name] = min(cpu_per_conn.get(name, 1e9), (_cpu(proc) - cpu0) / (rate * secs))
                 got["conn/s"] = rate
@@ -364,6 +369,8 @@ def main() -> int:
         print(f"| {key} | {d[key]:,.0f} | {s[key]:,.0f} | {n[key]:,.0f} | {n[key] / d[key]:.2f} | {n[key] / s[key]:.2f} |")
     for name, cost in cpu_per_conn.items():
         print(f"{name} CPU per forwarded connection: {cost * 1e6:.0f} us (one core: {1 / cost:,.0f} conn/s)")
+    for name, cost in load_per_conn.items():
+        print(f"load generator + target CPU per connection ({name}): {cost * 1e6:.0f} us")
     per_conn = (rss_after - rss_before) / args.idle
     print(
         f"\nnodepass RSS: {rss_before / 2**20:.1f} MiB idle, {rss_after / 2**20:.1f} MiB with {args.idle} "
