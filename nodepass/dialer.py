@@ -67,6 +67,7 @@ class _DialFactory(ClientFactory):
     noisy = False  # one dial per relayed connection: no start/stop log lines
     result: Deferred
     connector = None
+    cancelled = False
 
     def __init__(self, factory: Factory):
         self.factory = factory
@@ -85,7 +86,7 @@ class _DialFactory(ClientFactory):
         return proto
 
     def clientConnectionFailed(self, connector, reason) -> None:
-        if not self.result.called:
+        if not self.result.called and not self.cancelled:
             self.result.errback(reason)
 
 
@@ -124,6 +125,7 @@ class TargetGroup:
         stops the connection attempt (no socket left connecting)."""
         wrap = _DialFactory(factory)
         def cancel(_d: Deferred) -> None:
+            wrap.cancelled = True  # the Deferred fails with CancelledError
             try:
                 wrap.connector.stopConnecting()
             except terror.NotConnectingError:
@@ -173,8 +175,10 @@ class TargetGroup:
         start = self.next_index()
         n = len(self.targets)
         current: list[Optional[Deferred]] = [None]
+        cancelled = [False]
 
         def cancel(_d: Deferred) -> None:
+            cancelled[0] = True  # no failover from here on
             if current[0] is not None:
                 current[0].cancel()
 
@@ -194,7 +198,7 @@ class TargetGroup:
 
         def failed(failure, k: int, target: Address) -> None:
             current[0] = None
-            if result.called:
+            if result.called or cancelled[0]:
                 return  # cancelled
             if on_fail is not None:
                 on_fail(target, failure.value)

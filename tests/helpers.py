@@ -363,3 +363,25 @@ def transport_buffered(transport) -> int:
     if transport is None:
         return 0
     return getattr(transport, "_tempDataLen", 0) + len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+
+
+class Blackhole:
+    """A TCP address where connects hang (SYNs dropped): a listener with a
+    full accept queue that never accepts.  ``close()`` releases it."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers = []
+        for _ in range(2):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.setblocking(False)
+            c.connect_ex((host, self.port))
+            self.fillers.append(c)
+
+    def close(self) -> None:
+        for c in self.fillers:
+            c.close()
+        self.sock.close()

@@ -9,13 +9,16 @@ import socket
 import time
 
 from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from nodepass.config import Address, Tunables, parse_url
+from nodepass.dialer import AllTargetsFailed, TargetGroup
 from nodepass.instance import TunnelService
 from nodepass.logs import NodeLog
 from nodepass.single import SingleEndRunner, tunnel_address_binds
 from tests.helpers import (
+    Blackhole,
     Client,
     HashingClient,
     PushSender,
@@ -262,6 +265,30 @@ class TCPForwardingTests(ForwarderMixin, unittest.TestCase):
         await wait_for(lambda: self.service.stats.tcps == 0, what="slot released")
 
     @d
+    async def test_dial_source_address(self) -> None:
+        tlisten, tfactory = listen_sink()
+        self.addCleanup(tlisten.stopListening)
+        fport = await self.start_forwarder(f"127.0.0.1:{_port(tlisten)}", "&dial=127.0.0.2")
+        c = await connect(fport)
+        c.transport.write(b"src")
+        await wait_for(lambda: tfactory.connections and tfactory.connections[0].received >= 3)
+        self.assertEqual(tfactory.connections[0].transport.getPeer().host, "127.0.0.2")
+        self.assertFalse(self.logged("falling back"))
+        await close(c)
+
+    @d
+    async def test_dial_source_fallback(self) -> None:
+        tport, factory = self.target(listen_echo())
+        fport = await self.start_forwarder(f"127.0.0.1:{tport}", "&dial=192.0.2.55")
+        for _ in range(2):
+            c = await connect(fport)
+            c.transport.write(b"fb")
+            self.assertEqual(await c.wait_bytes(2), b"fb")
+            await close(c)
+        self.assertEqual(sum("Dial source 192.0.2.55 unusable" in line for line in self.lines), 1)
+        self.assertEqual(factory.accepted, 2)
+
+    @d
     async def test_round_robin(self) -> None:
         p1, f1 = self.target(listen_echo())
         p2, f2 = self.target(listen_echo())
@@ -424,3 +451,57 @@ class LifecycleTests(ForwarderMixin, unittest.TestCase):
         again = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         again.bind(("127.0.0.1", free))
         again.close()
+
+
+class DialerTests(unittest.TestCase):
+    """TargetGroup.dial: failover, and cancellation without failover."""
+
+    def group(self, *ports, timeout: float = 5.0) -> TargetGroup:
+        targets = [Address("127.0.0.1", p) for p in ports]
+        return TargetGroup(targets, reactor, NodeLog("none"), timeout=timeout)
+
+    @d
+    async def test_cancel_stops_attempt_without_failover(self) -> None:
+        hole = Blackhole()
+        self.addCleanup(hole.close)
+        live, factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        dial = self.group(hole.port, _port(live)).dial(Factory.forProtocol(Client))
+        await sleep(0.2)
+        self.assertFalse(dial.called)
+        dial.cancel()
+        with self.assertRaises(defer.CancelledError):
+            await dial
+        await sleep(0.1)
+        self.assertEqual(factory.accepted, 0)
+
+    @d
+    async def test_timeout_fails_over(self) -> None:
+        hole = Blackhole()
+        self.addCleanup(hole.close)
+        live, factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        proto = await self.group(hole.port, _port(live), timeout=0.2).dial(Factory.forProtocol(Client))
+        self.assertEqual(proto.transport.getPeer().port, _port(live))
+        await close(proto)
+
+    @d
+    async def test_all_failed_names_count(self) -> None:
+        with self.assertRaises(AllTargetsFailed) as e:
+            await self.group(dead_port(), dead_port(), dead_port()).connect(Factory.forProtocol(Client))
+        self.assertIn("all 3 target(s) failed", str(e.exception))
+
+
+class StopDuringDialTests(ForwarderMixin, unittest.TestCase):
+    @d
+    async def test_stop_with_dial_in_flight(self) -> None:
+        hole = Blackhole()
+        self.addCleanup(hole.close)
+        fport = await self.start_forwarder(f"127.0.0.1:{hole.port}")
+        c = await connect(fport)
+        await wait_for(lambda: self.service.stats.tcps == 1 and self.service.runner._dials, what="dial in flight")
+        started = time.monotonic()
+        await self.service.stopService()
+        self.assertLess(time.monotonic() - started, 2.0)
+        await c.lost
+        self.assertEqual(self.service.stats.tcps, 0)

@@ -273,3 +273,30 @@ class SingleEndUDPTests(ForwarderMixin, unittest.TestCase):
         payload = bytes(range(256)) * 48  # 12288 bytes, above Twisted's 8192 default
         cport.write(payload, ("127.0.0.1", fport))
         self.assertEqual(await c.next(), payload)
+
+    @d
+    async def test_dial_source_and_fallback(self) -> None:
+        echo = UDPEcho()
+        eport = listen_udp(echo)
+        self.addCleanup(eport.stopListening)
+        fport = await self.start_forwarder(f"127.0.0.1:{eport.getHost().port}", "&dial=127.0.0.2")
+        c = UDPClient()
+        cport = listen_udp(c)
+        self.addCleanup(cport.stopListening)
+        cport.write(b"src", ("127.0.0.1", fport))
+        await c.next()
+        self.assertEqual(echo.senders[0][0], "127.0.0.2")
+
+    @d
+    async def test_unbindable_dial_source_falls_back(self) -> None:
+        echo = UDPEcho()
+        eport = listen_udp(echo)
+        self.addCleanup(eport.stopListening)
+        fport = await self.start_forwarder(f"127.0.0.1:{eport.getHost().port}", "&dial=192.0.2.55")
+        c = UDPClient()
+        cport = listen_udp(c)
+        self.addCleanup(cport.stopListening)
+        cport.write(b"fb", ("127.0.0.1", fport))
+        self.assertEqual(await c.next(), b"fb")
+        self.assertTrue(self.logged("Dial source 192.0.2.55 unusable"))
+        self.assertEqual(echo.senders[0][0], "127.0.0.1")
