@@ -122,6 +122,9 @@ class InstanceRecord:
     udptx: int = 0
     stats: InstanceStats = attrs.Factory(InstanceStats)
     master_id: str = ""  # only for the API key record: its ``config``
+    # (config, config_url()) of the last call: GET /instances builds every
+    # record's JSON, and config_url() was most of its cost.
+    _config_cache: Optional[tuple] = attrs.field(default=None, init=False, repr=False)
 
     @property
     def is_key(self) -> bool:
@@ -136,7 +139,12 @@ class InstanceRecord:
     def config_text(self) -> str:
         if self.is_key:
             return self.master_id
-        return self.config.config_url() if self.config is not None else ""
+        if self.config is None:
+            return ""
+        cached = self._config_cache
+        if cached is None or cached[0] is not self.config:
+            cached = self._config_cache = (self.config, self.config.config_url())
+        return cached[1]
 
     def to_json(self) -> dict:
         peer = self.meta.get("peer") or {}
