@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""Master API benchmark (not a test).
+
+Runs a real master (``python3 -m nodepass.cli master://...``) in a
+subprocess pinned to one core, gives it 100 single-end client instances
+(each forwarding an OS-chosen port to a local TCP listener), and from this
+process (pinned to the other core) measures:
+
+* ``GET /api/v1/instances`` requests/s and latency percentiles with ``wrk``
+  (``apt-get install wrk``; a Python keep-alive load generator is used when
+  wrk is missing), compared with a *baseline* measured in the same run: a
+  bare Twisted Web server (same Python, same reactor, one process) answering
+  the same 100-instance JSON body as a precomputed static resource -- the
+  ceiling any Twisted JSON API can reach on this machine;
+* SSE fan-out to 50 subscribers of ``/api/v1/events``: latency from a PATCH
+  being sent until all 50 subscribers hold its ``update`` event (one at a
+  time), and delivered events/s for a burst of PATCHes;
+* the master's RSS with 100 running instances, and with none (so the
+  per-instance cost shows).
+
+    python3 bench/bench_master.py [--seconds 5] [--instances 100]
+        [--subscribers 50] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import http.client
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pin(pid: int, cpu: int) -> None:
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2:
+            os.sched_setaffinity(pid, {cpus[cpu % len(cpus)]})
+    except (AttributeError, OSError):
+        pass
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_listening(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(p / 100 * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+# -- processes -----------------------------------------------------------------
+
+
+class Master:
+    """A master subprocess; learns its API key from the log."""
+
+    def __init__(self, state_dir: str):
+        self.port = free_port()
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nodepass.cli", "--state-dir", state_dir,
+             f"master://127.0.0.1:{self.port}/api?log=info"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        pin(self.proc.pid, 0)
+        self.key = ""
+        deadline = time.monotonic() + 20
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode("utf-8", "replace")
+            if not line:
+                raise RuntimeError("master exited during start")
+            m = re.search(r"API Key (?:created|loaded): ([0-9a-f]{32})", line)
+            if m:
+                self.key = m.group(1)
+            if "Master started" in line:
+                break
+        if not self.key:
+            raise RuntimeError("master printed no API key")
+        threading.Thread(target=self._drain, daemon=True).start()
+        wait_listening(self.port)
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for _ in self.proc.stdout:
+            pass
+
+    def request(self, method: str, path: str, body=None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            headers = {"X-API-Key": self.key}
+            data = None
+            if body is not None:
+                data = json.dumps(body).encode()
+                headers["Content-Type"] = "application/json"
+            conn.request(method, "/api/v1" + path, body=data, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+BASELINE_SERVER = r"""
+import sys
+from twisted.internet import reactor
+from twisted.web import resource, server
+body = open(sys.argv[2], "rb").read()
+class Instances(resource.Resource):
+    isLeaf = True
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        return body
+site = server.Site(Instances())
+site.log = lambda request: None
+reactor.listenTCP(int(sys.argv[1]), site, interface="127.0.0.1")
+reactor.run()
+"""
+
+
+class Baseline:
+    def __init__(self, body: bytes):
+        self.port = free_port()
+        self._file = tempfile.NamedTemporaryFile(suffix=".json", delete=False)
+        self._file.write(body)
+        self._file.close()
+        self.proc = subprocess.Popen([sys.executable, "-c", BASELINE_SERVER, str(self.port), self._file.name])
+        pin(self.proc.pid, 0)
+        wait_listening(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+        os.unlink(self._file.name)
+
+
+class AcceptAndClose:
+    """The instances' target: accepts (for their CHECK_POINT connect probe)
+    and closes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+
+# -- HTTP load -------------------------------------------------------------------
+
+
+def run_wrk(url: str, key: str, seconds: float, connections: int) -> dict:
+    out = subprocess.run(
+        ["taskset", "-c", str(_load_cpu()), "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
+         "-H", f"X-API-Key: {key}", url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for pct in ("50", "90", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        lat[pct] = value
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": lat["50"], "p90_ms": lat["90"], "p99_ms": lat["99"],
+            "non2xx": int(errors.group(1)) if errors else 0, "tool": "wrk"}
+
+
+def run_python_load(port: int, path: str, key: str, seconds: float, connections: int) -> dict:
+    """Fallback when wrk is missing: keep-alive clients in threads."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        mine = []
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            conn.request("GET", path, headers={"X-API-Key": key})
+            conn.getresponse().read()
+            mine.append((time.perf_counter() - t0) * 1000)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"rps": len(latencies) / seconds, "p50_ms": percentile(latencies, 50),
+            "p90_ms": percentile(latencies, 90), "p99_ms": percentile(latencies, 99), "non2xx": 0,
+            "tool": "python"}
+
+
+def _load_cpu() -> int:
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[1 % len(cpus)]
+
+
+def http_load(port: int, path: str, key: str, seconds: float, connections: int) -> dict:
+    if shutil.which("wrk") and shutil.which("taskset"):
+        return run_wrk(f"http://127.0.0.1:{port}{path}", key, seconds, connections)
+    return run_python_load(port, path, key, seconds, connections)
+
+
+# -- SSE fan-out -------------------------------------------------------------------
+
+
+async def sse_fanout(master: Master, instance_id: str, subscribers: int, one_by_one: int, burst: int) -> dict:
+    got: dict[str, list[float]] = {}
+    done_events: dict[str, asyncio.Event] = {}
+    ready = 0
+    all_ready = asyncio.Event()
+
+    async def subscriber() -> None:
+        nonlocal ready
+        reader, writer = await asyncio.open_connection("127.0.0.1", master.port, limit=1 << 22)
+        writer.write(
+            f"GET /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {master.key}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+        await writer.drain()
+        first = True
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                if first and line.startswith(b"retry:"):
+                    first = False
+                    ready += 1
+                    if ready == subscribers:
+                        all_ready.set()
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                alias = (event.get("instance") or {}).get("alias", "")
+                if event.get("type") == "update" and alias.startswith("fan-"):
+                    stamps = got.setdefault(alias, [])
+                    stamps.append(time.perf_counter())
+                    if len(stamps) == subscribers:
+                        done_events.setdefault(alias, asyncio.Event()).set()
+        finally:
+            writer.close()
+
+    tasks = [asyncio.create_task(subscriber()) for _ in range(subscribers)]
+    await asyncio.wait_for(all_ready.wait(), 20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", master.port)
+
+    async def patch(alias: str) -> None:
+        body = json.dumps({"alias": alias}).encode()
+        writer.write(
+            f"PATCH /api/v1/instances/{instance_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {master.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        await writer.drain()
+        status = await reader.readline()
+        length, chunked = 0, False
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+        if not chunked:
+            await reader.readexactly(length)
+        else:
+            while True:
+                size = int((await reader.readline()).split(b";")[0], 16)
+                await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        if b" 200 " not in status:
+            raise RuntimeError(f"PATCH failed: {status!r}")
+
+    latencies = []
+    for i in range(one_by_one):
+        alias = f"fan-1-{i}"
+        done_events[alias] = asyncio.Event()
+        t0 = time.perf_counter()
+        await patch(alias)
+        await asyncio.wait_for(done_events[alias].wait(), 10)
+        latencies.append((got[alias][-1] - t0) * 1000)
+
+    aliases = [f"fan-2-{i}" for i in range(burst)]
+    for alias in aliases:
+        done_events[alias] = asyncio.Event()
+    t0 = time.perf_counter()
+    for alias in aliases:
+        await patch(alias)
+    await asyncio.wait_for(asyncio.gather(*(done_events[a].wait() for a in aliases)), 60)
+    elapsed = time.perf_counter() - t0
+    writer.close()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "subscribers": subscribers,
+        "all_delivered_p50_ms": statistics.median(latencies),
+        "all_delivered_p99_ms": percentile(latencies, 99),
+        "burst_patches": burst,
+        "burst_seconds": elapsed,
+        "burst_events_per_s": burst * subscribers / elapsed,
+    }
+
+
+# -- main ---------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each HTTP load run")
+    ap.add_argument("--connections", type=int, default=10, help="concurrent keep-alive HTTP connections")
+    ap.add_argument("--instances", type=int, default=100)
+    ap.add_argument("--subscribers", type=int, default=50)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = ap.parse_args()
+    pin(os.getpid(), 1)
+    results: dict = {"cpus": os.cpu_count()}
+    target = AcceptAndClose()
+    state_dir = tempfile.mkdtemp(prefix="np-bench-master-")
+    master = Master(state_dir)
+    try:
+        time.sleep(1.0)
+        results["rss_empty_mb"] = master.rss() / 2**20
+        t0 = time.perf_counter()
+        ids = []
+        for i in range(args.instances):
+            status, body = master.request(
+                "POST", "/instances",
+                {"url": f"client://127.0.0.1:0/127.0.0.1:{target.port}?mode=1&log=warn", "alias": f"b{i}"},
+            )
+            if status != 201:
+                raise RuntimeError(f"create failed: {status} {body[:200]!r}")
+            ids.append(json.loads(body)["id"])
+        results["create_per_s"] = args.instances / (time.perf_counter() - t0)
+        time.sleep(6.0)  # every instance past its first CHECK_POINT
+        status, body = master.request("GET", "/instances")
+        listed = json.loads(body)
+        running = sum(1 for inst in listed if inst["status"] == "running")
+        results["instances_running"] = running
+        results["instances_json_bytes"] = len(body)
+        results["rss_100_mb"] = master.rss() / 2**20
+
+        results["get_instances"] = http_load(master.port, "/api/v1/instances", master.key, args.seconds,
+                                             args.connections)
+        baseline = Baseline(body)
+        try:
+            results["baseline_static"] = http_load(baseline.port, "/", master.key, args.seconds, args.connections)
+        finally:
+            baseline.stop()
+        results["ratio_rps"] = results["get_instances"]["rps"] / results["baseline_static"]["rps"]
+        results["sse"] = asyncio.run(sse_fanout(master, ids[0], args.subscribers, 100, 200))
+        results["rss_after_mb"] = master.rss() / 2**20
+    finally:
+        master.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    g, b, s = results["get_instances"], results["baseline_static"], results["sse"]
+    print(f"master: {results['instances_running']}/{args.instances} instances running, "
+          f"GET /instances body {results['instances_json_bytes']} bytes, created {results['create_per_s']:.0f}/s")
+    print(f"GET /api/v1/instances ({g['tool']}, {args.connections} conns, {args.seconds:g}s): "
+          f"{g['rps']:.0f} req/s, p50 {g['p50_ms']:.2f} ms, p90 {g['p90_ms']:.2f} ms, p99 {g['p99_ms']:.2f} ms, "
+          f"non-2xx {g['non2xx']}")
+    print(f"baseline static Twisted resource, same body: {b['rps']:.0f} req/s, p99 {b['p99_ms']:.2f} ms "
+          f"-> master/baseline {results['ratio_rps']:.2f}")
+    print(f"SSE fan-out to {s['subscribers']} subscribers: PATCH -> all hold the event p50 "
+          f"{s['all_delivered_p50_ms']:.2f} ms, p99 {s['all_delivered_p99_ms']:.2f} ms; burst of "
+          f"{s['burst_patches']} PATCHes: {s['burst_events_per_s']:.0f} events/s delivered "
+          f"({s['burst_seconds']:.2f} s)")
+    print(f"RSS: empty master {results['rss_empty_mb']:.1f} MB, with {args.instances} instances "
+          f"{results['rss_100_mb']:.1f} MB ({(results['rss_100_mb'] - results['rss_empty_mb']) / max(1, args.instances) * 1024:.0f} KB/instance), "
+          f"after the load {results['rss_after_mb']:.1f} MB")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
