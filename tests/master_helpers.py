@@ -108,3 +108,81 @@ async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
             raise AssertionError(f"condition not met within {timeout}s")
         await task.deferLater(reactor, interval, lambda: None)
         waited += interval
+
+
+class SSEClient:
+    """Reads ``/events`` through treq and splits the stream into blocks
+    (one per ``\\n\\n``); ``raw`` keeps every byte for framing checks."""
+
+    def __init__(self, api: Api, key: Optional[str] = None):
+        self.api = api
+        self.key = key or api.master.api_key
+        self.raw = b""
+        self._buffer = b""
+        self.blocks: list[bytes] = []
+        self._taken = 0
+        self._waiter: Optional[defer.Deferred] = None
+        self.ended: Optional[defer.Deferred] = None
+        self.end_result = None
+
+    async def connect(self) -> "SSEClient":
+        resp = await self.api.client.get(
+            self.api.root + "/events", headers={"X-API-Key": self.key, "Cache-Control": "no-cache"}, unbuffered=True
+        )
+        self.response = resp
+        self.ended = treq.collect(resp, self._data)
+        self.ended.addBoth(self._end)
+        return self
+
+    def _end(self, result):
+        self.end_result = result
+        self._wake()
+        return None
+
+    def _wake(self):
+        if self._waiter is not None and not self._waiter.called:
+            w, self._waiter = self._waiter, None
+            w.callback(None)
+
+    def _data(self, chunk: bytes) -> None:
+        if len(self.raw) < 65536:  # enough for framing checks; avoids quadratic growth
+            self.raw += chunk
+        else:
+            self.raw = self.raw[:32768] + chunk[-32768:]
+        self._buffer += chunk
+        if b"\n\n" in self._buffer:
+            *done, self._buffer = self._buffer.split(b"\n\n")
+            self.blocks.extend(done)
+        self._wake()
+
+    async def block(self, timeout: float = 5.0) -> bytes:
+        deadline = reactor.seconds() + timeout
+        while self._taken >= len(self.blocks):
+            if self.ended is not None and self.ended.called:
+                raise AssertionError("SSE stream ended")
+            if reactor.seconds() > deadline:
+                raise AssertionError("no SSE block within timeout")
+            self._waiter = defer.Deferred()
+            timer = reactor.callLater(0.05, self._wake)
+            await self._waiter
+            if timer.active():
+                timer.cancel()
+        self._taken += 1
+        return self.blocks[self._taken - 1]
+
+    async def event(self, match=None, timeout: float = 5.0) -> dict:
+        """The next ``instance`` event (decoded data) for which ``match``
+        is true; earlier non-matching events are skipped."""
+        deadline = reactor.seconds() + timeout
+        while True:
+            block = await self.block(max(deadline - reactor.seconds(), 0.01))
+            lines = block.split(b"\n")
+            if lines[0] != b"event: instance":
+                continue
+            assert len(lines) == 2 and lines[1].startswith(b"data: "), block
+            data = json.loads(lines[1][6:])
+            if match is None or match(data):
+                return data
+
+    async def closed(self, timeout: float = 5.0) -> None:
+        await wait_for(lambda: self.ended is not None and self.ended.called, timeout)
