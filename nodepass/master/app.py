@@ -274,7 +274,9 @@ def make_resource(master) -> IResource:
     # -- instances ---------------------------------------------------------
 
     async def list_instances(request):
-        return _json(request, 200, master.list_json())
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        return master.list_json_bytes()
 
     async def create_instance(request):
         body = read_body(request, ("url", "alias", "restart", "meta"))

@@ -9,6 +9,7 @@ across restarts (and, through the state file, across master restarts).
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Optional
 from urllib.parse import parse_qsl, urlsplit
@@ -125,6 +126,9 @@ class InstanceRecord:
     # (config, config_url()) of the last call: GET /instances builds every
     # record's JSON, and config_url() was most of its cost.
     _config_cache: Optional[tuple] = attrs.field(default=None, init=False, repr=False)
+    # (to_json() dict, its encoding): encoding 100 instances for every
+    # GET /instances cost more than building and comparing the dicts.
+    _json_cache: Optional[tuple] = attrs.field(default=None, init=False, repr=False)
 
     @property
     def is_key(self) -> bool:
@@ -170,6 +174,16 @@ class InstanceRecord:
             "udprx": self.udprx,
             "udptx": self.udptx,
         }
+
+    def json_bytes(self) -> bytes:
+        """``to_json()`` encoded (compact, UTF-8), re-encoded only when the
+        object changed since the last call."""
+        current = self.to_json()
+        cached = self._json_cache
+        if cached is None or cached[0] != current:
+            encoded = json.dumps(current, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            cached = self._json_cache = (current, encoded)
+        return cached[1]
 
     def apply_checkpoint(self, cp: Checkpoint) -> None:
         self.mode, self.ping, self.pool = cp.mode, cp.ping, cp.pool
