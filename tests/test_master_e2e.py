@@ -87,3 +87,52 @@ class EndToEndTests(unittest.TestCase):
             self.assertEqual(got["status"], "stopped")
 
         return ensureDeferred(go())
+
+
+class StatusTests(unittest.TestCase):
+    def test_silent_instance_goes_error_and_recovers(self):
+        async def go():
+            master = await start_master(self)
+            api = Api(master, self)
+            sse = await SSEClient(api).connect()
+            target = await echo_server(self)
+            tunnel, entry = free_port(), free_port()
+            code, srv, _ = await api.call("POST", "/instances", {"url": f"server://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=1"})
+            self.assertEqual(srv["status"], "running")
+            # no client, so no CHECK_POINT: error after 3 x report interval
+            ev = await sse.event(lambda d: d["type"] == "update" and d["instance"]["id"] == srv["id"] and d["instance"]["status"] == "error")
+            code, got, _ = await api.call("GET", "/instances/" + srv["id"])
+            self.assertEqual(got["status"], "error")
+            await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{tunnel}/127.0.0.1:{target}?mode=2&min=2"})
+            ev = await sse.event(
+                lambda d: d["type"] == "update" and d["instance"]["id"] == srv["id"] and d["instance"]["status"] == "running",
+                timeout=10,
+            )
+            self.assertEqual(ev["instance"]["mode"], 1)
+
+        return ensureDeferred(go())
+
+    def test_client_error_and_periodic_restart(self):
+        async def go():
+            from nodepass.config import Tunables
+
+            from tests.master_helpers import FAST
+
+            fields = ("report_interval", "service_cooldown", "shutdown_timeout", "handshake_timeout", "tcp_dial_timeout")
+            tun = Tunables(**{k: getattr(FAST, k) for k in fields}, reload_interval=0.5, )
+            master = await start_master(self, tunables=tun)
+            api = Api(master, self)
+            dead = free_port()
+            code, cli, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{dead}/127.0.0.1:9?mode=2"})
+            rid = cli["id"]
+            first = master.instances[rid]
+            await wait_for(lambda: master.records[rid].status == "error")
+            # every reload interval an instance in error is restarted
+            await wait_for(lambda: master.instances.get(rid) not in (None, first), timeout=5)
+            code, got, _ = await api.call("GET", "/instances/" + rid)
+            self.assertIn(got["status"], ("running", "error"))
+            code, got, _ = await api.call("PATCH", "/instances/" + rid, {"action": "stop"})
+            self.assertEqual(got["status"], "stopped")
+            self.assertNotIn(rid, master.instances)
+
+        return ensureDeferred(go())
