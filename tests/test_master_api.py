@@ -451,3 +451,31 @@ class HTTPSApiTests(_Api, unittest.TestCase):
             await self.api.call("DELETE", "/instances/" + inst["id"])
 
         return ensureDeferred(go())
+
+
+class StartTests(unittest.TestCase):
+    def test_port_in_use_fails_ready(self):
+        async def go():
+            from twisted.internet.endpoints import TCP4ServerEndpoint
+            from twisted.internet.error import CannotListenError
+
+            from nodepass.config import parse_url
+            from nodepass.logs import NodeLog
+            from nodepass.master.service import MasterService
+
+            from tests.master_helpers import FAST
+
+            held = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(protocol.Factory())
+            self.addCleanup(held.stopListening)
+            lines = []
+            log = NodeLog("info")
+            log.listeners.append(lambda level, line: lines.append((level, line)))
+            url = f"master://127.0.0.1:{held.getHost().port}"
+            svc = MasterService(parse_url(url), self.mktemp(), tunables=FAST, log=log)
+            svc.startService()
+            with self.assertRaises(CannotListenError):
+                await svc.ready
+            self.assertTrue(any(level == "ERROR" and "Master error" in line for level, line in lines), lines)
+            await svc.stopService()
+
+        return ensureDeferred(go())
