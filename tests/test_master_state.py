@@ -167,6 +167,8 @@ class RestartTests(unittest.TestCase):
             with open(os.path.join(state_dir, "nodepass.json")) as f:
                 self.assertEqual(f.read(), "not json")  # not overwritten
             await svc.stopService()
+            with open(os.path.join(state_dir, "nodepass.json")) as f:
+                self.assertEqual(f.read(), "not json")  # nor at stop
 
         return ensureDeferred(go())
 

@@ -94,6 +94,7 @@ class MasterService(service.MultiService):
         self._watchdogs: dict[str, object] = {}
         self._loops: list[task.LoopingCall] = []
         self._counters_dirty = False
+        self._loaded = False  # never write a state we did not manage to read
         self._tcping_sem = defer.DeferredSemaphore(TCPING_LIMIT)
         self.tcping_queue_wait = TCPING_QUEUE_WAIT
 
@@ -163,6 +164,7 @@ class MasterService(service.MultiService):
         key_rec.restart = True
         key_rec.master_id = mid
         self.records = {API_KEY_ID: key_rec}
+        self._loaded = True
         for item in state.get("instances", []):
             try:
                 rec = InstanceRecord.from_state(item)
@@ -250,6 +252,8 @@ class MasterService(service.MultiService):
 
     def _save(self) -> None:
         """Write the state; raises ``RequestError(500)`` if the disk refuses."""
+        if not self._loaded:
+            return
         try:
             self.store.save(self.state())
         except OSError as e:
