@@ -172,6 +172,26 @@ class RestartTests(unittest.TestCase):
 
         return ensureDeferred(go())
 
+    def test_unreadable_instance_is_kept_aside(self):
+        async def go():
+            state_dir = self.mktemp()
+            os.makedirs(state_dir)
+            good = {"id": "0a0b0c0d", "url": "client://127.0.0.1:0/127.0.0.1:9?mode=1&log=info", "alias": "ok", "restart": False}
+            bad = {"id": "0e0e0e0e", "url": "nonsense"}
+            with open(os.path.join(state_dir, "nodepass.json"), "w") as f:
+                json.dump({"api_key": "ab" * 16, "master_id": "cd" * 8, "instances": [good, bad]}, f)
+            master = await start_master(self, state_dir=state_dir)
+            self.assertEqual(master.api_key, "ab" * 16)
+            self.assertEqual(master.records["0a0b0c0d"].alias, "ok")
+            self.assertNotIn("0e0e0e0e", master.records)
+            await master.stopService()
+            with open(os.path.join(state_dir, "nodepass.json")) as f:
+                saved = json.load(f)
+            self.assertEqual(saved["unreadable"], [bad])
+            self.assertEqual([i["id"] for i in saved["instances"]], ["0a0b0c0d"])
+
+        return ensureDeferred(go())
+
 
 class CrashTests(unittest.TestCase):
     timeout = 60

@@ -164,12 +164,15 @@ class MasterService(service.MultiService):
         key_rec.restart = True
         key_rec.master_id = mid
         self.records = {API_KEY_ID: key_rec}
+        previous = state.get("unreadable")
+        self._unreadable: list = list(previous) if isinstance(previous, list) else []
         self._loaded = True
         for item in state.get("instances", []):
             try:
                 rec = InstanceRecord.from_state(item)
             except Exception as e:  # noqa: BLE001 - one bad item must not lose the rest
                 self.log.error("State: skipping unreadable instance %r: %s", item.get("id") if isinstance(item, dict) else item, e)
+                self._unreadable.append(item)  # kept in the file, for a human to repair
                 continue
             if rec.id in self.records:
                 continue
@@ -248,6 +251,7 @@ class MasterService(service.MultiService):
             "api_key": self.api_key,
             "alias": key_rec.alias if key_rec else "",
             "instances": [rec.to_state() for rec in self.records.values() if not rec.is_key],
+            **({"unreadable": self._unreadable} if getattr(self, "_unreadable", None) else {}),
         }
 
     def _save(self) -> None:
@@ -548,7 +552,7 @@ class MasterService(service.MultiService):
                 "name": cfg.api.host,
                 "uptime": int(time.time() - self.started_at) if self.started_at else 0,
                 "log": cfg.log,
-                "tls": str(self.tls_code if self.listening is not None or self.tls_code else cfg.tls),
+                "tls": str(self.tls_code),
                 "crt": cfg.crt,
                 "key": cfg.key,
             }
