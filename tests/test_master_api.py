@@ -454,6 +454,44 @@ class HTTPSApiTests(_Api, unittest.TestCase):
 
 
 class StartTests(unittest.TestCase):
+    def test_chunked_body_over_limit(self):
+        """A body without Content-Length (chunked) is capped as well."""
+
+        async def go():
+            master = await start_master(self)
+            done = defer.Deferred()
+            key = master.api_key.encode()
+
+            class Chunked(protocol.Protocol):
+                data = b""
+
+                def connectionMade(self):
+                    self.transport.write(
+                        b"POST /api/v1/instances HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                        b"Transfer-Encoding: chunked\r\nX-API-Key: " + key + b"\r\n\r\n"
+                    )
+                    chunk = b"a" * 8192
+                    for _ in range(10):
+                        self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.transport.write(b"0\r\n\r\n")
+
+                def dataReceived(self, data):
+                    self.data += data
+
+                def connectionLost(self, reason):
+                    done.callback(self.data)
+
+            from twisted.internet.endpoints import TCP4ClientEndpoint
+
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", master.port).connect(protocol.Factory.forProtocol(Chunked))
+            data = await done
+            self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:100])
+            self.assertIn(b"Request body too large", data)
+            self.assertEqual(list(master.records), [API_KEY_ID])
+
+        return ensureDeferred(go())
+
+
     def test_port_in_use_fails_ready(self):
         async def go():
             from twisted.internet.endpoints import TCP4ServerEndpoint
