@@ -217,6 +217,9 @@ class _Api:
             # peer {} keeps peer, tags replaces the map
             code, got, _ = await self.api.call("PATCH", path, {"meta": {"peer": {}, "tags": {"a": "b"}}})
             self.assertEqual(got["meta"], {"peer": {"sid": "s-1", "type": "1", "alias": ""}, "tags": {"a": "b"}})
+            # tags {} keeps the tags; peer fields given replace theirs
+            code, got, _ = await self.api.call("PATCH", path, {"meta": {"peer": {"alias": "far", "sid": ""}, "tags": {}}})
+            self.assertEqual(got["meta"], {"peer": {"sid": "", "type": "1", "alias": "far"}, "tags": {"a": "b"}})
             # a 400 applies nothing, even the valid parts
             for body in (
                 {"alias": "changed", "meta": {"tags": {"k": "v" * 257}}},

@@ -588,12 +588,14 @@ def _copy_meta(meta: dict) -> dict:
 
 
 def apply_meta(rec: InstanceRecord, meta: dict) -> None:
-    """``peer`` fields present replace theirs (``{}`` keeps all); ``tags``
-    present replaces the whole tag map.  ``meta`` is already validated."""
+    """``peer`` fields present replace theirs (``{}`` keeps all); a
+    non-empty ``tags`` replaces the whole tag map, ``{}`` keeps it (the Go
+    master's documented behaviour: dashboards send ``"tags": {}`` when they
+    only mean to change the peer).  ``meta`` is already validated."""
     new = _copy_meta(rec.meta)
     peer = meta.get("peer")
     if peer:
         new["peer"].update(peer)
-    if meta.get("tags") is not None:
+    if meta.get("tags"):
         new["tags"] = dict(meta["tags"])
     rec.meta = new
