@@ -57,7 +57,9 @@ class ClientControlProtocol(Protocol):
     def _timeout(self) -> None:
         self._timer = None
         if not self.answer.called:
-            self.answer.errback(TunnelError("tunnel handshake timed out: no answer from the server"))
+            self.answer.errback(TunnelError(
+                "tunnel handshake timed out: no answer from the server (a wrong key, or another client holds the tunnel)"
+            ))
             self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:

@@ -352,13 +352,13 @@ class Relay:
     def end_lost(self, end: RelayEnd) -> None:
         other = self.tunnel if end is self.target else self.target
         if not other.lost and other.transport is not None:
-            other.transport.loseConnection()
+            _close_transport(other.transport)
         self._finish()
 
     def close(self) -> None:
         for end in (self.target, self.tunnel):
             if not end.lost and end.transport is not None:
-                end.transport.loseConnection()
+                _close_transport(end.transport)
         self._finish()
 
     def _finish(self) -> None:
@@ -375,6 +375,17 @@ class Relay:
         if self._on_close is not None:
             cb, self._on_close = self._on_close, None
             cb()
+
+
+def _close_transport(transport) -> None:
+    """Unregister the peer's producer first: a TLS transport does not start
+    its shutdown while a producer is registered, so without this a relayed
+    TLS connection would never close."""
+    try:
+        transport.unregisterProducer()
+    except Exception:  # noqa: BLE001 - nothing registered / already gone
+        pass
+    transport.loseConnection()
 
 
 def splice(

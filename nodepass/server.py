@@ -97,11 +97,15 @@ class TunnelPortProtocol(PoolEnd):
         if st == "pool":
             if self.relay is None and self.runner.flow == "-" and self.runner.pool.idle.get(self.pool_id) is self:
                 # In flow "-" the client never writes on a pool connection
-                # before it has been launched: this is not our client.
-                self.runner.ctx.log.debug("Unexpected data on idle pool connection from %s, closing", self.peer)
-                self.runner.pool.discard(self.pool_id, self)
-                self.state = "closed"
-                self.transport.abortConnection()
+                # before it has been launched: this is not our pool client
+                # but someone else on its host (a second client, a probe).
+                # Take it out of the pool and judge it like any newcomer.
+                r = self.runner
+                r.ctx.log.debug("Unexpected data on idle pool connection from %s", self.peer)
+                r.pool.discard(self.pool_id, self)
+                self.state = "sniff"
+                self._timer = r.ctx.reactor.callLater(r.ctx.tunables.handshake_timeout, self._sniff_timeout)
+                self._sniff(data)
                 return
             PoolEnd.dataReceived(self, data)
         elif st == "control":

@@ -182,7 +182,7 @@ class DualEndRunner(Runner):
         self.entry_udp_port = None
         self.udp_listener: Optional[UDPSessionListener] = None
         self.relays: set[Relay] = set()
-        self.exit_udp: set = set()
+        self.udp_bridges: set = set()
         self.peer_label = ""
 
     # -- shape ------------------------------------------------------------
@@ -407,7 +407,7 @@ class DualEndRunner(Runner):
             if not released:
                 released.append(1)
                 ctx.stats.release_udp()
-                self.exit_udp.discard(bridge)
+                self.udp_bridges.discard(bridge)
             bridge.close_conn()
 
         try:
@@ -432,7 +432,7 @@ class DualEndRunner(Runner):
             on_close()
             return
         bridge.target = target
-        self.exit_udp.add(bridge)
+        self.udp_bridges.add(bridge)
         conn.attach(bridge)
 
     # -- teardown ---------------------------------------------------------
@@ -448,7 +448,7 @@ class DualEndRunner(Runner):
             self.pool.close()
         for relay in list(self.relays):
             relay.close()
-        for bridge in list(self.exit_udp):
+        for bridge in list(self.udp_bridges):
             if bridge.target is not None:
                 bridge.target.close()
         if ds:

@@ -1,0 +1,582 @@
+"""Dual-end tunnels end to end (SPEC §2-§5, §7): a server and a client
+``TunnelService`` in one reactor, real sockets on loopback, real TLS, short
+tunables."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import socket
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.trial import unittest
+
+from nodepass.config import Tunables, parse_url
+from nodepass.instance import TunnelService
+from nodepass.logs import NodeLog
+from nodepass.pool import ClientPool, adjust_capacity, adjust_interval
+from tests.helpers import (
+    Client,
+    HashingClient,
+    UDPClient,
+    UDPEcho,
+    close,
+    connect,
+    free_port,
+    listen_echo,
+    listen_udp,
+    sleep,
+    wait_for,
+)
+
+MiB = 1024 * 1024
+
+FAST = Tunables(
+    handshake_timeout=1.0,
+    pool_get_timeout=2.0,
+    report_interval=0.5,
+    service_cooldown=0.2,
+    shutdown_timeout=2.0,
+    min_pool_interval=0.1,
+    max_pool_interval=0.5,
+)
+
+
+def d(coro_fn):
+    def wrapper(self, *a):
+        return defer.ensureDeferred(coro_fn(self, *a))
+
+    wrapper.__name__ = coro_fn.__name__
+    wrapper.__doc__ = coro_fn.__doc__
+    return wrapper
+
+
+# -- certificates made by the test (tls=2) -------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca(directory: str) -> tuple[str, object, object]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("nodepass test CA"))
+        .issuer_name(_name("nodepass test CA"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    path = os.path.join(directory, "ca.pem")
+    with open(path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return path, cert, key
+
+
+def make_leaf(directory: str, ca_cert, ca_key, dns_name: str) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(dns_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    crt = os.path.join(directory, f"{dns_name}.crt")
+    key_path = os.path.join(directory, f"{dns_name}.key")
+    with open(crt, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return crt, key_path
+
+
+class TunnelMixin:
+    """Starts servers and clients in-process and cleans them up."""
+
+    def setUp(self):
+        self.lines: dict[str, list[str]] = {}
+
+    def _service(self, name: str, url: str, tunables: Tunables) -> TunnelService:
+        config = parse_url(url)
+        log = NodeLog(config.log)
+        lines = self.lines.setdefault(name, [])
+        log.listeners.append(lambda level, line: lines.append(line))
+        svc = TunnelService(config, tunables=tunables, log=log)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        return svc
+
+    async def start_server(self, target: str, query: str = "", tunables: Tunables = FAST, port: int = 0,
+                           name: str = "server", host: str = "127.0.0.1") -> TunnelService:
+        port = port or free_port()
+        self.tunnel_port = port
+        svc = self._service(name, f"server://{host}:{port}/{target}?log=debug{query}", tunables)
+        await svc.started
+        return svc
+
+    async def start_client(self, target: str, query: str = "", tunables: Tunables = FAST, name: str = "client",
+                           host: str = "127.0.0.1", key: str = "", wait: bool = True) -> TunnelService:
+        userinfo = f"{key}@" if key else ""
+        svc = self._service(
+            name, f"client://{userinfo}{host}:{self.tunnel_port}/{target}?mode=2&log=debug&min=8{query}", tunables
+        )
+        if wait:
+            await svc.started
+        return svc
+
+    def logged(self, name: str, text: str) -> bool:
+        return any(text in line for line in self.lines.get(name, []))
+
+    def echo_targets(self):
+        tcp, _ = listen_echo()
+        self.addCleanup(tcp.stopListening)
+        udp = listen_udp(UDPEcho(), port=tcp.getHost().port) if _udp_free(tcp.getHost().port) else None
+        if udp is None:
+            udp_echo = UDPEcho()
+            udp = listen_udp(udp_echo)
+        self.addCleanup(udp.stopListening)
+        return tcp.getHost().port, udp.getHost().port
+
+    async def tunnel(self, flow: str, query: str = "", client_query: str = "", server_host: str = "127.0.0.1",
+                     client_host: str = "127.0.0.1"):
+        """Server + client carrying ``flow``; returns (server, client, user
+        entry port, (tcp target port, udp target port))."""
+        tport, uport = self.echo_targets()
+        entry = free_port()
+        if flow == "-":
+            # reverse: the server listens on its target, the client dials ours
+            server = await self.start_server(f"127.0.0.1:{entry}", f"&mode=1{query}", host=server_host)
+            client = await self.start_client(f"127.0.0.1:{tport}", client_query, host=client_host)
+        else:
+            # forward: the client listens, the server dials the echo target
+            server = await self.start_server(f"127.0.0.1:{tport}", f"&mode=0{query}", host=server_host)
+            client = await self.start_client(f"127.0.0.1:{entry}", client_query, host=client_host)
+        self.assertEqual(server.runner.flow, flow)
+        self.assertEqual(server.runner.mode, 1 if flow == "-" else 2)
+        return server, client, entry, (tport, uport)
+
+
+def _udp_free(port: int) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+async def echo_roundtrip(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    c = await connect(port)
+    c.transport.write(payload)
+    got = await c.wait_bytes(len(payload), timeout=timeout)
+    await close(c)
+    return got
+
+
+async def udp_roundtrip(port: int, datagrams: list[bytes]) -> list[bytes]:
+    proto = UDPClient()
+    p = reactor.listenUDP(0, proto, interface="127.0.0.1")
+    try:
+        got = []
+        for dg in datagrams:
+            nxt = proto.next(timeout=5)
+            p.write(dg, ("127.0.0.1", port))
+            got.append(await nxt)
+        return got
+    finally:
+        await p.stopListening()
+
+
+class FlowTests(TunnelMixin, unittest.TestCase):
+    """Both flows x TCP and UDP x tls 0/1 (tls 2 below)."""
+
+    async def _both(self, flow: str, tls: int) -> None:
+        server, client, entry, _ = await self.tunnel(flow, f"&tls={tls}")
+        payload = os.urandom(100_000)
+        self.assertEqual(await echo_roundtrip(entry, payload), payload)
+        self.assertEqual(await echo_roundtrip(entry, b"again"), b"again")
+        dgs = [b"dgram-%d" % i for i in range(3)]
+        self.assertEqual(await udp_roundtrip(entry, dgs), dgs)
+        # both ends counted what they carried on their target side
+        for svc in (server, client):
+            self.assertGreaterEqual(svc.stats.tcp_rx, len(payload))
+            self.assertGreaterEqual(svc.stats.udp_tx, sum(map(len, dgs)))
+        if tls:
+            await wait_for(lambda: self.logged("client", "TLS cert verified: sha256:"), what="client verify line")
+            fp = server.runner.creds.fingerprint
+            self.assertTrue(self.logged("server", f"TLS cert verified: {fp}"))
+            self.assertTrue(self.logged("client", f"TLS cert verified: {fp}"))
+        # a CHECK_POINT arrives on pong, with the pool size
+        seen = []
+        client.checkpoint_listeners.append(seen.append)
+        await wait_for(lambda: seen, timeout=3, what="checkpoint")
+        self.assertEqual(seen[0].mode, 2)
+        self.assertGreater(seen[0].pool, 0)
+        self.assertTrue(self.logged("server", "CHECK_POINT|MODE=%d|PING=" % server.runner.mode))
+
+    @d
+    async def test_reverse_plain(self):
+        await self._both("-", 0)
+
+    @d
+    async def test_forward_plain(self):
+        await self._both("+", 0)
+
+    @d
+    async def test_reverse_tls1(self):
+        await self._both("-", 1)
+
+    @d
+    async def test_forward_tls1(self):
+        await self._both("+", 1)
+
+    @d
+    async def test_large_transfer_sha256(self):
+        """16 MiB each way through a TLS tunnel arrive intact."""
+        server, client, entry, _ = await self.tunnel("-", "&tls=1")
+        payload = os.urandom(16 * MiB)
+        c = await connect(entry, protocol_class=HashingClient)
+        c.transport.write(payload)
+        digest = await c.wait_bytes(len(payload), timeout=60)
+        self.assertEqual(digest, hashlib.sha256(payload).hexdigest())
+        await close(c)
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+
+    @d
+    async def test_proxy_header(self):
+        """proxy=1 at the exit: PROXY v1 with the user's address first."""
+        from tests.helpers import Sink, listen_tcp
+
+        sink_port, factory = listen_tcp(Sink)
+        self.addCleanup(sink_port.stopListening)
+        self.tunnel_port = free_port()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", "&mode=1")
+        await self.start_client(f"127.0.0.1:{sink_port.getHost().port}", "&proxy=1")
+        c = await connect(entry)
+        c.transport.write(b"payload")
+        await wait_for(lambda: factory.connections and factory.connections[0].received >= 7, what="data at target")
+        src = c.transport.getHost()
+        data = factory.connections[0].data()
+        self.assertTrue(data.startswith(f"PROXY TCP4 127.0.0.1 127.0.0.1 {src.port} ".encode()), data)
+        self.assertTrue(data.endswith(b"\r\npayload"))
+        await close(c)
+
+
+class TLSVerifyTests(TunnelMixin, unittest.TestCase):
+    """tls=2: a CA made here, the client trusts it through SSL_CERT_FILE."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.ca_path, self.ca, self.ca_key = make_ca(self.dir)
+        old = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = self.ca_path
+        self.addCleanup(lambda: os.environ.__setitem__("SSL_CERT_FILE", old) if old else os.environ.pop("SSL_CERT_FILE", None))
+
+    async def _tls2(self, flow: str) -> None:
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        server, client, entry, _ = await self.tunnel(flow, f"&tls=2&crt={crt}&key={key}", client_host="localhost")
+        self.assertEqual(server.runner.tls_code, 2)
+        self.assertEqual(client.runner.tls_code, 2)
+        self.assertEqual(await echo_roundtrip(entry, b"x" * 5000), b"x" * 5000)
+        self.assertEqual(await udp_roundtrip(entry, [b"u1", b"u2"]), [b"u1", b"u2"])
+        await wait_for(lambda: self.logged("client", "TLS cert verified: sha256:"), what="client verify line")
+
+    @d
+    async def test_reverse_tls2(self):
+        await self._tls2("-")
+
+    @d
+    async def test_forward_tls2(self):
+        await self._tls2("+")
+
+    @d
+    async def test_wrong_host_name_refused(self):
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "other.example")
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", f"&mode=1&tls=2&crt={crt}&key={key}")
+        client = await self.start_client(f"127.0.0.1:{tport}", host="localhost")
+        await wait_for(lambda: self.logged("client", "TLS verification of the server"), what="refusal logged")
+        self.assertEqual(client.runner.pool.idle_count(), 0)
+        c = await connect(entry)
+        c.transport.write(b"never")
+        await c.lost  # no pool connection: the entry gives up
+        self.assertEqual(c.data(), b"")
+
+    @d
+    async def test_bad_files_fall_back_to_tls1(self):
+        tport, _ = self.echo_targets()
+        server = await self.start_server(f"127.0.0.1:{tport}", "&tls=2&crt=/nonexistent.crt&key=/nonexistent.key")
+        self.assertEqual(server.runner.tls_code, 1)
+        self.assertTrue(self.logged("server", "falling back to tls=1"))
+
+
+class ResilienceTests(TunnelMixin, unittest.TestCase):
+    @d
+    async def test_server_restart_client_recovers(self):
+        server, client, entry, (tport, _) = await self.tunnel("+")
+        self.assertEqual(await echo_roundtrip(entry, b"before"), b"before")
+        await server.stopService()
+        await wait_for(lambda: self.logged("client", "Client error:"), what="client notices")
+        await sleep(0.5)  # the client retries while the server is down
+        self.assertTrue(self.logged("client", "Client restart"))
+        await self.start_server(f"127.0.0.1:{tport}", "&mode=0", port=self.tunnel_port, name="server2")
+        await wait_for(lambda: client.runner is not None and client.runner.control is not None
+                       and not client.runner.control.broken and client.runner.pool_idle() > 0,
+                       timeout=10, what="client reconnected")
+        self.assertEqual(await echo_roundtrip(entry, b"after"), b"after")
+
+    @d
+    async def test_wrong_key_rejected_right_key_keeps_working(self):
+        server, client, entry, (tport, _) = await self.tunnel("-")
+        bad = await self.start_client(f"127.0.0.1:{tport}", name="bad", key="wrongkey", wait=False)
+        await wait_for(lambda: self.logged("bad", "refused our tunnel key"), what="bad client told")
+        self.assertTrue(self.logged("bad", "Client error:"))
+        self.assertTrue(self.logged("server", "access denied: 127.0.0.1:"))
+        await bad.stopService()
+        for i in range(5):
+            self.assertEqual(await echo_roundtrip(entry, b"ok%d" % i), b"ok%d" % i)
+        self.assertFalse(self.logged("server", "Server error"))
+
+    @d
+    async def test_tunnel_port_abuse_while_traffic_flows(self):
+        """Garbage, HTTP probes and half-open sockets on the tunnel port do
+        not disturb a running tunnel (they come from another loopback IP,
+        as they would from another host)."""
+        server, client, entry, _ = await self.tunnel("-", "", server_host="0.0.0.0")
+        half_open = []
+        for _ in range(5):
+            half_open.append(await _connect_from("127.0.0.2", self.tunnel_port))
+        got = []
+        for i in range(20):
+            garbage = await _connect_from("127.0.0.2", self.tunnel_port)
+            garbage.transport.write(os.urandom(3000) + b"\n")
+            probe = await _connect_from("127.0.0.2", self.tunnel_port)
+            probe.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            got.append(await echo_roundtrip(entry, b"t%d" % i))
+            answer = await probe.lost
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+            self.assertIn(b"Content-Type: text/plain", answer)
+            self.assertTrue(answer.endswith(b"\r\n\r\n127.0.0.2\n"), answer)
+            await garbage.lost
+        self.assertEqual(got, [b"t%d" % i for i in range(20)])
+        put = await _connect_from("127.0.0.2", self.tunnel_port)
+        put.transport.write(b"PUT / HTTP/1.1\r\n\r\n")
+        answer = await put.lost
+        self.assertTrue(answer.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), answer)
+        self.assertIn(b"Allow: GET\r\n", answer)
+        for h in half_open:  # closed by the handshake timeout, tunnel unharmed
+            await h.lost
+        self.assertEqual(await echo_roundtrip(entry, b"still"), b"still")
+        self.assertFalse(self.logged("server", "Server error"))
+        self.assertTrue(self.logged("server", "access denied: 127.0.0.2:"))
+
+    @d
+    async def test_http_probe_before_handshake(self):
+        tport, _ = self.echo_targets()
+        await self.start_server(f"127.0.0.1:{tport}")
+        probe = await connect(self.tunnel_port)
+        probe.transport.write(b"GET /ip HTTP/1.0\r\n\r\n")
+        answer = await probe.lost
+        self.assertTrue(answer.endswith(b"\r\n\r\n127.0.0.1\n"), answer)
+
+    @d
+    async def test_thousand_short_connections(self):
+        server, client, entry, _ = await self.tunnel("+")
+        for i in range(1000):
+            msg = b"m%04d" % i
+            self.assertEqual(await echo_roundtrip(entry, msg), msg)
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+        self.assertFalse(self.logged("client", "ERROR"))
+
+    @d
+    async def test_pool_refills_after_use_without_waiting_for_rounds(self):
+        slow = Tunables(**{**_fields(FAST), "min_pool_interval": 30.0, "max_pool_interval": 30.0})
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", "&mode=1", tunables=slow)
+        client = await self.start_client(f"127.0.0.1:{tport}", tunables=slow)
+        pool = client.runner.pool
+        await wait_for(lambda: pool.idle_count() == 8, what="first round done (min=8)")
+        for i in range(5):
+            self.assertEqual(await echo_roundtrip(entry, b"r%d" % i), b"r%d" % i)
+        # rounds are 30 s apart: only the refill-on-use brings it back
+        await wait_for(lambda: pool.idle_count() == 8, timeout=3, what="pool refilled")
+        self.assertLessEqual(pool.idle_count() + pool.inflight, pool.capacity)
+
+    @d
+    async def test_client_retries_while_server_down(self):
+        self.tunnel_port = free_port()
+        client = await self.start_client("127.0.0.1:9", wait=False)
+        await wait_for(lambda: sum("Client restart" in x for x in self.lines["client"]) >= 2, what="retries")
+        self.assertTrue(self.logged("client", "Client error: cannot reach the server"))
+        tport, _ = self.echo_targets()
+        await self.start_server(f"127.0.0.1:{tport}", port=self.tunnel_port)
+        await client.started
+
+
+def _fields(t: Tunables) -> dict:
+    import attrs
+
+    return {k: v for k, v in attrs.asdict(t).items() if k != "warnings"}
+
+
+async def _connect_from(source: str, port: int) -> Client:
+    d: defer.Deferred = defer.Deferred()
+
+    class F(ClientFactory):
+        noisy = False
+
+        def buildProtocol(self, addr):
+            p = Client()
+            made = p.connectionMade
+
+            def connection_made():
+                made()
+                d.callback(p)
+
+            p.connectionMade = connection_made
+            return p
+
+        def clientConnectionFailed(self, connector, reason):
+            d.errback(reason)
+
+    reactor.connectTCP("127.0.0.1", port, F(), bindAddress=(source, 0))
+    return await d
+
+
+# -- pool sizing with a fake clock ---------------------------------------
+
+
+class _Transport:
+    def __init__(self):
+        self.closed = False
+
+    def loseConnection(self):
+        self.closed = True
+
+
+class _Conn:
+    """Stands in for a pool connection in sizing tests (no network)."""
+
+    _n = 0
+
+    def __init__(self):
+        _Conn._n += 1
+        self.pool_id = f"{_Conn._n:08x}"
+        self.transport = _Transport()
+        self.lost = False
+
+    def on_lost(self, cb):
+        pass
+
+
+class PoolSizingTests(unittest.TestCase):
+    def test_rules(self):
+        self.assertEqual(adjust_capacity(10, 9, 4, 20), 11)  # 90% recreated: grow
+        self.assertEqual(adjust_capacity(10, 1, 4, 20), 9)  # 10%: shrink
+        self.assertEqual(adjust_capacity(10, 5, 4, 20), 10)
+        self.assertEqual(adjust_capacity(20, 20, 4, 20), 20)  # at MAX
+        self.assertEqual(adjust_capacity(4, 0, 4, 20), 4)  # at min
+        self.assertEqual(adjust_interval(0.5, 1, 10, 0.1, 1.0), 0.4)  # idle < 20%: faster
+        self.assertEqual(adjust_interval(0.5, 9, 10, 0.1, 1.0), 0.6)  # idle > 80%: slower
+        self.assertEqual(adjust_interval(1.0, 9, 10, 0.1, 1.0), 1.0)
+        self.assertEqual(adjust_interval(0.1, 0, 10, 0.1, 1.0), 0.1)
+
+    def _pool(self, clock, fail=lambda: False, min_size=4, max_size=8):
+        dials = []
+
+        def dial():
+            dials.append(1)
+            if fail():
+                return defer.fail(ConnectionRefusedError("refused"))
+            return defer.succeed(_Conn())
+
+        pool = ClientPool(dial, min_size, max_size, clock, NodeLog("none"), min_interval=0.1, max_interval=1.0)
+        return pool, dials
+
+    def test_grows_under_use_and_shrinks_when_idle(self):
+        clock = task.Clock()
+        pool, dials = self._pool(clock)
+        pool.start()
+        clock.advance(0)
+        self.assertEqual(pool.idle_count(), 4)
+        self.assertEqual(pool.capacity, 5)  # 4 of 4 created in the first round
+        # drain it every round: capacity climbs to MAX
+        for _ in range(10):
+            for _ in range(pool.capacity):
+                pool.incoming_get(1)  # each use is refilled at once
+            clock.advance(pool.interval)
+        self.assertEqual(pool.capacity, 8)
+        self.assertLessEqual(pool.idle_count(), 8)
+        # left alone: nothing created per round, capacity back to min,
+        # interval stretched to the maximum
+        for _ in range(20):
+            clock.advance(pool.interval)
+        self.assertEqual(pool.capacity, 4)
+        self.assertEqual(pool.interval, 1.0)
+        pool.close()
+        self.assertEqual(pool.idle_count(), 0)
+
+    def test_refill_on_use_is_bounded(self):
+        clock = task.Clock()
+        pool, dials = self._pool(clock)
+        pool.start()
+        clock.advance(0)
+        before = len(dials)
+        for _ in range(3):
+            pool.incoming_get(1)
+        self.assertEqual(len(dials), before + 3)  # one replacement per use
+        self.assertEqual(pool.idle_count(), 4)  # never beyond capacity
+        pool.close()
+
+    def test_waiters_time_out_and_count_errors(self):
+        clock = task.Clock()
+        pool, _ = self._pool(clock, fail=lambda: True)
+        pool.start()
+        clock.advance(0)
+        self.assertEqual(pool.idle_count(), 0)
+        for _ in range(5):
+            clock.advance(pool.interval)
+        self.assertEqual(pool.interval, 0.1)  # empty pool: rounds as fast as allowed
+        self.assertEqual(pool.capacity, 4)  # nothing created: never above min
+        d1 = pool.outgoing_get("deadbeef", 2.0)
+        d2 = pool.incoming_get(2.0)
+        clock.advance(2.0)
+        self.failureResultOf(d1)
+        self.failureResultOf(d2)
+        self.assertEqual(pool.errors, 1)  # outgoing misses are pool errors
+        self.assertTrue(pool.needs_flush())
+        pool.flush()
+        self.assertEqual(pool.errors, 0)
+        pool.close()
