@@ -72,6 +72,8 @@ class Codec:
 def path_escape(text: str) -> str:
     """Go's ``url.PathEscape``: everything but unreserved characters and
     ``$&+:=@`` is percent-encoded (``/``, ``;``, ``,`` and ``?`` included)."""
+    if text.isascii() and text.isalnum():
+        return text  # the usual 8 hex digits: nothing to escape
     return quote(text, safe="$&+:=@")
 
 

@@ -49,7 +49,7 @@ class TunnelPortProtocol(PoolEnd):
         self.peer = addr_text(peer)
         r.port_conns.add(self)
         clock = r.ctx.reactor
-        if r.control_ip is not None and peer.host == r.control_ip and r.pool is not None:
+        if r.control_ip is not None and peer.host == r.control_ip:
             if r.pool.idle_count() >= r.pool.max:
                 r.ctx.log.debug("Pool full (%d), closing pool connection from %s", r.pool.max, self.peer)
                 self.transport.loseConnection()
@@ -229,6 +229,9 @@ class ServerRunner(DualEndRunner):
             common_name=cfg.tunnel.host or "nodepass",
         )
         self.tls_code = self.creds.tls_code
+        # The pool exists from the start so that user connections arriving
+        # before the client joins wait for it (up to NP_POOL_GET_TIMEOUT).
+        self.pool = ServerPool(cfg.max, ctx.reactor, ctx.log)
         if cfg.mode == 1:
             self.bind_entry()
             self.flow, self.mode = "-", 1
@@ -244,7 +247,7 @@ class ServerRunner(DualEndRunner):
                 self.flow, self.mode = "-", 1
         try:
             self.tunnel_port = ctx.reactor.listenTCP(
-                cfg.tunnel.port, _TunnelPortFactory(self), interface=cfg.tunnel.host
+                cfg.tunnel.port, _TunnelPortFactory(self), backlog=1024, interface=cfg.tunnel.host
             )
         except Exception:
             await defer.DeferredList(self._unbind_entry())
@@ -256,7 +259,6 @@ class ServerRunner(DualEndRunner):
         ctx = self.ctx
         self.control_ip = proto.transport.getPeer().host
         self.control_peer = proto.peer
-        self.pool = ServerPool(ctx.config.max, ctx.reactor, ctx.log)
         for other in list(self.port_conns):
             if other is not proto and other.state == "sniff":
                 other._deny("another client won the handshake")

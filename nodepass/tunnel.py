@@ -22,7 +22,7 @@ from nodepass.config import join_host_port
 from nodepass.control import ControlChannel
 from nodepass.dialer import TargetGroup
 from nodepass.instance import Runner, TunnelError
-from nodepass.relay import Relay, RelayEnd, proxy_v1_header, splice
+from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
 from nodepass.udp import UDPSessionListener, open_target_udp
 
 
@@ -31,6 +31,29 @@ def addr_text(addr) -> str:
     if isinstance(addr, tuple):
         return join_host_port(addr[0], addr[1])
     return join_host_port(addr.host, addr.port)
+
+
+def _big_reads(transport) -> None:
+    """Large reads for relayed sockets (the TLS wrapper's socket included):
+    fewer, bigger chunks keep the per-chunk Python cost small."""
+    while transport is not None:
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = RELAY_BUFFER_SIZE
+        transport = getattr(transport, "transport", None)
+
+
+def _no_delay(transport) -> None:
+    """TCP_NODELAY, as Go sets on every TCP connection: without it small
+    writes (signals, request/answer traffic) wait for delayed ACKs."""
+    while transport is not None:
+        set_nd = getattr(transport, "setTcpNoDelay", None)
+        if set_nd is not None:
+            try:
+                set_nd(True)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
 
 
 class PoolEnd(RelayEnd):
@@ -248,6 +271,7 @@ class DualEndRunner(Runner):
     # -- control ----------------------------------------------------------
     def make_control(self, transport) -> ControlChannel:
         ctx = self.ctx
+        _no_delay(transport)
         self.control = ControlChannel(
             transport,
             self.codec,
@@ -314,6 +338,9 @@ class DualEndRunner(Runner):
             self.relays.discard(relay)
             ctx.stats.release_tcp()
 
+        for end in (target, tunnel):
+            _big_reads(end.transport)
+            _no_delay(end.transport)
         relay = Relay(
             target, tunnel, ctx.stats, ctx.reactor, limiter=ctx.limiter, idle=ctx.config.read, on_close=closed
         )
