@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.ssl import TLSVersion
 
@@ -95,6 +95,10 @@ def _server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
     leaf = crypto.X509.from_cryptography(certs[0])
     chain = [crypto.X509.from_cryptography(c) for c in certs[1:]]
     pkey = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    check = SSL.Context(SSL.TLS_METHOD)
+    check.use_certificate(leaf)
+    check.use_privatekey(pkey)
+    check.check_privatekey()  # raises when the key does not match
     return ssl.CertificateOptions(
         privateKey=pkey,
         certificate=leaf,
