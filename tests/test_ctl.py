@@ -4,7 +4,7 @@ command, against a real MasterService listening on an OS-chosen port."""
 from __future__ import annotations
 
 import json
-import sys
+import signal
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -315,6 +315,23 @@ class CommandTests(unittest.TestCase):
         status, out, _ = await self.ctl("delete", iid)
         self.assertEqual(status, 0)
         self.assertNotIn(iid, self.master.records)
+
+    @defer.inlineCallbacks
+    def test_events_until_interrupted(self):
+        yield defer.ensureDeferred(self._events_interrupted())
+
+    async def _events_interrupted(self):
+        await self._setup()
+        environment = child_env(NODEPASS_MASTER=self.master.base_url, NODEPASS_KEY=self.master.api_key)
+        proc = spawn(self, ["-m", "nodepass.ctl.cli", "events"], env=environment)
+        await proc.wait_for(r"initial\s+\*{8}")
+        inst = await MasterClient(self.master.base_url, self.master.api_key, persistent=False).create_instance(
+            single_end_url(self.echo_port)
+        )
+        await proc.wait_for(rf"create\s+{inst['id']}")
+        proc.signal(signal.SIGINT)
+        status = await proc.ended
+        self.assertEqual((status, proc.err), (0, b""))
 
     @defer.inlineCallbacks
     def test_command_errors(self):

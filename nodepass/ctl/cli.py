@@ -285,6 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sys.stderr.write(f"nodepassctl: {e}\n")
             outcome["code"] = 2
         except MasterAPIError as e:
+            if outcome.get("interrupted"):
+                return  # Ctrl-C / SIGTERM while following events: a normal end
             sys.stderr.write(f"nodepassctl: {e}\n")
             outcome["code"] = 1
         except BrokenPipeError:
@@ -294,6 +296,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             outcome["code"] = 1
 
     def start(reactor):
+        # react() stops the reactor on SIGINT/SIGTERM; the open connection
+        # then breaks, which is how "events" is meant to end.
+        reactor.addSystemEventTrigger("before", "shutdown", outcome.__setitem__, "interrupted", True)
         return defer.ensureDeferred(body(reactor))
 
     try:
