@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from nodepass.config import Tunables, parse_url
+from nodepass.ctl.client import MasterClient
 from nodepass.master.openapi import openapi_document
 from nodepass.master.service import MasterService
 from nodepass.master.swagger import docs_page
@@ -255,6 +256,16 @@ class ServedDocumentTests(unittest.TestCase):
         response, body = await self._get("/instances/nothere", key)
         self.assertEqual(response.code, 404)
         _schema_validator(doc, "Error").validate(json.loads(body))
+        # Events on the stream match the Event schema.
+        client = MasterClient(self.master.base_url, key)
+        self.addCleanup(lambda: defer.ensureDeferred(client.close()))
+        async with client.events() as stream:
+            events = [await stream.next(5), await stream.next(5)]
+            await client.set_alias(next(i["id"] for i in listed if i["id"] != "********"), "b")
+            while events[-1]["type"] != "update":
+                events.append(await stream.next(5))
+        for event in events:
+            _schema_validator(doc, "Event").validate(event)
         # The validators are not vacuous.
         with self.assertRaises(Exception):
             _schema_validator(doc, "Instance").validate({"id": "x"})

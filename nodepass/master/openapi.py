@@ -217,7 +217,7 @@ def _schemas() -> dict[str, Any]:
                 "The JSON of one `data:` line of the event stream (SSE event name "
                 "`instance`).  `logs` carries one log line for `log` events."
             ),
-            "required": ["type", "time", "instance"],
+            "required": ["type", "time", "instance", "logs"],
             "properties": {
                 "type": {
                     "type": "string",
@@ -228,7 +228,7 @@ def _schemas() -> dict[str, Any]:
                     "description": "The instance concerned; may be null in `shutdown` events.",
                     "anyOf": [{"$ref": "#/components/schemas/Instance"}, {"type": "null"}],
                 },
-                "logs": {"type": "string"},
+                "logs": {"type": "string", "description": "One log line for `log` events, else empty."},
             },
         },
     }
