@@ -123,7 +123,8 @@ def _twistd_observer(options: Options) -> NodePassObserver:
     logfile = parent.get("logfile") if parent is not None else None
     nodaemon = parent.get("nodaemon") if parent is not None else True
     if logfile == "-" or (not logfile and nodaemon):
-        return NodePassObserver(lambda: sys.stdout, level)
+        # sys.__stdout__: twistd redirects sys.stdout into the log system itself
+        return NodePassObserver(lambda: sys.__stdout__, level)
     from twisted.python.logfile import LogFile
 
     return NodePassObserver(LogFile.fromFullPath(logfile or "twistd.log"), level, colour=False)

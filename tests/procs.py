@@ -60,7 +60,10 @@ class Proc(protocol.ProcessProtocol):
         self._check()
 
     def processEnded(self, reason) -> None:
-        self.status = reason.value.exitCode
+        code = reason.value.exitCode
+        # A process that ended on a signal (twistd re-raises SIGTERM) has no
+        # exit code: record -signal so "still running" (None) stays distinct.
+        self.status = code if code is not None else -(getattr(reason.value, "signal", None) or 0)
         for _, d in self._waiters:
             d.errback(AssertionError(f"process ended before the line appeared; output:\n{self.text()}"))
         self._waiters = []
