@@ -8,7 +8,9 @@ paths, with and without the key, carrying random bytes, random JSON, and
 JSON shaped like the real bodies but with wrong types, over-long strings,
 unknown fields and mangled URLs.  The property: never a 5xx, never a dropped
 connection, every error is ``{"error": "..."}`` JSON with CORS headers.
-Afterwards the master still works and its state file agrees with the API.
+A second property fires 2-6 requests (actions, URL replacement, delete) at
+one instance at the same time.  Afterwards the master still works and its
+state file agrees with the API.  ``NP_FUZZ_EXAMPLES=N`` runs a longer fuzz.
 
 Generated instance URLs only ever use OS-chosen (port 0) or refused ports,
 and tcping targets only loopback or unresolvable text, so the fuzzer never
@@ -21,6 +23,7 @@ import http.client
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,6 +36,7 @@ from tests import helpers
 
 TUNABLES = Tunables(report_interval=0.5, service_cooldown=0.5, shutdown_timeout=1.0, tcp_dial_timeout=0.5)
 MAX_EXAMPLES = int(os.environ.get("NP_FUZZ_EXAMPLES", "500"))
+RACE_EXAMPLES = max(10, MAX_EXAMPLES // 8)
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD")
 ACTIONS = ("start", "stop", "restart", "reset")
@@ -203,50 +207,77 @@ class MasterFuzzTests(unittest.TestCase):
                     ident = created[ident % len(created)] if created else "00000000"
             return "/api/v1/instances/" + ident
 
-        @settings(
-            max_examples=MAX_EXAMPLES,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-            print_blob=True,
-        )
-        @given(
-            steps=st.lists(
-                st.tuples(
-                    st.sampled_from(METHODS),
-                    _paths(dead),
-                    _bodies(dead),
-                    st.sampled_from(["good"] * 8 + ["bad", "none"]),
-                    st.sampled_from(["application/json", "", "text/plain"]),
-                )
-                | st.tuples(
-                    st.just("POST"), st.just(("fixed", "/instances")), _valid_creates(dead), st.just("good"),
-                    st.just("application/json"),
-                ),
-                min_size=1,
-                max_size=3,
+        steps_strategy = st.lists(
+            st.tuples(
+                st.sampled_from(METHODS),
+                _paths(dead),
+                _bodies(dead),
+                st.sampled_from(["good"] * 8 + ["bad", "none"]),
+                st.sampled_from(["application/json", "", "text/plain"]),
             )
+            | st.tuples(
+                st.just("POST"), st.just(("fixed", "/instances")), _valid_creates(dead), st.just("good"),
+                st.just("application/json"),
+            ),
+            min_size=1,
+            max_size=3,
         )
+
+        def check(method, path, body, key_mode, ctype):
+            if method in ("GET", "HEAD") and path.split("?")[0].rstrip("/") == "/api/v1/events":
+                method = "POST"  # a GET there streams forever; the SSE tests cover it
+            status, headers, data = request(method, path, body, key_mode, ctype)
+            with lock:
+                seen_statuses[status] = seen_statuses.get(status, 0) + 1
+            where = f"{method} {path} body={body[:200] if body else body!r}"
+            assert status < 500, f"{status} for {where}: {data[:300]!r}"
+            assert headers.get("access-control-allow-origin") == "*" or "/docs/static/" in path, where
+            if status == 201:
+                with lock:
+                    created.append(json.loads(data)["id"])
+            if status >= 400 and method != "HEAD" and path.startswith("/api/v1") and "/docs/static/" not in path:
+                decoded = json.loads(data)
+                assert isinstance(decoded, dict) and isinstance(decoded.get("error"), str), where
+                assert set(decoded) == {"error"}, where
+            return status, data
+
         def prop(steps):
             for method, path_spec, body, key_mode, ctype in steps:
-                path = build_path(path_spec)
-                if method in ("GET", "HEAD") and path.split("?")[0].rstrip("/") == "/api/v1/events":
-                    method = "POST"  # a GET there streams forever; the SSE tests cover it
-                status, headers, data = request(method, path, body, key_mode, ctype)
-                with lock:
-                    seen_statuses[status] = seen_statuses.get(status, 0) + 1
-                where = f"{method} {path} body={body[:200] if body else body!r}"
-                assert status < 500, f"{status} for {where}: {data[:300]!r}"
-                assert headers.get("access-control-allow-origin") == "*" or "/docs/static/" in path, where
-                if status == 201:
-                    with lock:
-                        created.append(json.loads(data)["id"])
-                if status >= 400 and method != "HEAD" and path.startswith("/api/v1") and "/docs/static/" not in path:
-                    decoded = json.loads(data)
-                    assert isinstance(decoded, dict) and isinstance(decoded.get("error"), str), where
-                    assert set(decoded) == {"error"}, where
+                check(method, build_path(path_spec), body, key_mode, ctype)
+
+        prop = settings(
+            max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+            print_blob=True,
+        )(given(steps=steps_strategy)(prop))
+
+        put_url = st.builds(
+            lambda u: json.dumps({"url": u}).encode(),
+            st.sampled_from(["server", "client"]).map(lambda r: f"{r}://127.0.0.1:0/127.0.0.1:{dead}")
+            | st.sampled_from(["log=debug", "mode=1", "slot=9"]).map(lambda q: f"client://127.0.0.1:0/127.0.0.1:{dead}?{q}"),
+        )
+        racing_step = st.tuples(
+            st.sampled_from(["PATCH", "PUT", "DELETE", "GET"]),
+            st.sampled_from(ACTIONS).map(lambda a: json.dumps({"action": a}).encode())
+            | put_url
+            | st.just(b'{"alias": "raced", "restart": false}'),
+        )
+
+        @settings(max_examples=RACE_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(pick=st.integers(0, 1000), batch=st.lists(racing_step, min_size=2, max_size=6))
+        def racing(pick, batch):
+            """Several requests on one instance at the same time: no 5xx, and
+            afterwards the instance is either gone or in a sane state."""
+            with lock:
+                ident = created[pick % len(created)] if created else "00000000"
+            path = "/api/v1/instances/" + ident
+            with ThreadPoolExecutor(len(batch)) as pool:
+                list(pool.map(lambda step: check(step[0], path, step[1], "good", "application/json"), batch))
+            status, data = check("GET", path, None, "good", "")
+            if status == 200:
+                assert json.loads(data)["status"] in ("running", "stopped", "error"), data
 
         await threads.deferToThread(prop)
+        await threads.deferToThread(racing)
 
         # The property really ran against a working API: successes and the
         # 4xx families were all seen.
