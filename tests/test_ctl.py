@@ -220,6 +220,30 @@ class ClientLibraryTests(unittest.TestCase):
         await bad.close()
 
     @defer.inlineCallbacks
+    def test_event_stream_backpressure(self):
+        yield defer.ensureDeferred(self._backpressure())
+
+    async def _backpressure(self):
+        """A consumer that falls behind pauses the socket (at high_water
+        queued events) instead of queueing without bound, and still gets
+        every event, in order, once it catches up."""
+        c = await self._setup()
+        inst = await c.create_instance(single_end_url(self.echo_port))
+        async with c.events(high_water=4) as stream:
+            for i in range(30):
+                await c.set_alias(inst["id"], f"n{i}")
+            await helpers.wait_for(lambda: stream._paused, what="stream paused")
+            self.assertLess(len(stream._queue), 15)  # high_water + what one read held
+            aliases = []
+            while len(aliases) < 30:
+                event = await stream.next(5)
+                if event["type"] == "update" and event["instance"]["alias"].startswith("n"):
+                    if not aliases or aliases[-1] != event["instance"]["alias"]:
+                        aliases.append(event["instance"]["alias"])
+            self.assertEqual(aliases, [f"n{i}" for i in range(30)])
+            self.assertFalse(stream._paused)
+
+    @defer.inlineCallbacks
     def test_event_stream_ends_on_master_stop(self):
         yield defer.ensureDeferred(self._master_stop())
 
