@@ -25,7 +25,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensur
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from nodepass.config import Address, TunnelConfig
+from nodepass.config import Address, TunnelConfig, is_ip_literal
 from nodepass.dialer import TargetGroup
 from nodepass.instance import InstanceContext, Runner, TunnelError
 from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
@@ -137,7 +137,7 @@ class SingleEndRunner(Runner):
     async def start(self) -> None:
         ctx = self.ctx
         cfg, reactor = ctx.config, ctx.reactor
-        host, port = cfg.tunnel.host, cfg.tunnel.port
+        host, port = _listen_host(cfg.tunnel.host), cfg.tunnel.port
         if not cfg.notcp:
             try:
                 self.tcp_port = reactor.listenTCP(port, _UserFactory(self), backlog=LISTEN_BACKLOG, interface=host)
@@ -325,6 +325,19 @@ class SingleEndRunner(Runner):
             end.transport.loseConnection()
         if not self._stopping:
             self.ctx.report(ping, 0)
+
+
+def _listen_host(host: str) -> str:
+    """The IP to listen on: Twisted's UDP ports take IP literals only, so a
+    host name is resolved once here (as Go's listener does at start)."""
+    if not host or is_ip_literal(host):
+        return host
+    try:
+        infos = socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        raise TunnelError(f"cannot resolve tunnel host {host}: {e}") from None
+    infos.sort(key=lambda i: 0 if i[0] == socket.AF_INET else 1)
+    return infos[0][4][0]
 
 
 def _reason(e: Exception) -> str:

@@ -435,6 +435,29 @@ class LifecycleTests(ForwarderMixin, unittest.TestCase):
         self.assertEqual(await c.wait_bytes(4), b"auto")
         await close(c)
 
+    @d
+    async def test_tunnel_host_name(self) -> None:
+        """A host name as tunnel host is resolved for both listeners."""
+        tport, _ = self.target(listen_echo())
+        echo = UDPEcho()
+        uport = listen_udp(echo)
+        self.addCleanup(uport.stopListening)
+        port = free_port()
+        config = parse_url(f"client://localhost:{port}/127.0.0.1:{tport},127.0.0.1:{uport.getHost().port}?mode=1")
+        svc = TunnelService(config, tunables=Tunables(report_interval=60), log=NodeLog("none"))
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        await svc.started
+        c = await connect(port)
+        c.transport.write(b"name")
+        self.assertEqual(await c.wait_bytes(4), b"name")
+        await close(c)
+        u = UDPClient()
+        cport = listen_udp(u)
+        self.addCleanup(cport.stopListening)
+        cport.write(b"udp", ("127.0.0.1", port))
+        self.assertEqual(await u.next(), b"udp")
+
     def test_tunnel_address_binds(self) -> None:
         busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
