@@ -209,6 +209,14 @@ class ClientLibraryTests(unittest.TestCase):
             async for event in stream:
                 seen.append(event)
                 break
+            # Only the key instance exists, so nothing else is sent: a next()
+            # with a deadline times out and leaves the stream usable.
+            with self.assertRaises(MasterAPIError) as cm:
+                await stream.next(0.1)
+            self.assertEqual(cm.exception.status, 0)
+            inst = await c.create_instance(single_end_url(self.echo_port))
+            event = await stream.next(5)
+            self.assertEqual((event["type"], event["instance"]["id"]), ("create", inst["id"]))
         self.assertEqual(seen[0]["type"], "initial")
         # Closed from our side: the master forgets the subscriber.
         await helpers.wait_for(lambda: not self.master.hub.streams, what="master drops the closed stream")

@@ -330,9 +330,6 @@ def _reason(error: BaseException) -> str:
     return str(error) or error.__class__.__name__
 
 
-_END = object()
-
-
 class EventStream:
     """Server-Sent Events from ``/events`` as an async iterator of dicts.
 
@@ -424,8 +421,12 @@ class EventStream:
             return self._take()
         if self._done:
             return self._finished()
-        self._waiter = Deferred()
-        await self._waiter
+        waiter = self._waiter = Deferred()
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:  # cancelled (next() timed out)
+                self._waiter = None
         if self._queue:
             return self._take()
         return self._finished()
@@ -456,7 +457,7 @@ class EventStream:
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
-        if waiter is not None:
+        if waiter is not None and not waiter.called:
             waiter.callback(None)
 
     # called by the protocol
