@@ -65,6 +65,7 @@ _INIT_JS = """
         dom_id: "#swagger-ui",
         deepLinking: true,
         persistAuthorization: true,
+        validatorUrl: null,
         presets: [SwaggerUIBundle.presets.apis],
         layout: "BaseLayout"
       });
