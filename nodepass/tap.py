@@ -74,6 +74,13 @@ class NodePassRoot(service.MultiService):
 
         def done(result):
             self.log.info("%s shutdown complete", self.config.title)
+            # twistd re-raises the stopping signal at exit (status 128+N);
+            # NodePass reports a graceful SIGINT/SIGTERM stop as exit 0
+            # (SPEC §7), which is what supervisors expect of a clean stop.
+            from twisted.internet import reactor
+
+            if getattr(reactor, "_exitSignal", None) is not None:
+                reactor._exitSignal = None
             return result
 
         return d.addBoth(done)
@@ -109,7 +116,8 @@ def application_for(url: str, state_dir: Optional[str] = None) -> service.Applic
     ``tap/``).  Raises :class:`URLError` for a bad URL."""
     config = parse_url(url)
     application = service.Application("nodepass")
-    build_service(config, state_dir=state_dir, observer=NodePassObserver(lambda: sys.stdout, config.log)).setServiceParent(
+    observer = NodePassObserver(lambda: sys.__stdout__, config.log)
+    build_service(config, state_dir=state_dir, observer=observer).setServiceParent(
         application
     )
     return application

@@ -65,7 +65,7 @@ class ProcessTests(unittest.TestCase):
         proc.signal(signal.SIGTERM)
         status = await proc.ended
         self.assertEqual(status, 0, proc.text())
-        self.assertRegex(proc.text(), LINE + rf"{word} shutdown complete")
+        self.assertRegex(proc.text(), "(?m)" + LINE + rf"{word} shutdown complete")
 
     def test_twistd_single_end(self):
         port = free_port()
