@@ -95,18 +95,20 @@ class TunnelPortProtocol(PoolEnd):
     def dataReceived(self, data: bytes) -> None:
         st = self.state
         if st == "pool":
-            if self.relay is None and self.runner.flow == "-" and self.runner.pool.idle.get(self.pool_id) is self:
-                # In flow "-" the client never writes on a pool connection
-                # before it has been launched: this is not our pool client
-                # but someone else on its host (a second client, a probe).
-                # Take it out of the pool and judge it like any newcomer.
-                r = self.runner
-                r.ctx.log.debug("Unexpected data on idle pool connection from %s", self.peer)
-                r.pool.discard(self.pool_id, self)
-                self.state = "sniff"
-                self._timer = r.ctx.reactor.callLater(r.ctx.tunables.handshake_timeout, self._sniff_timeout)
-                self._sniff(data)
-                return
+            r = self.runner
+            if self.relay is None and r.pool.idle.get(self.pool_id) is self:
+                if r.flow == "-":
+                    # In flow "-" the client never writes on a pool
+                    # connection before it has been launched: this is not our
+                    # pool client but someone else on its host (a second
+                    # client, a probe).  Judge it like any newcomer.
+                    self._unpool(data)
+                    return
+                if self._timer is None:
+                    # Flow "+": the client writes right after its launch
+                    # signal, which may still be on its way.  If no launch
+                    # claims this connection in time, it was not ours.
+                    self._timer = r.ctx.reactor.callLater(r.ctx.tunables.pool_get_timeout, self._unclaimed)
             PoolEnd.dataReceived(self, data)
         elif st == "control":
             self.runner.control.data_received(data)
@@ -114,6 +116,23 @@ class TunnelPortProtocol(PoolEnd):
             self._sniff(data)
         elif st == "pool-tls":
             PoolEnd.dataReceived(self, data)
+
+    def _unpool(self, data: bytes) -> None:
+        r = self.runner
+        r.ctx.log.debug("Unexpected data on idle pool connection from %s", self.peer)
+        r.pool.discard(self.pool_id, self)
+        self._cancel_timer()
+        if self.gate is not None:
+            self.gate.resume("splice")  # held reading as a pool connection
+        self.state = "sniff"
+        self._timer = r.ctx.reactor.callLater(r.ctx.tunables.handshake_timeout, self._sniff_timeout)
+        self._sniff(data)
+
+    def _unclaimed(self) -> None:
+        self._timer = None
+        r = self.runner
+        if self.state == "pool" and self.relay is None and r.pool.idle.get(self.pool_id) is self:
+            self._unpool(self.take_early())
 
     def _sniff(self, data: bytes) -> None:
         buf = self._buf + data

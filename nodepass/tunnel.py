@@ -207,6 +207,7 @@ class DualEndRunner(Runner):
         self.relays: set[Relay] = set()
         self.udp_bridges: set = set()
         self.peer_label = ""
+        self.launching = 0  # exit-side launches not yet spliced
 
     # -- shape ------------------------------------------------------------
     @property
@@ -302,20 +303,20 @@ class DualEndRunner(Runner):
     def on_signal(self, sig: Signal) -> None:
         kind = sig.kind
         log = self.ctx.log
-        if kind == codec.TCP_LAUNCH:
-            if self.is_entry or self.ctx.config.notcp:
-                log.warn("Unexpected TCP launch signal for %s ignored", sig.id)
+        if kind in (codec.TCP_LAUNCH, codec.UDP_LAUNCH):
+            tcp = kind == codec.TCP_LAUNCH
+            if self.is_entry or (self.ctx.config.notcp if tcp else self.ctx.config.noudp):
+                log.warn("Unexpected %s launch signal for %s ignored", "TCP" if tcp else "UDP", sig.id)
                 return
-            ensureDeferred(self.exit_tcp(sig.host, sig.id)).addErrback(
-                lambda f: log.error("Exit TCP for %s failed: %s", sig.host, f.getErrorMessage())
-            )
-        elif kind == codec.UDP_LAUNCH:
-            if self.is_entry or self.ctx.config.noudp:
-                log.warn("Unexpected UDP launch signal for %s ignored", sig.id)
+            if self.launching >= self.ctx.tunables.semaphore_limit:
+                # NP_SEMAPHORE_LIMIT bounds the launches being set up at once.
+                log.error("Signal queue full (%d launches pending), dropping %s", self.launching, sig.host)
                 return
-            ensureDeferred(self.exit_udp(sig.host, sig.id)).addErrback(
-                lambda f: log.error("Exit UDP for %s failed: %s", sig.host, f.getErrorMessage())
-            )
+            self.launching += 1
+            work = self.exit_tcp(sig.host, sig.id) if tcp else self.exit_udp(sig.host, sig.id)
+            d = ensureDeferred(work)
+            d.addErrback(lambda f: log.error("Exit for %s failed: %s", sig.host, f.getErrorMessage()))
+            d.addBoth(self._launched)
         elif kind == codec.VERIFY:
             ensureDeferred(self.on_verify(sig)).addErrback(
                 lambda f: log.error("TLS verify signal failed: %s", f.getErrorMessage())
@@ -325,6 +326,9 @@ class DualEndRunner(Runner):
             log.debug("Pool flushed on request: %d idle connections closed", n)
         else:
             log.debug("Unknown signal fragment %r ignored", kind)
+
+    def _launched(self, _result) -> None:
+        self.launching -= 1
 
     async def on_verify(self, sig: Signal) -> None:
         """Overridden by the client (the side without the certificate)."""

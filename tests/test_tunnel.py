@@ -369,6 +369,19 @@ class ResilienceTests(TunnelMixin, unittest.TestCase):
         self.assertFalse(self.logged("server", "Server error"))
 
     @d
+    async def test_wrong_key_same_host_forward_flow(self):
+        """Flow "+": a wrong-key client on the real client's host first looks
+        like a pool connection; unclaimed, it is judged and refused."""
+        server, client, entry, (tport, _) = await self.tunnel("+")
+        bad = await self.start_client("127.0.0.1:1", name="bad", key="wrongkey", wait=False)
+        await wait_for(lambda: self.logged("server", "access denied: 127.0.0.1:"), what="refusal")
+        await wait_for(lambda: self.logged("bad", "Client error:"), what="bad client fails")
+        await bad.stopService()
+        for i in range(3):
+            self.assertEqual(await echo_roundtrip(entry, b"ok%d" % i), b"ok%d" % i)
+        self.assertFalse(self.logged("server", "Server error"))
+
+    @d
     async def test_tunnel_port_abuse_while_traffic_flows(self):
         """Garbage, HTTP probes and half-open sockets on the tunnel port do
         not disturb a running tunnel (they come from another loopback IP,
