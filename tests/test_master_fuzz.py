@@ -7,7 +7,8 @@ waits.  Requests are random methods on the documented paths and on junk
 paths, with and without the key, carrying random bytes, random JSON, and
 JSON shaped like the real bodies but with wrong types, over-long strings,
 unknown fields and mangled URLs.  The property: never a 5xx, never a dropped
-connection, every error is ``{"error": "..."}`` JSON with CORS headers.
+connection, every error is ``{"error": "..."}`` JSON with CORS headers, and
+on the documented routes every status is one our OpenAPI document lists.
 A second property fires 2-6 requests (actions, URL replacement, delete) at
 one instance at the same time.  Afterwards the master still works and its
 state file agrees with the API.  ``NP_FUZZ_EXAMPLES=N`` runs a longer fuzz.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +33,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from nodepass.config import Tunables, parse_url
+from nodepass.master.openapi import openapi_document
 from nodepass.master.service import MasterService
 from tests import helpers
 
@@ -155,6 +158,36 @@ def _paths(dead_port: int):
     )
 
 
+DOCUMENT = openapi_document("/api")
+_PLAIN_ID = re.compile(r"^[0-9A-Za-z*]{1,12}$")
+
+
+def documented_statuses(method: str, path: str, key_ok: bool):
+    """The statuses our OpenAPI document allows for this request, or None
+    when the path is not plainly one of its routes (junk, encoded
+    characters, trailing slashes: those only get the generic checks)."""
+    route = path.split("?", 1)[0]
+    if not route.startswith("/api/v1/"):
+        return None
+    route = route[len("/api/v1") :]
+    if route.startswith("/instances/"):
+        if not _PLAIN_ID.match(route[len("/instances/") :]):
+            return None
+        route = "/instances/{id}"
+    item = DOCUMENT["paths"].get(route)
+    if item is None:
+        return None
+    if method == "OPTIONS":
+        return {200}
+    op = item.get("get" if method == "HEAD" else method.lower())
+    public = route in ("/openapi.json", "/docs")
+    if not public and not key_ok:
+        return {401}
+    if op is None:
+        return {405}
+    return {int(code) for code in op["responses"]}
+
+
 class MasterFuzzTests(unittest.TestCase):
     timeout = 240
 
@@ -239,6 +272,8 @@ class MasterFuzzTests(unittest.TestCase):
                 decoded = json.loads(data)
                 assert isinstance(decoded, dict) and isinstance(decoded.get("error"), str), where
                 assert set(decoded) == {"error"}, where
+            expected = documented_statuses(method, path, key_mode == "good")
+            assert expected is None or status in expected, f"{status} not in {sorted(expected)} for {where}"
             return status, data
 
         def prop(steps):
