@@ -287,8 +287,8 @@ class ClientLibraryTests(unittest.TestCase):
 class CommandTests(unittest.TestCase):
     """``nodepassctl`` as a subprocess against a master in this reactor."""
 
-    async def _setup(self):
-        self.master = await start_master(self)
+    async def _setup(self, url: str = "master://127.0.0.1:0"):
+        self.master = await start_master(self, url)
         port, _ = helpers.listen_echo()
         self.addCleanup(port.stopListening)
         self.echo_port = port.getHost().port
@@ -347,6 +347,21 @@ class CommandTests(unittest.TestCase):
         status, out, _ = await self.ctl("delete", iid)
         self.assertEqual(status, 0)
         self.assertNotIn(iid, self.master.records)
+
+    @defer.inlineCallbacks
+    def test_https_insecure(self):
+        yield defer.ensureDeferred(self._https_insecure())
+
+    async def _https_insecure(self):
+        await self._setup("master://127.0.0.1:0?tls=1")
+        self.assertTrue(self.master.base_url.startswith("https://"))
+        status, out, err = await self.ctl("--insecure", "--json", "list")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(json.loads(out)[0]["id"], KEY_INSTANCE)
+        status, out, err = await self.ctl("list")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(len(err.splitlines()), 1)
+        self.assertIn("cannot reach master", err)
 
     @defer.inlineCallbacks
     def test_events_until_interrupted(self):
