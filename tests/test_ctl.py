@@ -362,6 +362,7 @@ class CommandTests(unittest.TestCase):
         self.assertEqual((status, out), (1, ""))
         self.assertEqual(len(err.splitlines()), 1)
         self.assertIn("cannot reach master", err)
+        self.assertIn("--insecure", err)
 
     @defer.inlineCallbacks
     def test_events_until_interrupted(self):

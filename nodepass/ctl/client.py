@@ -326,8 +326,15 @@ class MasterClient:
 def _reason(error: BaseException) -> str:
     reasons = getattr(error, "reasons", None)
     if reasons:
-        return "; ".join(str(r.value) for r in reasons)
-    return str(error) or error.__class__.__name__
+        text = "; ".join(str(r.value) for r in reasons)
+    else:
+        text = str(error) or error.__class__.__name__
+    if "certificate verify failed" in text:
+        return (
+            "TLS certificate verify failed (a tls=1 master's self-signed certificate "
+            "needs verify=False / --insecure; a private CA needs ca_file / --ca-file)"
+        )
+    return text
 
 
 class EventStream:
