@@ -4,6 +4,7 @@ command, against a real MasterService listening on an OS-chosen port."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 from twisted.internet import defer
@@ -281,6 +282,30 @@ class ClientLibraryTests(unittest.TestCase):
         with self.assertRaises(MasterAPIError) as cm:
             await strict.info()
         self.assertEqual(cm.exception.status, 0)
+        await strict.close()
+
+    @defer.inlineCallbacks
+    def test_https_ca_file(self):
+        yield defer.ensureDeferred(self._https_ca_file())
+
+    async def _https_ca_file(self):
+        """A tls=2 master with certificate files: verified against the
+        certificate given as ca_file (and refused without it)."""
+        from nodepass.tls import generate_self_signed
+
+        cert, key = generate_self_signed("127.0.0.1")
+        base = self.mktemp()
+        os.makedirs(base)
+        crt_path, key_path = os.path.join(base, "m.crt"), os.path.join(base, "m.key")
+        for path, data in ((crt_path, cert), (key_path, key)):
+            with open(path, "wb") as f:
+                f.write(data)
+        c = await self._setup(f"master://127.0.0.1:0?tls=2&crt={crt_path}&key={key_path}", ca_file=crt_path)
+        self.assertEqual((await c.info())["tls"], "2")
+        strict = MasterClient(self.master.base_url, self.master.api_key)
+        with self.assertRaises(MasterAPIError) as cm:
+            await strict.info()
+        self.assertIn("verify failed", cm.exception.message)
         await strict.close()
 
 
