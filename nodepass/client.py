@@ -103,25 +103,26 @@ class ClientControlProtocol(Protocol):
 
 
 class ClientPoolConn(PoolEnd):
-    """One pool connection: reads the 4-byte ID, then is a relay end."""
+    """One pool connection: reads the 4-byte ID, then is a relay end.
 
-    def __init__(self, timeout: float, clock):
+    ``ready`` fires with the connection once its ID is in, or fails (dial
+    error, closed early, or :meth:`expire` after the one-minute limit --
+    checked by the runner's periodic sweep rather than a timer per
+    connection, since this runs for every relayed connection)."""
+
+    connector = None
+
+    def __init__(self, started: float):
         super().__init__()
         self.ready: Deferred = Deferred()
+        self.started = started
         self._id_buf = b""
-        self._timeout = timeout
-        self._clock = clock
-        self._timer = None
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._timer = self._clock.callLater(self._timeout, self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
+    def expire(self) -> None:
         if not self.ready.called:
             self.ready.errback(TunnelError("pool ID not received in time"))
-            self.transport.abortConnection()
+            if self.transport is not None:
+                self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.ready.called:
@@ -132,21 +133,32 @@ class ClientPoolConn(PoolEnd):
             self._id_buf = buf
             return
         self._id_buf = b""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.pool_id = codec.pool_id(buf[:4])
+        self.pool_id = buf[:4].hex()
         self.ready.callback(self)
         if len(buf) > 4:
             PoolEnd.dataReceived(self, buf[4:])
 
     def connectionLost(self, reason) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         if not self.ready.called:
             self.ready.errback(reason)
         PoolEnd.connectionLost(self, reason)
+
+
+class _PoolConnFactory(ClientFactory):
+    """Connects one :class:`ClientPoolConn`; a failed dial fails its
+    ``ready``."""
+
+    noisy = False
+
+    def __init__(self, conn: ClientPoolConn):
+        self.conn = conn
+
+    def buildProtocol(self, addr):
+        return self.conn
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.conn.ready.called:
+            self.conn.ready.errback(reason)
 
 
 class ClientRunner(DualEndRunner):
@@ -235,17 +247,27 @@ class ClientRunner(DualEndRunner):
     def _dial_pool(self) -> Deferred:
         if self.stopping:
             return defer.fail(TunnelError("stopping"))
-        conn = ClientPoolConn(POOL_ID_TIMEOUT, self.ctx.reactor)
-        self._dialing.add(conn)
-        d = self._connect(conn, self._tls_ctx(), self.ctx.tunables.tcp_dial_timeout)
-        d.addCallback(lambda _p: conn.ready)
+        reactor = self.ctx.reactor
+        conn = ClientPoolConn(reactor.seconds())
+        factory = _PoolConnFactory(conn)
+        timeout = self.ctx.tunables.tcp_dial_timeout
+        tls_ctx = self._tls_ctx()
+        ip, port = self.server_ip, self.ctx.config.tunnel.port
+        if tls_ctx is not None:
+            conn.connector = reactor.connectSSL(ip, port, factory, tls_ctx, timeout=timeout)
+        else:
+            conn.connector = reactor.connectTCP(ip, port, factory, timeout=timeout)
+        dialing = self._dialing
+        dialing.add(conn)
+        return conn.ready.addBoth(_forget, dialing, conn)
 
-        def done(result):
-            self._dialing.discard(conn)
-            return result
-
-        d.addBoth(done)
-        return d
+    def check_pool(self) -> None:
+        """Before each ping: drop pool connections whose ID is late (SPEC §4:
+        one minute), then the common pool health check."""
+        now = self.ctx.reactor.seconds()
+        for conn in [c for c in self._dialing if now - c.started >= POOL_ID_TIMEOUT]:
+            conn.expire()
+        super().check_pool()
 
     def _pool_dial_error(self, exc: BaseException) -> None:
         ctx = self.ctx
@@ -261,17 +283,19 @@ class ClientRunner(DualEndRunner):
         else:
             ctx.log.debug("Pool connection failed: %s", text)
 
-    async def entry_gate(self) -> None:
+    def entry_wait(self) -> Optional[Deferred]:
         gate = self._verify_gate
         if gate is None or gate.called:
-            return
+            return None
         d = Deferred()
         gate.addBoth(lambda r: (None if d.called else d.callback(None), r)[1])
         d.addTimeout(self.ctx.tunables.pool_get_timeout, self.ctx.reactor)
-        try:
-            await d
-        except defer.TimeoutError:
-            self._open_gate()
+
+        def timed_out(failure):
+            failure.trap(defer.TimeoutError)
+            self._open_gate()  # no verify signal: go on without it
+
+        return d.addErrback(timed_out)
 
     def _open_gate(self) -> None:
         gate = self._verify_gate
@@ -301,6 +325,8 @@ class ClientRunner(DualEndRunner):
         for conn in list(self._dialing):
             if conn.transport is not None:
                 conn.transport.abortConnection()
+            elif conn.connector is not None:
+                conn.connector.stopConnecting()
         await self.stop_common()
         proto = self.control_proto
         if proto is not None and proto.transport is not None and proto.state != "closed":
@@ -333,6 +359,11 @@ class _OneShot(ClientFactory):
     def clientConnectionFailed(self, connector, reason):
         if not self.made.called:
             self.made.errback(reason)
+
+
+def _forget(result, dialing: set, conn) -> object:
+    dialing.discard(conn)
+    return result
 
 
 def _reason(e: BaseException) -> str:

@@ -13,11 +13,14 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet import defer
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from OpenSSL._util import ffi as _ffi, lib as _lib
+from OpenSSL.SSL import WantReadError as SSLWantReadError
 from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from nodepass import codec
-from nodepass.codec import Codec, Signal
+from nodepass.codec import Codec, Signal, split_origin
 from nodepass.config import join_host_port
 from nodepass.control import ControlChannel
 from nodepass.dialer import TargetGroup
@@ -40,6 +43,113 @@ def _big_reads(transport) -> None:
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = RELAY_BUFFER_SIZE
         transport = getattr(transport, "transport", None)
+
+
+def _tls_protocol(end: RelayEnd):
+    """The TLSMemoryBIOProtocol behind a relay end, if it talks TLS."""
+    t = end.transport
+    if isinstance(t, TLSMemoryBIOProtocol):
+        return t  # client side: connectSSL wraps the protocol
+    proto = getattr(t, "protocol", None)
+    if getattr(t, "TLS", False) and isinstance(proto, TLSMemoryBIOProtocol):
+        return proto  # server side: startTLS on the accepted connection
+    return None
+
+
+# Buffers for the TLS fast path: the reactor runs one callback at a time and
+# every byte is copied out before a call returns, so one pair is enough.
+_TLS_BUF_SIZE = 1 << 20
+_tls_rbuf = None
+_tls_wbuf = None
+
+
+def _fast_tls(end: RelayEnd) -> None:
+    """A quicker data path for a spliced TLS pool connection.
+
+    Twisted's TLS wrapper hands OpenSSL 16 KiB at a time, flushes the
+    ciphertext after each record and delivers each decrypted record on its
+    own -- several Python round trips and, downstream, one ``send`` per
+    16 KiB.  Here a relayed chunk goes to OpenSSL in one ``SSL_write`` and
+    its ciphertext leaves in one write; received records are gathered into
+    one buffer and forwarded as one chunk.  Anything unusual (shutdown,
+    errors, buffered writes, a closing connection) goes back to Twisted's own
+    code, which stays in charge of the TLS lifecycle.  Flow control is
+    unchanged: ciphertext still goes through the underlying transport."""
+    global _tls_rbuf, _tls_wbuf
+    tls = _tls_protocol(end)
+    if tls is None or not tls._handshakeDone:
+        return
+    conn = tls._tlsConnection
+    ssl_ptr = getattr(conn, "_ssl", None)
+    out_bio = getattr(conn, "_from_ssl", None)
+    if ssl_ptr is None or out_bio is None:
+        return  # pyOpenSSL internals changed: keep Twisted's path
+    if _tls_rbuf is None:
+        _tls_rbuf = _ffi.new("char[]", _TLS_BUF_SIZE)
+        _tls_wbuf = _ffi.new("char[]", _TLS_BUF_SIZE)
+    rbuf, wbuf, size = _tls_rbuf, _tls_wbuf, _TLS_BUF_SIZE
+    # One SSL_write takes a whole chunk (the memory BIO never blocks).
+    _lib.SSL_clear_mode(ssl_ptr, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    raw = tls.transport
+    slow_write = tls.write
+    slow_received = tls.dataReceived
+    ssl_write, ssl_read, bio_read = _lib.SSL_write, _lib.SSL_read, _lib.BIO_read
+    from_buffer, buffer = _ffi.from_buffer, _ffi.buffer
+
+    def drain() -> None:
+        out = []
+        while True:
+            n = bio_read(out_bio, wbuf, size)
+            if n <= 0:
+                break
+            out.append(buffer(wbuf, n)[:])
+        if out:
+            raw.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def write(data) -> None:
+        if tls.disconnecting or tls._lostTLSConnection or tls._appSendBuffer or len(data) > 0x7FFFFFFF:
+            slow_write(bytes(data))
+            return
+        with from_buffer(data) as cdata:
+            n = ssl_write(ssl_ptr, cdata, len(data))
+        if n != len(data):
+            # Not expected with a memory BIO; let pyOpenSSL report/buffer it.
+            drain()
+            slow_write(bytes(data))
+            return
+        drain()
+
+    def data_received(data) -> None:
+        if tls._lostTLSConnection or tls._appSendBuffer:
+            slow_received(data)
+            return
+        conn.bio_write(data)
+        got = 0
+        while got < size - 16384:
+            n = ssl_read(ssl_ptr, rbuf + got, size - got)
+            if n <= 0:
+                break
+            got += n
+        if got and not tls._aborted:
+            end.dataReceived(buffer(rbuf, got)[:])
+        # No more records: find out why through pyOpenSSL (want-read is the
+        # normal case; close_notify and errors go to Twisted's handling).
+        try:
+            record = conn.recv(16384)
+        except SSLWantReadError:
+            pass
+        except Exception:  # noqa: BLE001
+            tls._flushReceiveBIO()
+            return
+        else:  # more records than the buffer held: the rest the slow way
+            if not tls._aborted:
+                end.dataReceived(record)
+            tls._flushReceiveBIO()
+            return
+        drain()  # post-handshake messages may want an answer
+
+    tls.write = write
+    tls.dataReceived = data_received
 
 
 def _no_delay(transport) -> None:
@@ -92,9 +202,7 @@ class EntryTCP(RelayEnd):
             )
             self.transport.abortConnection()
             return
-        ensureDeferred(r.entry_tcp(self)).addErrback(
-            lambda f: r.ctx.log.error("Entry TCP connection failed: %s", f.getErrorMessage())
-        )
+        r.entry_tcp(self)
 
 
 class _EntryFactory(Factory):
@@ -116,6 +224,9 @@ class _TargetFactory(Factory):
         p = RelayEnd()
         p.factory = self
         return p
+
+
+_TARGET_FACTORY = _TargetFactory()
 
 
 class _UDPOverPool:
@@ -313,8 +424,7 @@ class DualEndRunner(Runner):
                 log.error("Signal queue full (%d launches pending), dropping %s", self.launching, sig.host)
                 return
             self.launching += 1
-            work = self.exit_tcp(sig.host, sig.id) if tcp else self.exit_udp(sig.host, sig.id)
-            d = ensureDeferred(work)
+            d = self.exit_tcp(sig.host, sig.id) if tcp else ensureDeferred(self.exit_udp(sig.host, sig.id))
             d.addErrback(lambda f: log.error("Exit for %s failed: %s", sig.host, f.getErrorMessage()))
             d.addBoth(self._launched)
         elif kind == codec.VERIFY:
@@ -345,61 +455,86 @@ class DualEndRunner(Runner):
         for end in (target, tunnel):
             _big_reads(end.transport)
             _no_delay(end.transport)
+        if self.tls_code:
+            _fast_tls(tunnel)
         relay = Relay(
             target, tunnel, ctx.stats, ctx.reactor, limiter=ctx.limiter, idle=ctx.config.read, on_close=closed
         )
         self.relays.add(relay)
         relay.start()
 
-    async def entry_gate(self) -> None:
-        """Hook: wait before the entry takes pool connections (the client
-        waits for the TLS verify signal so both do not grab the same one)."""
+    def entry_wait(self) -> Optional[Deferred]:
+        """Hook: a Deferred to wait on before the entry takes pool
+        connections, or None (the client waits for the TLS verify signal so
+        both ends do not grab the same connection)."""
+        return None
 
-    async def entry_tcp(self, user: EntryTCP) -> None:
+    # The per-connection paths below are callback style, not coroutines:
+    # they run once per relayed connection and an idle pool connection is
+    # usually there, so everything happens synchronously.
+
+    def entry_tcp(self, user: EntryTCP) -> None:
+        timeout = self.ctx.tunables.pool_get_timeout
+        wait = self.entry_wait()
+        if wait is None:
+            d = self.pool.incoming_get(timeout)
+        else:
+            d = wait.addCallback(lambda _r: self.pool.incoming_get(timeout))
+        d.addCallbacks(self._entry_got, self._entry_failed, callbackArgs=(user,), errbackArgs=(user,))
+
+    def _entry_failed(self, failure, user: EntryTCP) -> None:
         ctx = self.ctx
-        origin = addr_text(user.transport.getPeer())
-        try:
-            await self.entry_gate()
-            pool_id, conn = await self.pool.incoming_get(ctx.tunables.pool_get_timeout)
-        except Exception as e:  # noqa: BLE001 - timeout or pool closed
-            ctx.log.error("TCP %s: no pool connection: %s", origin, e)
+        if not user.lost:
+            ctx.log.error("TCP %s: no pool connection: %s", addr_text(user.transport.getPeer()), failure.getErrorMessage())
             user.transport.loseConnection()
-            ctx.stats.release_tcp()
-            return
-        if user.lost or self.control is None or self.control.broken:
+        ctx.stats.release_tcp()
+
+    def _entry_got(self, got, user: EntryTCP) -> None:
+        pool_id, conn = got
+        control = self.control
+        if user.lost or control is None or control.broken:
             conn.transport.loseConnection()
-            ctx.stats.release_tcp()
+            if not user.lost:
+                user.transport.loseConnection()
+            self.ctx.stats.release_tcp()
             return
-        self.control.send(codec.tcp_launch(origin, pool_id))
-        ctx.log.debug("TCP launch %s via pool %s", origin, pool_id)
+        control.send(codec.tcp_launch(addr_text(user.transport.getPeer()), pool_id))
         self._splice(user, conn)
 
-    async def exit_tcp(self, origin: str, pool_id: str) -> None:
+    def exit_tcp(self, origin: str, pool_id: str) -> Deferred:
+        d = self.pool.outgoing_get(pool_id, self.ctx.tunables.pool_get_timeout)
+        d.addCallbacks(self._exit_got, self._exit_missed, callbackArgs=(origin,), errbackArgs=(origin,))
+        return d
+
+    def _exit_missed(self, failure, origin: str) -> None:
+        self.ctx.log.error("TCP launch %s: %s", origin, failure.getErrorMessage())
+
+    def _exit_got(self, got, origin: str):
         ctx = self.ctx
-        try:
-            _, conn = await self.pool.outgoing_get(pool_id, ctx.tunables.pool_get_timeout)
-        except Exception as e:  # noqa: BLE001
-            ctx.log.error("TCP launch %s: %s", origin, e)
-            return
+        conn = got[1]
         if not ctx.stats.acquire_tcp():
             ctx.log.error("TCP slot limit reached (%d), dropping %s", ctx.stats.slot_limit, origin)
             conn.transport.loseConnection()
-            return
-        try:
-            target = await self.targets.connect(_TargetFactory())
-        except Exception as e:  # noqa: BLE001 - AllTargetsFailed or DNS
-            ctx.log.error("TCP %s: dial target failed: %s", origin, e)
-            conn.transport.loseConnection()
-            ctx.stats.release_tcp()
-            return
+            return None
+        d = self.targets.dial(_TARGET_FACTORY)
+        d.addCallbacks(
+            self._exit_dialed, self._exit_dial_failed, callbackArgs=(origin, conn), errbackArgs=(origin, conn)
+        )
+        return d
+
+    def _exit_dial_failed(self, failure, origin: str, conn: PoolEnd) -> None:
+        self.ctx.log.error("TCP %s: dial target failed: %s", origin, failure.getErrorMessage())
+        conn.transport.loseConnection()
+        self.ctx.stats.release_tcp()
+
+    def _exit_dialed(self, target: RelayEnd, origin: str, conn: PoolEnd) -> None:
+        ctx = self.ctx
         if conn.lost or self.stopping:
             target.transport.loseConnection()
             ctx.stats.release_tcp()
             return
         target.hold()
         if ctx.config.proxy:
-            from nodepass.codec import split_origin
-
             src = split_origin(origin)
             peer = target.transport.getPeer()
             if src is not None:
@@ -409,7 +544,9 @@ class DualEndRunner(Runner):
     # -- UDP --------------------------------------------------------------
     async def _open_udp_backend(self, session):
         ctx = self.ctx
-        await self.entry_gate()
+        wait = self.entry_wait()
+        if wait is not None:
+            await wait
         pool_id, conn = await self.pool.incoming_get(ctx.tunables.pool_get_timeout)
         if session.closed or self.control is None or self.control.broken:
             conn.transport.loseConnection()
