@@ -87,10 +87,12 @@ class DocumentTests(unittest.TestCase):
         def statuses(path, method):
             return set(doc["paths"][path][method]["responses"])
 
-        self.assertEqual(statuses("/instances", "post"), {"201", "400", "401", "413"})
+        self.assertEqual(statuses("/instances", "post"), {"201", "400", "401", "413", "500"})
         self.assertEqual(statuses("/instances/{id}", "get"), {"200", "401", "404"})
-        self.assertEqual(statuses("/instances/{id}", "put"), {"200", "400", "401", "403", "404", "409", "413"})
-        self.assertEqual(statuses("/instances/{id}", "delete"), {"204", "401", "403", "404"})
+        self.assertEqual(
+            statuses("/instances/{id}", "put"), {"200", "400", "401", "403", "404", "409", "413", "500"}
+        )
+        self.assertEqual(statuses("/instances/{id}", "delete"), {"204", "401", "403", "404", "500"})
         self.assertEqual(statuses("/tcping", "get"), {"200", "400", "401"})
         self.assertIn("text/event-stream", doc["paths"]["/events"]["get"]["responses"]["200"]["content"])
 

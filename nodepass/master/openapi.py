@@ -23,6 +23,8 @@ ERROR_STATUSES: dict[str, str] = {
     "404": "Instance not found.",
     "409": "Instance URL conflict: the new URL equals the current one.",
     "413": "Request body too large (the limit is 64 KiB).",
+    "500": "Failed to save state: the state file could not be written (disk full, "
+    "permissions); nothing was changed.",
 }
 
 _STR256 = {"type": "string", "maxLength": 256}
@@ -245,6 +247,7 @@ _RESPONSE_NAMES = {
     "404": "NotFound",
     "409": "Conflict",
     "413": "TooLarge",
+    "500": "SaveFailed",
 }
 
 
@@ -298,7 +301,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": _body("CreateInstance"),
                 "responses": {
                     "201": _json("Instance", "The new instance."),
-                    **_errors("400", "401", "413"),
+                    **_errors("400", "401", "413", "500"),
                 },
             },
         },
@@ -317,7 +320,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": _body("PatchInstance"),
                 "responses": {
                     "200": _json("Instance", "The updated instance (for `********` restart: the new key in `url`)."),
-                    **_errors("400", "401", "404", "413"),
+                    **_errors("400", "401", "404", "413", "500"),
                 },
             },
             "put": {
@@ -327,7 +330,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": _body("PutInstance"),
                 "responses": {
                     "200": _json("Instance", "The updated instance."),
-                    **_errors("400", "401", "403", "404", "409", "413"),
+                    **_errors("400", "401", "403", "404", "409", "413", "500"),
                 },
             },
             "delete": {
@@ -336,7 +339,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "Stop and remove an instance",
                 "responses": {
                     "204": {"description": "Removed."},
-                    **_errors("401", "403", "404"),
+                    **_errors("401", "403", "404", "500"),
                 },
             },
         },
@@ -381,7 +384,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": _body("SetMasterAlias"),
                 "responses": {
                     "200": _json("Info", "Master information with the new alias."),
-                    **_errors("400", "401", "413"),
+                    **_errors("400", "401", "413", "500"),
                 },
             },
         },
