@@ -81,6 +81,19 @@ class ClientLibraryTests(unittest.TestCase):
             await c.put_url(iid, new_url)
         self.assertEqual((cm.exception.status, cm.exception.message), (409, "Instance URL conflict"))
 
+        # Clients sharing one connection pool leave it to its owner.
+        from twisted.internet import reactor
+        from twisted.web.client import HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor)
+        a = MasterClient(self.master.base_url, self.master.api_key, pool=pool)
+        b = MasterClient(self.master.base_url, self.master.api_key, pool=pool)
+        self.assertEqual((await a.get_instance(iid))["id"], (await b.get_instance(iid))["id"])
+        await a.close()
+        await b.close()
+        self.assertTrue(pool._connections)  # still cached: not theirs to close
+        await pool.closeCachedConnections()
+
         self.assertIsNone(await c.delete_instance(iid))
         with self.assertRaises(MasterAPIError) as cm:
             await c.get_instance(iid)

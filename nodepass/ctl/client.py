@@ -122,6 +122,8 @@ class MasterClient:
     certificate (a ``tls=1`` master); ``ca_file`` verifies against a given
     PEM certificate instead of the system roots.  ``timeout`` bounds each
     request until its answer's headers arrive (not the event stream).
+    ``pool`` shares a Twisted ``HTTPConnectionPool`` between clients (the
+    caller then closes it); by default each client has its own.
     Call :meth:`close` (or use ``async with``) when done.
     """
 
@@ -134,6 +136,7 @@ class MasterClient:
         ca_file: Optional[str] = None,
         timeout: Optional[float] = 30.0,
         persistent: bool = True,
+        pool: Optional[HTTPConnectionPool] = None,
         reactor: Any = None,
     ):
         if reactor is None:
@@ -151,8 +154,11 @@ class MasterClient:
                 policy = _CAFilePolicy(f.read())
         else:
             policy = BrowserLikePolicyForHTTPS()
-        self._pool = HTTPConnectionPool(reactor, persistent=persistent)
-        self._pool.retryAutomatically = False  # a PATCH/POST must not be replayed
+        self._own_pool = pool is None
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=persistent)
+            pool.retryAutomatically = False  # a PATCH/POST must not be replayed
+        self._pool = pool
         self._http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
         self._streams: set[EventStream] = set()
 
@@ -166,7 +172,8 @@ class MasterClient:
         """Close event streams and idle keep-alive connections."""
         for stream in list(self._streams):
             await stream.close()
-        await self._pool.closeCachedConnections()
+        if self._own_pool:
+            await self._pool.closeCachedConnections()
 
     # -- plumbing ---------------------------------------------------------
 
