@@ -5,7 +5,6 @@ really answers, agreement of real answers with the schemas, and the public
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 
