@@ -102,6 +102,10 @@ class Tunnel:
                 time.sleep(0.1)
         raise RuntimeError("tunnel did not come up:\n" + "".join(self.lines["server"] + self.lines["client"]))
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by both processes."""
+        return sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in (self.server, self.client))
+
     def rss(self) -> tuple[int, int]:
         return psutil.Process(self.server.pid).memory_info().rss, psutil.Process(self.client.pid).memory_info().rss
 
@@ -158,14 +162,25 @@ def main() -> int:
             s.close()
         paths = {"direct": (source.port, answer.port)}
         paths.update({name: (src.entry, ans.entry) for name, (src, ans) in tunnels.items()})
+        cpu_gb: dict[str, float] = {}
+        cpu_conn: dict[str, float] = {}
         for rnd in range(args.rounds):
             for name, (src_port, ans_port) in paths.items():
                 r = results.setdefault(name, {k: 0.0 for k in keys})
+                pair = tunnels.get(name)
+                c0 = pair[0].cpu() if pair else 0.0
+                one = download(src_port, args.seconds, 1)
+                if pair and one:
+                    cpu_gb[name] = min(cpu_gb.get(name, 1e9), (pair[0].cpu() - c0) / (one * args.seconds / 1e9))
                 got = {
-                    "1 stream MB/s": download(src_port, args.seconds, 1) / 1e6,
+                    "1 stream MB/s": one / 1e6,
                     "8 streams MB/s": download(src_port, args.seconds, 8) / 1e6,
                 }
+                c0 = pair[1].cpu() if pair else 0.0
                 got["conn/s"], errors = rate(ans_port)
+                if pair and got["conn/s"]:
+                    used = pair[1].cpu() - c0
+                    cpu_conn[name] = min(cpu_conn.get(name, 1e9), used / (got["conn/s"] * args.seconds))
                 got["first byte ms"] = first_byte_ms(ans_port, args.latency_tries)
                 for k in keys[:3]:
                     r[k] = max(r[k], got[k])
@@ -205,12 +220,17 @@ def main() -> int:
     for k in keys:
         t0, t1 = results["tls=0"][k], results["tls=1"][k]
         print(f"| {k} | {d[k]:,.2f} | {t0:,.2f} | {t0 / d[k]:.2f} | {t1:,.2f} | {t1 / d[k]:.2f} |")
+    for name in cpu_gb:
+        print(
+            f"{name}: server+client CPU {cpu_gb[name]:.2f} s per GB relayed (one stream); "
+            f"{cpu_conn.get(name, 0) * 1e6:.0f} us per relayed connection"
+        )
     print(
         f"\nRSS per idle pool connection (pools {pools}): server {per_server / 1024:.1f} KiB, "
         f"client {per_client / 1024:.1f} KiB; min=1 tunnel: server {s_srv / 2**20:.1f} MiB, client {s_cli / 2**20:.1f} MiB"
     )
     if args.json:
-        print(json.dumps({"results": results, "rss_per_pool_conn": [per_server, per_client], "pools": pools}))
+        print(json.dumps({"results": results, "cpu_s_per_gb": cpu_gb, "cpu_s_per_conn": cpu_conn, "rss_per_pool_conn": [per_server, per_client], "pools": pools}))
     loop.call_soon_threadsafe(loop.stop)
     return 0
 

@@ -10,6 +10,7 @@ their kind of pool.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from twisted.internet import defer
@@ -54,6 +55,30 @@ def _tls_protocol(end: RelayEnd):
     if getattr(t, "TLS", False) and isinstance(proto, TLSMemoryBIOProtocol):
         return proto  # server side: startTLS on the accepted connection
     return None
+
+
+def _release_on_tls_shutdown(end: RelayEnd) -> None:
+    """When the peer ends TLS (close_notify) or TLS fails, let go of the
+    relay's producer so the socket can actually close.
+
+    Twisted closes a TLS connection's socket only once no paused streaming
+    producer is registered on it; the relay unregisters producers when it
+    sees ``connectionLost`` -- which a TLS shutdown never reaches while the
+    producer is registered.  Without this, a relayed download whose user
+    went away kept the exit side reading its target forever."""
+    tls = _tls_protocol(end)
+    if tls is None:
+        return
+    finished = tls._tlsShutdownFinished
+
+    def shutdown_finished(reason) -> None:
+        finished(reason)
+        try:
+            tls.unregisterProducer()
+        except Exception:  # noqa: BLE001 - nothing registered / already gone
+            pass
+
+    tls._tlsShutdownFinished = shutdown_finished
 
 
 # Buffers for the TLS fast path: the reactor runs one callback at a time and
@@ -456,7 +481,9 @@ class DualEndRunner(Runner):
             _big_reads(end.transport)
             _no_delay(end.transport)
         if self.tls_code:
-            _fast_tls(tunnel)
+            _release_on_tls_shutdown(tunnel)
+            if not os.environ.get("NP_NO_FAST_TLS"):
+                _fast_tls(tunnel)
         relay = Relay(
             target, tunnel, ctx.stats, ctx.reactor, limiter=ctx.limiter, idle=ctx.config.read, on_close=closed
         )

@@ -269,6 +269,43 @@ class FlowTests(TunnelMixin, unittest.TestCase):
         await close(c)
         await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
 
+    async def _endless_download_then_close(self, flow: str) -> None:
+        """The user of a relayed download from an endless source goes away:
+        both ends let go of the connection (TLS shutdown must not leave the
+        exit side pumping its target forever)."""
+        from tests.helpers import PushSender, listen_tcp
+
+        class Endless(Protocol):
+            def connectionMade(self):
+                self.sender = PushSender(self.transport)
+
+            def connectionLost(self, reason):
+                self.sender.stopProducing()
+
+        src, _ = listen_tcp(Endless)
+        self.addCleanup(src.stopListening)
+        self.tunnel_port = free_port()
+        entry = free_port()
+        if flow == "-":
+            server = await self.start_server(f"127.0.0.1:{entry}", "&mode=1&tls=1")
+            client = await self.start_client(f"127.0.0.1:{src.getHost().port}")
+        else:
+            server = await self.start_server(f"127.0.0.1:{src.getHost().port}", "&mode=0&tls=1")
+            client = await self.start_client(f"127.0.0.1:{entry}")
+        for _ in range(2):
+            c = await connect(entry)
+            await c.wait_bytes(4 * MiB)
+            await close(c)
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="both ends released")
+
+    @d
+    async def test_endless_download_closed_reverse(self):
+        await self._endless_download_then_close("-")
+
+    @d
+    async def test_endless_download_closed_forward(self):
+        await self._endless_download_then_close("+")
+
     @d
     async def test_proxy_header(self):
         """proxy=1 at the exit: PROXY v1 with the user's address first."""
