@@ -485,6 +485,31 @@ class ResilienceTests(TunnelMixin, unittest.TestCase):
         self.assertLessEqual(pool.idle_count() + pool.inflight, pool.capacity)
 
     @d
+    async def test_pool_errors_trigger_flush(self):
+        """Launches naming unknown pool IDs are pool errors at the exit; when
+        they exceed half its idle connections it flushes both pools (SPEC
+        §3.3) and the tunnel carries on."""
+        from nodepass import codec
+
+        server, client, entry, _ = await self.tunnel("-")
+        pool = client.runner.pool
+        await wait_for(lambda: pool.idle_count() >= 8, what="pool filled")
+        for i in range(20):  # as a confused or malicious entry might
+            server.runner.control.send(codec.tcp_launch("192.0.2.1:1000", f"{i:08x}"))
+        await wait_for(lambda: self.logged("client", "Pool errors (20) exceed half the idle connections"),
+                       timeout=6, what="flush decided")
+        await wait_for(lambda: self.logged("server", "Pool flushed on request"), what="flush signal received")
+        self.assertEqual(pool.errors, 0)
+        self.assertEqual(await echo_roundtrip(entry, b"after flush"), b"after flush")
+
+    @d
+    async def test_quic_pool_is_refused_clearly(self):
+        tport, _ = self.echo_targets()
+        self._service("server", f"server://127.0.0.1:{free_port()}/127.0.0.1:{tport}?quic=1&log=debug", FAST)
+        await wait_for(lambda: self.logged("server", "Server error: QUIC pool (quic=1) is not implemented"),
+                       what="clear error")
+
+    @d
     async def test_client_retries_while_server_down(self):
         self.tunnel_port = free_port()
         client = await self.start_client("127.0.0.1:9", wait=False)
