@@ -24,7 +24,7 @@ from nodepass.dialer import DNSCache
 from nodepass.instance import TunnelError
 from nodepass.pool import ClientPool
 from nodepass.tls import client_context_factory, peer_certificate_fingerprint
-from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
+from nodepass.tunnel import DualEndRunner, PoolEnd
 
 #: SPEC §4: the client reads the 4-byte pool ID within one minute.
 POOL_ID_TIMEOUT = 60.0

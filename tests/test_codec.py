@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import base64
-import os
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from nodepass import codec
@@ -18,7 +17,7 @@ from nodepass.control import LineBuffer
 from nodepass.logs import NodeLog
 from nodepass.pool import ServerPool
 from nodepass.relay import RelayEnd
-from tests.helpers import Client, connect
+from tests.helpers import connect
 
 
 class DefaultKeyTests(unittest.TestCase):

@@ -153,14 +153,18 @@ class TunnelMixin:
         return any(text in line for line in self.lines.get(name, []))
 
     def echo_targets(self):
-        tcp, _ = listen_echo()
+        """TCP and UDP echo servers on the same port (a target address serves
+        both protocols)."""
+        for _ in range(20):
+            tcp, _ = listen_echo()
+            port = tcp.getHost().port
+            if _udp_free(port):
+                break
+            tcp.stopListening()
         self.addCleanup(tcp.stopListening)
-        udp = listen_udp(UDPEcho(), port=tcp.getHost().port) if _udp_free(tcp.getHost().port) else None
-        if udp is None:
-            udp_echo = UDPEcho()
-            udp = listen_udp(udp_echo)
+        udp = listen_udp(UDPEcho(), port=port)
         self.addCleanup(udp.stopListening)
-        return tcp.getHost().port, udp.getHost().port
+        return port, port
 
     async def tunnel(self, flow: str, query: str = "", client_query: str = "", server_host: str = "127.0.0.1",
                      client_host: str = "127.0.0.1"):
