@@ -47,6 +47,9 @@ class SSEStream:
         self.queued = 0
         self.done: Deferred = Deferred()
         request.registerProducer(self, True)
+        # the channel only tells producers about *later* buffer changes
+        if getattr(request.channel, "_waitingForTransport", False):
+            self.paused = True
         request.notifyFinish().addBoth(lambda _: self._gone())
 
     # IPushProducer, driven by the HTTP channel's transport
