@@ -158,3 +158,22 @@ class SSETests(unittest.TestCase):
             self.assertEqual(ev["instance"]["id"], API_KEY_ID)
 
         return ensureDeferred(go())
+
+
+class SSEOverHTTPSTests(unittest.TestCase):
+    def test_stream_over_tls(self):
+        async def go():
+            master = await start_master(self, "tls=1")
+            api = Api(master, self)
+            sse = await SSEClient(api).connect()
+            self.assertEqual(await sse.block(), b"retry: 3000")
+            ev = await sse.event()
+            self.assertEqual((ev["type"], ev["instance"]["id"]), ("initial", API_KEY_ID))
+            code, inst, _ = await api.call("POST", "/instances", {"url": SINGLE})
+            ev = await sse.event(lambda d: d["type"] == "create")
+            self.assertEqual(ev["instance"]["id"], inst["id"])
+            await master.stopService()
+            await sse.event(lambda d: d["type"] == "shutdown")
+            await sse.closed()
+
+        return ensureDeferred(go())
