@@ -136,3 +136,31 @@ class StatusTests(unittest.TestCase):
             self.assertNotIn(rid, master.instances)
 
         return ensureDeferred(go())
+
+
+class InstanceLogTests(unittest.TestCase):
+    def test_lines_tagged_and_filtered_per_instance(self):
+        """Each instance logs at its own level; the master's output tags its
+        lines with the instance ID."""
+
+        async def go():
+            import io
+
+            from twisted.logger import globalLogPublisher
+
+            from nodepass.logs import NodePassObserver
+
+            out = io.StringIO()
+            observer = NodePassObserver(out, "info", colour=False)
+            globalLogPublisher.addObserver(observer)
+            self.addCleanup(globalLogPublisher.removeObserver, observer)
+            master = await start_master(self)
+            api = Api(master, self)
+            code, loud, _ = await api.call("POST", "/instances", {"url": "client://127.0.0.1:0/127.0.0.1:9?mode=1&log=info"})
+            code, quiet, _ = await api.call("POST", "/instances", {"url": "client://127.0.0.1:0/127.0.0.1:9?mode=1&log=error"})
+            await wait_for(lambda: master.instances[loud["id"]].started.called and master.instances[quiet["id"]].started.called)
+            text = out.getvalue()
+            self.assertRegex(text, r"\d\d:\d\d:\d\d\.\d{3}  INFO  \[%s\] Client started: " % loud["id"])
+            self.assertNotIn(f"[{quiet['id']}] Client started", text)
+
+        return ensureDeferred(go())
