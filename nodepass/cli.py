@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reactor.callWhenRunning(root.startService)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     reactor.run()
-    return 0
+    return root.exit_status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,6 +69,34 @@ class NodePassRoot(service.MultiService):
                 parent.setComponent(ILogObserver, self.observer)
         return super().setServiceParent(parent)
 
+    exit_status = 0
+
+    def startService(self) -> None:
+        super().startService()
+        for child in self:
+            ready = getattr(child, "ready", None)
+            if ready is not None:
+                ready.addErrback(self._start_failed)
+
+    def _start_failed(self, failure) -> None:
+        """A master that cannot serve (port in use, unreadable state) must not
+        linger as a process with no API: stop with a non-zero status.  The
+        master has already logged ``Master error: ...``."""
+        from twisted.internet import reactor
+
+        self.exit_status = 1
+        # Under twistd this can fire while the reactor is still starting up
+        # (reactor.running is not yet true): stop from the main loop.
+        reactor.callLater(0, self._exit_failed, reactor)
+
+    def _exit_failed(self, reactor) -> None:
+        if getattr(self, "under_twistd", False):
+            # twistd has no way to report a failure status after the reactor
+            # stopped cleanly; leave once shutdown has finished.
+            reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        if reactor.running:
+            reactor.stop()
+
     def stopService(self):
         d = super().stopService()
 
@@ -117,9 +145,9 @@ def application_for(url: str, state_dir: Optional[str] = None) -> service.Applic
     config = parse_url(url)
     application = service.Application("nodepass")
     observer = NodePassObserver(lambda: sys.__stdout__, config.log)
-    build_service(config, state_dir=state_dir, observer=observer).setServiceParent(
-        application
-    )
+    root = build_service(config, state_dir=state_dir, observer=observer)
+    root.under_twistd = True
+    root.setServiceParent(application)
     return application
 
 
@@ -139,4 +167,6 @@ def _twistd_observer(options: Options) -> NodePassObserver:
 
 
 def makeService(options: Options) -> service.IService:
-    return build_service(options["config"], state_dir=options["state-dir"], observer=_twistd_observer(options))
+    root = build_service(options["config"], state_dir=options["state-dir"], observer=_twistd_observer(options))
+    root.under_twistd = True
+    return root

@@ -124,3 +124,31 @@ class BadURLProcessTests(unittest.TestCase):
             self.assertIn("unknown scheme", proc.text())
 
         return defer.ensureDeferred(go())
+
+
+class MasterStartFailureTests(unittest.TestCase):
+    """A master that cannot serve exits non-zero instead of lingering."""
+
+    def setUp(self) -> None:
+        self.busy = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+        self.addCleanup(self.busy.stopListening)
+        self.url = f"master://127.0.0.1:{self.busy.getHost().port}/api"
+
+    def test_console_port_in_use(self):
+        async def go():
+            proc = spawn(self, ["-m", "nodepass.cli", "--state-dir", self.mktemp(), self.url])
+            status = await proc.ended
+            self.assertEqual(status, 1, proc.text())
+            self.assertRegex(proc.text(), "(?m)" + LINE + "Master error: ")
+
+        return defer.ensureDeferred(go())
+
+    def test_twistd_port_in_use(self):
+        async def go():
+            argv = ["-c", TWISTD, "-n", "--pidfile=", "nodepass", "--state-dir", self.mktemp(), self.url]
+            proc = spawn(self, argv)
+            status = await proc.ended
+            self.assertEqual(status, 1, proc.text())
+            self.assertIn("Master error: ", proc.text())
+
+        return defer.ensureDeferred(go())
