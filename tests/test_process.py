@@ -136,7 +136,7 @@ class MasterStartFailureTests(unittest.TestCase):
 
     def test_console_port_in_use(self):
         async def go():
-            proc = spawn(self, ["-m", "nodepass.cli", "--state-dir", self.mktemp(), self.url])
+            proc = spawn(self, ["-m", "nodepass.cli", "--state-dir", os.path.abspath(self.mktemp()), self.url])
             status = await proc.ended
             self.assertEqual(status, 1, proc.text())
             self.assertRegex(proc.text(), "(?m)" + LINE + "Master error: ")
@@ -145,7 +145,7 @@ class MasterStartFailureTests(unittest.TestCase):
 
     def test_twistd_port_in_use(self):
         async def go():
-            argv = ["-c", TWISTD, "-n", "--pidfile=", "nodepass", "--state-dir", self.mktemp(), self.url]
+            argv = ["-c", TWISTD, "-n", "--pidfile=", "nodepass", "--state-dir", os.path.abspath(self.mktemp()), self.url]
             proc = spawn(self, argv)
             status = await proc.ended
             self.assertEqual(status, 1, proc.text())
