@@ -27,6 +27,7 @@ from nodepass.control import ControlChannel
 from nodepass.dialer import TargetGroup
 from nodepass.instance import Runner, TunnelError
 from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
+from nodepass.splicing import try_splice
 from nodepass.udp import UDPSessionListener, open_target_udp
 
 
@@ -489,6 +490,8 @@ class DualEndRunner(Runner):
         )
         self.relays.add(relay)
         relay.start()
+        if not self.tls_code:
+            try_splice(relay)
 
     def entry_wait(self) -> Optional[Deferred]:
         """Hook: a Deferred to wait on before the entry takes pool
@@ -642,6 +645,10 @@ class DualEndRunner(Runner):
         if self.pool is not None:
             self.pool.close()
         for relay in list(self.relays):
+            # Abort: a graceful close would wait for a stalled peer to read.
+            for end in (relay.target, relay.tunnel):
+                if not end.lost and end.transport is not None:
+                    end.transport.abortConnection()
             relay.close()
         for bridge in list(self.udp_bridges):
             if bridge.target is not None:

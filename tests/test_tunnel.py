@@ -261,17 +261,52 @@ class FlowTests(TunnelMixin, unittest.TestCase):
     async def test_forward_tls1(self):
         await self._both("+", 1)
 
-    @d
-    async def test_large_transfer_sha256(self):
-        """16 MiB each way through a TLS tunnel arrive intact."""
-        server, client, entry, _ = await self.tunnel("-", "&tls=1")
+    async def _large_transfer(self, tls: int) -> None:
+        """16 MiB each way arrive intact (tls=0 relays with splice(2), tls=1
+        through the TLS fast path)."""
+        server, client, entry, _ = await self.tunnel("-", f"&tls={tls}")
         payload = os.urandom(16 * MiB)
         c = await connect(entry, protocol_class=HashingClient)
         c.transport.write(payload)
         digest = await c.wait_bytes(len(payload), timeout=60)
         self.assertEqual(digest, hashlib.sha256(payload).hexdigest())
+        self.assertEqual(client.stats.tcp_tx, len(payload))  # written to the echo target
+        self.assertEqual(client.stats.tcp_rx, len(payload))
         await close(c)
         await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+
+    @d
+    async def test_large_transfer_sha256_plain(self):
+        await self._large_transfer(0)
+
+    @d
+    async def test_large_transfer_sha256_tls(self):
+        await self._large_transfer(1)
+
+    @d
+    async def test_backpressure_through_tunnel(self):
+        """A target that never reads stops the user's sender: nothing in the
+        tunnel buffers without bound."""
+        from tests.helpers import PushSender, Stalled, listen_tcp
+
+        stalled, _ = listen_tcp(Stalled)
+        self.addCleanup(stalled.stopListening)
+        self.tunnel_port = free_port()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", "&mode=1")
+        await self.start_client(f"127.0.0.1:{stalled.getHost().port}")
+        c = await connect(entry)
+        sender = PushSender(c.transport)
+        self.addCleanup(sender.stopProducing)
+        await wait_for(lambda: sender.paused, timeout=10, what="sender pushed back")
+        await sleep(0.5)
+        written = sender.written
+        await sleep(0.5)
+        self.assertLess(sender.written - written, 4 * MiB)  # stays (nearly) stopped
+        self.assertLess(written, 64 * MiB)  # socket and pipe buffers only
+        sender.stopProducing()
+        c.transport.abortConnection()  # a clean close would wait for the stalled target
+        await c.lost
 
     async def _endless_download_then_close(self, flow: str) -> None:
         """The user of a relayed download from an endless source goes away:

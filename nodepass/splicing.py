@@ -1,0 +1,171 @@
+"""Zero-copy relaying of plain TCP pairs with Linux ``splice(2)``.
+
+A relayed byte normally crosses user space twice per process: ``recv`` into
+a Python buffer, ``send`` out of it.  For a pair of plain TCP sockets the
+kernel can move the data itself: ``splice`` from the source socket into a
+pipe, and from the pipe into the destination socket.  Each direction of a
+spliced pair gets its own pipe.
+
+Flow control stays Twisted's: while the pipe holds bytes the destination
+did not take, the source stops reading (a ``PauseGate`` reason) and the
+destination watches for writability; the destination's own Twisted buffer
+(early data, a PROXY header) always goes out first, and a destination asked
+to close does so only once its pipe is empty.
+
+Used for dual-end tunnel relays without a rate limit or idle timeout (those
+need to see each chunk); everything else keeps the relay core's path.
+Set ``NP_NO_SPLICE=1`` to turn it off.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from twisted.internet import main
+
+from nodepass.relay import Relay, RelayEnd
+
+AVAILABLE = hasattr(os, "splice") and hasattr(os, "pipe2")
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+CHUNK = 1 << 20
+
+
+def _twisted_buffered(transport) -> bool:
+    return bool(transport._tempDataLen or len(transport.dataBuffer) > transport.offset)
+
+
+class _Direction:
+    """Bytes from ``src`` to ``dst`` through one pipe."""
+
+    __slots__ = ("src", "dst", "r", "w", "pending", "count", "_orig_write")
+
+    def __init__(self, src: RelayEnd, dst: RelayEnd, count):
+        self.src = src
+        self.dst = dst
+        self.count = count
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default 64 KiB pipe still works, just more calls
+        self.pending = 0
+        self._orig_write = None
+
+    def install(self) -> None:
+        src_t, dst_t = self.src.transport, self.dst.transport
+        src_fd = src_t.fileno()
+        dst_fd = dst_t.fileno()
+        splice, flags, w, r = os.splice, _FLAGS, self.w, self.r
+        count = self.count
+        gate = self.src.gate
+
+        def push() -> None:
+            """Move what the pipe holds into ``dst`` (in order after any
+            bytes Twisted still buffers for it)."""
+            if _twisted_buffered(dst_t):
+                gate.pause("pipe")
+                dst_t.startWriting()
+                return
+            pending = self.pending
+            while pending:
+                try:
+                    pending -= splice(r, dst_fd, pending, flags=flags)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    pending = 0  # dst is gone; its connectionLost follows
+            self.pending = pending
+            if pending:
+                gate.pause("pipe")
+                dst_t.startWriting()
+            else:
+                gate.resume("pipe")
+
+        def do_read():
+            if self.pending:
+                return None
+            try:
+                n = splice(src_fd, w, CHUNK, flags=flags)
+            except BlockingIOError:
+                return None
+            except OSError:
+                return main.CONNECTION_LOST
+            if not n:
+                return main.CONNECTION_DONE
+            count(n)
+            self.pending = n
+            push()
+            return None
+
+        orig_write = dst_t.doWrite
+
+        def do_write():
+            if _twisted_buffered(dst_t):
+                result = orig_write()
+                if result is not None or _twisted_buffered(dst_t):
+                    return result
+            if self.pending:
+                push()
+                if self.pending:
+                    dst_t.startWriting()
+                    return None
+            # Nothing of ours left: Twisted's own bookkeeping (stop writing,
+            # resume its producer, finish a requested close).
+            return orig_write()
+
+        src_t.doRead = do_read
+        dst_t.doWrite = do_write
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def try_splice(relay: Relay) -> bool:
+    """Switch a started relay of two plain TCP sockets to ``splice``.
+    Returns False (relay untouched) when it does not apply."""
+    if not AVAILABLE or os.environ.get("NP_NO_SPLICE") or relay.limiter is not None or relay.idle or relay.udp:
+        return False
+    a, b = relay.target, relay.tunnel
+    if relay._closed or a.lost or b.lost:
+        return False
+    from nodepass.relay import _plain_tcp
+
+    if not (_plain_tcp(a.transport) and _plain_tcp(b.transport)):
+        return False
+    stats = relay.stats
+
+    def rx(n: int) -> None:  # read from the target side
+        stats.tcp_rx += n
+
+    def tx(n: int) -> None:  # written to the target side
+        stats.tcp_tx += n
+
+    try:
+        up = _Direction(a, b, rx)
+    except OSError:
+        return False
+    try:
+        down = _Direction(b, a, tx)
+    except OSError:
+        up.close()
+        return False
+    up.install()
+    down.install()
+    lost = []
+
+    def one_lost(_reason) -> None:
+        lost.append(1)
+        if len(lost) == 2:
+            up.close()
+            down.close()
+
+    a.on_lost(one_lost)
+    b.on_lost(one_lost)
+    return True
