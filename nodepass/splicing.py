@@ -31,6 +31,9 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 20
+#: A relay switches to splice this long after it starts (callers schedule
+#: it), so request/answer connections never pay for the pipes.
+DELAY = 0.05
 
 
 def _twisted_buffered(transport) -> bool:

@@ -27,7 +27,7 @@ from nodepass.control import ControlChannel
 from nodepass.dialer import TargetGroup
 from nodepass.instance import Runner, TunnelError
 from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
-from nodepass.splicing import try_splice
+from nodepass import splicing
 from nodepass.udp import UDPSessionListener, open_target_udp
 
 
@@ -473,10 +473,13 @@ class DualEndRunner(Runner):
     # -- TCP --------------------------------------------------------------
     def _splice(self, target: RelayEnd, tunnel: RelayEnd) -> None:
         ctx = self.ctx
+        later = []
 
         def closed():
             self.relays.discard(relay)
             ctx.stats.release_tcp()
+            if later and later[0].active():
+                later[0].cancel()
 
         for end in (target, tunnel):
             _big_reads(end.transport)
@@ -490,8 +493,11 @@ class DualEndRunner(Runner):
         )
         self.relays.add(relay)
         relay.start()
-        if not self.tls_code:
-            try_splice(relay)
+        if not self.tls_code and splicing.AVAILABLE and not relay._closed:
+            # Short exchanges are over before this fires (setting up two
+            # pipes would cost them more than it saves); bulk transfers
+            # move to splice(2) from here on.
+            later.append(ctx.reactor.callLater(splicing.DELAY, splicing.try_splice, relay))
 
     def entry_wait(self) -> Optional[Deferred]:
         """Hook: a Deferred to wait on before the entry takes pool
