@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
 from OpenSSL._util import ffi as _ffi, lib as _lib
 from OpenSSL.SSL import WantReadError as SSLWantReadError
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
@@ -117,20 +118,42 @@ def _fast_tls(end: RelayEnd) -> None:
     # One SSL_write takes a whole chunk (the memory BIO never blocks).
     _lib.SSL_clear_mode(ssl_ptr, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     raw = tls.transport
+    # The TCP connection under the TLS layer, written to directly when
+    # Twisted holds nothing for it (server side: the connection startTLS ran
+    # on, whose own write() would encrypt again; client side: the transport
+    # connectSSL wrapped).
+    sock_conn = end.transport if getattr(end.transport, "TLS", False) else raw
+    sock = getattr(sock_conn, "socket", None)
+    fd_write = FileDescriptor.write
     slow_write = tls.write
     slow_received = tls.dataReceived
     ssl_write, ssl_read, bio_read = _lib.SSL_write, _lib.SSL_read, _lib.BIO_read
     from_buffer, buffer = _ffi.from_buffer, _ffi.buffer
 
     def drain() -> None:
-        out = []
         while True:
             n = bio_read(out_bio, wbuf, size)
             if n <= 0:
-                break
-            out.append(buffer(wbuf, n)[:])
-        if out:
-            raw.write(out[0] if len(out) == 1 else b"".join(out))
+                return
+            view = buffer(wbuf, n)
+            if (
+                sock is not None
+                and not sock_conn._tempDataLen
+                and sock_conn.offset == len(sock_conn.dataBuffer)
+                and sock_conn.connected
+                and not sock_conn.disconnecting
+            ):
+                try:
+                    sent = sock.send(view)
+                except OSError:
+                    sent = 0  # EAGAIN, or an error the normal path reports
+                if sent == n:
+                    continue
+                view = view[sent:]
+            if sock is not None:
+                fd_write(sock_conn, bytes(view))  # under TLS: no re-encryption
+            else:
+                raw.write(bytes(view))
 
     def write(data) -> None:
         if tls.disconnecting or tls._lostTLSConnection or tls._appSendBuffer or len(data) > 0x7FFFFFFF:
@@ -157,7 +180,10 @@ def _fast_tls(end: RelayEnd) -> None:
                 break
             got += n
         if got and not tls._aborted:
-            end.dataReceived(buffer(rbuf, got)[:])
+            # A view of the shared buffer: the relay sends or copies it
+            # before returning (RelayEnd only keeps data before a splice,
+            # and this path is installed at splice time).
+            end.dataReceived(memoryview(buffer(rbuf, got)))
         # No more records: find out why through pyOpenSSL (want-read is the
         # normal case; close_notify and errors go to Twisted's handling).
         try:
