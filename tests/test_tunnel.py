@@ -346,6 +346,23 @@ class FlowTests(TunnelMixin, unittest.TestCase):
         await self._endless_download_then_close("+")
 
     @d
+    async def test_ipv6_tunnel(self):
+        """Tunnel and entry on ::1 (pool connections from the control IP ::1)."""
+        from tests.helpers import ipv6_available
+
+        self.assertTrue(ipv6_available(), "this test needs ::1")
+        tport, _ = self.echo_targets()
+        self.tunnel_port = free_port("::1")
+        entry = free_port("::1")
+        await self.start_server(f"[::1]:{entry}", "&mode=1&tls=1", host="[::1]", port=self.tunnel_port)
+        await self.start_client(f"127.0.0.1:{tport}", host="[::1]")
+        c = await connect(entry, host="::1")
+        c.transport.write(b"over v6")
+        self.assertEqual(await c.wait_bytes(7), b"over v6")
+        await close(c)
+        self.assertTrue(self.logged("server", "Tunnel connection: client [::1]:"))
+
+    @d
     async def test_proxy_header(self):
         """proxy=1 at the exit: PROXY v1 with the user's address first."""
         from tests.helpers import Sink, listen_tcp
