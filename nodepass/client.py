@@ -23,7 +23,7 @@ from nodepass.control import LineBuffer
 from nodepass.dialer import DNSCache
 from nodepass.instance import TunnelError
 from nodepass.pool import ClientPool
-from nodepass.tls import client_context_factory, peer_certificate_fingerprint
+from nodepass.tls import ResumingClient, client_context_factory, peer_certificate_fingerprint
 from nodepass.tunnel import DualEndRunner, PoolEnd
 
 #: SPEC §4: the client reads the 4-byte pool ID within one minute.
@@ -241,7 +241,7 @@ class ClientRunner(DualEndRunner):
         if not self.tls_code:
             return None
         if getattr(self, "_ctx_cache", None) is None:
-            self._ctx_cache = client_context_factory(self.tls_code, self.ctx.config.tunnel.host)
+            self._ctx_cache = ResumingClient(client_context_factory(self.tls_code, self.ctx.config.tunnel.host))
         return self._ctx_cache
 
     def _dial_pool(self) -> Deferred:
@@ -259,7 +259,10 @@ class ClientRunner(DualEndRunner):
             conn.connector = reactor.connectTCP(ip, port, factory, timeout=timeout)
         dialing = self._dialing
         dialing.add(conn)
-        return conn.ready.addBoth(_forget, dialing, conn)
+        d = conn.ready.addBoth(_forget, dialing, conn)
+        if tls_ctx is not None and tls_ctx.session is None:
+            d.addCallback(_remember_session, tls_ctx)
+        return d
 
     def check_pool(self) -> None:
         """Before each ping: drop pool connections whose ID is late (SPEC §4:
@@ -359,6 +362,14 @@ class _OneShot(ClientFactory):
     def clientConnectionFailed(self, connector, reason):
         if not self.made.called:
             self.made.errback(reason)
+
+
+def _remember_session(conn, creator: ResumingClient):
+    # The ID follows the server's session tickets, so the session is
+    # resumable by now.
+    if conn.transport is not None:
+        creator.remember(conn.transport)
+    return conn
 
 
 def _forget(result, dialing: set, conn) -> object:

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 from twisted.internet.ssl import TLSVersion
 
 from nodepass.logs import NodeLog
@@ -104,6 +106,9 @@ def _server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
         certificate=leaf,
         extraCertChain=chain or None,
         raiseMinimumTo=TLSVersion.TLSv1_3,
+        # TLS 1.3 session tickets: a client opening many pool connections
+        # resumes instead of repeating the certificate exchange.
+        enableSessionTickets=True,
     )
 
 
@@ -237,6 +242,38 @@ def client_context_factory(tls_code: int, hostname: str, trust_roots=None):
         trustRoot=root,
         extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3},
     )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ResumingClient:
+    """Wraps a client context (from :func:`client_context_factory`) so that
+    new connections resume the last TLS session the server issued a ticket
+    for.  A pool opens many short-lived connections to one server; resuming
+    skips the certificate exchange and its signature checks (the resumed
+    session keeps the verified peer certificate, so ``tls=2`` checks still
+    hold: a session only exists after a verified handshake)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.session = None
+
+    def clientConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        if IOpenSSLClientConnectionCreator.providedBy(self.inner):
+            conn = self.inner.clientConnectionForTLS(tls_protocol)
+        else:
+            conn = SSL.Connection(self.inner.getContext(), None)
+        if self.session is not None:
+            conn.set_session(self.session)
+        return conn
+
+    def remember(self, tls_transport) -> None:
+        """Keep the session of an established connection for the next."""
+        try:
+            session = tls_transport.getHandle().get_session()
+        except Exception:  # noqa: BLE001 - no session: nothing to resume
+            return
+        if session is not None:
+            self.session = session
 
 
 def peer_certificate_fingerprint(transport) -> str:
