@@ -413,6 +413,21 @@ class TLSVerifyTests(TunnelMixin, unittest.TestCase):
         await self._tls2("+")
 
     @d
+    async def test_pool_connections_resume_tls_sessions(self):
+        """After the first pool connection, the client resumes the server's
+        session ticket instead of a full handshake (still verified, tls=2)."""
+        from OpenSSL._util import lib
+
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        server, client, entry, _ = await self.tunnel("-", f"&tls=2&crt={crt}&key={key}", client_host="localhost")
+        for i in range(5):
+            self.assertEqual(await echo_roundtrip(entry, b"r%d" % i), b"r%d" % i)
+        pool = client.runner.pool
+        await wait_for(lambda: pool.idle_count() >= 8, what="pool refilled")
+        reused = [lib.SSL_session_reused(c.transport.getHandle()._ssl) for c in pool.idle.values()]
+        self.assertGreater(sum(reused), 0, reused)
+
+    @d
     async def test_wrong_host_name_refused(self):
         crt, key = make_leaf(self.dir, self.ca, self.ca_key, "other.example")
         tport, _ = self.echo_targets()
