@@ -33,9 +33,12 @@ _TW_LEVEL = {
     "error": LogLevel.error,
     "event": LogLevel.info,
 }
+# Twisted's own info events ("Starting factory ...", "(TCP Port 9090 Closed)")
+# describe plumbing, not the tunnel: they show at log=debug only, so an
+# operator's info-level output holds NodePass lines alone.
 _FROM_TW = {
     LogLevel.debug: "debug",
-    LogLevel.info: "info",
+    LogLevel.info: "debug",
     LogLevel.warn: "warn",
     LogLevel.error: "error",
     LogLevel.critical: "error",

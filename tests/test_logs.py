@@ -89,6 +89,13 @@ class FormatTests(unittest.TestCase):
         logger.warn("shown {x}", x=2)
         self.assertEqual([LINE.match(x).groups() for x in cap.lines()], [("WARN", "shown 2")])
 
+    def test_twisted_plumbing_only_at_debug(self) -> None:
+        info = Capture(self, level="info")
+        debug = Capture(self, level="debug")
+        Logger(namespace="tests").info("Starting factory {f}", f="x")
+        self.assertEqual(info.lines(), [])
+        self.assertEqual([LINE.match(x).groups() for x in debug.lines()], [("DEBUG", "Starting factory x")])
+
     def test_twisted_failure_has_traceback(self) -> None:
         cap = Capture(self)
         try:
