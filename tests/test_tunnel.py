@@ -523,6 +523,21 @@ class ResilienceTests(TunnelMixin, unittest.TestCase):
         self.assertTrue(self.logged("server", "access denied: 127.0.0.2:"))
 
     @d
+    async def test_first_valid_handshake_wins(self):
+        """Handshakes in flight when a client gets in are closed."""
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", "&mode=1", host="0.0.0.0")
+        pending = [await _connect_from("127.0.0.2", self.tunnel_port) for _ in range(3)]
+        for p in pending:
+            p.transport.write(b"QUJD")  # a line that never ends
+        await self.start_client(f"127.0.0.1:{tport}")
+        for p in pending:
+            await p.lost
+        self.assertTrue(self.logged("server", "(another client won the handshake)"))
+        self.assertEqual(await echo_roundtrip(entry, b"winner"), b"winner")
+
+    @d
     async def test_http_probe_before_handshake(self):
         tport, _ = self.echo_targets()
         await self.start_server(f"127.0.0.1:{tport}")
