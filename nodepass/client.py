@@ -175,6 +175,11 @@ class ClientRunner(DualEndRunner):
         self._last_tls_error = 0.0
         self._dialing: set = set()
         self._verify_gate: Optional[Deferred] = None
+        # Fingerprints of TLS pool connections that died idle before the
+        # verify signal came: a Go server closes the connection it names in
+        # that signal right after sending it, so the close may overtake it.
+        self._lost_fps: dict[str, str] = {}
+        self._verify_seen = False
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -260,9 +265,23 @@ class ClientRunner(DualEndRunner):
         dialing = self._dialing
         dialing.add(conn)
         d = conn.ready.addBoth(_forget, dialing, conn)
-        if tls_ctx is not None and tls_ctx.session is None:
-            d.addCallback(_remember_session, tls_ctx)
+        if tls_ctx is not None:
+            if tls_ctx.session is None:
+                d.addCallback(_remember_session, tls_ctx)
+            if not self._verify_seen:
+                d.addCallback(self._watch_for_verify)
         return d
+
+    def _watch_for_verify(self, conn: ClientPoolConn) -> ClientPoolConn:
+        conn.on_lost(lambda _reason: self._idle_lost(conn))
+        return conn
+
+    def _idle_lost(self, conn: ClientPoolConn) -> None:
+        if self._verify_seen or conn.relay is not None or len(self._lost_fps) >= 1024:
+            return
+        fp = peer_certificate_fingerprint(conn.transport)
+        if fp and conn.pool_id:
+            self._lost_fps[conn.pool_id] = fp
 
     def check_pool(self) -> None:
         """Before each ping: drop pool connections whose ID is late (SPEC §4:
@@ -314,6 +333,12 @@ class ClientRunner(DualEndRunner):
 
     async def _verify_conn(self, sig) -> None:
         ctx = self.ctx
+        self._verify_seen = True
+        lost_fps, self._lost_fps = self._lost_fps, {}
+        if sig.id in lost_fps and sig.id not in self.pool.idle:
+            # Already closed by the server (Go does that): still log it.
+            ctx.log.info("TLS cert verified: %s", lost_fps[sig.id])
+            return
         _, conn = await self.pool.outgoing_get(sig.id, ctx.tunables.pool_get_timeout)
         fp = peer_certificate_fingerprint(conn.transport)
         if fp:

@@ -89,8 +89,15 @@ class Signal:
 
     def payload(self) -> str:
         if self.host or self.id:
-            return f"np://{self.host}/{path_escape(self.id)}#{self.kind}"
+            return f"np://{host_escape(self.host)}/{path_escape(self.id)}#{self.kind}"
         return f"np:#{self.kind}"
+
+
+def host_escape(host: str) -> str:
+    """The host part as Go's ``url.URL.String`` writes it: of the characters
+    an ``ip:port`` can hold only ``%`` (an IPv6 zone, ``[fe80::1%eth0]``)
+    is escaped, to ``%25``; a Go peer's ``url.Parse`` rejects a bare one."""
+    return host.replace("%", "%25") if "%" in host else host
 
 
 def tcp_launch(origin: str, pool_id: str) -> str:
@@ -123,13 +130,21 @@ def parse_signal(payload: Union[bytes, str]) -> Signal:
     rest, hash_, fragment = payload[3:].partition("#")
     if not hash_:
         raise CodecError(f"signal without fragment: {payload[:64]!r}")
-    host = pool_id = ""
+    # Parsed the way Go's url.Parse reads it: a query is not part of the
+    # path, and a URL without "//" (``np:ID#0``, as newer Go peers write
+    # signals that carry only an ID) has the ID as its opaque part -- an
+    # unknown fragment then, ignored by the caller.  Launch and verify
+    # signals need their address, so without one they are malformed.
+    rest = rest.partition("?")[0]
+    host = ""
     if rest.startswith("//"):
         host, _, path = rest[2:].partition("/")
-        pool_id = unquote(path)
-    elif rest:
-        raise CodecError(f"malformed signal URL: {payload[:64]!r}")
-    return Signal(fragment, host, pool_id)
+        host = unquote(host) if "%" in host else host
+    elif fragment in (TCP_LAUNCH, UDP_LAUNCH, VERIFY):
+        raise CodecError(f"signal without an address: {payload[:64]!r}")
+    else:
+        path = rest
+    return Signal(fragment, host, unquote(path))
 
 
 @attrs.frozen

@@ -160,9 +160,10 @@ class TunnelPortProtocol(PoolEnd):
             ).encode("ascii")
             self.transport.write(head + body)
         else:
+            # The exact bytes a Go NodePass server sends: no body.
             self.transport.write(
-                b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nContent-Type: text/plain\r\n"
-                b"Content-Length: 19\r\nConnection: close\r\n\r\nMethod Not Allowed\n"
+                b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\n"
+                b"Content-Length: 0\r\nConnection: close\r\n\r\n"
             )
         self.runner.ctx.log.debug("HTTP probe %s from %s answered", method.decode("latin-1"), self.peer)
         self.transport.loseConnection()
