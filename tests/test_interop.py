@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -25,7 +26,7 @@ from OpenSSL import crypto
 
 from nodepass import codec
 from nodepass.tls import generate_self_signed
-from tests.helpers import close, connect, free_port, wait_for
+from tests.helpers import Client, close, connect, free_port, wait_for
 from tests.test_tunnel import FAST, TunnelMixin, d
 
 KEY = b"s3cret"
@@ -92,6 +93,51 @@ class GoClientAgainstOurServer(TunnelMixin, unittest.TestCase):
         self.assertEqual(await pool.wait_bytes(4 + 9), raw_id + b"from user")
         pool.transport.write(b"from exit")
         self.assertEqual(await user.wait_bytes(9), b"from exit")
+
+    @d
+    async def test_tls1_pool_id_after_handshake_and_verify_signal(self):
+        """tls=1: control stays plain; a pool connection gets TLS 1.3, then
+        exactly 4 raw bytes; the verify signal names it with the client's
+        control address, as Go writes RemoteAddr().String()."""
+        port = free_port()
+        self.tunnel_port = port
+        svc = self._service("server", f"server://{KEY.decode()}@127.0.0.1:{port}/127.0.0.1:{free_port()}"
+                                      "?log=debug&mode=1&max=100&tls=1", FAST)
+        await svc.started
+        ctrl = await connect(port)
+        self.addCleanup(close, ctrl)
+        ctrl.transport.write(go_line(KEY))
+        await wait_for(lambda: b"\n" in ctrl.data(), what="handshake answer")
+        self.assertEqual(lines_of(ctrl.data())[0], go_line(b"np://0@100/-#1"))
+
+        got: Deferred = Deferred()
+
+        @implementer(IHandshakeListener)
+        class GoPool(Client):
+            def handshakeCompleted(self):
+                got.callback(self)
+
+        class F(ClientFactory):
+            noisy = False
+
+            def buildProtocol(self, addr):
+                return GoPool()
+
+        # Go's tls=1 client: TLS 1.3, no verification, no SNI, no ALPN.
+        reactor.connectSSL("127.0.0.1", port, F(),
+                           CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_3))
+        pool = await got
+        self.addCleanup(close, pool)
+        raw_id = await pool.wait_bytes(4)
+        self.assertEqual(len(raw_id), 4)
+        peer = pool.transport.getPeerCertificate()
+        digest = hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer)).hexdigest().upper()
+        fp = "sha256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2))
+        here = ctrl.transport.getHost()
+        verify = go_line(f"np://127.0.0.1:{here.port}/{raw_id.hex()}#v".encode())
+        await wait_for(lambda: verify in lines_of(ctrl.data()), what="verify signal")
+        self.assertTrue(self.logged("server", "TLS cert verified: " + fp))
+        self.assertEqual(pool.data(), raw_id)  # nothing else on the pool connection
 
     @d
     async def test_ip_probe_exact_bytes(self):
