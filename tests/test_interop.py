@@ -140,6 +140,37 @@ class GoClientAgainstOurServer(TunnelMixin, unittest.TestCase):
         self.assertEqual(pool.data(), raw_id)  # nothing else on the pool connection
 
     @d
+    async def test_forward_flow_go_client_entry_tcp_and_udp(self):
+        """Flow "+": the Go client is the entry.  It writes user bytes on the
+        pool connection right after its launch signal; on another socket
+        they can arrive first, which the worst case here replays."""
+        tport, uport = self.echo_targets()
+        port = free_port()
+        self.tunnel_port = port
+        svc = self._service("server", f"server://{KEY.decode()}@127.0.0.1:{port}/127.0.0.1:{tport}"
+                                      "?log=debug&mode=2&max=100", FAST)
+        await svc.started
+        ctrl = await connect(port)
+        self.addCleanup(close, ctrl)
+        ctrl.transport.write(go_line(KEY))
+        await wait_for(lambda: b"\n" in ctrl.data(), what="handshake answer")
+        self.assertEqual(lines_of(ctrl.data())[0], go_line(b"np://0@100/+#0"))
+
+        tcp = await connect(port)
+        self.addCleanup(close, tcp)
+        tcp_id = (await tcp.wait_bytes(4)).hex()
+        tcp.transport.write(b"user bytes first")
+        ctrl.transport.write(go_line(f"np://127.0.0.1:50000/{tcp_id}#1".encode()))
+        self.assertEqual(await tcp.wait_bytes(4 + 16), bytes.fromhex(tcp_id) + b"user bytes first")
+
+        udp = await connect(port)
+        self.addCleanup(close, udp)
+        udp_id = (await udp.wait_bytes(4)).hex()
+        ctrl.transport.write(go_line(f"np://127.0.0.1:50001/{udp_id}#2".encode()))
+        udp.transport.write(b"one datagram")  # raw, no length prefix
+        self.assertEqual(await udp.wait_bytes(4 + 12), bytes.fromhex(udp_id) + b"one datagram")
+
+    @d
     async def test_ip_probe_exact_bytes(self):
         port = free_port()
         self.tunnel_port = port
@@ -196,7 +227,15 @@ class _GoPoolConn(Protocol):
         self.fake = fake
 
     def connectionMade(self):
-        self.transport.startTLS(self.fake.tls)
+        if self.fake.tls is None:
+            self.handshakeCompleted()
+        else:
+            self.transport.startTLS(self.fake.tls)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    received = b""
 
     def handshakeCompleted(self):
         self.pool_id = os.urandom(4)
@@ -207,7 +246,7 @@ class _GoPoolConn(Protocol):
 class _FakeGoServer(Factory):
     noisy = False
 
-    def __init__(self, config: bytes):
+    def __init__(self, config: bytes, tls: bool = True):
         self.config = config
         self.control = None
         self.received: list[bytes] = []
@@ -220,7 +259,7 @@ class _FakeGoServer(Factory):
             privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem),
             certificate=crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem),
             raiseMinimumTo=TLSVersion.TLSv1_3,
-        )
+        ) if tls else None
 
     def buildProtocol(self, addr):
         return _GoControl(self) if self.control is None else _GoPoolConn(self)
@@ -254,6 +293,31 @@ class OurClientAgainstGoServer(TunnelMixin, unittest.TestCase):
         await wait_for(lambda: self.logged("client", "TLS cert verified: " + fake.fingerprint),
                        timeout=1.5, what="the verified fingerprint logged")
         self.assertFalse(self.logged("client", "TLS verify signal failed"))
+
+
+    @d
+    async def test_exit_for_go_server_launches(self):
+        """tls=0, flow "-": our client is the exit of a Go server's TCP and
+        UDP launches (raw bytes both ways on the named pool connections)."""
+        tport, uport = self.echo_targets()
+        fake = _FakeGoServer(b"np://0@1024/-#0", tls=False)
+        listener = reactor.listenTCP(0, fake, interface="127.0.0.1")
+        self.addCleanup(listener.stopListening)
+        self.tunnel_port = listener.getHost().port
+        client = await self.start_client(f"127.0.0.1:{tport}", "&min=2", key=KEY.decode(), wait=False)
+        self.addCleanup(lambda: [c.transport.loseConnection() for c in fake.pool.values()])
+        self.addCleanup(lambda: fake.control and fake.control.transport.loseConnection())
+        await client.started
+        runner = client.runner
+        await wait_for(lambda: sum(i in runner.pool.idle for i in fake.pool) >= 2, what="two idle pool connections")
+        tcp_id, udp_id = [i for i in fake.pool if i in runner.pool.idle][:2]
+        tcp, udp = fake.pool[tcp_id], fake.pool[udp_id]
+        fake.control.send(f"np://[2001:db8::7]:40000/{tcp_id}#1".encode())
+        tcp.transport.write(b"tcp payload")
+        await wait_for(lambda: tcp.received == b"tcp payload", what="TCP echo through our exit")
+        fake.control.send(f"np://203.0.113.9:40001/{udp_id}#2".encode())
+        udp.transport.write(b"udp payload")
+        await wait_for(lambda: udp.received == b"udp payload", what="UDP echo through our exit")
 
 
 class GoURLFormatting(unittest.TestCase):
