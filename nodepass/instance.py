@@ -10,6 +10,7 @@ as the service runs.  The master runs many of these in one reactor; the
 
 from __future__ import annotations
 
+import abc
 from typing import Callable, Optional
 
 import attrs
@@ -40,7 +41,7 @@ class InstanceContext:
     report: Callable[[int, int], None]  # (ping_ms, pool) -> emit CHECK_POINT
 
 
-class Runner:
+class Runner(abc.ABC):
     """Base of the mode-specific runners.
 
     ``start()`` brings the mode up (raises on failure); ``failed`` fires with
@@ -58,11 +59,13 @@ class Runner:
         if not self.failed.called:
             self.failed.errback(TunnelError(message))
 
+    @abc.abstractmethod
     async def start(self) -> None:
-        raise NotImplementedError
+        """Bring the mode up; raise to report a start failure."""
 
+    @abc.abstractmethod
     async def stop(self) -> None:
-        raise NotImplementedError
+        """Tear everything down; idempotent."""
 
     def pool_idle(self) -> int:
         return 0
