@@ -52,6 +52,21 @@ def _plain_tcp(transport) -> bool:
     return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False) and hasattr(transport, "socket")
 
 
+# How a relay writes to one end: a plain TCP socket is written directly
+# (:func:`_write_through`); a transport marked ``takes_views`` (the TLS fast
+# path of ``nodepass.tlsrelay``, which encrypts a chunk before returning) is
+# given the view of the shared read buffer as is; anything else gets a copy.
+_COPY, _PLAIN, _VIEWS = "copy", "plain", "views"
+
+
+def _write_mode(transport) -> str:
+    if _plain_tcp(transport):
+        return _PLAIN
+    if getattr(transport, "takes_views", False):
+        return _VIEWS
+    return _COPY
+
+
 def _write_through(transport, data) -> None:
     """Write ``data`` (bytes or a view of the shared read buffer) on a plain
     TCP transport, socket first when nothing is queued ahead of it."""
@@ -268,8 +283,8 @@ class Relay:
         self._closed = False
         self._timer = None
         self._rate_calls: dict = {}
-        self._through_target = False
-        self._through_tunnel = False
+        self._through_target = _COPY
+        self._through_tunnel = _COPY
         now = clock.seconds()
         self._last_target = now
         self._last_tunnel = now
@@ -285,8 +300,11 @@ class Relay:
                 self.stats.tcp_rx += n
             if self.idle:
                 self._last_target = self.clock.seconds()
-            if self._through_tunnel:
+            through = self._through_tunnel
+            if through is _PLAIN:
                 _write_through(self.tunnel.transport, data)
+            elif through is _VIEWS:
+                self.tunnel.transport.write(data)
             else:
                 self.tunnel.transport.write(bytes(data))
         else:
@@ -296,8 +314,11 @@ class Relay:
                 self.stats.tcp_tx += n
             if self.idle:
                 self._last_tunnel = self.clock.seconds()
-            if self._through_target:
+            through = self._through_target
+            if through is _PLAIN:
                 _write_through(self.target.transport, data)
+            elif through is _VIEWS:
+                self.target.transport.write(data)
             else:
                 self.target.transport.write(bytes(data))
         limiter = self.limiter
@@ -335,10 +356,10 @@ class Relay:
         a.transport.registerProducer(b.gate, True)
         b.transport.registerProducer(a.gate, True)
         if not self.udp:
-            self._through_target = _plain_tcp(a.transport)
-            self._through_tunnel = _plain_tcp(b.transport)
-            for end, plain in ((a, self._through_target), (b, self._through_tunnel)):
-                if plain:
+            self._through_target = _write_mode(a.transport)
+            self._through_tunnel = _write_mode(b.transport)
+            for end, mode in ((a, self._through_target), (b, self._through_tunnel)):
+                if mode is _PLAIN:
                     end.transport.doRead = _fast_reader(self, end)
         for end in (a, b):
             early = end.take_early()

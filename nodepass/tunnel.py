@@ -35,12 +35,12 @@ def addr_text(addr) -> str:
     return join_host_port(addr.host, addr.port)
 
 
-def _big_reads(transport) -> None:
+def _big_reads(transport, size: int = RELAY_BUFFER_SIZE) -> None:
     """Large reads for relayed sockets (the TLS wrapper's socket included):
     fewer, bigger chunks keep the per-chunk Python cost small."""
     while transport is not None:
         if hasattr(transport, "bufferSize"):
-            transport.bufferSize = RELAY_BUFFER_SIZE
+            transport.bufferSize = size
         transport = getattr(transport, "transport", None)
 
 
@@ -347,12 +347,14 @@ class DualEndRunner(Runner):
             if later and later[0].active():
                 later[0].cancel()
 
+        fast = self.tls_code and not os.environ.get("NP_NO_FAST_TLS")
+        size = tlsrelay.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
         for end in (target, tunnel):
-            _big_reads(end.transport)
+            _big_reads(end.transport, size)
             _no_delay(end.transport)
         if self.tls_code:
             tlsrelay.release_on_tls_shutdown(tunnel)
-            if not os.environ.get("NP_NO_FAST_TLS"):
+            if fast:
                 tlsrelay.fast_tls(tunnel)
         relay = Relay(
             target, tunnel, ctx.stats, ctx.reactor, limiter=ctx.limiter, idle=ctx.config.read, on_close=closed
