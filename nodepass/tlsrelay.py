@@ -66,7 +66,10 @@ TLS_RELAY_BUFFER_SIZE = 1 << 20
 
 # Buffers for the TLS fast path: the reactor runs one callback at a time and
 # every byte is copied out before a call returns, so one pair is enough.
-_TLS_BUF_SIZE = 1 << 20
+# Twice the chunk size, so that a whole chunk's ciphertext (the chunk plus
+# 22 bytes per record) leaves in one ``send`` and a whole read's plaintext is
+# forwarded at once.
+_TLS_BUF_SIZE = 2 * TLS_RELAY_BUFFER_SIZE
 _tls_rbuf = None
 _tls_wbuf = None
 
