@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from OpenSSL._util import ffi as _ffi, lib as _lib
 from OpenSSL.SSL import WantReadError as SSLWantReadError
+from twisted.internet import main
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
@@ -72,6 +73,10 @@ TLS_RELAY_BUFFER_SIZE = 1 << 20
 _TLS_BUF_SIZE = 2 * TLS_RELAY_BUFFER_SIZE
 _tls_rbuf = None
 _tls_wbuf = None
+# Ciphertext is read from the socket into this buffer (instead of a new
+# ``bytes`` per read, whose 1 MiB allocations glibc keeps returning to the
+# kernel and faulting back in) and copied into the memory BIO at once.
+_tls_inbuf = None
 
 
 def fast_tls(end: RelayEnd) -> None:
@@ -86,7 +91,7 @@ def fast_tls(end: RelayEnd) -> None:
     errors, buffered writes, a closing connection) goes back to Twisted's own
     code, which stays in charge of the TLS lifecycle.  Flow control is
     unchanged: ciphertext still goes through the underlying transport."""
-    global _tls_rbuf, _tls_wbuf
+    global _tls_rbuf, _tls_wbuf, _tls_inbuf
     tls = tls_protocol(end)
     if tls is None or not tls._handshakeDone:
         return
@@ -98,6 +103,7 @@ def fast_tls(end: RelayEnd) -> None:
     if _tls_rbuf is None:
         _tls_rbuf = _ffi.new("char[]", _TLS_BUF_SIZE)
         _tls_wbuf = _ffi.new("char[]", _TLS_BUF_SIZE)
+        _tls_inbuf = memoryview(bytearray(_TLS_BUF_SIZE))
     rbuf, wbuf, size = _tls_rbuf, _tls_wbuf, _TLS_BUF_SIZE
     # One SSL_write takes a whole chunk (the memory BIO never blocks).
     _lib.SSL_clear_mode(ssl_ptr, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
@@ -154,7 +160,7 @@ def fast_tls(end: RelayEnd) -> None:
 
     def data_received(data) -> None:
         if tls._lostTLSConnection or tls._appSendBuffer:
-            slow_received(data)
+            slow_received(bytes(data))
             return
         conn.bio_write(data)
         got = 0
@@ -184,8 +190,28 @@ def fast_tls(end: RelayEnd) -> None:
             return
         drain()  # post-handshake messages may want an answer
 
+    inbuf = _tls_inbuf
+
+    def do_read():
+        """``Connection.doRead`` of the socket under the TLS layer, reading
+        into the shared buffer (``data_received`` copies it into the memory
+        BIO, or into a ``bytes`` on the slow path, before returning)."""
+        try:
+            n = recv_into(inbuf, min(sock_conn.bufferSize, _TLS_BUF_SIZE))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        tls.dataReceived(inbuf[:n])
+        return None
+
     tls.write = write
     tls.dataReceived = data_received
+    recv_into = getattr(sock, "recv_into", None)
+    if recv_into is not None and getattr(sock_conn, "protocol", None) is tls:
+        sock_conn.doRead = do_read
     # ``write`` is done with a chunk when it returns (encrypted, or copied on
     # the slow path), so the relay may hand it a view of its read buffer
     # instead of a copy (``nodepass.relay._write_mode``).
