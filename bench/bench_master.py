@@ -41,6 +41,9 @@ import http.client
 
 import psutil
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_single import free_port, wait_listening  # noqa: E402 - sibling script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,25 +54,6 @@ def pin(pid: int, cpu: int) -> None:
             os.sched_setaffinity(pid, {cpus[cpu % len(cpus)]})
     except (AttributeError, OSError):
         pass
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_listening(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def percentile(values: list[float], p: float) -> float:
