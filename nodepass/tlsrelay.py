@@ -75,8 +75,14 @@ _tls_rbuf = None
 _tls_wbuf = None
 # Ciphertext is read from the socket into this buffer (instead of a new
 # ``bytes`` per read, whose 1 MiB allocations glibc keeps returning to the
-# kernel and faulting back in) and copied into the memory BIO at once.
+# kernel and faulting back in); OpenSSL decrypts straight out of it through a
+# read-only memory BIO (see ``data_received``).
 _tls_inbuf = None
+
+
+def _mem_pending(bio) -> int:
+    """Bytes waiting in a memory BIO."""
+    return _lib.BIO_get_mem_data(bio, _ffi.new("char **"))
 
 
 def fast_tls(end: RelayEnd) -> None:
@@ -119,6 +125,9 @@ def fast_tls(end: RelayEnd) -> None:
     slow_received = tls.dataReceived
     ssl_write, ssl_read, bio_read = _lib.SSL_write, _lib.SSL_read, _lib.BIO_read
     from_buffer, buffer = _ffi.from_buffer, _ffi.buffer
+    new_mem_buf, set_mem_eof_return, set_bio = _lib.BIO_new_mem_buf, _lib.BIO_set_mem_eof_return, _lib.SSL_set_bio
+    bio_new, s_mem, get_mem_data, bio_write = _lib.BIO_new, _lib.BIO_s_mem, _lib.BIO_get_mem_data, _lib.BIO_write
+    left_ptr = _ffi.new("char **")
 
     def drain() -> None:
         while True:
@@ -162,13 +171,39 @@ def fast_tls(end: RelayEnd) -> None:
         if tls._lostTLSConnection or tls._appSendBuffer:
             slow_received(bytes(data))
             return
-        conn.bio_write(data)
         got = 0
-        while got < size - 16384:
-            n = ssl_read(ssl_ptr, rbuf + got, size - got)
-            if n <= 0:
-                break
-            got += n
+        fresh = _ffi.NULL if _mem_pending(conn._into_ssl) else bio_new(s_mem())
+        if fresh != _ffi.NULL:
+            # OpenSSL reads the ciphertext where it lies (a read-only memory
+            # BIO over ``data``) instead of a copy in the memory BIO, which
+            # is zero-filled as it grows; what it leaves goes into a fresh
+            # memory BIO, which pyOpenSSL and Twisted keep using.
+            with from_buffer(data) as cdata:
+                view_bio = new_mem_buf(cdata, len(data))
+                if view_bio == _ffi.NULL:
+                    _lib.BIO_free(fresh)
+                    raise MemoryError("BIO_new_mem_buf")
+                set_mem_eof_return(view_bio, -1)
+                set_bio(ssl_ptr, view_bio, out_bio)  # frees the empty ``into``
+                try:
+                    while got < size - 16384:
+                        n = ssl_read(ssl_ptr, rbuf + got, size - got)
+                        if n <= 0:
+                            break
+                        got += n
+                finally:
+                    left = get_mem_data(view_bio, left_ptr)
+                    if left > 0:
+                        bio_write(fresh, left_ptr[0], left)
+                    set_bio(ssl_ptr, fresh, out_bio)  # frees ``view_bio``
+                    conn._into_ssl = fresh
+        else:
+            conn.bio_write(data)
+            while got < size - 16384:
+                n = ssl_read(ssl_ptr, rbuf + got, size - got)
+                if n <= 0:
+                    break
+                got += n
         if got and not tls._aborted:
             # A view of the shared buffer: the relay sends or copies it
             # before returning (RelayEnd only keeps data before a splice,
@@ -194,8 +229,8 @@ def fast_tls(end: RelayEnd) -> None:
 
     def do_read():
         """``Connection.doRead`` of the socket under the TLS layer, reading
-        into the shared buffer (``data_received`` copies it into the memory
-        BIO, or into a ``bytes`` on the slow path, before returning)."""
+        into the shared buffer (``data_received`` is done with it, or has
+        copied what OpenSSL left, before returning)."""
         try:
             n = recv_into(inbuf, min(sock_conn.bufferSize, _TLS_BUF_SIZE))
         except (BlockingIOError, InterruptedError):
