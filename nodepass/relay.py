@@ -238,10 +238,12 @@ def proxy_v1_header(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
 
 
 class Relay:
-    """A spliced pair.  ``target`` is the end facing the user or the target
-    service -- the one whose bytes count as TCP RX (read from it) and TCP TX
-    (written to it); ``tunnel`` is the other end (pool connection, or in
-    single-end mode the dialled target... see callers)."""
+    """A spliced pair.  ``target`` is the target-side end whose bytes the
+    instance counts (SPEC §5): RX is what is read from it, TX what is written
+    to it.  At a dual-end entry that is the accepted user connection, at an
+    exit or in single-end mode the dialled target connection; ``tunnel`` is
+    the other end (the pool connection, or in single-end mode the accepted
+    user connection)."""
 
     __slots__ = (
         "target",
