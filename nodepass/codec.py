@@ -117,14 +117,19 @@ def simple(kind: str) -> str:
     return f"np:#{kind}"
 
 
+def _as_text(payload: Union[bytes, str], what: str) -> str:
+    if isinstance(payload, bytes):
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(f"{what} is not UTF-8") from None
+    return payload
+
+
 def parse_signal(payload: Union[bytes, str]) -> Signal:
     """Parse a signal URL.  Raises :class:`CodecError` when it is not an
     ``np:`` URL with a fragment."""
-    if isinstance(payload, bytes):
-        try:
-            payload = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError("signal is not UTF-8") from None
+    payload = _as_text(payload, "signal")
     if not payload.startswith("np:"):
         raise CodecError(f"not a signal URL: {payload[:64]!r}")
     rest, hash_, fragment = payload[3:].partition("#")
@@ -167,11 +172,7 @@ def handshake_config(pool_type: int, max_pool: int, flow: str, tls: int) -> str:
 def parse_handshake_config(payload: Union[bytes, str]) -> TunnelInfo:
     """Parse the server's config line; any empty or malformed part raises
     :class:`CodecError` (SPEC §3.2: the client rejects it)."""
-    if isinstance(payload, bytes):
-        try:
-            payload = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError("handshake answer is not UTF-8") from None
+    payload = _as_text(payload, "handshake answer")
     if not payload.startswith("np://"):
         raise CodecError(f"handshake answer is not an np:// URL: {payload[:64]!r}")
     rest, _, tls = payload[5:].partition("#")

@@ -217,7 +217,11 @@ class Client(Protocol):
         if self._want is not None and self.received >= self._want[0]:
             _, d = self._want
             self._want = None
-            d.callback(self.data())
+            d.callback(self._result())
+
+    def _result(self):
+        """What ``wait_bytes`` fires with."""
+        return self.data()
 
     def wait_bytes(self, n: int, timeout: float = 10.0) -> Deferred:
         """Fires with all data so far once at least ``n`` bytes arrived."""
@@ -251,11 +255,8 @@ class HashingClient(Client):
         self.received += len(data)
         self._check()
 
-    def _check(self) -> None:
-        if self._want is not None and self.received >= self._want[0]:
-            _, d = self._want
-            self._want = None
-            d.callback(self.sha.hexdigest())
+    def _result(self) -> str:
+        return self.sha.hexdigest()
 
     def data(self) -> bytes:
         return b""
