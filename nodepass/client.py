@@ -23,6 +23,7 @@ from nodepass.control import LineBuffer
 from nodepass.dialer import DNSCache
 from nodepass.instance import TunnelError
 from nodepass.pool import ClientPool
+from nodepass.quicpool import QuicPoolClient
 from nodepass.tls import ResumingClient, client_context_factory, peer_certificate_fingerprint
 from nodepass.tunnel import DualEndRunner, PoolEnd
 
@@ -180,6 +181,8 @@ class ClientRunner(DualEndRunner):
         # that signal right after sending it, so the close may overtake it.
         self._lost_fps: dict[str, str] = {}
         self._verify_seen = False
+        self.quic_client: Optional[QuicPoolClient] = None
+        self.quic_port = None
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -200,10 +203,18 @@ class ClientRunner(DualEndRunner):
             raise
         self.info = info
         ctx.log.info("Tunnel signal <- : %s <- %s", info.payload(), cfg.tunnel)
-        if info.pool_type != "0":
+        if info.pool_type not in ("0", "1"):
             proto.transport.loseConnection()
-            raise TunnelError(f"server asked for pool type {info.pool_type} (QUIC), which is not implemented here")
+            raise TunnelError(f"server asked for pool type {info.pool_type}, which this client does not know")
         self.flow, self.tls_code = info.flow, info.tls
+        if info.pool_type == "1":
+            # QUIC always encrypts: a server announcing tls 0 is treated as 1.
+            self.quic, self.tls_code = True, max(1, info.tls)
+            try:
+                self._open_quic()
+            except Exception:
+                proto.transport.loseConnection()
+                raise
         if self.tls_code and self.is_entry:
             self._verify_gate = Deferred()
         if self.is_entry:
@@ -231,6 +242,20 @@ class ClientRunner(DualEndRunner):
         if rest:
             control.data_received(rest)
 
+    def _open_quic(self) -> None:
+        ctx = self.ctx
+        self.quic_client = QuicPoolClient(
+            ctx.reactor,
+            ctx.log,
+            (self.server_ip, ctx.config.tunnel.port),
+            self.tls_code,
+            ctx.config.tunnel.host,
+            ctx.tunables.report_interval,
+        )
+        self.quic_port = ctx.reactor.listenUDP(
+            0, self.quic_client, interface="::" if ":" in self.server_ip else "", maxPacketSize=65535
+        )
+
     def _connect(self, proto, tls_ctx, timeout: float) -> Deferred:
         """Connect ``proto`` to the server; fires at connectionMade."""
         reactor = self.ctx.reactor
@@ -254,6 +279,8 @@ class ClientRunner(DualEndRunner):
             return defer.fail(TunnelError("stopping"))
         reactor = self.ctx.reactor
         conn = ClientPoolConn(reactor.seconds())
+        if self.quic:
+            return self._dial_quic(conn)
         factory = _PoolConnFactory(conn)
         timeout = self.ctx.tunables.tcp_dial_timeout
         tls_ctx = self._tls_ctx()
@@ -270,6 +297,23 @@ class ClientRunner(DualEndRunner):
                 d.addCallback(_remember_session, tls_ctx)
             if not self._verify_seen:
                 d.addCallback(self._watch_for_verify)
+        return d
+
+    def _dial_quic(self, conn: ClientPoolConn) -> Deferred:
+        """A new stream on the QUIC pool connection: our handshake byte,
+        then the server's 4-byte ID (SPEC §4)."""
+        dialing = self._dialing
+        dialing.add(conn)
+
+        def opened(transport):
+            transport.write(b"\x00")
+            return conn.ready
+
+        d = self.quic_client.open_stream(conn)
+        d.addCallback(opened)
+        d.addBoth(_forget, dialing, conn)
+        if not self._verify_seen:
+            d.addCallback(self._watch_for_verify)
         return d
 
     def _watch_for_verify(self, conn: ClientPoolConn) -> ClientPoolConn:
@@ -356,6 +400,11 @@ class ClientRunner(DualEndRunner):
             elif conn.connector is not None:
                 conn.connector.stopConnecting()
         await self.stop_common()
+        if self.quic_client is not None:
+            self.quic_client.close()
+        if self.quic_port is not None:
+            port, self.quic_port = self.quic_port, None
+            await defer.maybeDeferred(port.stopListening)
         proto = self.control_proto
         if proto is not None and proto.transport is not None and proto.state != "closed":
             proto.transport.loseConnection()

@@ -21,6 +21,7 @@ from nodepass import codec
 from nodepass.codec import CodecError
 from nodepass.instance import TunnelError
 from nodepass.pool import ServerPool
+from nodepass.quicpool import QuicPoolServer, QuicStreamTransport
 from nodepass.tls import ServerCredentials
 from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
 
@@ -49,7 +50,7 @@ class TunnelPortProtocol(PoolEnd):
         self.peer = addr_text(peer)
         r.port_conns.add(self)
         clock = r.ctx.reactor
-        if r.control_ip is not None and peer.host == r.control_ip:
+        if r.control_ip is not None and peer.host == r.control_ip and not r.quic:
             if r.pool.idle_count() >= r.pool.max:
                 r.ctx.log.debug("Pool full (%d), closing pool connection from %s", r.pool.max, self.peer)
                 self.transport.loseConnection()
@@ -208,6 +209,31 @@ class TunnelPortProtocol(PoolEnd):
         PoolEnd.connectionLost(self, reason)
 
 
+class QuicPoolStream(PoolEnd):
+    """A stream the client opened on its QUIC pool connection: one
+    handshake byte from the client, then the pool ID from us (SPEC §4)."""
+
+    def __init__(self, runner: "ServerRunner"):
+        super().__init__()
+        self.runner = runner
+        self.state = "new"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "new":
+            r = self.runner
+            self.state = "pool"
+            if r.stopping or r.pool is None or r.pool.register(self) is None:
+                self.state = "closed"
+                self.transport.loseConnection()
+                return
+            r.pool_ready()
+            data = data[1:]
+            if not data:
+                return
+        if self.state == "pool":
+            PoolEnd.dataReceived(self, data)
+
+
 class _TunnelPortFactory(Factory):
     noisy = False
     def __init__(self, runner: "ServerRunner"):
@@ -234,6 +260,8 @@ class ServerRunner(DualEndRunner):
         self._verified = False
         self._verify_conn = None
         self._verify_timer = None
+        self.quic_port = None
+        self.quic_server: Optional[QuicPoolServer] = None
 
     @property
     def tunnel_port_number(self) -> int:
@@ -242,8 +270,7 @@ class ServerRunner(DualEndRunner):
     async def start(self) -> None:
         ctx = self.ctx
         cfg = ctx.config
-        if cfg.quic:
-            raise TunnelError("QUIC pool (quic=1) is not implemented in nodepass-py; use quic=0")
+        self.quic = bool(cfg.quic)
         self.creds = ServerCredentials.from_config(
             cfg.tls, cfg.crt, cfg.key, ctx.log, ctx.tunables.reload_interval, ctx.reactor,
             common_name=cfg.tunnel.host or "nodepass",
@@ -272,8 +299,39 @@ class ServerRunner(DualEndRunner):
         except Exception:
             await defer.DeferredList(self._unbind_entry())
             raise
+        if self.quic:
+            try:
+                self._listen_quic()
+            except Exception:
+                await defer.DeferredList(self._unbind_entry() + [defer.maybeDeferred(self.tunnel_port.stopListening)])
+                self.tunnel_port = None
+                raise
         if self.tls_code:
             ctx.log.info("TLS code %d: certificate %s", self.tls_code, self.creds.fingerprint)
+
+    def _listen_quic(self) -> None:
+        """The tunnel's UDP port for the QUIC pool (same number as the TCP
+        port); it answers only the control connection's IP."""
+        ctx = self.ctx
+        self.quic_server = QuicPoolServer(
+            ctx.reactor,
+            ctx.log,
+            self.creds.quic_material,
+            lambda: self.control_ip,
+            self._quic_stream,
+            ctx.tunables.report_interval,
+        )
+        self.quic_port = ctx.reactor.listenUDP(
+            self.tunnel_port_number, self.quic_server, interface=ctx.config.tunnel.host, maxPacketSize=65535
+        )
+
+    def _quic_stream(self, transport: QuicStreamTransport) -> None:
+        r = self.pool
+        if self.stopping or self.control is None or r is None or r.idle_count() >= r.max:
+            transport.attach(PoolEnd())
+            transport.loseConnection()
+            return
+        transport.attach(QuicPoolStream(self))
 
     def accept_control(self, proto: TunnelPortProtocol) -> None:
         ctx = self.ctx
@@ -282,7 +340,7 @@ class ServerRunner(DualEndRunner):
         for other in list(self.port_conns):
             if other is not proto and other.state == "sniff":
                 other._deny("another client won the handshake")
-        info = codec.handshake_config(0, ctx.config.max, self.flow, self.tls_code)
+        info = codec.handshake_config(1 if self.quic else 0, ctx.config.max, self.flow, self.tls_code)
         proto.transport.write(self.codec.encode(info))
         ctx.log.info("Tunnel connection: client %s accepted (%s)", proto.peer, info)
         self.make_control(proto.transport).start()
@@ -327,6 +385,11 @@ class ServerRunner(DualEndRunner):
             if p.transport is not None:
                 p.transport.abortConnection() if p.state != "control" else p.transport.loseConnection()
         self._drop_verify_conn()
+        if self.quic_server is not None:
+            self.quic_server.close_all()
+        if self.quic_port is not None:
+            ds.append(defer.maybeDeferred(self.quic_port.stopListening))
+            self.quic_port = None
         await self.stop_common()
         if ds:
             await defer.DeferredList(ds)

@@ -209,6 +209,20 @@ class ServerCredentials:
             self.fingerprint = fingerprint(cert_pem)
             self.log.info("TLS certificate reloaded: %s", self.fingerprint)
 
+    def quic_material(self) -> tuple:
+        """``(certificate, chain, private_key)`` as cryptography objects, for
+        a new QUIC pool connection (reloaded like the TCP context)."""
+        if not self.tls_code:
+            raise ValueError("plain server (tls=0) has no certificate")
+        self._maybe_reload()
+        cached = getattr(self, "_quic_cache", None)
+        if cached is None or cached[0] is not self._cert_pem:
+            certs = x509.load_pem_x509_certificates(self._cert_pem)
+            key = serialization.load_pem_private_key(self._key_pem, password=None)
+            cached = (self._cert_pem, (certs[0], certs[1:], key))
+            self._quic_cache = cached
+        return cached[1]
+
     def context_factory(self) -> ssl.CertificateOptions:
         """The server context factory to hand to ``startTLS``/``listenSSL``."""
         if not self.tls_code:

@@ -198,6 +198,7 @@ class DualEndRunner(Runner):
         self.codec = Codec(cfg.tunnel_key)
         self.flow: Optional[str] = None
         self.tls_code = 0
+        self.quic = False  # pool connections are QUIC streams (pool type 1)
         self.pool = None
         self.control: Optional[ControlChannel] = None
         self.stopping = False
@@ -347,12 +348,14 @@ class DualEndRunner(Runner):
             if later and later[0].active():
                 later[0].cancel()
 
-        fast = self.tls_code and not os.environ.get("NP_NO_FAST_TLS")
+        # QUIC streams do their own TLS: only a TCP pool has a TLS transport.
+        pool_tls = self.tls_code and not self.quic
+        fast = pool_tls and not os.environ.get("NP_NO_FAST_TLS")
         size = tlsrelay.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
         for end in (target, tunnel):
             _big_reads(end.transport, size)
             _no_delay(end.transport)
-        if self.tls_code:
+        if pool_tls:
             tlsrelay.release_on_tls_shutdown(tunnel)
             if fast:
                 tlsrelay.fast_tls(tunnel)
@@ -361,7 +364,7 @@ class DualEndRunner(Runner):
         )
         self.relays.add(relay)
         relay.start()
-        if not self.tls_code and splicing.AVAILABLE and not relay._closed:
+        if not self.tls_code and not self.quic and splicing.AVAILABLE and not relay._closed:
             # Short exchanges are over before this fires (setting up two
             # pipes would cost them more than it saves); bulk transfers
             # move to splice(2) from here on.

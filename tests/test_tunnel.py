@@ -589,13 +589,6 @@ class ResilienceTests(TunnelMixin, unittest.TestCase):
         self.assertEqual(await echo_roundtrip(entry, b"after flush"), b"after flush")
 
     @d
-    async def test_quic_pool_is_refused_clearly(self):
-        tport, _ = self.echo_targets()
-        self._service("server", f"server://127.0.0.1:{free_port()}/127.0.0.1:{tport}?quic=1&log=debug", FAST)
-        await wait_for(lambda: self.logged("server", "Server error: QUIC pool (quic=1) is not implemented"),
-                       what="clear error")
-
-    @d
     async def test_client_retries_while_server_down(self):
         self.tunnel_port = free_port()
         client = await self.start_client("127.0.0.1:9", wait=False)

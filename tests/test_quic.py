@@ -1,0 +1,243 @@
+"""QUIC pool (SPEC §4, ``quic=1``): the control channel on TCP, pool
+connections as streams of a QUIC connection to the tunnel's UDP port.  Real
+UDP sockets on loopback, real TLS 1.3 (aioquic), both flows."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.protocol import DatagramProtocol
+from twisted.trial import unittest
+
+from nodepass import codec
+from nodepass.logs import NodeLog
+from nodepass.quicpool import ALPN, STREAM_WINDOW, QuicPoolClient, QuicPoolError
+from tests.helpers import Client, HashingClient, close, connect, free_port, listen_tcp, sleep, wait_for
+from tests.test_tunnel import (
+    FAST,
+    MiB,
+    TunnelMixin,
+    d,
+    echo_roundtrip,
+    make_ca,
+    make_leaf,
+    udp_roundtrip,
+)
+
+
+class QuicFlowTests(TunnelMixin, unittest.TestCase):
+    """Both flows x TCP and UDP over a QUIC pool."""
+
+    async def _both(self, flow: str, query: str = "") -> None:
+        server, client, entry, _ = await self.tunnel(flow, f"&quic=1{query}")
+        self.assertTrue(server.runner.quic and client.runner.quic)
+        # quic=1 forces TLS: the handshake announces pool type 1, tls >= 1
+        self.assertGreaterEqual(server.runner.tls_code, 1)
+        self.assertTrue(self.logged("server", "np://1@"))
+        payload = os.urandom(200_000)
+        self.assertEqual(await echo_roundtrip(entry, payload), payload)
+        self.assertEqual(await echo_roundtrip(entry, b"again"), b"again")
+        dgs = [b"dgram-%d" % i for i in range(3)]
+        self.assertEqual(await udp_roundtrip(entry, dgs), dgs)
+        for svc in (server, client):
+            self.assertGreaterEqual(svc.stats.tcp_rx, len(payload))
+            self.assertGreaterEqual(svc.stats.udp_tx, sum(map(len, dgs)))
+        # the verify signal names a QUIC stream; both ends log one fingerprint
+        fp = server.runner.creds.fingerprint
+        await wait_for(lambda: self.logged("client", f"TLS cert verified: {fp}"), what="client verify line")
+        self.assertTrue(self.logged("server", f"TLS cert verified: {fp}"))
+        # every pool entry is a QUIC stream: no TCP pool connection was made
+        idle = list(server.runner.pool.idle.values())
+        self.assertTrue(idle)
+        self.assertTrue(all(getattr(c.transport, "quic_stream", False) for c in idle))
+        seen = []
+        client.checkpoint_listeners.append(seen.append)
+        await wait_for(lambda: seen, timeout=3, what="checkpoint")
+        self.assertGreater(seen[0].pool, 0)
+
+    @d
+    async def test_reverse(self):
+        await self._both("-")
+
+    @d
+    async def test_forward(self):
+        await self._both("+")
+
+    @d
+    async def test_tls0_is_raised_to_tls1(self):
+        await self._both("-", "&tls=0")
+
+    @d
+    async def test_large_transfer_sha256(self):
+        """8 MiB each way through one stream arrive intact."""
+        server, client, entry, _ = await self.tunnel("+", "&quic=1")
+        payload = os.urandom(8 * MiB)
+        c = await connect(entry, protocol_class=HashingClient)
+        c.transport.write(payload)
+        digest = await c.wait_bytes(len(payload), timeout=60)
+        self.assertEqual(digest, hashlib.sha256(payload).hexdigest())
+        await close(c)
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+
+    @d
+    async def test_many_short_connections_and_pool_refill(self):
+        server, client, entry, _ = await self.tunnel("-", "&quic=1")
+        for i in range(200):
+            self.assertEqual(await echo_roundtrip(entry, b"q%d" % i), b"q%d" % i)
+        await wait_for(lambda: client.runner.pool.idle_count() >= 8, what="pool refilled")
+        # finished streams are discarded on both ends
+        await wait_for(
+            lambda: len(client.runner.quic_client.session.streams) <= client.runner.pool.capacity + 2,
+            what="streams forgotten",
+        )
+
+    @d
+    async def test_backpressure_through_quic(self):
+        """A target that never reads stops the user's sender: the QUIC
+        stream's window stops widening, so nothing buffers without bound."""
+        from tests.helpers import PushSender, Stalled
+
+        stalled, _ = listen_tcp(Stalled)
+        self.addCleanup(stalled.stopListening)
+        self.tunnel_port = free_port()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", "&mode=1&quic=1")
+        await self.start_client(f"127.0.0.1:{stalled.getHost().port}")
+        c = await connect(entry)
+        sender = PushSender(c.transport)
+        self.addCleanup(sender.stopProducing)
+        await wait_for(lambda: sender.paused, timeout=20, what="sender pushed back")
+        await sleep(0.5)
+        written = sender.written
+        await sleep(0.5)
+        self.assertLess(sender.written - written, 4 * MiB)
+        self.assertLess(written, 32 * MiB)
+        c.transport.abortConnection()
+        await c.lost
+
+
+class QuicServerTests(TunnelMixin, unittest.TestCase):
+
+    @d
+    async def test_server_binds_tcp_and_udp_tunnel_port(self):
+        tport, _ = self.echo_targets()
+        server = await self.start_server(f"127.0.0.1:{tport}", "&quic=1")
+        self.assertEqual(server.runner.quic_port.getHost().port, self.tunnel_port)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(u.close)
+        with self.assertRaises(OSError):
+            u.bind(("127.0.0.1", self.tunnel_port))
+
+    @d
+    async def test_udp_garbage_and_strangers_ignored(self):
+        """Garbage datagrams and QUIC from other hosts never disturb a
+        running QUIC tunnel (only the control connection's IP is served)."""
+        server, client, entry, _ = await self.tunnel("-", "&quic=1")
+        self.assertEqual(await echo_roundtrip(entry, b"before"), b"before")
+        p = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(p.stopListening)
+        for n in (0, 1, 5, 1200, 1500, 9000):
+            p.write(os.urandom(n), ("127.0.0.1", self.tunnel_port))
+        p.write(b"\xc0\x00\x00\x00\x01" + os.urandom(1300), ("127.0.0.1", self.tunnel_port))
+        await sleep(0.2)
+        self.assertEqual(len(server.runner.quic_server.sessions), 1)
+        self.assertEqual(await echo_roundtrip(entry, b"after"), b"after")
+
+    @d
+    async def test_stranger_gets_no_answer(self):
+        """A QUIC client on a host other than the control connection's gets
+        no answer at all: its handshake times out."""
+        server, client, entry, _ = await self.tunnel("-", "&quic=1")
+        stranger = QuicPoolClient(reactor, NodeLog("none"), ("127.0.0.1", self.tunnel_port), 1, "", 0.2)
+        p = reactor.listenUDP(0, stranger, interface="127.0.0.2")  # another host on loopback
+        self.addCleanup(p.stopListening)
+        self.addCleanup(stranger.close)
+        with self.assertRaises(QuicPoolError):
+            await stranger.connect()
+        self.assertEqual(len(server.runner.quic_server.sessions), 1)
+
+    @d
+    async def test_stream_bytes_on_the_wire(self):
+        """What a Go client does: ALPN ``np-quic``, open a stream, write one
+        byte; the server answers exactly 4 bytes, the pool ID it keeps."""
+        server, client, entry, _ = await self.tunnel("-", "&quic=1")
+        # (after the verify signal, which takes the first stream registered)
+        await wait_for(lambda: self.logged("client", "TLS cert verified"), what="verify done")
+        probe = QuicPoolClient(reactor, NodeLog("none"), ("127.0.0.1", self.tunnel_port), 1, "", 1.0)
+        p = reactor.listenUDP(0, probe, interface="127.0.0.1")
+        self.addCleanup(p.stopListening)
+        self.addCleanup(probe.close)
+        session = await probe.connect()
+        self.assertEqual(session.conn.tls.alpn_negotiated, ALPN)
+        raw = Client()
+        t = session.open_stream(raw)
+        t.write(b"\x00")
+        pool_id = (await raw.wait_bytes(4)).hex()
+        await sleep(0.1)
+        self.assertEqual(len(raw.data()), 4)  # nothing more until launched
+        self.assertIn(pool_id, server.runner.pool.idle)
+
+    @d
+    async def test_handshake_line_announces_quic(self):
+        """The config line a client receives: ``np://1@MAX/FLOW#TLS``."""
+        c = codec.Codec("k")
+        info = codec.parse_handshake_config(c.decode(c.encode(codec.handshake_config(1, 64, "+", 1)).rstrip(b"\n")))
+        self.assertEqual((info.pool_type, info.max, info.flow, info.tls), ("1", 64, "+", 1))
+        self.assertEqual(ALPN, "np-quic")
+        self.assertEqual(STREAM_WINDOW, 1024 * 1024)
+
+    @d
+    async def test_server_restart_client_recovers(self):
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        server = await self.start_server(f"127.0.0.1:{entry}", "&mode=1&quic=1")
+        port = self.tunnel_port
+        await self.start_client(f"127.0.0.1:{tport}")
+        self.assertEqual(await echo_roundtrip(entry, b"one"), b"one")
+        await server.stopService()
+        server2 = await self.start_server(f"127.0.0.1:{entry}", "&mode=1&quic=1", port=port, name="server2")
+        await wait_for(lambda: server2.runner.control is not None, timeout=15, what="client back")
+        await wait_for(lambda: server2.runner.pool.idle_count() > 0, timeout=10, what="QUIC pool back")
+        self.assertEqual(await echo_roundtrip(entry, b"two"), b"two")
+
+
+class QuicTLSVerifyTests(TunnelMixin, unittest.TestCase):
+    """tls=2 over QUIC: chain and host name checked by the client."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.ca_path, self.ca, self.ca_key = make_ca(self.dir)
+        old = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = self.ca_path
+        self.addCleanup(lambda: os.environ.__setitem__("SSL_CERT_FILE", old) if old else os.environ.pop("SSL_CERT_FILE", None))
+
+    @d
+    async def test_tls2_verified(self):
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        server, client, entry, _ = await self.tunnel(
+            "+", f"&quic=1&tls=2&crt={crt}&key={key}", client_host="localhost"
+        )
+        self.assertEqual(client.runner.tls_code, 2)
+        self.assertEqual(await echo_roundtrip(entry, b"x" * 5000), b"x" * 5000)
+        self.assertEqual(await udp_roundtrip(entry, [b"u1"]), [b"u1"])
+        await wait_for(lambda: self.logged("client", "TLS cert verified: sha256:"), what="client verify line")
+
+    @d
+    async def test_wrong_host_name_refused(self):
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "other.example")
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", f"&mode=1&quic=1&tls=2&crt={crt}&key={key}")
+        client = await self.start_client(f"127.0.0.1:{tport}", host="localhost")
+        await wait_for(lambda: self.logged("client", "TLS verification of the server"), timeout=10,
+                       what="refusal logged")
+        self.assertEqual(client.runner.pool.idle_count(), 0)
+        c = await connect(entry)
+        c.transport.write(b"never")
+        await c.lost
+        self.assertEqual(c.data(), b"")
