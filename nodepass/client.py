@@ -23,7 +23,7 @@ from nodepass.control import LineBuffer
 from nodepass.dialer import DNSCache
 from nodepass.instance import TunnelError
 from nodepass.pool import ClientPool
-from nodepass.quicpool import QuicPoolClient
+from nodepass.quicpool import QuicPoolClient, connections_for
 from nodepass.tls import ResumingClient, client_context_factory, peer_certificate_fingerprint
 from nodepass.tunnel import DualEndRunner, PoolEnd
 
@@ -182,7 +182,6 @@ class ClientRunner(DualEndRunner):
         self._lost_fps: dict[str, str] = {}
         self._verify_seen = False
         self.quic_client: Optional[QuicPoolClient] = None
-        self.quic_port = None
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -251,9 +250,7 @@ class ClientRunner(DualEndRunner):
             self.tls_code,
             ctx.config.tunnel.host,
             ctx.tunables.report_interval,
-        )
-        self.quic_port = ctx.reactor.listenUDP(
-            0, self.quic_client, interface="::" if ":" in self.server_ip else "", maxPacketSize=65535
+            max_conns=connections_for(self.info.max),
         )
 
     def _connect(self, proto, tls_ctx, timeout: float) -> Deferred:
@@ -401,10 +398,7 @@ class ClientRunner(DualEndRunner):
                 conn.connector.stopConnecting()
         await self.stop_common()
         if self.quic_client is not None:
-            self.quic_client.close()
-        if self.quic_port is not None:
-            port, self.quic_port = self.quic_port, None
-            await defer.maybeDeferred(port.stopListening)
+            await self.quic_client.close()
         proto = self.control_proto
         if proto is not None and proto.transport is not None and proto.state != "closed":
             proto.transport.loseConnection()

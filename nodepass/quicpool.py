@@ -94,6 +94,12 @@ class _Connection(QuicConnection):
 
     np_window = STREAM_WINDOW
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Streams the peer may have open at once (the transport parameter
+        # initial_max_streams_bidi); raised by one as each finishes.
+        self._local_max_streams_bidi.value = MAX_STREAMS_PER_CONN
+
     def _write_stream_limits(self, builder, space, stream) -> None:
         limit = stream.max_stream_data_local
         if limit and not getattr(stream, "np_held", False):
@@ -347,7 +353,7 @@ class QuicSession:
         self.on_closed = on_closed
         self.streams: dict[int, QuicStreamTransport] = {}
         self.pressured: set[QuicStreamTransport] = set()
-        self.ready: Deferred = Deferred()
+        self._ready_waiters: list[Deferred] = []
         self.closed = False
         self.close_reason = ""
         self.handshake_done = False
@@ -440,8 +446,9 @@ class QuicSession:
                 self.handshake_done = True
                 if self.keepalive > 0:
                     self._ping_call = self.reactor.callLater(self.keepalive, self._ping)
-                if not self.ready.called:
-                    self.ready.callback(self)
+                waiters, self._ready_waiters = self._ready_waiters, []
+                for d in waiters:
+                    d.callback(self)
             elif isinstance(ev, events.ConnectionIdIssued):
                 self._cids.add(ev.connection_id)
                 self.port.cid_issued(ev.connection_id, self)
@@ -487,8 +494,9 @@ class QuicSession:
             t._connection_lost(error.ConnectionLost(str(exc)))
         self.streams.clear()
         self.pressured.clear()
-        if not self.ready.called:
-            self.ready.errback(exc)
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.errback(exc)
         for cid in list(self._cids):
             self.port.cid_retired(cid, self)
         self._cids.clear()
@@ -497,6 +505,17 @@ class QuicSession:
             cb(self)
 
     # -- for streams and owners -------------------------------------------------
+    def when_ready(self) -> Deferred:
+        """Fires with this session once its handshake is complete, or fails
+        when the connection ends first."""
+        if self.handshake_done and not self.closed:
+            return defer.succeed(self)
+        if self.closed:
+            return defer.fail(QuicPoolError(self.close_reason or "QUIC connection closed"))
+        d = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
     def open_stream(self, protocol) -> QuicStreamTransport:
         """A new stream of ours, connected to ``protocol``."""
         if self.closed:
@@ -668,16 +687,12 @@ class QuicPoolServer(QuicPort):
         session = QuicSession(
             conn, addr, self, self.reactor, self.keepalive, on_stream=self.on_stream, on_closed=self._closed
         )
-        session.ready.addErrback(self._handshake_failed, addr)
         self.sessions.add(session)
         self.by_cid[original_cid] = session
         self.by_cid[conn.host_cid] = session
         session._cids.update((original_cid, conn.host_cid))
         self.log.debug("QUIC connection from %s", addr[0])
         return session
-
-    def _handshake_failed(self, failure: Failure, addr) -> None:
-        self.log.debug("QUIC connection from %s ended before its handshake: %s", addr[0], failure.getErrorMessage())
 
     def cid_issued(self, cid: bytes, session: QuicSession) -> None:
         self.by_cid[cid] = session
@@ -687,6 +702,8 @@ class QuicPoolServer(QuicPort):
             del self.by_cid[cid]
 
     def _closed(self, session: QuicSession) -> None:
+        if not session.handshake_done and not self.closed:
+            self.log.debug("QUIC connection from %s ended before its handshake: %s", session.peer[0], session.close_reason)
         self.sessions.discard(session)
         for cid, s in list(self.by_cid.items()):
             if s is session:
@@ -715,30 +732,58 @@ def _verify_locations() -> dict:
     return out
 
 
-class QuicPoolClient(QuicPort):
-    """The client's QUIC connection to the server's tunnel UDP port.
+class _ClientPort(QuicPort):
+    """The UDP socket of one client connection (each QUIC connection of a
+    client gets its own, as Go's ``quic.DialAddr`` does)."""
 
-    :meth:`connect` gives a live session, dialling again when the last one
-    ended (as Go's pool does on its next round)."""
+    session: Optional[QuicSession] = None
 
-    def __init__(self, reactor, log: NodeLog, server: tuple[str, int], tls_code: int, hostname: str, keepalive: float):
-        super().__init__(reactor, log)
+    def datagramReceived(self, data: bytes, addr) -> None:
+        s = self.session
+        if s is not None and not s.closed:
+            s.datagram_received(data, addr)
+
+
+def connections_for(max_pool: int) -> int:
+    """How many QUIC connections a client may spread its pool over: one per
+    :data:`MAX_STREAMS_PER_CONN` streams of the server's ``max``, within
+    [1, :data:`MAX_CONNS`] (what Go NodePass's client does)."""
+    return max(1, min(MAX_CONNS, -(-max_pool // MAX_STREAMS_PER_CONN)))
+
+
+class QuicPoolClient:
+    """The client's QUIC connections to the server's tunnel UDP port.
+
+    :meth:`connect` gives a live session with stream credit left, dialling a
+    new connection when every live one has used up the streams its peer
+    allows (up to ``max_conns``), or when the last one ended."""
+
+    def __init__(
+        self,
+        reactor,
+        log: NodeLog,
+        server: tuple[str, int],
+        tls_code: int,
+        hostname: str,
+        keepalive: float,
+        max_conns: int = 1,
+        interface: str = "",
+    ):
+        self.reactor = reactor
+        self.log = log
         self.server = server
         self.tls_code = tls_code
         self.hostname = hostname
         self.keepalive = keepalive
-        self.session: Optional[QuicSession] = None
-        self._waiters: list[Deferred] = []
+        self.max_conns = max(1, max_conns)
+        self.interface = interface or ("::" if ":" in server[0] else "")
+        self.sessions: list[QuicSession] = []
+        self._ports: dict[QuicSession, object] = {}
+        self._stopping: list[Deferred] = []
         self.closed = False
-
-    def datagramReceived(self, data: bytes, addr) -> None:
-        session = self.session
-        if session is not None and not session.closed:
-            session.datagram_received(data, addr)
 
     def _configuration(self) -> QuicConfiguration:
         cfg = _base_configuration(True, 3 * self.keepalive if self.keepalive > 0 else 60.0)
-        cfg.max_stream_data = STREAM_WINDOW
         if self.tls_code == 2:
             cfg.verify_mode = ssl.CERT_REQUIRED
             cfg.server_name = self.hostname
@@ -749,51 +794,75 @@ class QuicPoolClient(QuicPort):
             cfg.server_name = self.hostname or None
         return cfg
 
+    @staticmethod
+    def has_credit(session: QuicSession) -> bool:
+        """The peer still lets this connection open another stream now."""
+        conn = session.conn
+        return conn._local_next_stream_id_bidi // 4 < conn._remote_max_streams_bidi
+
+    def _dial(self) -> QuicSession:
+        proto = _ClientPort(self.reactor, self.log)
+        port = self.reactor.listenUDP(0, proto, interface=self.interface, maxPacketSize=65535)
+        conn = _Connection(configuration=self._configuration())
+        s = QuicSession(conn, self.server, proto, self.reactor, self.keepalive, on_closed=self._closed)
+        proto.session = s
+        self._ports[s] = port
+        self.sessions.append(s)
+        conn.connect(self.server, now=self.reactor.seconds())
+        s._send()
+        return s
+
     def connect(self) -> Deferred:
         """Fires with a handshake-complete :class:`QuicSession`."""
         if self.closed:
             return defer.fail(QuicPoolError("QUIC pool closed"))
-        s = self.session
-        if s is not None and not s.closed:
-            if s.handshake_done:
+        live = [s for s in self.sessions if not s.closed]
+        for s in live:
+            if s.handshake_done and self.has_credit(s):
                 return defer.succeed(s)
-            d = Deferred()
-            self._waiters.append(d)
-            return d
-        conn = _Connection(configuration=self._configuration())
-        s = QuicSession(conn, self.server, self, self.reactor, self.keepalive, on_closed=self._closed)
-        self.session = s
-        d = Deferred()
-        self._waiters.append(d)
-        s.ready.addBoth(self._settle)
-        conn.connect(self.server, now=self.reactor.seconds())
-        s._send()
-        return d
-
-    def _settle(self, result):
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-        return None
+        for s in live:
+            if not s.handshake_done:
+                return s.when_ready()
+        if len(live) < self.max_conns:
+            try:
+                return self._dial().when_ready()
+            except Exception as e:  # noqa: BLE001 - no UDP socket
+                return defer.fail(QuicPoolError(f"cannot open a UDP socket: {e}"))
+        # Every connection is at its stream limit: queue on the least
+        # loaded one; the stream opens when an earlier one finishes.
+        return defer.succeed(min(live, key=lambda s: s.conn._local_next_stream_id_bidi))
 
     def _closed(self, session: QuicSession) -> None:
-        if self.session is session:
-            self.session = None
-            if not self.closed:
-                self.log.debug("QUIC connection to the server ended: %s", session.close_reason)
+        if session in self.sessions:
+            self.sessions.remove(session)
+        if not session.handshake_done and not self.closed:
+            self.log.debug("QUIC connection to the server ended: %s", session.close_reason)
+        port = self._ports.pop(session, None)
+        if port is not None:
+            d = defer.maybeDeferred(port.stopListening)
+            self._stopping.append(d)
+            d.addBoth(lambda r: (self._stopping.remove(d) if d in self._stopping else None, r)[1])
 
     def open_stream(self, protocol) -> Deferred:
         """Connect ``protocol`` to a new stream once a session is up."""
         d = self.connect()
-        d.addCallback(lambda s: s.open_stream(protocol))
+        d.addCallback(self._open_on, protocol)
         return d
 
-    def close(self, reason: str = "pool closed") -> None:
+    def _open_on(self, session: QuicSession, protocol):
+        # Several dials may have waited on one handshake: those past its
+        # stream credit ask again, which may dial another connection.  When
+        # every connection is full, connect() answers the same least loaded
+        # one twice and the stream opens there, to wait for credit.
+        if session.closed or self.has_credit(session):
+            return session.open_stream(protocol)
+        d = self.connect()
+        d.addCallback(lambda other: other.open_stream(protocol) if other is session else self._open_on(other, protocol))
+        return d
+
+    def close(self, reason: str = "pool closed") -> Deferred:
+        """Close every connection; fires when their UDP ports are closed."""
         self.closed = True
-        s, self.session = self.session, None
-        if s is not None:
+        for s in list(self.sessions):
             s.close(reason)
-        self._settle(Failure(QuicPoolError("QUIC pool closed")))
+        return defer.DeferredList(list(self._stopping))

@@ -89,10 +89,26 @@ class QuicFlowTests(TunnelMixin, unittest.TestCase):
             self.assertEqual(await echo_roundtrip(entry, b"q%d" % i), b"q%d" % i)
         await wait_for(lambda: client.runner.pool.idle_count() >= 8, what="pool refilled")
         # finished streams are discarded on both ends
+        sessions = client.runner.quic_client.sessions
+        self.assertEqual(len(sessions), 1)
         await wait_for(
-            lambda: len(client.runner.quic_client.session.streams) <= client.runner.pool.capacity + 2,
-            what="streams forgotten",
+            lambda: len(sessions[0].streams) <= client.runner.pool.capacity + 2, what="streams forgotten"
         )
+        await wait_for(
+            lambda: len(sessions[0].conn._streams) <= client.runner.pool.capacity + 4, what="streams discarded"
+        )
+
+    @d
+    async def test_pool_spreads_over_connections_past_the_stream_limit(self):
+        """A server allows 128 open streams per connection (as Go's does), so
+        a pool of 150 takes a second QUIC connection (max=200: up to 2)."""
+        server, client, entry, _ = await self.tunnel("-", "&quic=1&max=200", client_min=150)
+        self.assertEqual(client.runner.quic_client.max_conns, 2)
+        await wait_for(lambda: client.runner.pool.idle_count() >= 149, timeout=20, what="pool of 150")
+        self.assertEqual(len(client.runner.quic_client.sessions), 2)
+        self.assertEqual(len(server.runner.quic_server.sessions), 2)
+        for i in range(20):
+            self.assertEqual(await echo_roundtrip(entry, b"s%d" % i), b"s%d" % i)
 
     @d
     async def test_backpressure_through_quic(self):
@@ -151,9 +167,9 @@ class QuicServerTests(TunnelMixin, unittest.TestCase):
         """A QUIC client on a host other than the control connection's gets
         no answer at all: its handshake times out."""
         server, client, entry, _ = await self.tunnel("-", "&quic=1")
-        stranger = QuicPoolClient(reactor, NodeLog("none"), ("127.0.0.1", self.tunnel_port), 1, "", 0.2)
-        p = reactor.listenUDP(0, stranger, interface="127.0.0.2")  # another host on loopback
-        self.addCleanup(p.stopListening)
+        stranger = QuicPoolClient(  # from another host on loopback
+            reactor, NodeLog("none"), ("127.0.0.1", self.tunnel_port), 1, "", 0.2, interface="127.0.0.2"
+        )
         self.addCleanup(stranger.close)
         with self.assertRaises(QuicPoolError):
             await stranger.connect()
@@ -167,8 +183,6 @@ class QuicServerTests(TunnelMixin, unittest.TestCase):
         # (after the verify signal, which takes the first stream registered)
         await wait_for(lambda: self.logged("client", "TLS cert verified"), what="verify done")
         probe = QuicPoolClient(reactor, NodeLog("none"), ("127.0.0.1", self.tunnel_port), 1, "", 1.0)
-        p = reactor.listenUDP(0, probe, interface="127.0.0.1")
-        self.addCleanup(p.stopListening)
         self.addCleanup(probe.close)
         session = await probe.connect()
         self.assertEqual(session.conn.tls.alpn_negotiated, ALPN)

@@ -140,10 +140,10 @@ class TunnelMixin:
         return svc
 
     async def start_client(self, target: str, query: str = "", tunables: Tunables = FAST, name: str = "client",
-                           host: str = "127.0.0.1", key: str = "", wait: bool = True) -> TunnelService:
+                           host: str = "127.0.0.1", key: str = "", wait: bool = True, min_size: int = 8) -> TunnelService:
         userinfo = f"{key}@" if key else ""
         svc = self._service(
-            name, f"client://{userinfo}{host}:{self.tunnel_port}/{target}?mode=2&log=debug&min=8{query}", tunables
+            name, f"client://{userinfo}{host}:{self.tunnel_port}/{target}?mode=2&log=debug&min={min_size}{query}", tunables
         )
         if wait:
             await svc.started
@@ -167,7 +167,7 @@ class TunnelMixin:
         return port, port
 
     async def tunnel(self, flow: str, query: str = "", client_query: str = "", server_host: str = "127.0.0.1",
-                     client_host: str = "127.0.0.1"):
+                     client_host: str = "127.0.0.1", client_min: int = 8):
         """Server + client carrying ``flow``; returns (server, client, user
         entry port, (tcp target port, udp target port))."""
         tport, uport = self.echo_targets()
@@ -175,11 +175,11 @@ class TunnelMixin:
         if flow == "-":
             # reverse: the server listens on its target, the client dials ours
             server = await self.start_server(f"127.0.0.1:{entry}", f"&mode=1{query}", host=server_host)
-            client = await self.start_client(f"127.0.0.1:{tport}", client_query, host=client_host)
+            client = await self.start_client(f"127.0.0.1:{tport}", client_query, host=client_host, min_size=client_min)
         else:
             # forward: the client listens, the server dials the echo target
             server = await self.start_server(f"127.0.0.1:{tport}", f"&mode=0{query}", host=server_host)
-            client = await self.start_client(f"127.0.0.1:{entry}", client_query, host=client_host)
+            client = await self.start_client(f"127.0.0.1:{entry}", client_query, host=client_host, min_size=client_min)
         self.assertEqual(server.runner.flow, flow)
         self.assertEqual(server.runner.mode, 1 if flow == "-" else 2)
         return server, client, entry, (tport, uport)

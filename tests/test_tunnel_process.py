@@ -17,6 +17,13 @@ from tests.test_process import LINE, Echo, echo_through
 
 class TunnelProcessTests(unittest.TestCase):
     def test_server_and_client_processes(self):
+        return self._processes("tls=1", "&mode=1&quic=0", 4 << 20)
+
+    def test_server_and_client_processes_quic_pool(self):
+        """The same over a QUIC pool (``quic=1``): UDP tunnel port too."""
+        return self._processes("quic=1", "&mode=1&quic=1", 2 << 20)
+
+    def _processes(self, query: str, started: str, size: int):
         echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
         target = echo.getHost().port
@@ -24,7 +31,7 @@ class TunnelProcessTests(unittest.TestCase):
         self.addCleanup(udp.stopListening)
         tunnel, entry = free_port(), free_port()
         server = spawn(self, ["-c", TWISTD, "-n", "--pidfile=", "nodepass",
-                              f"server://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=1&tls=1&log=info"])
+                              f"server://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=1&{query}&log=info"])
         client = spawn(self, ["-c", TWISTD, "-n", "--pidfile=", "nodepass",
                               f"client://127.0.0.1:{tunnel}/127.0.0.1:{target}?mode=2&min=4&log=info"])
 
@@ -32,7 +39,7 @@ class TunnelProcessTests(unittest.TestCase):
             await server.wait_for(r"Server started: server://")
             await client.wait_for(r"Client started: client://")
             await client.wait_for(r"TLS cert verified: sha256:")
-            payload, got = await echo_through(entry, 4 << 20)
+            payload, got = await echo_through(entry, size)
             self.assertEqual(hashlib.sha256(got).hexdigest(), hashlib.sha256(payload).hexdigest())
             u = UDPClient()
             port = reactor.listenUDP(0, u, interface="127.0.0.1")
@@ -45,7 +52,7 @@ class TunnelProcessTests(unittest.TestCase):
             fp = server.text().split("TLS cert verified: ")[1].split()[0]
             self.assertIn(f"TLS cert verified: {fp}", client.text())
             self.assertRegex(server.text(), re.compile(LINE + r"Server started: server://[0-9a-f]{8}@127\.0\.0\.1:", re.M))
-            self.assertIn("&mode=1&quic=0", server.text())
+            self.assertIn(started, server.text())
             for proc, word in ((client, "Client"), (server, "Server")):
                 proc.signal(signal.SIGTERM)
                 # twistd ends by re-raising the signal it stopped on (exit
