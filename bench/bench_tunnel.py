@@ -19,7 +19,9 @@ connection to the same target:
 
 Ratios are computed within each round and the median over rounds is shown.
 
-    python3 bench/bench_tunnel.py [--seconds 2] [--rounds 3] [--json]
+    python3 bench/bench_tunnel.py [--seconds 2] [--rounds 3] [--modes tls=0,tls=1] [--no-rss] [--json]
+
+``--modes quic=1`` measures the QUIC pool the same way.
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ PROFILE = os.environ.get("NP_BENCH_PROFILE", "").split()
 class Tunnel:
     """A server process and a client process carrying one target."""
 
-    def __init__(self, target: int, tls: int, min_pool: int = 64, report: str = "5s"):
+    def __init__(self, target: int, query: str, min_pool: int = 64, report: str = "5s"):
         self.tunnel = free_port()
         self.entry = free_port()
         env = dict(os.environ, NP_REPORT_INTERVAL=report, PYTHONPATH=ROOT)
-        server_url = f"server://127.0.0.1:{self.tunnel}/127.0.0.1:{self.entry}?mode=1&tls={tls}&log=event"
+        server_url = f"server://127.0.0.1:{self.tunnel}/127.0.0.1:{self.entry}?mode=1&{query}&log=event"
         client_url = f"client://127.0.0.1:{self.tunnel}/127.0.0.1:{target}?mode=2&min={min_pool}&log=event"
         self.lines = {"server": [], "client": []}
         self.server = self._spawn("server", server_url, env)
@@ -117,6 +119,10 @@ class Tunnel:
         stop(self.server)
 
 
+class _NoRSS(Exception):
+    pass
+
+
 def first_byte_ms(port: int, tries: int) -> float:
     samples = []
     for _ in range(tries):
@@ -137,6 +143,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--latency-tries", type=int, default=200)
     ap.add_argument("--pool", type=int, default=1000, help="extra idle pool connections for the RSS figure")
+    ap.add_argument("--modes", default="tls=0,tls=1",
+                    help="comma-separated server queries to compare with direct, e.g. tls=0,tls=1,quic=1")
+    ap.add_argument("--no-rss", action="store_true", help="skip the RSS per idle pool connection figure")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -156,8 +165,9 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     keys = ("1 stream MB/s", "8 streams MB/s", "conn/s", "first byte ms")
     try:
-        for tls in (0, 1):
-            tunnels[f"tls={tls}"] = (Tunnel(source.port, tls), Tunnel(answer.port, tls))
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        for mode in modes:
+            tunnels[mode] = (Tunnel(source.port, mode), Tunnel(answer.port, mode))
         for src, ans in tunnels.values():
             ans.wait_up()
             s = socket.create_connection(("127.0.0.1", src.entry))
@@ -191,7 +201,7 @@ def main() -> int:
                     r[k] = max(r[k], got[k])
                 r["first byte ms"] = got["first byte ms"] if rnd == 0 else min(r["first byte ms"], got["first byte ms"])
                 print(
-                    f"round {rnd + 1} {name:7s} " + "  ".join(f"{k} {got[k]:,.2f}" for k in keys) + f"  errors {errors}",
+                    f"round {rnd + 1} {name:8s} " + "  ".join(f"{k} {got[k]:,.2f}" for k in keys) + f"  errors {errors}",
                     flush=True,
                 )
     finally:
@@ -200,9 +210,12 @@ def main() -> int:
                 t.close()
 
     # RSS per idle pool connection: min=1 against min=1+N, both processes.
-    small = Tunnel(answer.port, 0, min_pool=1, report="1s")
-    big = Tunnel(answer.port, 0, min_pool=1 + args.pool, report="1s")
+    small = big = None
     try:
+        if args.no_rss:
+            raise _NoRSS
+        small = Tunnel(answer.port, "tls=0", min_pool=1, report="1s")
+        big = Tunnel(answer.port, "tls=0", min_pool=1 + args.pool, report="1s")
         small.wait_up()
         big.wait_up()
         deadline = time.monotonic() + 60
@@ -211,9 +224,12 @@ def main() -> int:
         time.sleep(1.0)
         (s_srv, s_cli), (b_srv, b_cli) = small.rss(), big.rss()
         pools = (small.pool("server"), small.pool("client"), big.pool("server"), big.pool("client"))
+    except _NoRSS:
+        pools, s_srv, s_cli, b_srv, b_cli = (0, 0, 0, 0), 0, 0, 0, 0
     finally:
-        small.close()
-        big.close()
+        for t in (small, big):
+            if t is not None:
+                t.close()
     extra = max(1, pools[2] - pools[0])
     per_server = (b_srv - s_srv) / extra
     per_client = (b_cli - s_cli) / extra
@@ -228,20 +244,23 @@ def main() -> int:
 
     d = results["direct"]
     print()
-    print("| measure | direct (best) | tls=0 (best) | tls=0/direct (median of rounds) | tls=1 (best) | tls=1/direct (median of rounds) |")
-    print("|---|---|---|---|---|---|")
+    head = "| measure | direct (best) |" + "".join(f" {m} (best) | {m}/direct (median of rounds) |" for m in modes)
+    print(head)
+    print("|---|---|" + "---|---|" * len(modes))
     for k in keys:
-        t0, t1 = results["tls=0"][k], results["tls=1"][k]
-        print(f"| {k} | {d[k]:,.2f} | {t0:,.2f} | {ratio('tls=0', k):.2f} | {t1:,.2f} | {ratio('tls=1', k):.2f} |")
+        cells = "".join(f" {results[m][k]:,.2f} | {ratio(m, k):.2f} |" for m in modes)
+        print(f"| {k} | {d[k]:,.2f} |{cells}")
     for name in cpu_gb:
         print(
             f"{name}: server+client CPU {cpu_gb[name]:.2f} s per GB relayed (one stream); "
             f"{cpu_conn.get(name, 0) * 1e6:.0f} us per relayed connection"
         )
-    print(
-        f"\nRSS per idle pool connection (pools {pools}): server {per_server / 1024:.1f} KiB, "
-        f"client {per_client / 1024:.1f} KiB; min=1 tunnel: server {s_srv / 2**20:.1f} MiB, client {s_cli / 2**20:.1f} MiB"
-    )
+    if not args.no_rss:
+        print(
+            f"\nRSS per idle pool connection (pools {pools}): server {per_server / 1024:.1f} KiB, "
+            f"client {per_client / 1024:.1f} KiB; min=1 tunnel: server {s_srv / 2**20:.1f} MiB, "
+            f"client {s_cli / 2**20:.1f} MiB"
+        )
     if args.json:
         print(json.dumps({"results": results, "cpu_s_per_gb": cpu_gb, "cpu_s_per_conn": cpu_conn, "rss_per_pool_conn": [per_server, per_client], "pools": pools}))
     loop.call_soon_threadsafe(loop.stop)
