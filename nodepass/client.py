@@ -23,7 +23,7 @@ from nodepass.control import LineBuffer
 from nodepass.dialer import DNSCache
 from nodepass.instance import TunnelError
 from nodepass.pool import ClientPool
-from nodepass.quicpool import QuicPoolClient, connections_for
+from nodepass.quicpool import QuicHandshakeError, QuicPoolClient, QuicTLSVerificationError, connections_for
 from nodepass.tls import ResumingClient, client_context_factory, peer_certificate_fingerprint
 from nodepass.tunnel import DualEndRunner, PoolEnd
 
@@ -335,13 +335,22 @@ class ClientRunner(DualEndRunner):
     def _pool_dial_error(self, exc: BaseException) -> None:
         ctx = self.ctx
         text = _reason(exc)
-        is_tls = self.tls_code and _looks_like_tls_failure(exc)
+        value = getattr(exc, "value", exc)
+        quic_down = isinstance(value, QuicHandshakeError) and not isinstance(value, QuicTLSVerificationError)
+        is_tls = self.tls_code and not quic_down and _looks_like_tls_failure(exc)
         now = time.monotonic()
-        if is_tls and now - self._last_tls_error >= max(1.0, ctx.tunables.report_interval):
+        due = now - self._last_tls_error >= max(1.0, ctx.tunables.report_interval)
+        if is_tls and due:
             self._last_tls_error = now
             ctx.log.error(
                 "TLS verification of the server %s failed (tls=%d): %s -- pool connection refused",
                 ctx.config.tunnel, self.tls_code, text,
+            )
+        elif quic_down and due:
+            self._last_tls_error = now
+            ctx.log.error(
+                "QUIC pool connection to the server %s (UDP) failed: %s -- is its UDP port reachable?",
+                ctx.config.tunnel, text,
             )
         else:
             ctx.log.debug("Pool connection failed: %s", text)

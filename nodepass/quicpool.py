@@ -78,7 +78,12 @@ class QuicPoolError(Exception):
     """A QUIC pool connection could not be set up or was closed."""
 
 
-class QuicTLSVerificationError(QuicPoolError):
+class QuicHandshakeError(QuicPoolError):
+    """A QUIC connection ended before its handshake completed (no answer on
+    the UDP port, or refused)."""
+
+
+class QuicTLSVerificationError(QuicHandshakeError):
     """The TLS handshake of a QUIC connection failed (a certificate that
     does not verify, a host name mismatch, no common ALPN)."""
 
@@ -477,6 +482,8 @@ class QuicSession:
         reason = ev.reason_phrase or f"error code {ev.error_code:#x}"
         if not self.handshake_done and 0x100 <= ev.error_code <= 0x1FF:
             exc: Exception = QuicTLSVerificationError(f"QUIC TLS handshake failed: {reason}")
+        elif not self.handshake_done:
+            exc = QuicHandshakeError(f"QUIC handshake failed: {reason}")
         else:
             exc = QuicPoolError(f"QUIC connection closed: {reason}")
         self._shutdown(exc)

@@ -195,6 +195,21 @@ class QuicServerTests(TunnelMixin, unittest.TestCase):
         self.assertIn(pool_id, server.runner.pool.idle)
 
     @d
+    async def test_udp_port_unreachable_is_logged_clearly(self):
+        """The control connection works but QUIC gets no answer (a firewall
+        dropping UDP): the client says so instead of silently having no pool."""
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        server = await self.start_server(f"127.0.0.1:{entry}", "&mode=1&quic=1")
+        server.runner.quic_server.allowed_ip = lambda: None  # drops every datagram
+        client = await self.start_client(f"127.0.0.1:{tport}")
+        await wait_for(lambda: self.logged("client", "QUIC pool connection to the server 127.0.0.1"), timeout=10,
+                       what="clear error")
+        self.assertTrue(self.logged("client", "is its UDP port reachable?"))
+        self.assertEqual(client.runner.pool.idle_count(), 0)
+        self.assertEqual(client.runner.control.broken, False)
+
+    @d
     async def test_handshake_line_announces_quic(self):
         """The config line a client receives: ``np://1@MAX/FLOW#TLS``."""
         c = codec.Codec("k")
