@@ -163,6 +163,29 @@ class QuicServerTests(TunnelMixin, unittest.TestCase):
         self.assertEqual(await echo_roundtrip(entry, b"after"), b"after")
 
     @d
+    async def test_forged_initial_packets_expire(self):
+        """Initial packets that look right but do not decrypt (from the
+        client's own host) open at most a bounded number of half-connections,
+        which expire after 3 report intervals; the tunnel keeps working."""
+        server, client, entry, _ = await self.tunnel("-", "&quic=1")
+        qs = server.runner.quic_server
+        await wait_for(lambda: client.runner.pool.idle_count() > 0, what="pool up")
+        self.assertEqual(len(qs.sessions), 1)
+        p = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(p.stopListening)
+        for _ in range(100):
+            dcid, scid = os.urandom(8), os.urandom(8)
+            head = b"\xc3\x00\x00\x00\x01" + b"\x08" + dcid + b"\x08" + scid + b"\x00" + b"\x44\xb0"
+            p.write(head + os.urandom(1200), ("127.0.0.1", self.tunnel_port))
+        await wait_for(lambda: len(qs.sessions) > 1, what="half-connections opened")
+        self.assertLessEqual(len(qs.sessions), 64)  # MAX_CONNS
+        self.assertEqual(await echo_roundtrip(entry, b"during"), b"during")
+        await wait_for(lambda: len(qs.sessions) == 1, timeout=10, what="half-connections expired")
+        live = next(iter(qs.sessions))
+        self.assertTrue(all(sess is live for sess in qs.by_cid.values()))  # no stale routes
+        self.assertEqual(await echo_roundtrip(entry, b"after"), b"after")
+
+    @d
     async def test_stranger_gets_no_answer(self):
         """A QUIC client on a host other than the control connection's gets
         no answer at all: its handshake times out."""
