@@ -135,6 +135,46 @@ class QuicFlowTests(TunnelMixin, unittest.TestCase):
         await c.lost
 
 
+    @d
+    async def test_user_that_stops_reading_stops_the_source(self):
+        """Download direction: a user who never reads pauses the endless
+        target at the other end of the QUIC stream (the stream's receive
+        window stops widening), then both ends let go when the user leaves."""
+        from twisted.internet.protocol import Protocol
+
+        from tests.helpers import PushSender
+
+        senders = []
+
+        class Endless(Protocol):
+            def connectionMade(self):
+                self.sender = PushSender(self.transport)
+                senders.append(self.sender)
+
+            def connectionLost(self, reason):
+                self.sender.stopProducing()
+
+        src, _ = listen_tcp(Endless)
+        self.addCleanup(src.stopListening)
+        self.tunnel_port = free_port()
+        entry = free_port()
+        server = await self.start_server(f"127.0.0.1:{entry}", "&mode=1&quic=1")
+        client = await self.start_client(f"127.0.0.1:{src.getHost().port}")
+        c = await connect(entry)
+        c.transport.pauseProducing()  # the user reads nothing more
+        await wait_for(lambda: senders and senders[0].paused, timeout=20, what="source pushed back")
+        await sleep(0.5)
+        written = senders[0].written
+        await sleep(0.5)
+        self.assertLess(senders[0].written - written, 4 * MiB)
+        self.assertLess(written, 32 * MiB)
+        c.transport.resumeProducing()
+        await c.wait_bytes(written // 2, timeout=30)  # it flows again
+        await close(c)
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="both ends released")
+        await wait_for(lambda: senders[0].stopped, what="source connection closed")
+
+
 class QuicServerTests(TunnelMixin, unittest.TestCase):
 
     @d
