@@ -23,7 +23,6 @@ from nodepass.control import LineBuffer
 from nodepass.dialer import DNSCache
 from nodepass.instance import TunnelError
 from nodepass.pool import ClientPool
-from nodepass.quicpool import QuicHandshakeError, QuicPoolClient, QuicTLSVerificationError, connections_for
 from nodepass.tls import ResumingClient, client_context_factory, peer_certificate_fingerprint
 from nodepass.tunnel import DualEndRunner, PoolEnd
 
@@ -181,7 +180,7 @@ class ClientRunner(DualEndRunner):
         # that signal right after sending it, so the close may overtake it.
         self._lost_fps: dict[str, str] = {}
         self._verify_seen = False
-        self.quic_client: Optional[QuicPoolClient] = None
+        self.quic_client = None  # a nodepass.quicpool.QuicPoolClient with quic=1
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -242,6 +241,9 @@ class ClientRunner(DualEndRunner):
             control.data_received(rest)
 
     def _open_quic(self) -> None:
+        # Imported here: aioquic is only loaded by tunnels that use QUIC.
+        from nodepass.quicpool import QuicPoolClient, connections_for
+
         ctx = self.ctx
         self.quic_client = QuicPoolClient(
             ctx.reactor,
@@ -336,7 +338,11 @@ class ClientRunner(DualEndRunner):
         ctx = self.ctx
         text = _reason(exc)
         value = getattr(exc, "value", exc)
-        quic_down = isinstance(value, QuicHandshakeError) and not isinstance(value, QuicTLSVerificationError)
+        quic_down = False
+        if self.quic:
+            from nodepass.quicpool import QuicHandshakeError, QuicTLSVerificationError
+
+            quic_down = isinstance(value, QuicHandshakeError) and not isinstance(value, QuicTLSVerificationError)
         is_tls = self.tls_code and not quic_down and _looks_like_tls_failure(exc)
         now = time.monotonic()
         due = now - self._last_tls_error >= max(1.0, ctx.tunables.report_interval)
@@ -375,7 +381,6 @@ class ClientRunner(DualEndRunner):
             gate.callback(None)
 
     async def on_verify(self, sig) -> None:
-        ctx = self.ctx
         try:
             await self._verify_conn(sig)
         finally:

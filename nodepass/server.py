@@ -19,9 +19,7 @@ from zope.interface import implementer
 
 from nodepass import codec
 from nodepass.codec import CodecError
-from nodepass.instance import TunnelError
 from nodepass.pool import ServerPool
-from nodepass.quicpool import QuicPoolServer, QuicStreamTransport
 from nodepass.tls import ServerCredentials
 from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
 
@@ -261,7 +259,7 @@ class ServerRunner(DualEndRunner):
         self._verify_conn = None
         self._verify_timer = None
         self.quic_port = None
-        self.quic_server: Optional[QuicPoolServer] = None
+        self.quic_server = None  # a nodepass.quicpool.QuicPoolServer with quic=1
 
     @property
     def tunnel_port_number(self) -> int:
@@ -312,6 +310,9 @@ class ServerRunner(DualEndRunner):
     def _listen_quic(self) -> None:
         """The tunnel's UDP port for the QUIC pool (same number as the TCP
         port); it answers only the control connection's IP."""
+        # Imported here: aioquic is only loaded by tunnels that use QUIC.
+        from nodepass.quicpool import QuicPoolServer
+
         ctx = self.ctx
         self.quic_server = QuicPoolServer(
             ctx.reactor,
@@ -325,7 +326,7 @@ class ServerRunner(DualEndRunner):
             self.tunnel_port_number, self.quic_server, interface=ctx.config.tunnel.host, maxPacketSize=65535
         )
 
-    def _quic_stream(self, transport: QuicStreamTransport) -> None:
+    def _quic_stream(self, transport) -> None:
         r = self.pool
         if self.stopping or self.control is None or r is None or r.idle_count() >= r.max:
             transport.attach(PoolEnd())

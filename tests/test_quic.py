@@ -17,7 +17,6 @@ from nodepass.logs import NodeLog
 from nodepass.quicpool import ALPN, STREAM_WINDOW, QuicPoolClient, QuicPoolError
 from tests.helpers import Client, HashingClient, close, connect, free_port, listen_tcp, sleep, wait_for
 from tests.test_tunnel import (
-    FAST,
     MiB,
     TunnelMixin,
     d,
