@@ -15,7 +15,6 @@ import sys
 from typing import Optional
 
 from twisted.application import service
-from twisted.internet.defer import ensureDeferred
 from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized

@@ -36,7 +36,6 @@ from tests.helpers import (
     listen_tcp,
     listen_udp,
     sleep,
-    stop_listening,
     transport_buffered,
     wait_for,
 )
