@@ -91,11 +91,11 @@ class Proc(protocol.ProcessProtocol):
             self.transport.signalProcess(sig)
 
 
-def spawn(test, argv: list[str], env: Optional[dict] = None) -> Proc:
-    """Start ``argv`` (argv[0] is sys.executable's arguments after it) in
-    the repo root; the test's cleanup kills it if it is still running."""
+def spawn(test, argv: list[str], env: Optional[dict] = None, executable: str = sys.executable) -> Proc:
+    """Start ``executable`` with the arguments ``argv`` (Python by default)
+    in the repo root; the test's cleanup kills it if it is still running."""
     proc = Proc()
-    reactor.spawnProcess(proc, sys.executable, [sys.executable, *argv], env=env or child_env(), path=REPO)
+    reactor.spawnProcess(proc, executable, [executable, *argv], env=env or child_env(), path=REPO)
 
     def cleanup():
         if proc.status is None:

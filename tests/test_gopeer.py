@@ -1,0 +1,205 @@
+"""Interop with a peer on Go's TLS stack: ``tests/gopeer/main.go``, a small
+dual-end peer written in Go from SPEC.md (not Go NodePass, and sharing no
+code with ours), built here with the Go toolchain (``.ci/run`` installs
+Debian's ``golang-go``).  Our server with a Go client and our client with a
+Go server, both flows, over TLS 1.3 from ``crypto/tls`` and over plain TCP."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+
+from twisted.internet import utils
+from twisted.trial import unittest
+
+from tests.helpers import free_port, wait_for
+from tests.procs import REPO, spawn
+from tests.test_tunnel import FAST, TunnelMixin, d, echo_roundtrip, udp_roundtrip
+
+KEY = "g0peer"
+_built: dict[str, str] = {}
+
+
+def _find_go():
+    for candidate in (shutil.which("go"), "/usr/lib/go/bin/go"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+async def _install_go() -> None:
+    """Debian's Go toolchain, when this machine has none (``.ci/run``
+    installs it up front; this covers the README's test command on a fresh
+    machine).  One installer at a time across trial workers."""
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    with open("/tmp/nodepass-tests-go.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _find_go():
+            return
+        install = [*sudo, "apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=120", "golang-go"]
+        out, err, code = await utils.getProcessOutputAndValue(install[0], install[1:], env=env)
+        if code != 0:
+            update = [*sudo, "apt-get", "update", "-q"]
+            await utils.getProcessOutputAndValue(update[0], update[1:], env=env)
+            out, err, code = await utils.getProcessOutputAndValue(install[0], install[1:], env=env)
+        if code != 0 or not _find_go():
+            raise AssertionError(f"could not install golang-go with apt-get ({code}): {err.decode(errors='replace')[-500:]}")
+
+
+async def gopeer() -> str:
+    """The peer's binary, built once per test process."""
+    if "path" in _built:
+        return _built["path"]
+    if _find_go() is None:
+        await _install_go()
+    go = _find_go()
+    out_dir = os.path.abspath(os.path.join("gopeer-build"))
+    os.makedirs(out_dir, exist_ok=True)
+    exe = os.path.join(out_dir, "gopeer")
+    env = dict(os.environ, GOCACHE=os.path.join(out_dir, "cache"), GO111MODULE="off", CGO_ENABLED="0")
+    env.setdefault("HOME", out_dir)
+    out, err, code = await utils.getProcessOutputAndValue(
+        go, ["build", "-o", exe, os.path.join(REPO, "tests", "gopeer", "main.go")], env=env, path=REPO
+    )
+    if code != 0:
+        raise AssertionError(f"go build failed ({code}): {err.decode(errors='replace')}")
+    _built["path"] = exe
+    return exe
+
+
+class GoPeerTests(TunnelMixin, unittest.TestCase):
+    # The first test of a worker may install Go and builds the peer.
+    timeout = 300
+
+    async def go(self, *args: str):
+        proc = spawn(self, list(args), executable=await gopeer())
+        return proc
+
+    async def py_server(self, target: str, query: str):
+        self.tunnel_port = free_port()
+        svc = self._service(
+            "server", f"server://{KEY}@127.0.0.1:{self.tunnel_port}/{target}?log=debug{query}", FAST
+        )
+        await svc.started
+        return svc
+
+    async def py_client(self, target: str, key: str = KEY, wait: bool = True):
+        svc = self._service(
+            "client", f"client://{key}@127.0.0.1:{self.tunnel_port}/{target}?mode=2&min=8&log=debug", FAST
+        )
+        if wait:
+            await svc.started
+        return svc
+
+    async def _echo(self, entry: int, size: int = 1 << 20) -> None:
+        payload = os.urandom(size)
+        got = await echo_roundtrip(entry, payload, timeout=20)
+        self.assertEqual(hashlib.sha256(got).hexdigest(), hashlib.sha256(payload).hexdigest())
+
+    # -- our server, Go client ---------------------------------------------------
+    @d
+    async def test_our_server_go_client_reverse_tls1(self):
+        tport, uport = self.echo_targets()
+        entry = free_port()
+        server = await self.py_server(f"127.0.0.1:{entry}", "&mode=1&tls=1")
+        peer = await self.go("client", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", KEY,
+                             "-target", f"127.0.0.1:{tport}")
+        await peer.wait_for(r"CONFIG np://0@1024/-#1")
+        # Go's crypto/tls sees the certificate our server logs
+        m = await peer.wait_for(r"VERIFIED (sha256:[0-9A-F:]+)")
+        self.assertEqual(m.group(1), server.runner.creds.fingerprint)
+        self.assertTrue(self.logged("server", f"TLS cert verified: {m.group(1)}"))
+        await self._echo(entry)
+        self.assertEqual(await udp_roundtrip(entry, [b"go-1", b"go-2"]), [b"go-1", b"go-2"])
+        # pongs from the Go peer become CHECK_POINT lines
+        await wait_for(lambda: self.logged("server", "CHECK_POINT|MODE=1|PING="), what="checkpoint")
+        self.assertNotIn("ERROR", peer.text())
+
+    @d
+    async def test_our_server_go_client_forward_plain(self):
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        await self.py_server(f"127.0.0.1:{tport}", "&mode=2&tls=0")
+        peer = await self.go("client", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", KEY,
+                             "-entry", f"127.0.0.1:{entry}")
+        await peer.wait_for(r"CONFIG np://0@1024/\+#0")
+        await peer.wait_for("READY")
+        await wait_for(lambda: _listening(entry), what="Go entry listening")
+        await self._echo(entry)
+        for i in range(20):
+            self.assertEqual(await echo_roundtrip(entry, b"short-%d" % i), b"short-%d" % i)
+
+    @d
+    async def test_our_server_denies_go_client_with_wrong_key(self):
+        tport, _ = self.echo_targets()
+        await self.py_server(f"127.0.0.1:{free_port()}", "&mode=1&tls=1")
+        peer = await self.go("client", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", "wrong",
+                             "-target", f"127.0.0.1:{tport}")
+        self.assertEqual(await peer.ended, 1)
+        self.assertIn("ERROR handshake", peer.text())
+        await wait_for(lambda: self.logged("server", "Tunnel access denied: 127.0.0.1:"), what="denied line")
+
+    # -- Go server, our client ---------------------------------------------------
+    @d
+    async def test_go_server_our_client_reverse_tls1(self):
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        self.tunnel_port = free_port()
+        peer = await self.go("server", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", KEY, "-flow", "-",
+                             "-tls", "1", "-entry", f"127.0.0.1:{entry}")
+        cert = (await peer.wait_for(r"CERT (sha256:[0-9A-F:]+)")).group(1)
+        await peer.wait_for("LISTENING")
+        client = await self.py_client(f"127.0.0.1:{tport}")
+        self.assertEqual(client.runner.tls_code, 1)
+        await wait_for(lambda: self.logged("client", f"TLS cert verified: {cert}"), what="client verify line")
+        await self._echo(entry)
+        await self._echo(entry, 64 * 1024)
+        await wait_for(lambda: self.logged("client", "CHECK_POINT|MODE=2|PING="), what="checkpoint")
+        self.assertNotIn("ERROR", peer.text())
+
+    @d
+    async def test_go_server_our_client_forward_tls1(self):
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        self.tunnel_port = free_port()
+        peer = await self.go("server", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", KEY, "-flow", "+",
+                             "-tls", "1", "-target", f"127.0.0.1:{tport}")
+        await peer.wait_for("LISTENING")
+        client = await self.py_client(f"127.0.0.1:{entry}")
+        self.assertEqual(client.runner.flow, "+")
+        await self._echo(entry)
+        for i in range(20):
+            self.assertEqual(await echo_roundtrip(entry, b"short-%d" % i), b"short-%d" % i)
+        # our pool connections resumed Go's TLS 1.3 session tickets
+        from OpenSSL._util import lib
+
+        idle = list(client.runner.pool.idle.values())
+        self.assertTrue(idle)
+        self.assertGreater(sum(lib.SSL_session_reused(c.transport.getHandle()._ssl) for c in idle), 0)
+
+    @d
+    async def test_go_server_refuses_our_wrong_key(self):
+        self.tunnel_port = free_port()
+        peer = await self.go("server", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", KEY, "-flow", "+",
+                             "-tls", "0", "-target", "127.0.0.1:9")
+        await peer.wait_for("LISTENING")
+        await self.py_client(f"127.0.0.1:{free_port()}", key="wrong", wait=False)
+        await wait_for(lambda: self.logged("client", "refused our tunnel key"), timeout=10, what="refusal")
+        await peer.wait_for("DENIED 127.0.0.1:")
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    s = socket.socket()
+    try:
+        s.settimeout(0.2)
+        s.connect(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
