@@ -2,7 +2,10 @@
 dual-end peer written in Go from SPEC.md (not Go NodePass, and sharing no
 code with ours), built here with the Go toolchain (``.ci/run`` installs
 Debian's ``golang-go``).  Our server with a Go client and our client with a
-Go server, both flows, over TLS 1.3 from ``crypto/tls`` and over plain TCP."""
+Go server, both flows, over TLS 1.3 from ``crypto/tls`` and over plain TCP;
+and the QUIC pool against quic-go (Debian's ``golang-github-lucas-clemente-
+quic-go-dev``, the library Go NodePass's QUIC pool is built on, here an older
+release)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from tests.test_tunnel import FAST, TunnelMixin, d, echo_roundtrip, udp_roundtri
 
 KEY = "g0peer"
 _built: dict[str, str] = {}
+GOPATH = "/usr/share/gocode"  # where Debian's Go library packages put their sources
+QUIC_GO = os.path.join(GOPATH, "src", "github.com", "lucas-clemente", "quic-go")
 
 
 def _find_go():
@@ -29,44 +34,57 @@ def _find_go():
     return None
 
 
-async def _install_go() -> None:
-    """Debian's Go toolchain, when this machine has none (``.ci/run``
-    installs it up front; this covers the README's test command on a fresh
-    machine).  One installer at a time across trial workers."""
+def _installed(package: str) -> bool:
+    if package == "golang-go":
+        return _find_go() is not None
+    return os.path.isdir(QUIC_GO)
+
+
+async def _install(package: str) -> None:
+    """A Debian package the Go peer needs, when this machine lacks it
+    (``.ci/run`` installs them up front; this covers the README's test
+    command on a fresh machine).  One installer at a time across workers."""
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     with open("/tmp/nodepass-tests-go.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _find_go():
+        if _installed(package):
             return
-        install = [*sudo, "apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=120", "golang-go"]
+        install = [*sudo, "apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=120", package]
         out, err, code = await utils.getProcessOutputAndValue(install[0], install[1:], env=env)
         if code != 0:
             update = [*sudo, "apt-get", "update", "-q"]
             await utils.getProcessOutputAndValue(update[0], update[1:], env=env)
             out, err, code = await utils.getProcessOutputAndValue(install[0], install[1:], env=env)
-        if code != 0 or not _find_go():
-            raise AssertionError(f"could not install golang-go with apt-get ({code}): {err.decode(errors='replace')[-500:]}")
+        if code != 0 or not _installed(package):
+            raise AssertionError(f"could not install {package} with apt-get ({code}): {err.decode(errors='replace')[-500:]}")
 
 
-async def gopeer() -> str:
-    """The peer's binary, built once per test process."""
-    if "path" in _built:
-        return _built["path"]
-    if _find_go() is None:
-        await _install_go()
+async def gopeer(quic: bool = False) -> str:
+    """The peer's binary (with the QUIC pool when ``quic``), built once per
+    test process."""
+    name = "gopeer-quic" if quic else "gopeer"
+    if name in _built:
+        return _built[name]
+    for package in ("golang-go", "golang-github-lucas-clemente-quic-go-dev") if quic else ("golang-go",):
+        if not _installed(package):
+            await _install(package)
     go = _find_go()
     out_dir = os.path.abspath(os.path.join("gopeer-build"))
     os.makedirs(out_dir, exist_ok=True)
-    exe = os.path.join(out_dir, "gopeer")
-    env = dict(os.environ, GOCACHE=os.path.join(out_dir, "cache"), GO111MODULE="off", CGO_ENABLED="0")
+    exe = os.path.join(out_dir, name)
+    env = dict(os.environ, GOCACHE=os.path.join(out_dir, "cache"), GO111MODULE="off", CGO_ENABLED="0", GOPATH=GOPATH)
     env.setdefault("HOME", out_dir)
-    out, err, code = await utils.getProcessOutputAndValue(
-        go, ["build", "-o", exe, os.path.join(REPO, "tests", "gopeer", "main.go")], env=env, path=REPO
-    )
+    src = os.path.join(REPO, "tests", "gopeer")
+    args = ["build", "-o", exe]
+    files = [os.path.join(src, "main.go")]
+    if quic:
+        args += ["-tags", "quic"]
+        files.append(os.path.join(src, "quic.go"))
+    out, err, code = await utils.getProcessOutputAndValue(go, args + files, env=env, path=REPO)
     if code != 0:
         raise AssertionError(f"go build failed ({code}): {err.decode(errors='replace')}")
-    _built["path"] = exe
+    _built[name] = exe
     return exe
 
 
@@ -74,9 +92,8 @@ class GoPeerTests(TunnelMixin, unittest.TestCase):
     # The first test of a worker may install Go and builds the peer.
     timeout = 300
 
-    async def go(self, *args: str):
-        proc = spawn(self, list(args), executable=await gopeer())
-        return proc
+    async def go(self, *args: str, quic: bool = False):
+        return spawn(self, list(args), executable=await gopeer(quic))
 
     async def py_server(self, target: str, query: str):
         self.tunnel_port = free_port()
@@ -86,7 +103,7 @@ class GoPeerTests(TunnelMixin, unittest.TestCase):
         await svc.started
         return svc
 
-    async def py_client(self, target: str, key: str = KEY, wait: bool = True):
+    async def py_client(self, target: str, key: str = KEY, wait: bool = True, name: str = "client"):
         svc = self._service(
             "client", f"client://{key}@127.0.0.1:{self.tunnel_port}/{target}?mode=2&min=8&log=debug", FAST
         )
@@ -189,6 +206,60 @@ class GoPeerTests(TunnelMixin, unittest.TestCase):
         await self.py_client(f"127.0.0.1:{free_port()}", key="wrong", wait=False)
         await wait_for(lambda: self.logged("client", "refused our tunnel key"), timeout=10, what="refusal")
         await peer.wait_for("DENIED 127.0.0.1:")
+
+
+    # -- QUIC pool against quic-go -----------------------------------------------
+    @d
+    async def test_our_quic_server_quic_go_client(self):
+        """Our server's QUIC pool (aioquic) with a quic-go client: ALPN,
+        TLS 1.3, the 0x00 byte and 4-byte IDs, verify, TCP and UDP."""
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        server = await self.py_server(f"127.0.0.1:{entry}", "&mode=1&quic=1")
+        peer = await self.go("client", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", KEY,
+                             "-target", f"127.0.0.1:{tport}", quic=True)
+        await peer.wait_for(r"CONFIG np://1@1024/-#1")
+        await peer.wait_for(r"QUIC np-quic")
+        m = await peer.wait_for(r"VERIFIED (sha256:[0-9A-F:]+)")
+        self.assertEqual(m.group(1), server.runner.creds.fingerprint)
+        await self._echo(entry)
+        for i in range(20):
+            self.assertEqual(await echo_roundtrip(entry, b"q-%d" % i), b"q-%d" % i)
+        self.assertEqual(await udp_roundtrip(entry, [b"quic-udp"]), [b"quic-udp"])
+        self.assertNotIn("ERROR", peer.text())
+
+    @d
+    async def test_quic_go_server_our_quic_client(self):
+        """A quic-go server's pool with our client (aioquic): both flows'
+        exit and entry roles over QUIC streams."""
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        self.tunnel_port = free_port()
+        peer = await self.go("server", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", KEY, "-flow", "+",
+                             "-tls", "1", "-quic", "-target", f"127.0.0.1:{tport}", quic=True)
+        cert = (await peer.wait_for(r"CERT (sha256:[0-9A-F:]+)")).group(1)
+        await peer.wait_for("LISTENING")
+        client = await self.py_client(f"127.0.0.1:{entry}")
+        self.assertTrue(client.runner.quic)
+        await wait_for(lambda: self.logged("client", f"TLS cert verified: {cert}"), what="client verify line")
+        await self._echo(entry)
+        for i in range(20):
+            self.assertEqual(await echo_roundtrip(entry, b"q-%d" % i), b"q-%d" % i)
+        self.assertNotIn("ERROR", peer.text())
+
+    @d
+    async def test_quic_go_server_reverse_our_quic_client(self):
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        self.tunnel_port = free_port()
+        peer = await self.go("server", "-tunnel", f"127.0.0.1:{self.tunnel_port}", "-key", KEY, "-flow", "-",
+                             "-tls", "1", "-quic", "-entry", f"127.0.0.1:{entry}", quic=True)
+        await peer.wait_for("LISTENING")
+        client = await self.py_client(f"127.0.0.1:{tport}")
+        await wait_for(lambda: client.runner.pool.idle_count() > 0, what="QUIC pool up")
+        await wait_for(lambda: _listening(entry), what="Go entry listening")
+        await self._echo(entry)
+        self.assertNotIn("ERROR", peer.text())
 
 
 def _listening(port: int) -> bool:

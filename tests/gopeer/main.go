@@ -5,7 +5,10 @@
 // against a peer that shares none of their code.
 //
 //	gopeer client -tunnel HOST:PORT -key KEY [-target HOST:PORT] [-entry HOST:PORT] [-pool N]
-//	gopeer server -tunnel HOST:PORT -key KEY -flow -|+ -tls 0|1 [-target ..] [-entry ..] [-max N]
+//	gopeer server -tunnel HOST:PORT -key KEY -flow -|+ -tls 0|1 [-quic] [-target ..] [-entry ..] [-max N]
+//
+// Built with ``-tags quic`` (quic.go, on quic-go) it also speaks the QUIC
+// pool (pool type 1); without, it refuses that pool type.
 //
 // It prints one line per event the tests wait for: READY, VERIFIED <fp>,
 // CERT <fp>, POOL <n>, and ERROR <text> before exiting non-zero.
@@ -151,6 +154,27 @@ func (p *pool) any(timeout time.Duration) (string, net.Conn) {
 	})
 }
 
+// ---- QUIC pool hooks (set by quic.go when built with -tags quic) -----------
+
+var quicDialPool func(p *peer, addr string, size int)
+var quicServePool func(p *peer, addr string, tlsCfg *tls.Config, clientIP func() string, max int) error
+
+// peerCert is the DER certificate the other end presented on a pool
+// connection (a TLS connection, or a QUIC stream), or nil.
+func peerCert(c net.Conn) []byte {
+	if tc, ok := c.(*tls.Conn); ok {
+		certs := tc.ConnectionState().PeerCertificates
+		if len(certs) > 0 {
+			return certs[0].Raw
+		}
+		return nil
+	}
+	if pc, ok := c.(interface{ PeerCertificate() []byte }); ok {
+		return pc.PeerCertificate()
+	}
+	return nil
+}
+
 // ---- the peer -------------------------------------------------------------
 
 type peer struct {
@@ -226,11 +250,8 @@ func (p *peer) controlLoop(r *bufio.Reader) {
 					say("ERROR verify: no pool connection %s", id)
 					return
 				}
-				if tc, ok := c.(*tls.Conn); ok {
-					certs := tc.ConnectionState().PeerCertificates
-					if len(certs) > 0 {
-						say("VERIFIED %s", fingerprint(certs[0].Raw))
-					}
+				if der := peerCert(c); der != nil {
+					say("VERIFIED %s", fingerprint(der))
 				}
 				c.Close()
 			}()
@@ -339,6 +360,18 @@ func runClient(tunnel, key, target, entry string, poolSize int) {
 	p.flow = strings.TrimPrefix(u.Path, "/")
 	tlsCode := u.Fragment
 	say("CONFIG %s", cfg)
+	if u.User.Username() == "1" {
+		if quicDialPool == nil {
+			fail("pool type 1 (QUIC): built without -tags quic")
+		}
+		quicDialPool(p, tunnel, poolSize)
+		if p.isEntry() {
+			go p.serveEntry()
+		}
+		say("READY")
+		p.controlLoop(r)
+		return
+	}
 	dial := func() (net.Conn, error) {
 		if tlsCode == "0" {
 			return net.Dial("tcp", tunnel)
@@ -394,7 +427,14 @@ func selfSigned() (tls.Certificate, string) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, fingerprint(der)
 }
 
-func runServer(tunnel, key, target, entry, flow, tlsCode string, max int) {
+func runServer(tunnel, key, target, entry, flow, tlsCode string, max int, useQUIC bool) {
+	poolType := "0"
+	if useQUIC {
+		poolType = "1"
+		if tlsCode == "0" {
+			tlsCode = "1" // QUIC always encrypts
+		}
+	}
 	p := &peer{codec: codec{[]byte(key)}, pool: newPool(), target: target, entry: entry, flow: flow, role: "server"}
 	ln, err := net.Listen("tcp", tunnel)
 	if err != nil {
@@ -419,8 +459,16 @@ func runServer(tunnel, key, target, entry, flow, tlsCode string, max int) {
 		say("VERIFIED %s", fp)
 		time.AfterFunc(2*time.Second, func() { c.Close() })
 	}
-	say("LISTENING")
 	var clientIP string
+	if useQUIC {
+		if quicServePool == nil {
+			fail("-quic: built without -tags quic")
+		}
+		if err := quicServePool(p, tunnel, tlsCfg, func() string { return clientIP }, max); err != nil {
+			fail("QUIC listen %s: %v", tunnel, err)
+		}
+	}
+	say("LISTENING")
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -440,7 +488,7 @@ func runServer(tunnel, key, target, entry, flow, tlsCode string, max int) {
 			}
 			clientIP = ip
 			p.ctrl = c
-			p.send(fmt.Sprintf("np://0@%d/%s#%s", max, flow, tlsCode))
+			p.send(fmt.Sprintf("np://%s@%d/%s#%s", poolType, max, flow, tlsCode))
 			if p.isEntry() {
 				go p.serveEntry()
 			}
@@ -497,12 +545,13 @@ func main() {
 	flow := fs.String("flow", "-", "server: - (server receives) or + (server sends)")
 	tlsCode := fs.String("tls", "1", "server: TLS code 0 or 1")
 	max := fs.Int("max", 64, "server: largest pool")
+	useQUIC := fs.Bool("quic", false, "server: QUIC pool (pool type 1)")
 	fs.Parse(os.Args[2:])
 	switch os.Args[1] {
 	case "client":
 		runClient(*tunnel, *key, *target, *entry, *poolSize)
 	case "server":
-		runServer(*tunnel, *key, *target, *entry, *flow, *tlsCode, *max)
+		runServer(*tunnel, *key, *target, *entry, *flow, *tlsCode, *max, *useQUIC)
 	default:
 		fail("unknown role %q", os.Args[1])
 	}
