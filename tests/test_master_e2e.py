@@ -8,6 +8,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
 from tests.master_helpers import Api, SSEClient, start_master, wait_for
+from tests.helpers import free_port as free_tcp_udp_port
 from tests.test_master_state import echo_server, free_port, send_through
 
 
@@ -48,14 +49,24 @@ class EndToEndTests(unittest.TestCase):
         return ensureDeferred(go())
 
     def test_server_and_client_pair(self):
+        return self._pair("")
+
+    def test_server_and_client_pair_quic(self):
+        """The same with a QUIC pool: the config field carries quic=1."""
+        return self._pair("&quic=1")
+
+    def _pair(self, query: str):
         async def go():
             master = await start_master(self)
             api = Api(master, self)
             sse = await SSEClient(api).connect()
             target = await echo_server(self)
-            tunnel, entry = free_port(), free_port()
-            code, srv, _ = await api.call("POST", "/instances", {"url": f"server://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=1"})
+            tunnel, entry = free_tcp_udp_port(), free_port()  # the tunnel takes UDP too with quic=1
+            code, srv, _ = await api.call(
+                "POST", "/instances", {"url": f"server://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=1{query}"}
+            )
             self.assertEqual(code, 201, srv)
+            self.assertIn("&quic=1&" if query else "&quic=0&", srv["config"])
             code, cli, _ = await api.call(
                 "POST", "/instances", {"url": f"client://127.0.0.1:{tunnel}/127.0.0.1:{target}?mode=2&min=4"}
             )
