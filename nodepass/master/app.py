@@ -365,25 +365,19 @@ def make_resource(master) -> IResource:
     # -- documentation (public) -------------------------------------------
 
     async def openapi(request):
-        try:
-            from nodepass.master.openapi import openapi_document
-        except ImportError:
-            raise RequestError(501, "not implemented yet") from None
+        from nodepass.master.openapi import openapi_document
+
         return _json(request, 200, openapi_document(master.config.prefix))
 
     async def docs(request):
-        try:
-            from nodepass.master.swagger import docs_page
-        except ImportError:
-            raise RequestError(501, "not implemented yet") from None
+        from nodepass.master.swagger import docs_page
+
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return docs_page(master.config.prefix)
 
     async def docs_static(request):
-        try:
-            from nodepass.master.swagger import static_resource
-        except ImportError:
-            raise RequestError(501, "not implemented yet") from None
+        from nodepass.master.swagger import static_resource
+
         return static_resource()
 
     route(base + "/openapi.json", {"GET": openapi}, public=True)
