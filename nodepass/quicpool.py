@@ -567,11 +567,9 @@ class QuicPort(DatagramProtocol):
     def __init__(self, reactor, log: NodeLog):
         self.reactor = reactor
         self.log = log
-        self.udp = None
         self._sock = None
 
     def startProtocol(self) -> None:
-        self.udp = self.transport
         sock = getattr(self.transport, "socket", None)
         self._sock = sock
         if sock is not None:
@@ -605,16 +603,17 @@ class QuicPort(DatagramProtocol):
         pass
 
 
-def _base_configuration(is_client: bool, idle_timeout: float) -> QuicConfiguration:
-    cfg = QuicConfiguration(
+def _base_configuration(is_client: bool, keepalive: float) -> QuicConfiguration:
+    """What both ends share: ALPN, datagram size, windows, and an idle
+    timeout of three keep-alive periods (as Go NodePass sets quic-go's)."""
+    return QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
-        idle_timeout=idle_timeout,
+        idle_timeout=3 * keepalive if keepalive > 0 else 60.0,
         max_datagram_size=MAX_DATAGRAM,
         max_stream_data=STREAM_WINDOW,
         max_data=16 * STREAM_WINDOW,
     )
-    return cfg
 
 
 class QuicPoolServer(QuicPort):
@@ -686,7 +685,7 @@ class QuicPoolServer(QuicPort):
         except Exception as e:  # noqa: BLE001
             self.log.error("QUIC: no certificate for a new connection: %s", e)
             return None
-        cfg = _base_configuration(False, 3 * self.keepalive if self.keepalive > 0 else 60.0)
+        cfg = _base_configuration(False, self.keepalive)
         cfg.certificate = cert
         cfg.certificate_chain = list(chain)
         cfg.private_key = key
@@ -790,7 +789,7 @@ class QuicPoolClient:
         self.closed = False
 
     def _configuration(self) -> QuicConfiguration:
-        cfg = _base_configuration(True, 3 * self.keepalive if self.keepalive > 0 else 60.0)
+        cfg = _base_configuration(True, self.keepalive)
         if self.tls_code == 2:
             cfg.verify_mode = ssl.CERT_REQUIRED
             cfg.server_name = self.hostname

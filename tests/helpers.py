@@ -386,3 +386,17 @@ class Blackhole:
         for c in self.fillers:
             c.close()
         self.sock.close()
+
+
+class Endless(Protocol):
+    """Sends for as long as the peer takes it (a ``PushSender``, paused by
+    flow control); every instance is recorded in ``Endless.senders``."""
+
+    senders: list = []
+
+    def connectionMade(self) -> None:
+        self.sender = PushSender(self.transport)
+        Endless.senders.append(self.sender)
+
+    def connectionLost(self, reason) -> None:
+        self.sender.stopProducing()

@@ -18,10 +18,10 @@ from nodepass.quicpool import ALPN, STREAM_WINDOW, QuicPoolClient, QuicPoolError
 from tests.helpers import Client, HashingClient, close, connect, free_port, listen_tcp, sleep, wait_for
 from tests.test_tunnel import (
     MiB,
+    CAMixin,
     TunnelMixin,
     d,
     echo_roundtrip,
-    make_ca,
     make_leaf,
     udp_roundtrip,
 )
@@ -31,31 +31,15 @@ class QuicFlowTests(TunnelMixin, unittest.TestCase):
     """Both flows x TCP and UDP over a QUIC pool."""
 
     async def _both(self, flow: str, query: str = "") -> None:
-        server, client, entry, _ = await self.tunnel(flow, f"&quic=1{query}")
+        server, client = await self.carries_tcp_and_udp(flow, f"&quic=1{query}", size=200_000)
         self.assertTrue(server.runner.quic and client.runner.quic)
         # quic=1 forces TLS: the handshake announces pool type 1, tls >= 1
         self.assertGreaterEqual(server.runner.tls_code, 1)
         self.assertTrue(self.logged("server", "np://1@"))
-        payload = os.urandom(200_000)
-        self.assertEqual(await echo_roundtrip(entry, payload), payload)
-        self.assertEqual(await echo_roundtrip(entry, b"again"), b"again")
-        dgs = [b"dgram-%d" % i for i in range(3)]
-        self.assertEqual(await udp_roundtrip(entry, dgs), dgs)
-        for svc in (server, client):
-            self.assertGreaterEqual(svc.stats.tcp_rx, len(payload))
-            self.assertGreaterEqual(svc.stats.udp_tx, sum(map(len, dgs)))
-        # the verify signal names a QUIC stream; both ends log one fingerprint
-        fp = server.runner.creds.fingerprint
-        await wait_for(lambda: self.logged("client", f"TLS cert verified: {fp}"), what="client verify line")
-        self.assertTrue(self.logged("server", f"TLS cert verified: {fp}"))
         # every pool entry is a QUIC stream: no TCP pool connection was made
         idle = list(server.runner.pool.idle.values())
         self.assertTrue(idle)
         self.assertTrue(all(getattr(c.transport, "quic_stream", False) for c in idle))
-        seen = []
-        client.checkpoint_listeners.append(seen.append)
-        await wait_for(lambda: seen, timeout=3, what="checkpoint")
-        self.assertGreater(seen[0].pool, 0)
 
     @d
     async def test_reverse(self):
@@ -113,46 +97,16 @@ class QuicFlowTests(TunnelMixin, unittest.TestCase):
     async def test_backpressure_through_quic(self):
         """A target that never reads stops the user's sender: the QUIC
         stream's window stops widening, so nothing buffers without bound."""
-        from tests.helpers import PushSender, Stalled
-
-        stalled, _ = listen_tcp(Stalled)
-        self.addCleanup(stalled.stopListening)
-        self.tunnel_port = free_port()
-        entry = free_port()
-        await self.start_server(f"127.0.0.1:{entry}", "&mode=1&quic=1")
-        await self.start_client(f"127.0.0.1:{stalled.getHost().port}")
-        c = await connect(entry)
-        sender = PushSender(c.transport)
-        self.addCleanup(sender.stopProducing)
-        await wait_for(lambda: sender.paused, timeout=20, what="sender pushed back")
-        await sleep(0.5)
-        written = sender.written
-        await sleep(0.5)
-        self.assertLess(sender.written - written, 4 * MiB)
-        self.assertLess(written, 32 * MiB)
-        c.transport.abortConnection()
-        await c.lost
-
+        await self.stalled_target_pushes_back("&quic=1", timeout=20, limit=32 * MiB)
 
     @d
     async def test_user_that_stops_reading_stops_the_source(self):
         """Download direction: a user who never reads pauses the endless
         target at the other end of the QUIC stream (the stream's receive
         window stops widening), then both ends let go when the user leaves."""
-        from twisted.internet.protocol import Protocol
+        from tests.helpers import Endless
 
-        from tests.helpers import PushSender
-
-        senders = []
-
-        class Endless(Protocol):
-            def connectionMade(self):
-                self.sender = PushSender(self.transport)
-                senders.append(self.sender)
-
-            def connectionLost(self, reason):
-                self.sender.stopProducing()
-
+        senders = Endless.senders = []
         src, _ = listen_tcp(Endless)
         self.addCleanup(src.stopListening)
         self.tunnel_port = free_port()
@@ -295,17 +249,8 @@ class QuicServerTests(TunnelMixin, unittest.TestCase):
         self.assertEqual(await echo_roundtrip(entry, b"two"), b"two")
 
 
-class QuicTLSVerifyTests(TunnelMixin, unittest.TestCase):
+class QuicTLSVerifyTests(CAMixin, unittest.TestCase):
     """tls=2 over QUIC: chain and host name checked by the client."""
-
-    def setUp(self):
-        super().setUp()
-        self.dir = self.mktemp()
-        os.makedirs(self.dir)
-        self.ca_path, self.ca, self.ca_key = make_ca(self.dir)
-        old = os.environ.get("SSL_CERT_FILE")
-        os.environ["SSL_CERT_FILE"] = self.ca_path
-        self.addCleanup(lambda: os.environ.__setitem__("SSL_CERT_FILE", old) if old else os.environ.pop("SSL_CERT_FILE", None))
 
     @d
     async def test_tls2_verified(self):
@@ -320,15 +265,4 @@ class QuicTLSVerifyTests(TunnelMixin, unittest.TestCase):
 
     @d
     async def test_wrong_host_name_refused(self):
-        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "other.example")
-        tport, _ = self.echo_targets()
-        entry = free_port()
-        await self.start_server(f"127.0.0.1:{entry}", f"&mode=1&quic=1&tls=2&crt={crt}&key={key}")
-        client = await self.start_client(f"127.0.0.1:{tport}", host="localhost")
-        await wait_for(lambda: self.logged("client", "TLS verification of the server"), timeout=10,
-                       what="refusal logged")
-        self.assertEqual(client.runner.pool.idle_count(), 0)
-        c = await connect(entry)
-        c.transport.write(b"never")
-        await c.lost
-        self.assertEqual(c.data(), b"")
+        await self.wrong_host_name_refused("&quic=1")

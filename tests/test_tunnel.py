@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, task
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory
 from twisted.trial import unittest
 
 from nodepass.config import Tunables, parse_url
@@ -149,6 +149,58 @@ class TunnelMixin:
             await svc.started
         return svc
 
+    async def carries_tcp_and_udp(self, flow: str, query: str, size: int = 100_000):
+        """A server and client (``query`` on the server) carry TCP and UDP
+        in ``flow``; both count it, TLS ends log one fingerprint, and a
+        CHECK_POINT reports the pool.  Returns (server, client)."""
+        server, client, entry, _ = await self.tunnel(flow, query)
+        payload = os.urandom(size)
+        self.assertEqual(await echo_roundtrip(entry, payload), payload)
+        self.assertEqual(await echo_roundtrip(entry, b"again"), b"again")
+        dgs = [b"dgram-%d" % i for i in range(3)]
+        self.assertEqual(await udp_roundtrip(entry, dgs), dgs)
+        # both ends counted what they carried on their target side
+        for svc in (server, client):
+            self.assertGreaterEqual(svc.stats.tcp_rx, len(payload))
+            self.assertGreaterEqual(svc.stats.udp_tx, sum(map(len, dgs)))
+        if server.runner.tls_code:
+            await wait_for(lambda: self.logged("client", "TLS cert verified: sha256:"), what="client verify line")
+            fp = server.runner.creds.fingerprint
+            self.assertTrue(self.logged("server", f"TLS cert verified: {fp}"))
+            self.assertTrue(self.logged("client", f"TLS cert verified: {fp}"))
+        # a CHECK_POINT arrives on pong, with the pool size
+        seen = []
+        client.checkpoint_listeners.append(seen.append)
+        await wait_for(lambda: seen, timeout=3, what="checkpoint")
+        self.assertEqual(seen[0].mode, 2)
+        self.assertGreater(seen[0].pool, 0)
+        self.assertTrue(self.logged("server", "CHECK_POINT|MODE=%d|PING=" % server.runner.mode))
+        return server, client
+
+    async def stalled_target_pushes_back(self, query: str, timeout: float, limit: int) -> None:
+        """A target that never reads stops the user's sender within
+        ``timeout``; at most ``limit`` bytes were taken before it stopped."""
+        from tests.helpers import PushSender, Stalled, listen_tcp
+
+        stalled, _ = listen_tcp(Stalled)
+        self.addCleanup(stalled.stopListening)
+        self.tunnel_port = free_port()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", f"&mode=1{query}")
+        await self.start_client(f"127.0.0.1:{stalled.getHost().port}")
+        c = await connect(entry)
+        sender = PushSender(c.transport)
+        self.addCleanup(sender.stopProducing)
+        await wait_for(lambda: sender.paused, timeout=timeout, what="sender pushed back")
+        await sleep(0.5)
+        written = sender.written
+        await sleep(0.5)
+        self.assertLess(sender.written - written, 4 * MiB)  # stays (nearly) stopped
+        self.assertLess(written, limit)
+        sender.stopProducing()
+        c.transport.abortConnection()  # a clean close would wait for the stalled target
+        await c.lost
+
     def logged(self, name: str, text: str) -> bool:
         return any(text in line for line in self.lines.get(name, []))
 
@@ -222,28 +274,7 @@ class FlowTests(TunnelMixin, unittest.TestCase):
     """Both flows x TCP and UDP x tls 0/1 (tls 2 below)."""
 
     async def _both(self, flow: str, tls: int) -> None:
-        server, client, entry, _ = await self.tunnel(flow, f"&tls={tls}")
-        payload = os.urandom(100_000)
-        self.assertEqual(await echo_roundtrip(entry, payload), payload)
-        self.assertEqual(await echo_roundtrip(entry, b"again"), b"again")
-        dgs = [b"dgram-%d" % i for i in range(3)]
-        self.assertEqual(await udp_roundtrip(entry, dgs), dgs)
-        # both ends counted what they carried on their target side
-        for svc in (server, client):
-            self.assertGreaterEqual(svc.stats.tcp_rx, len(payload))
-            self.assertGreaterEqual(svc.stats.udp_tx, sum(map(len, dgs)))
-        if tls:
-            await wait_for(lambda: self.logged("client", "TLS cert verified: sha256:"), what="client verify line")
-            fp = server.runner.creds.fingerprint
-            self.assertTrue(self.logged("server", f"TLS cert verified: {fp}"))
-            self.assertTrue(self.logged("client", f"TLS cert verified: {fp}"))
-        # a CHECK_POINT arrives on pong, with the pool size
-        seen = []
-        client.checkpoint_listeners.append(seen.append)
-        await wait_for(lambda: seen, timeout=3, what="checkpoint")
-        self.assertEqual(seen[0].mode, 2)
-        self.assertGreater(seen[0].pool, 0)
-        self.assertTrue(self.logged("server", "CHECK_POINT|MODE=%d|PING=" % server.runner.mode))
+        await self.carries_tcp_and_udp(flow, f"&tls={tls}")
 
     @d
     async def test_reverse_plain(self):
@@ -286,40 +317,14 @@ class FlowTests(TunnelMixin, unittest.TestCase):
     @d
     async def test_backpressure_through_tunnel(self):
         """A target that never reads stops the user's sender: nothing in the
-        tunnel buffers without bound."""
-        from tests.helpers import PushSender, Stalled, listen_tcp
-
-        stalled, _ = listen_tcp(Stalled)
-        self.addCleanup(stalled.stopListening)
-        self.tunnel_port = free_port()
-        entry = free_port()
-        await self.start_server(f"127.0.0.1:{entry}", "&mode=1")
-        await self.start_client(f"127.0.0.1:{stalled.getHost().port}")
-        c = await connect(entry)
-        sender = PushSender(c.transport)
-        self.addCleanup(sender.stopProducing)
-        await wait_for(lambda: sender.paused, timeout=10, what="sender pushed back")
-        await sleep(0.5)
-        written = sender.written
-        await sleep(0.5)
-        self.assertLess(sender.written - written, 4 * MiB)  # stays (nearly) stopped
-        self.assertLess(written, 64 * MiB)  # socket and pipe buffers only
-        sender.stopProducing()
-        c.transport.abortConnection()  # a clean close would wait for the stalled target
-        await c.lost
+        tunnel buffers without bound (socket and pipe buffers only)."""
+        await self.stalled_target_pushes_back("", timeout=10, limit=64 * MiB)
 
     async def _endless_download_then_close(self, flow: str) -> None:
         """The user of a relayed download from an endless source goes away:
         both ends let go of the connection (TLS shutdown must not leave the
         exit side pumping its target forever)."""
-        from tests.helpers import PushSender, listen_tcp
-
-        class Endless(Protocol):
-            def connectionMade(self):
-                self.sender = PushSender(self.transport)
-
-            def connectionLost(self, reason):
-                self.sender.stopProducing()
+        from tests.helpers import Endless, listen_tcp
 
         src, _ = listen_tcp(Endless)
         self.addCleanup(src.stopListening)
@@ -383,7 +388,7 @@ class FlowTests(TunnelMixin, unittest.TestCase):
         await close(c)
 
 
-class TLSVerifyTests(TunnelMixin, unittest.TestCase):
+class CAMixin(TunnelMixin):
     """tls=2: a CA made here, the client trusts it through SSL_CERT_FILE."""
 
     def setUp(self):
@@ -394,6 +399,25 @@ class TLSVerifyTests(TunnelMixin, unittest.TestCase):
         old = os.environ.get("SSL_CERT_FILE")
         os.environ["SSL_CERT_FILE"] = self.ca_path
         self.addCleanup(lambda: os.environ.__setitem__("SSL_CERT_FILE", old) if old else os.environ.pop("SSL_CERT_FILE", None))
+
+    async def wrong_host_name_refused(self, query: str) -> None:
+        """A certificate for another host name: the client refuses it with a
+        clear line, keeps no pool, and users get nothing through."""
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "other.example")
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        await self.start_server(f"127.0.0.1:{entry}", f"&mode=1&tls=2&crt={crt}&key={key}{query}")
+        client = await self.start_client(f"127.0.0.1:{tport}", host="localhost")
+        await wait_for(lambda: self.logged("client", "TLS verification of the server"), timeout=10,
+                       what="refusal logged")
+        self.assertEqual(client.runner.pool.idle_count(), 0)
+        c = await connect(entry)
+        c.transport.write(b"never")
+        await c.lost  # no pool connection: the entry gives up
+        self.assertEqual(c.data(), b"")
+
+
+class TLSVerifyTests(CAMixin, unittest.TestCase):
 
     async def _tls2(self, flow: str) -> None:
         crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
@@ -429,17 +453,7 @@ class TLSVerifyTests(TunnelMixin, unittest.TestCase):
 
     @d
     async def test_wrong_host_name_refused(self):
-        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "other.example")
-        tport, _ = self.echo_targets()
-        entry = free_port()
-        await self.start_server(f"127.0.0.1:{entry}", f"&mode=1&tls=2&crt={crt}&key={key}")
-        client = await self.start_client(f"127.0.0.1:{tport}", host="localhost")
-        await wait_for(lambda: self.logged("client", "TLS verification of the server"), what="refusal logged")
-        self.assertEqual(client.runner.pool.idle_count(), 0)
-        c = await connect(entry)
-        c.transport.write(b"never")
-        await c.lost  # no pool connection: the entry gives up
-        self.assertEqual(c.data(), b"")
+        await self.wrong_host_name_refused("")
 
     @d
     async def test_bad_files_fall_back_to_tls1(self):
