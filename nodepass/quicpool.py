@@ -72,6 +72,8 @@ MAX_CONNS = 64
 MAX_DATAGRAM = 1350
 #: Socket buffers for the UDP port (the kernel may cap them lower).
 SOCKET_BUFFER = 4 * 1024 * 1024
+#: QUIC versions aioquic speaks (others get a version negotiation packet).
+SUPPORTED_VERSIONS = list(QuicConfiguration().supported_versions)
 
 
 class QuicPoolError(Exception):
@@ -652,7 +654,7 @@ class QuicPoolServer(QuicPort):
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
             return
-        supported = QuicConfiguration().supported_versions
+        supported = SUPPORTED_VERSIONS
         if (
             header.packet_type != QuicPacketType.VERSION_NEGOTIATION
             and header.version is not None

@@ -415,12 +415,7 @@ class MasterService(service.MultiService):
         full, config = instance_url(url, self.config)
         rid = new_instance_id(self.records)
         rec = InstanceRecord(id=rid, url=full, config=config, stats=InstanceStats(config.slot))
-        if alias is not None:
-            rec.alias = alias
-        if restart is not None:
-            rec.restart = restart
-        if meta is not None:
-            apply_meta(rec, meta)
+        _apply_fields(rec, alias, restart, meta)
         self.records[rid] = rec
         try:
             self._save()
@@ -442,12 +437,7 @@ class MasterService(service.MultiService):
             if self.records.get(rid) is not rec:
                 raise RequestError(404, "Instance not found")
             old = (rec.alias, rec.restart, _copy_meta(rec.meta))
-            if alias is not None:
-                rec.alias = alias
-            if restart is not None:
-                rec.restart = restart
-            if meta is not None:
-                apply_meta(rec, meta)
+            _apply_fields(rec, alias, restart, meta)
             if (rec.alias, rec.restart, rec.meta) != old:
                 try:
                     self._save()
@@ -581,6 +571,16 @@ class MasterService(service.MultiService):
 
 def _hostport(host: str, port) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _apply_fields(rec: InstanceRecord, alias: Optional[str], restart: Optional[bool], meta: Optional[dict]) -> None:
+    """The fields a create or PATCH body may set; absent ones stay."""
+    if alias is not None:
+        rec.alias = alias
+    if restart is not None:
+        rec.restart = restart
+    if meta is not None:
+        apply_meta(rec, meta)
 
 
 def _copy_meta(meta: dict) -> dict:
