@@ -327,11 +327,7 @@ class ServerRunner(DualEndRunner):
         )
 
     def _quic_stream(self, transport) -> None:
-        r = self.pool
-        if self.stopping or self.control is None or r is None or r.idle_count() >= r.max:
-            transport.attach(PoolEnd())
-            transport.loseConnection()
-            return
+        # QuicPoolStream turns it away when stopping or the pool is full.
         transport.attach(QuicPoolStream(self))
 
     def accept_control(self, proto: TunnelPortProtocol) -> None:

@@ -149,6 +149,7 @@ class ServerCredentials:
         self._cert_pem = cert_pem
         self._key_pem = key_pem
         self._options: Optional[ssl.CertificateOptions] = None
+        self._quic_cache: Optional[tuple] = None  # (cert PEM, QUIC material) of the last load
         self._loaded_at = clock.seconds() if clock is not None else 0.0
         self.fingerprint = ""
         if tls_code:
@@ -215,7 +216,7 @@ class ServerCredentials:
         if not self.tls_code:
             raise ValueError("plain server (tls=0) has no certificate")
         self._maybe_reload()
-        cached = getattr(self, "_quic_cache", None)
+        cached = self._quic_cache
         if cached is None or cached[0] is not self._cert_pem:
             certs = x509.load_pem_x509_certificates(self._cert_pem)
             key = serialization.load_pem_private_key(self._key_pem, password=None)
