@@ -152,6 +152,15 @@ class PauseGate:
             if not self._reasons:
                 self._transport.resumeProducing()
 
+    def release(self) -> None:
+        """Drop every reason and read again: the relay is over, so nothing
+        downstream is left to protect.  A closing TLS end must keep reading
+        to see the peer's close_notify (or FIN); held paused, it and a peer
+        flushing towards it would wait on each other forever."""
+        if self._reasons:
+            self._reasons.clear()
+            self._transport.resumeProducing()
+
     @property
     def paused(self) -> bool:
         return bool(self._reasons)
@@ -375,13 +384,13 @@ class Relay:
     def end_lost(self, end: RelayEnd) -> None:
         other = self.tunnel if end is self.target else self.target
         if not other.lost and other.transport is not None:
-            _close_transport(other.transport)
+            _close_end(other)
         self._finish()
 
     def close(self) -> None:
         for end in (self.target, self.tunnel):
             if not end.lost and end.transport is not None:
-                _close_transport(end.transport)
+                _close_end(end)
         self._finish()
 
     def _finish(self) -> None:
@@ -400,14 +409,36 @@ class Relay:
             cb()
 
 
-def _close_transport(transport) -> None:
-    """Unregister the peer's producer first: a TLS transport does not start
-    its shutdown while a producer is registered, so without this a relayed
-    TLS connection would never close."""
+class _Discard:
+    """Where a closing end's late bytes go once its relay is over."""
+
+    @staticmethod
+    def forward(source: RelayEnd, data) -> None:
+        pass
+
+    @staticmethod
+    def end_lost(end: RelayEnd) -> None:
+        pass
+
+
+def _close_end(end: RelayEnd) -> None:
+    """Close one end of a finished relay.
+
+    The peer's producer is unregistered first: a TLS transport does not
+    start its shutdown while a producer is registered.  Then the end reads
+    again, discarding what arrives: a TLS end waits for the peer's
+    close_notify, and if its reading stayed paused (its consumer was slow
+    when the other end went away) it would never see it while the peer
+    waits to flush towards us -- both ends would hold the connection and
+    its slot forever."""
+    transport = end.transport
     try:
         transport.unregisterProducer()
     except Exception:  # noqa: BLE001 - nothing registered / already gone
         pass
+    end.relay = _Discard  # type: ignore[assignment]
+    if end.gate is not None:
+        end.gate.release()
     transport.loseConnection()
 
 
