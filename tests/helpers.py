@@ -6,6 +6,8 @@ can close it (trial fails on a dirty reactor)."""
 from __future__ import annotations
 
 import hashlib
+import inspect
+import os
 import socket
 import time
 from typing import Callable, Optional
@@ -17,14 +19,65 @@ from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, 
 from zope.interface import implementer
 
 
+def _describe(predicate: Callable[[], bool]) -> str:
+    """The source line of a predicate (a lambda, usually), for messages."""
+    try:
+        return inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return repr(predicate)
+
+
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01, what: str = "") -> None:
-    """Poll ``predicate`` until it is true; raise AssertionError after
-    ``timeout`` seconds.  For conditions that have no event to await."""
+    """Poll ``predicate`` until it is true; raise AssertionError naming
+    ``what`` (or the predicate's source) after ``timeout`` seconds.  Only
+    for conditions that have no event to await."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or _describe(predicate)}")
         await task.deferLater(reactor, interval, lambda: None)
+
+
+class PortTaken(AssertionError):
+    """A service could not bind the port it was given: something took it
+    between the test choosing it and the service binding it."""
+
+
+def service_up(svc, what: str = "service", timeout: float = 20.0) -> Deferred:
+    """Fires with the runner once a ``TunnelService`` is up (its first run
+    started).  Fails at once with :class:`PortTaken` when a start fails
+    because its port is in use (the caller may choose another), and after
+    ``timeout`` seconds with the service's last error; other start errors
+    are retried by the service itself, so they only count towards the
+    timeout."""
+    d: Deferred = Deferred()
+    errors: list[str] = []
+
+    def on_status(status: str, message: str) -> None:
+        if status != "error" or d.called:
+            return
+        errors.append(message)
+        if "in use" in message:
+            d.errback(PortTaken(f"{what}: {message}"))
+
+    def on_started(runner):
+        if not d.called:
+            d.callback(runner)
+        return runner
+
+    def too_late(failure, seconds):
+        raise AssertionError(f"{what} did not start within {seconds}s (last error: {errors[-1] if errors else 'none'})")
+
+    def done(result):
+        if on_status in svc.status_listeners:
+            svc.status_listeners.remove(on_status)
+        return result
+
+    svc.status_listeners.append(on_status)
+    svc.started.addCallback(on_started)
+    d.addTimeout(timeout, reactor, onTimeoutCancel=too_late)
+    d.addBoth(done)
+    return d
 
 
 async def sleep(seconds: float) -> None:
@@ -32,34 +85,93 @@ async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
+def _ephemeral_low() -> int:
+    """Lowest port the kernel hands out on its own (outgoing connections,
+    binds to port 0)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _worker_index() -> int:
+    """Which ``trial -jN`` worker runs this process (its working directory
+    is ``_trial_temp/N``); 0 outside a worker pool."""
+    here = os.getcwd()
+    name, parent = os.path.basename(here), os.path.basename(os.path.dirname(here))
+    if name.isdigit() and parent.startswith("_trial_temp"):
+        return int(name)
+    return 0
+
+
+class _PortPlan:
+    """Ports for listeners that must be named before they bind (a tunnel
+    port in a URL, an entry port that takes TCP and UDP alike).
+
+    A port the OS picked for a socket we then close can be handed to any
+    outgoing connection on the machine before our listener binds it.  So
+    these ports come from *below* the kernel's ephemeral range, where the
+    kernel never picks ports itself, and each trial worker walks its own
+    slice, so two workers never choose the same port.  Every candidate is
+    checked free (TCP and UDP) by binding it before it is handed out; where
+    the range below is too small, we fall back to the OS's choice."""
+
+    FLOOR = 10000
+    SLICES = 8
+
+    def __init__(self) -> None:
+        top = min(_ephemeral_low(), 65536)
+        width = (top - self.FLOOR) // self.SLICES
+        self.usable = width >= 200
+        index = _worker_index() % self.SLICES
+        self.low = self.FLOOR + index * width
+        self.width = max(width, 1)
+        self.next = (os.getpid() * 7919) % self.width
+
+    def candidates(self):
+        for _ in range(self.width):
+            port = self.low + self.next
+            self.next = (self.next + 1) % self.width
+            yield port
+
+
+_PLAN = _PortPlan()
+
+
+def _bindable(family: int, kind: int, host: str, port: int) -> int:
+    """Bind ``port`` (0: let the OS choose); the port bound, or 0."""
+    s = socket.socket(family, kind)
+    try:
+        s.bind((host, port))
+        return s.getsockname()[1]
+    except OSError:
+        return 0
+    finally:
+        s.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port number currently free for both TCP and UDP on ``host``."""
+    """A port number free for both TCP and UDP on ``host``, for listeners
+    that must be told their port before they bind (see :class:`_PortPlan`).
+    Listeners the test opens itself bind port 0 instead."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if _PLAN.usable:
+        for port in _PLAN.candidates():
+            if _bindable(family, socket.SOCK_STREAM, host, port) and _bindable(family, socket.SOCK_DGRAM, host, port):
+                return port
     for _ in range(50):
-        t = socket.socket(family, socket.SOCK_STREAM)
-        u = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            t.bind((host, 0))
-            port = t.getsockname()[1]
-            try:
-                u.bind((host, port))
-            except OSError:
-                continue
+        port = _bindable(family, socket.SOCK_STREAM, host, 0)
+        if port and _bindable(family, socket.SOCK_DGRAM, host, port):
             return port
-        finally:
-            t.close()
-            u.close()
     raise RuntimeError("no free port")
 
 
 def dead_port(host: str = "127.0.0.1") -> int:
-    """A port with nothing listening (connections are refused)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.bind((host, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A port with nothing listening (connections are refused); taken from
+    the same plan as :func:`free_port`, so no outgoing connection of the
+    machine and no other worker is handed it meanwhile."""
+    return free_port(host)
 
 
 def ipv6_available() -> bool:

@@ -7,22 +7,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import sys
 from typing import Optional
 
 from twisted.internet import defer, protocol, reactor
 
+from tests.helpers import free_port  # noqa: F401 - re-exported for the process tests
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = "from twisted.scripts.twistd import run; run()"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port the OS says is free now (tiny race: fine for subprocess tests
-    that must be told a port on the command line)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict:

@@ -17,14 +17,18 @@ import shutil
 from twisted.internet import utils
 from twisted.trial import unittest
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, service_up, wait_for
 from tests.procs import REPO, spawn
 from tests.test_tunnel import FAST, TunnelMixin, d, echo_roundtrip, udp_roundtrip
 
 KEY = "g0peer"
-_built: dict[str, str] = {}
 GOPATH = "/usr/share/gocode"  # where Debian's Go library packages put their sources
 QUIC_GO = os.path.join(GOPATH, "src", "github.com", "lucas-clemente", "quic-go")
+SOURCES = os.path.join(REPO, "tests", "gopeer")
+#: Built peers, shared by every test process of a run (and later runs):
+#: one folder per hash of the peer's sources, so a changed peer is rebuilt.
+CACHE = os.path.join(REPO, ".test-cache")
+_built: dict[str, str] = {}
 
 
 def _find_go():
@@ -34,81 +38,77 @@ def _find_go():
     return None
 
 
-def _installed(package: str) -> bool:
-    if package == "golang-go":
-        return _find_go() is not None
-    return os.path.isdir(QUIC_GO)
+def _missing(quic: bool) -> list[str]:
+    """Debian packages the peer needs that this machine lacks."""
+    missing = [] if _find_go() else ["golang-go"]
+    if quic and not os.path.isdir(QUIC_GO):
+        missing.append("golang-github-lucas-clemente-quic-go-dev")
+    return missing
 
 
-async def _install(package: str) -> None:
-    """A Debian package the Go peer needs, when this machine lacks it
-    (``.ci/run`` installs them up front; this covers the README's test
-    command on a fresh machine).  One installer at a time across workers."""
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    with open("/tmp/nodepass-tests-go.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _installed(package):
-            return
-        install = [*sudo, "apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=120", package]
-        out, err, code = await utils.getProcessOutputAndValue(install[0], install[1:], env=env)
-        if code != 0:
-            update = [*sudo, "apt-get", "update", "-q"]
-            await utils.getProcessOutputAndValue(update[0], update[1:], env=env)
-            out, err, code = await utils.getProcessOutputAndValue(install[0], install[1:], env=env)
-        if code != 0 or not _installed(package):
-            raise AssertionError(f"could not install {package} with apt-get ({code}): {err.decode(errors='replace')[-500:]}")
+def _sources_hash(files: list[str], tags: list[str]) -> str:
+    h = hashlib.sha256(" ".join(tags).encode())
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
 
 
 async def gopeer(quic: bool = False) -> str:
     """The peer's binary (with the QUIC pool when ``quic``), built once per
-    test process."""
+    version of its sources into ``.test-cache``; the test workers of a run
+    take turns with a file lock, so only the first one builds.  The Go
+    toolchain and quic-go come from Debian's packages, which ``.ci/run``
+    installs; a test never installs packages itself."""
     name = "gopeer-quic" if quic else "gopeer"
     if name in _built:
         return _built[name]
-    for package in ("golang-go", "golang-github-lucas-clemente-quic-go-dev") if quic else ("golang-go",):
-        if not _installed(package):
-            await _install(package)
-    go = _find_go()
-    out_dir = os.path.abspath(os.path.join("gopeer-build"))
-    os.makedirs(out_dir, exist_ok=True)
-    exe = os.path.join(out_dir, name)
-    env = dict(os.environ, GOCACHE=os.path.join(out_dir, "cache"), GO111MODULE="off", CGO_ENABLED="0", GOPATH=GOPATH)
-    env.setdefault("HOME", out_dir)
-    src = os.path.join(REPO, "tests", "gopeer")
-    args = ["build", "-o", exe]
-    files = [os.path.join(src, "main.go")]
+    missing = _missing(quic)
+    if missing:
+        raise AssertionError(
+            f"the Go peer needs Debian's {' and '.join(missing)}: run .ci/run once (it installs them with apt-get)"
+        )
+    files = [os.path.join(SOURCES, "main.go")]
+    tags = []
     if quic:
-        args += ["-tags", "quic"]
-        files.append(os.path.join(src, "quic.go"))
-    out, err, code = await utils.getProcessOutputAndValue(go, args + files, env=env, path=REPO)
-    if code != 0:
-        raise AssertionError(f"go build failed ({code}): {err.decode(errors='replace')}")
+        files.append(os.path.join(SOURCES, "quic.go"))
+        tags = ["quic"]
+    out_dir = os.path.join(CACHE, f"{name}-{_sources_hash(files, tags)}")
+    exe = os.path.join(out_dir, name)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(CACHE, "build.lock"), "w") as lock:
+        # Blocking here is brief and only ever waits for the other worker's
+        # build of the same peer (a few seconds, once per source version).
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(exe):
+            env = dict(os.environ, GOCACHE=os.path.join(CACHE, "go-build"), GO111MODULE="off", CGO_ENABLED="0",
+                       GOPATH=GOPATH)
+            env.setdefault("HOME", CACHE)
+            args = ["build", "-o", exe + ".tmp"] + (["-tags", ",".join(tags)] if tags else []) + files
+            out, err, code = await utils.getProcessOutputAndValue(_find_go(), args, env=env, path=REPO)
+            if code != 0:
+                raise AssertionError(f"go build failed ({code}): {err.decode(errors='replace')}")
+            os.replace(exe + ".tmp", exe)
     _built[name] = exe
     return exe
 
 
 class GoPeerTests(TunnelMixin, unittest.TestCase):
-    # The first test of a worker may install Go and builds the peer.
-    timeout = 300
+    # The first test of a run builds the peer (about 10 s for the QUIC one).
+    timeout = 120
 
     async def go(self, *args: str, quic: bool = False):
         return spawn(self, list(args), executable=await gopeer(quic))
 
     async def py_server(self, target: str, query: str):
-        self.tunnel_port = free_port()
-        svc = self._service(
-            "server", f"server://{KEY}@127.0.0.1:{self.tunnel_port}/{target}?log=debug{query}", FAST
-        )
-        await svc.started
-        return svc
+        return await self.start_server(target, query, key=KEY)
 
     async def py_client(self, target: str, key: str = KEY, wait: bool = True, name: str = "client"):
         svc = self._service(
             "client", f"client://{key}@127.0.0.1:{self.tunnel_port}/{target}?mode=2&min=8&log=debug", FAST
         )
         if wait:
-            await svc.started
+            await service_up(svc, name)
         return svc
 
     async def _echo(self, entry: int, size: int = 1 << 20) -> None:

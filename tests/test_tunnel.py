@@ -24,6 +24,7 @@ from nodepass.pool import ClientPool, adjust_capacity, adjust_interval
 from tests.helpers import (
     Client,
     HashingClient,
+    PortTaken,
     UDPClient,
     UDPEcho,
     close,
@@ -31,6 +32,7 @@ from tests.helpers import (
     free_port,
     listen_echo,
     listen_udp,
+    service_up,
     sleep,
     wait_for,
 )
@@ -132,12 +134,22 @@ class TunnelMixin:
         return svc
 
     async def start_server(self, target: str, query: str = "", tunables: Tunables = FAST, port: int = 0,
-                           name: str = "server", host: str = "127.0.0.1") -> TunnelService:
-        port = port or free_port()
-        self.tunnel_port = port
-        svc = self._service(name, f"server://{host}:{port}/{target}?log=debug{query}", tunables)
-        await svc.started
-        return svc
+                           name: str = "server", host: str = "127.0.0.1", key: str = "") -> TunnelService:
+        """A server on ``port`` (by default a free port of its own, chosen
+        again if something takes it before the server binds it)."""
+        for attempt in range(5):
+            tunnel_port = port or free_port(host)
+            self.tunnel_port = tunnel_port
+            userinfo = f"{key}@" if key else ""
+            svc = self._service(name, f"server://{userinfo}{host}:{tunnel_port}/{target}?log=debug{query}", tunables)
+            try:
+                await service_up(svc, name)
+                return svc
+            except PortTaken:
+                await svc.stopService()
+                if port or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
 
     async def start_client(self, target: str, query: str = "", tunables: Tunables = FAST, name: str = "client",
                            host: str = "127.0.0.1", key: str = "", wait: bool = True, min_size: int = 8) -> TunnelService:
@@ -146,7 +158,7 @@ class TunnelMixin:
             name, f"client://{userinfo}{host}:{self.tunnel_port}/{target}?mode=2&log=debug&min={min_size}{query}", tunables
         )
         if wait:
-            await svc.started
+            await service_up(svc, name)
         return svc
 
     async def carries_tcp_and_udp(self, flow: str, query: str, size: int = 100_000):
