@@ -10,18 +10,74 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Mapping, Union
+import re
+from typing import Mapping, Optional, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import attrs
 
 from nodepass.durations import DurationError, format_duration, parse_duration
+from nodepass.logs import CONTROL_CHARS
 
 LOG_LEVELS = ("none", "debug", "info", "warn", "error", "event")
+
+# Go's time.Duration is an int64 of nanoseconds: nothing longer parses there,
+# and nothing longer can be printed back in Go form here.
+MAX_DURATION = (2**63 - 1) / 1e9
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+_SHOWN_MAX = 120
 
 
 class URLError(ValueError):
     """An instance URL that cannot be run at all (exit status 2)."""
+
+
+def text_problem(text: str) -> Optional[str]:
+    """Why ``text`` may not be stored, logged or sent as is, or None.
+
+    A lone surrogate (JSON's ``"\\ud800"``, or undecodable bytes in argv)
+    cannot be encoded as UTF-8, so every later answer or log line holding it
+    would fail; a control character or line separator lets its author forge
+    log lines and break line-based parsers.
+    """
+    if text.isprintable():  # the common case, checked in C
+        return None
+    found = _SURROGATE.search(text)
+    if found:
+        return f"not valid UTF-8 text (lone surrogate U+{ord(found.group()):04X})"
+    found = CONTROL_CHARS.search(text)
+    if found:
+        return f"control character U+{ord(found.group()):04X} not allowed"
+    return None
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for an error message: ``repr`` (so one line, control
+    characters escaped) and cut short, so a 5,000-digit port does not make a
+    5,000-character message."""
+    if len(text) > _SHOWN_MAX:
+        return repr(text[:_SHOWN_MAX]) + f"... ({len(text)} characters)"
+    return repr(text)
+
+
+def ascii_int(text: str) -> Optional[int]:
+    """``text`` as an integer if it is one written in ASCII digits (an
+    optional sign, then digits), else None.
+
+    ``int()`` alone also takes other scripts' digits, underscores and
+    surrounding spaces, and raises once past 4,300 digits; ``isdigit()``
+    is true for ``"²"``, which ``int()`` then refuses.  Values bigger than
+    any parameter allows keep their sign but are capped, so range checks
+    still refuse them without converting thousands of digits.
+    """
+    if not _ASCII_INT.fullmatch(text):
+        return None
+    sign = -1 if text[0] == "-" else 1
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > 30:
+        return sign * 10**30
+    return sign * int(digits)
 
 
 def default_key(port: int) -> str:
@@ -43,24 +99,40 @@ def join_host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def parse_port(text: str, allow_zero: bool = False) -> int:
+    """A TCP/UDP port written in ASCII digits, 1-65535 (0 too when
+    ``allow_zero``: let the OS choose, only for addresses we listen on).
+    Raises ``URLError``."""
+    value = ascii_int(text) if text[:1].isascii() and text[:1].isdigit() else None
+    low = 0 if allow_zero else 1
+    if value is None or not low <= value <= 65535:
+        raise URLError(f"invalid port {shown(text)} (expected a number from {low} to 65535)")
+    return value
+
+
 def split_host_port(text: str, allow_zero: bool = False) -> tuple[str, int]:
     """Inverse of :func:`join_host_port`; raises ``URLError``.  Port 0 (let
     the OS choose) is allowed only for addresses we listen on."""
+    problem = text_problem(text)
+    if problem:
+        raise URLError(f"invalid address {shown(text)}: {problem}")
     text = text.strip()
     if text.startswith("["):
         end = text.find("]")
         if end < 0 or text[end + 1 : end + 2] != ":":
-            raise URLError(f"invalid address {text!r}: expected [IPv6]:port")
+            raise URLError(f"invalid address {shown(text)}: expected [IPv6]:port")
         host, port_text = text[1:end], text[end + 2 :]
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
-            raise URLError(f"invalid address {text!r}: missing port")
+            raise URLError(f"invalid address {shown(text)}: missing port")
         if ":" in host:
-            raise URLError(f"invalid address {text!r}: IPv6 literals need brackets")
-    if not port_text.isdigit() or not (0 if allow_zero else 1) <= int(port_text) < 65536:
-        raise URLError(f"invalid port in address {text!r}")
-    return host, int(port_text)
+            raise URLError(f"invalid address {shown(text)}: IPv6 literals need brackets")
+    try:
+        port = parse_port(port_text, allow_zero)
+    except URLError as e:
+        raise URLError(f"{e} in address {shown(text)}") from None
+    return host, port
 
 
 def is_ip_literal(host: str) -> bool:
@@ -135,10 +207,9 @@ _DURATION_KEYS = {"dns", "read"}
 
 def _int_param(name: str, lo: int, hi: int):
     def check(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be a whole number") from None
+        value = ascii_int(raw)
+        if value is None:
+            raise ValueError(f"{name} must be a whole number")
         if not lo <= value <= hi:
             raise ValueError(f"{name} must be between {lo} and {hi}")
         return value
@@ -159,10 +230,15 @@ def _dial(raw: str) -> str:
 
 
 def _duration(raw: str) -> float:
+    if not raw.isascii():  # Go durations are ASCII; int()/float() are not
+        raise ValueError(f"invalid duration {shown(raw)}")
     try:
-        return parse_duration(raw)
+        value = parse_duration(raw)
     except DurationError as e:
         raise ValueError(str(e)) from None
+    if not value <= MAX_DURATION:  # also refuses inf and nan
+        raise ValueError(f"duration {shown(raw)} out of range")
+    return value
 
 
 _VALIDATORS = {
@@ -296,14 +372,14 @@ def _parse_query(query: str, allowed: tuple[str, ...]) -> tuple[dict, set, list]
             continue  # Go's Query().Get returns the first value
         seen.add(name)
         if name not in allowed:
-            warnings.append(f"Unknown parameter {name!r} ignored")
+            warnings.append(f"Unknown parameter {shown(name)} ignored")
             continue
         try:
             values[name] = _VALIDATORS[name](raw)
         except ValueError as e:
             default = _TUNNEL_DEFAULTS[name]
-            shown = _param_text(name, default) if default != "" else '""'
-            warnings.append(f"Invalid {name}={raw!r} ({e}), using default {shown}")
+            fallback = _param_text(name, default) if default != "" else '""'
+            warnings.append(f"Invalid {name}={shown(raw)} ({e}), using default {fallback}")
             continue
         given.add(name)
     return values, given, warnings
@@ -314,26 +390,32 @@ def parse_url(text: str) -> InstanceConfig:
     run (unknown scheme, no tunnel address, no target, bad port, a loop)."""
     if not isinstance(text, str) or not text.strip():
         raise URLError("empty instance URL")
+    # Refused as given and once percent-decoded (hosts, keys and query
+    # values are decoded below): such text would reach log lines and the
+    # master's answers.
+    problem = text_problem(text) or text_problem(unquote(text))
+    if problem:
+        raise URLError(f"invalid URL {shown(text)}: {problem}")
     text = text.strip()
     if "://" not in text:
-        raise URLError(f"invalid URL {text!r}: expected server://, client:// or master://")
+        raise URLError(f"invalid URL {shown(text)}: expected server://, client:// or master://")
     try:
         parts = urlsplit(text)
     except ValueError as e:
-        raise URLError(f"invalid URL {text!r}: {e}") from None
+        raise URLError(f"invalid URL {shown(text)}: {e}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("server", "client", "master"):
-        raise URLError(f"unknown scheme {parts.scheme!r}: expected server, client or master")
+        raise URLError(f"unknown scheme {shown(parts.scheme)}: expected server, client or master")
     netloc = parts.netloc
     userinfo, at, hostport = netloc.rpartition("@")
     if not at:
         userinfo, hostport = "", netloc
     if not hostport:
-        raise URLError(f"invalid URL {text!r}: no {'API' if scheme == 'master' else 'tunnel'} address")
+        raise URLError(f"invalid URL {shown(text)}: no {'API' if scheme == 'master' else 'tunnel'} address")
     try:
         address = Address.parse(hostport, allow_zero=True)
     except URLError as e:
-        raise URLError(f"invalid URL {text!r}: {e}") from None
+        raise URLError(f"invalid URL {shown(text)}: {e}") from None
 
     if scheme == "master":
         values, given, warnings = _parse_query(parts.query, ("log", "tls", "crt", "key"))
@@ -351,13 +433,13 @@ def parse_url(text: str) -> InstanceConfig:
 
     path = unquote(parts.path.lstrip("/"))
     if not path:
-        raise URLError(f"invalid URL {text!r}: no target address")
+        raise URLError(f"invalid URL {shown(text)}: no target address")
     targets = []
     for item in path.split(","):
         try:
             targets.append(Address.parse(item))
         except URLError as e:
-            raise URLError(f"invalid URL {text!r}: target {e}") from None
+            raise URLError(f"invalid URL {shown(text)}: target {e}") from None
     values, given, warnings = _parse_query(parts.query, tuple(_TUNNEL_DEFAULTS))
     # A client learns tls/max/quic from the server and a server has no pool
     # minimum; Go peers ignore such parameters silently, and so do we.
@@ -374,7 +456,7 @@ def parse_url(text: str) -> InstanceConfig:
     for target in targets:
         if target.port == address.port and (is_loopback(target.host) or is_unspecified(address.host)):
             raise URLError(
-                f"invalid URL {text!r}: target {target} uses the tunnel port {address.port} "
+                f"invalid URL {shown(text)}: target {target} uses the tunnel port {address.port} "
                 "on this host, which would loop forever"
             )
     key = unquote(userinfo.partition(":")[0]) if userinfo else ""
@@ -396,9 +478,9 @@ def _env_duration(env: Mapping[str, str], name: str, default: float, warnings: l
     if raw is None:
         return default
     try:
-        value = parse_duration(raw)
-    except DurationError:
-        warnings.append(f"Invalid {name}={raw!r}, using default {format_duration(default)}")
+        value = _duration(raw.strip())
+    except ValueError:
+        warnings.append(f"Invalid {name}={shown(raw)}, using default {format_duration(default)}")
         return default
     return value
 
@@ -407,12 +489,9 @@ def _env_int(env: Mapping[str, str], name: str, default: int, warnings: list) ->
     raw = env.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-        if value <= 0:
-            raise ValueError
-    except ValueError:
-        warnings.append(f"Invalid {name}={raw!r}, using default {default}")
+    value = ascii_int(raw.strip())
+    if value is None or not 0 < value <= 1 << 31:
+        warnings.append(f"Invalid {name}={shown(raw)}, using default {default}")
         return default
     return value
 

@@ -9,6 +9,7 @@ the observer only formats.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import IO, Callable, Optional
@@ -47,6 +48,41 @@ _COLOURS = {"DEBUG": "\x1b[36m", "INFO": "\x1b[32m", "WARN": "\x1b[33m", "ERROR"
 
 LineListener = Callable[[str, str], None]
 
+#: Characters that end, rewrite or hide a line on a terminal or in a log
+#: parser: C0 controls (newline, carriage return, escape...), DEL, C1
+#: controls (NEL among them) and the Unicode line and paragraph
+#: separators.  Used to refuse such text at the API and in URLs and to
+#: escape it in log lines.
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# What escape_controls() rewrites: the above plus lone surrogates, which
+# cannot be written as UTF-8 at all (the line would be lost).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: "re.Match[str]") -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character, line separator and lone
+    surrogate replaced by a visible escape (``\\n``, ``\\x1b``,
+    ``\\u2028``, ``\\ud800``).
+
+    One log call must give exactly one physical line: a message carrying a
+    newline (a URL, an alias, a peer's error text) would otherwise let
+    whoever wrote that text forge lines that dashboards parse as ours.
+    Backslashes are left alone, so the escape is for eyes, not reversible.
+    """
+    if text.isprintable():  # the common case, checked in C
+        return text
+    return _UNSAFE.sub(_visible, text)
+
 
 def timestamp(when: float | None = None) -> str:
     """``2026-11-21 21:02:07.123`` in local time, as Go's logger prints it."""
@@ -56,8 +92,11 @@ def timestamp(when: float | None = None) -> str:
 
 
 def format_line(level: str, message: str, when: float | None = None) -> str:
-    """One NodePass log line, without the newline."""
-    return f"{timestamp(when)}  {level.upper()}  {message}"
+    """One NodePass log line, without the newline: control characters in
+    ``message`` are escaped (:func:`escape_controls`), so it is always
+    exactly one physical line."""
+    text = message if isinstance(message, str) else str(message)
+    return f"{timestamp(when)}  {level.upper()}  {escape_controls(text)}"
 
 
 class NodeLog:
@@ -91,6 +130,9 @@ class NodeLog:
                 message = message % args
             except (TypeError, ValueError):
                 message = f"{message} {args!r}"
+        # Escaped here too (not only in format_line) because other observers
+        # of the global publisher (twistd's log file) print np_text as is.
+        message = escape_controls(message if isinstance(message, str) else str(message))
         now = time.time()
         self._logger.emit(
             _TW_LEVEL[level],
@@ -188,6 +230,7 @@ def start_console_logging(level: str = "info", stream: IO[str] | None = None) ->
 __all__ = [
     "NodeLog",
     "NodePassObserver",
+    "escape_controls",
     "format_line",
     "start_console_logging",
     "globalLogPublisher",

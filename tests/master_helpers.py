@@ -1,20 +1,29 @@
 """Shared pieces of the master tests: a real master on port 0 with short
-tunables, and a treq client for it over HTTP or HTTPS."""
+tunables, a treq client for it over HTTP or HTTPS, a blocking client for
+worker threads (:class:`Wire`), and a capture of every log line written."""
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
+import re
+import ssl as stdlib_ssl
 from typing import Optional
 
 import treq
 from twisted.internet import defer, reactor, ssl, task
+from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from nodepass.config import Tunables, parse_url
-from nodepass.logs import NodeLog
+from nodepass.config import Tunables, parse_url, text_problem
+from nodepass.logs import NodeLog, NodePassObserver
 from nodepass.master.service import MasterService
+
+#: One SPEC §7 log line.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}  (DEBUG|INFO|WARN|ERROR|EVENT)  (.*)$")
 
 FAST = Tunables(
     report_interval=0.2,
@@ -45,11 +54,12 @@ async def start_master(
     state_dir: Optional[str] = None,
     tunables: Tunables = FAST,
     prefix: str = "",
+    log: Optional[NodeLog] = None,
 ) -> MasterService:
     """A started master on 127.0.0.1:0, stopped at test cleanup."""
     url = f"master://127.0.0.1:0{prefix}" + (f"?{query}" if query else "")
     config = parse_url(url)
-    svc = MasterService(config, state_dir or case.mktemp(), tunables=tunables, log=NodeLog(config.log))
+    svc = MasterService(config, state_dir or case.mktemp(), tunables=tunables, log=log or NodeLog(config.log))
     svc.startService()
     await svc.ready
 
@@ -96,18 +106,18 @@ class Api:
         return resp.code, decoded, resp
 
 
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = ""):
     """Poll ``predicate`` until true (there is no event to await for some
-    conditions, e.g. counters moving); fails after ``timeout``."""
-    waited = 0.0
+    conditions, e.g. counters moving); fails after ``timeout`` naming
+    ``what`` it waited for."""
+    deadline = reactor.seconds() + timeout
     while True:
         value = predicate()
         if value:
             return value
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
+        if reactor.seconds() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or 'a condition'}")
         await task.deferLater(reactor, interval, lambda: None)
-        waited += interval
 
 
 class SSEClient:
@@ -155,27 +165,30 @@ class SSEClient:
             self.blocks.extend(done)
         self._wake()
 
-    async def block(self, timeout: float = 5.0) -> bytes:
+    async def block(self, timeout: float = 5.0, what: str = "an SSE block") -> bytes:
+        """The next block; woken by data or the stream's end, failing after
+        ``timeout`` naming ``what`` it waited for."""
         deadline = reactor.seconds() + timeout
         while self._taken >= len(self.blocks):
             if self.ended is not None and self.ended.called:
-                raise AssertionError("SSE stream ended")
-            if reactor.seconds() > deadline:
-                raise AssertionError("no SSE block within timeout")
+                raise AssertionError(f"SSE stream ended while waiting for {what}")
+            remaining = deadline - reactor.seconds()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
             self._waiter = defer.Deferred()
-            timer = reactor.callLater(0.05, self._wake)
+            timer = reactor.callLater(remaining, self._wake)
             await self._waiter
             if timer.active():
                 timer.cancel()
         self._taken += 1
         return self.blocks[self._taken - 1]
 
-    async def event(self, match=None, timeout: float = 5.0) -> dict:
+    async def event(self, match=None, timeout: float = 5.0, what: str = "a matching SSE event") -> dict:
         """The next ``instance`` event (decoded data) for which ``match``
         is true; earlier non-matching events are skipped."""
         deadline = reactor.seconds() + timeout
         while True:
-            block = await self.block(max(deadline - reactor.seconds(), 0.01))
+            block = await self.block(max(deadline - reactor.seconds(), 0.01), what)
             lines = block.split(b"\n")
             if lines[0] != b"event: instance":
                 continue
@@ -184,5 +197,79 @@ class SSEClient:
             if match is None or match(data):
                 return data
 
-    async def closed(self, timeout: float = 5.0) -> None:
-        await wait_for(lambda: self.ended is not None and self.ended.called, timeout)
+    async def closed(self, timeout: float = 5.0, what: str = "the SSE stream to close") -> None:
+        await wait_for(lambda: self.ended is not None and self.ended.called, timeout, what=what)
+
+
+class LogCapture:
+    """Every log line the process writes from now until the test ends (the
+    master's, its instances' and Twisted's own, at debug level), exactly as
+    the console would show them."""
+
+    def __init__(self, case, level: str = "debug"):
+        self.stream = io.StringIO()
+        self.observer = NodePassObserver(self.stream, level, colour=False)
+        globalLogPublisher.addObserver(self.observer)
+        case.addCleanup(globalLogPublisher.removeObserver, self.observer)
+
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[str]:
+        return self.text().split("\n")[:-1]
+
+
+class Wire:
+    """Blocking HTTP to one master, for worker threads: a fresh connection
+    per request, so a refusal that closes the connection costs nothing."""
+
+    def __init__(self, master, tls: bool = False):
+        self.master = master
+        self.tls = tls
+        self.root = master.config.prefix + "/v1"
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.tls:
+            context = stdlib_ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = stdlib_ssl.CERT_NONE
+            return http.client.HTTPSConnection("127.0.0.1", self.master.port, timeout=10, context=context)
+        return http.client.HTTPConnection("127.0.0.1", self.master.port, timeout=10)
+
+    def call(self, method: str, path: str, body: Optional[bytes] = None, key="good", headers=None, absolute: bool = False):
+        """``(status, lower-cased headers, body bytes)``; ``path`` is below
+        ``{prefix}/v1`` unless ``absolute``.  ``key``: ``"good"`` sends the
+        master's current key, None none, anything else that value."""
+        hdrs = dict(headers or {})
+        if key == "good":
+            hdrs["X-API-Key"] = self.master.api_key
+        elif key is not None:
+            hdrs["X-API-Key"] = key
+        conn = self.connection()
+        try:
+            target = path if absolute else self.root + path
+            conn.request(method, target, body=body, headers=hdrs)
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
+
+    def snapshot(self) -> tuple[bytes, bytes]:
+        """What a refused request must not change: the API's view and the
+        state file on disk."""
+        status, _, listed = self.call("GET", "/instances")
+        assert status == 200, (status, listed[:300])
+        with open(self.master.store.path, "rb") as f:
+            return listed, f.read()
+
+
+def assert_refusal(status: int, headers: dict, data: bytes, where: str, expected: Optional[int] = None) -> str:
+    """A clean 4xx: the status, CORS, ``{"error": "..."}`` and nothing else."""
+    assert 400 <= status < 500, f"{status} for {where}: {data[:300]!r}"
+    if expected is not None:
+        assert status == expected, f"{status} != {expected} for {where}: {data[:300]!r}"
+    assert headers.get("access-control-allow-origin") == "*", f"no CORS for {where}: {headers}"
+    decoded = json.loads(data.decode("utf-8"))
+    assert set(decoded) == {"error"} and isinstance(decoded["error"], str), f"{where}: {decoded!r}"
+    assert text_problem(decoded["error"]) is None, f"{where}: {decoded!r}"
+    return decoded["error"]

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
+from contextlib import redirect_stderr
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from nodepass import cli
 from nodepass.config import (
     Address,
     MasterConfig,
@@ -12,8 +20,19 @@ from nodepass.config import (
     URLError,
     default_key,
     parse_url,
+    split_host_port,
+    text_problem,
 )
 from nodepass.durations import DurationError, format_duration, parse_duration
+
+from tests import examples
+
+# Ports that are not ASCII decimal numbers in range: "²" and "٨٠" pass
+# str.isdigit() (and int() takes "٨٠"), 5,000 digits pass isdigit() but
+# int() refuses them.
+BAD_PORTS = ["²", "٨٠", "9" * 5000, "+80", "-1", " 80", "8 0", "1_0", "0x50", "65536", "99999", "", "8" * 100, "٣"]
+# Characters that must never reach a log line from a URL.
+CONTROLS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2029"]
 
 
 class DurationTests(unittest.TestCase):
@@ -205,3 +224,126 @@ class TunablesTests(unittest.TestCase):
         self.assertEqual((t.report_interval, t.udp_data_buf_size, t.reload_interval), (0.25, 2048, 7200.0))
         self.assertEqual(t.tcp_dial_timeout, 5.0)
         self.assertEqual(len(t.warnings), 1)
+
+
+class StrictPortTests(unittest.TestCase):
+    """Ports are ASCII digits, 1-65535 (0 where we listen), everywhere."""
+
+    def test_split_host_port(self) -> None:
+        self.assertEqual(split_host_port("127.0.0.1:80"), ("127.0.0.1", 80))
+        self.assertEqual(split_host_port("[::1]:65535"), ("::1", 65535))
+        self.assertEqual(split_host_port("h:00080"), ("h", 80))
+        self.assertEqual(split_host_port("h:0", allow_zero=True), ("h", 0))
+        self.assertRaises(URLError, split_host_port, "h:0")
+        for port in BAD_PORTS:
+            for text in (f"127.0.0.1:{port}", f"[::1]:{port}"):
+                with self.assertRaises(URLError, msg=text) as cm:
+                    split_host_port(text, allow_zero=True)
+                self.assertLess(len(str(cm.exception)), 400)  # a 5,000-digit port is not echoed whole
+
+    def test_urls(self) -> None:
+        for port in BAD_PORTS:
+            for url in (f"client://127.0.0.1:{port}/127.0.0.1:80", f"server://[::1]:{port}/127.0.0.1:80",
+                        f"client://127.0.0.1:1/127.0.0.1:{port}", f"client://127.0.0.1:1/127.0.0.1:80,127.0.0.1:{port}",
+                        f"master://127.0.0.1:{port}/api"):
+                with self.assertRaises(URLError, msg=url) as cm:
+                    parse_url(url)
+                self.assertNotIn("\n", str(cm.exception))
+        # Listen addresses may ask the OS for a port; targets may not.
+        self.assertEqual(parse_url("client://127.0.0.1:0/127.0.0.1:9?mode=1").tunnel.port, 0)
+        self.assertEqual(parse_url("master://127.0.0.1:0").api.port, 0)
+        self.assertRaises(URLError, parse_url, "client://127.0.0.1:1/127.0.0.1:0")
+
+    def test_numeric_parameters_are_ascii(self) -> None:
+        for name, value in (("min", "٣"), ("slot", "9" * 5000), ("rate", "1_000"), ("mode", " 1"), ("dns", "٣s"),
+                            ("read", "9" * 400 + "h"), ("dns", "9223372037s")):
+            cfg = parse_url(f"client://127.0.0.1:1/127.0.0.1:2?{name}={value}")
+            self.assertNotIn(name, cfg.given, (name, value))
+            self.assertEqual(len(cfg.warnings), 1, (name, value))
+            cfg.config_url()  # the default is written back, not an overflow
+        self.assertEqual(parse_url("client://127.0.0.1:1/127.0.0.1:2?min=%2B8").min, 8)  # "+" alone is a space in a query
+        t = Tunables.from_environ({"NP_SEMAPHORE_LIMIT": "٣", "NP_REPORT_INTERVAL": "9" * 400 + "h", "NP_TCP_DATA_BUF_SIZE": "1" + "0" * 5000})
+        self.assertEqual((t.semaphore_limit, t.report_interval, t.tcp_data_buf_size), (65536, 5.0, 16384))
+        self.assertEqual(len(t.warnings), 3)
+
+    @settings(max_examples=examples(300))
+    @given(host=st.text(max_size=12), port=st.text(max_size=8) | st.integers(-10, 70000).map(str))
+    def test_any_text_is_parsed_or_refused(self, host: str, port: str) -> None:
+        """Whatever the text, URLError or a valid address: never another
+        exception, never a port out of range, never a control character."""
+        for text in (f"{host}:{port}", f"[{host}]:{port}"):
+            try:
+                h, p = split_host_port(text, allow_zero=True)
+            except URLError:
+                continue
+            self.assertTrue(0 <= p <= 65535 and port.strip().isascii() and port.strip().isdigit(), (text, p))
+            self.assertIsNone(text_problem(h), text)
+        for url in (f"client://{host}:{port}/127.0.0.1:80", f"server://127.0.0.1:1/{host}:{port}?log={host}"):
+            try:
+                cfg = parse_url(url)
+            except URLError as e:
+                self.assertIsNone(text_problem(str(e)), url)
+                continue
+            for shown in (cfg.start_url(), cfg.config_url(), cfg.raw, *cfg.warnings):
+                self.assertIsNone(text_problem(shown), url)
+
+
+class ControlCharacterTests(unittest.TestCase):
+    """Text that would reach log lines raw is refused with a clear error."""
+
+    def test_control_characters_refused(self) -> None:
+        for char in CONTROLS:
+            enc = "%{:02X}".format(ord(char)) if ord(char) < 0x80 else "".join(f"%{b:02X}" for b in char.encode())
+            for url in (f"client://127.0.0.1:1/127.0.0.1:80?log=info{char}", f"client://127.0.0.1:1/127.0.0.1{char}:80",
+                        f"client://127.0.0.1{char}:1/127.0.0.1:80", f"client://k{char}@127.0.0.1:1/127.0.0.1:80",
+                        f"{char}client://127.0.0.1:1/127.0.0.1:80", f"client://127.0.0.1:1/127.0.0.1:80{char}",
+                        f"client://127.0.0.1:1/127.0.0.1{enc}:80", f"client://k{enc}@127.0.0.1:1/127.0.0.1:80",
+                        f"server://127.0.0.1:1/127.0.0.1:80?crt={enc}", f"master://127.0.0.1:1/api{enc}"):
+                with self.assertRaises(URLError, msg=repr(url)) as cm:
+                    parse_url(url)
+                message = str(cm.exception)
+                self.assertIn(f"control character U+{ord(char):04X} not allowed", message)
+                self.assertIsNone(text_problem(message))
+
+    def test_lone_surrogates_refused(self) -> None:
+        # Undecodable bytes in argv reach Python as lone surrogates.
+        for url in ("client://127.0.0.1:1/\udcff:80", "client://\ud800@127.0.0.1:1/127.0.0.1:80"):
+            with self.assertRaises(URLError) as cm:
+                parse_url(url)
+            self.assertIn("not valid UTF-8 text", str(cm.exception))
+
+    def test_text_problem(self) -> None:
+        self.assertIsNone(text_problem("plain text, ünïcödé, 😀, \u00a0 and \u200b"))
+        self.assertEqual(text_problem("a\u2029"), "control character U+2029 not allowed")
+        self.assertEqual(text_problem("\ud83d"), "not valid UTF-8 text (lone surrogate U+D83D)")
+
+
+class CLITests(unittest.TestCase):
+    """A URL the CLI cannot run: one line on stderr, exit status 2."""
+
+    def run_cli(self, url: str) -> tuple[int, str]:
+        err = io.StringIO()
+        with redirect_stderr(err):
+            status = cli.main([url])
+        return status, err.getvalue()
+
+    def test_bad_urls_one_line(self) -> None:
+        for url in ("client://127.0.0.1:²/127.0.0.1:80", "client://127.0.0.1:" + "9" * 5000 + "/127.0.0.1:80",
+                    "client://127.0.0.1:1/127.0.0.1:80\n2026-01-01 00:00:00.000  ERROR  forged",
+                    "client://127.0.0.1:1/\udcff:80", "client://127.0.0.1:1/127.0.0.1:٨٠"):
+            status, err = self.run_cli(url)
+            self.assertEqual(status, 2, url)
+            self.assertEqual(err.count("\n"), 1, err)
+            self.assertTrue(err.startswith("nodepass: invalid URL "), err)
+            self.assertLess(len(err), 800)
+
+    def test_real_process(self) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from nodepass.cli import main; sys.exit(main())", "client://127.0.0.1:²/127.0.0.1:80"],
+            capture_output=True,
+            timeout=30,
+        )
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertEqual(proc.stdout, b"")
+        self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
+        self.assertNotIn(b"Traceback", proc.stderr)

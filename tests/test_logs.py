@@ -5,11 +5,20 @@ from __future__ import annotations
 import io
 import re
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.logger import LogLevel, Logger, globalLogPublisher
 from twisted.trial import unittest
 
-from nodepass.logs import NodeLog, NodePassObserver, format_line
+from nodepass.logs import NodeLog, NodePassObserver, escape_controls, format_line
 from nodepass.stats import Checkpoint
+
+from tests import examples
+
+FORGED = "\n2026-01-01 00:00:00.000  ERROR  forged"
+# Every character that ends or rewrites a line somewhere: C0, DEL, C1, the
+# Unicode line and paragraph separators, and lone surrogates (unwritable).
+HOSTILE = [chr(c) for c in range(0x20)] + ["\x7f"] + [chr(c) for c in range(0x80, 0xA0)] + ["\u2028", "\u2029", "\ud800", "\udfff"]
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}  (DEBUG|INFO|WARN|ERROR|EVENT)  (.*)$")
 
@@ -131,3 +140,79 @@ class FormatTests(unittest.TestCase):
         NodeLog("debug").error("bad")
         mine = [e for e in events if e.get("np_level")]
         self.assertEqual(mine[-1]["log_level"], LogLevel.error)
+
+
+class EscapeTests(unittest.TestCase):
+    """One log call is always exactly one physical line (issue: forged log
+    lines through URLs and aliases)."""
+
+    def assertOneLine(self, text: str) -> str:
+        self.assertEqual(text.count("\n"), 1, text)
+        line = text[:-1]
+        self.assertEqual(line.splitlines(), [line])  # no \r, \x1c-\x1e, \x85, \u2028...
+        self.assertIsNotNone(LINE.match(line), line)
+        line.encode("utf-8")  # no lone surrogate
+        return LINE.match(line).group(2)
+
+    def test_escapes(self) -> None:
+        self.assertEqual(escape_controls("a\nb\r\tc"), "a\\nb\\r\\tc")
+        self.assertEqual(escape_controls("\x00\x1b[2K\x7f\x85\x9b"), "\\x00\\x1b[2K\\x7f\\x85\\x9b")
+        self.assertEqual(escape_controls("\u2028\u2029\ud800"), "\\u2028\\u2029\\ud800")
+        plain = "Client started: client://k@127.0.0.1:1/h:2 ünï 😀 \\n as typed"
+        self.assertIs(escape_controls(plain), plain)
+
+    def test_message_and_args_escaped(self) -> None:
+        for char in HOSTILE:
+            stream = io.StringIO()
+            observer = NodePassObserver(stream, "debug", colour=False)
+            globalLogPublisher.addObserver(observer)
+            try:
+                log = NodeLog("info", instance_id="abcd1234")
+                seen = []
+                log.listeners.append(lambda level, line: seen.append(line))
+                log.info("Instance created: %s" + char, "url" + char + FORGED)
+            finally:
+                globalLogPublisher.removeObserver(observer)
+            message = self.assertOneLine(stream.getvalue())
+            self.assertTrue(message.startswith("[abcd1234] Instance created: url"), message)
+            self.assertTrue(message.endswith("  ERROR  forged" + escape_controls(char)), message)
+            self.assertEqual(len(seen), 1)
+            self.assertEqual(self.assertOneLine(seen[0] + "\n"), message[len("[abcd1234] "):])
+
+    def test_format_line(self) -> None:
+        self.assertOneLine(format_line("info", "a" + FORGED + "\r\u2028") + "\n")
+
+    def test_twisted_events_and_tracebacks_one_line(self) -> None:
+        cap = Capture(self, level="debug")
+        Logger(namespace="tests").warn("peer said {what}", what="bye" + FORGED)
+        try:
+            raise ValueError("multi\nline")
+        except ValueError:
+            Logger(namespace="tests").failure("boom")
+        self.flushLoggedErrors(ValueError)
+        text = cap.stream.getvalue()
+        self.assertEqual(len(cap.lines()), 2, text)
+        for line in cap.lines():
+            self.assertOneLine(line + "\n")
+        self.assertIn("Traceback (most recent call last):\\n", cap.lines()[1])
+        self.assertIn("ValueError: multi\\nline", cap.lines()[1])
+
+    def test_emitted_event_text_is_escaped(self) -> None:
+        """Other observers (twistd's log file) print np_text as it is."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        NodeLog("info").warn("x%s", FORGED)
+        self.assertEqual([e["np_text"] for e in events if e.get("np_level")], ["x" + escape_controls(FORGED)])
+
+    @settings(max_examples=examples(200))
+    @given(message=st.text(max_size=30), args=st.lists(st.text(max_size=10) | st.integers(), max_size=3))
+    def test_any_text_is_one_line(self, message: str, args: list) -> None:
+        stream = io.StringIO()
+        observer = NodePassObserver(stream, "debug", colour=False)
+        globalLogPublisher.addObserver(observer)
+        try:
+            NodeLog("debug").error(message, *args)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        self.assertOneLine(stream.getvalue())

@@ -3,13 +3,12 @@ traffic, and their counters move in GET answers and SSE update events."""
 
 from __future__ import annotations
 
-from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
 from tests.master_helpers import Api, SSEClient, start_master, wait_for
-from tests.helpers import free_port as free_tcp_udp_port
-from tests.test_master_state import echo_server, free_port, send_through
+from tests.helpers import free_port, service_up
+from tests.test_master_state import echo_server, send_through
 
 
 class EndToEndTests(unittest.TestCase):
@@ -23,27 +22,21 @@ class EndToEndTests(unittest.TestCase):
             code, inst, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{entry}/127.0.0.1:{target}"})
             self.assertEqual(code, 201)
             rid = inst["id"]
-            await wait_for(lambda: master.instances[rid].started.called)
+            await service_up(master.instances[rid], "instance")
             payload = b"hello through the master" * 200
             self.assertEqual(await send_through(entry, payload), payload)
-
-            async def counters():
-                code, got, _ = await api.call("GET", "/instances/" + rid)
-                return got
-
-            got = None
-            for _ in range(100):
-                got = await counters()
-                if got["tcprx"] >= len(payload) and got["tcptx"] >= len(payload):
-                    break
-                await task.deferLater(reactor, 0.05, lambda: None)  # counters move on CHECK_POINT
+            # Counters move on CHECK_POINT, which the master announces as an
+            # SSE update: wait for the one that carries them, then read REST.
+            ev = await sse.event(
+                lambda d: d["type"] == "update" and d["instance"]["id"] == rid
+                and d["instance"]["tcprx"] >= len(payload) and d["instance"]["tcptx"] >= len(payload),
+                what="an update event carrying the relayed bytes",
+            )
+            code, got, _ = await api.call("GET", "/instances/" + rid)
             self.assertEqual(got["mode"], 1)
             self.assertEqual(got["status"], "running")
             self.assertGreaterEqual(got["tcprx"], len(payload))
             self.assertGreaterEqual(got["tcptx"], len(payload))
-            ev = await sse.event(
-                lambda d: d["type"] == "update" and d["instance"]["id"] == rid and d["instance"]["tcprx"] >= len(payload)
-            )
             self.assertEqual(ev["instance"]["mode"], 1)
 
         return ensureDeferred(go())
@@ -61,7 +54,7 @@ class EndToEndTests(unittest.TestCase):
             api = Api(master, self)
             sse = await SSEClient(api).connect()
             target = await echo_server(self)
-            tunnel, entry = free_tcp_udp_port(), free_port()  # the tunnel takes UDP too with quic=1
+            tunnel, entry = free_port(), free_port()  # the tunnel takes UDP too with quic=1
             code, srv, _ = await api.call(
                 "POST", "/instances", {"url": f"server://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=1{query}"}
             )

@@ -11,7 +11,13 @@ connection, every error is ``{"error": "..."}`` JSON with CORS headers, and
 on the documented routes every status is one our OpenAPI document lists.
 A second property fires 2-6 requests (actions, URL replacement, delete) at
 one instance at the same time.  Afterwards the master still works and its
-state file agrees with the API.  ``NP_FUZZ_EXAMPLES=N`` runs a longer fuzz.
+state file agrees with the API.
+
+Both properties share one master and are sized with :func:`tests.examples`,
+so the default (``ci``) run stays within a few seconds; ``HYPOTHESIS_PROFILE
+=deep`` runs twenty times as many random examples.  Hostile *values*
+(surrogates, control characters, deep nesting) and the "a refusal changes
+nothing" property live in ``tests.test_master_hostile``.
 
 Generated instance URLs only ever use OS-chosen (port 0) or refused ports,
 and tcping targets only loopback or unresolvable text, so the fuzzer never
@@ -20,26 +26,24 @@ touches a port another test may be using nor waits on DNS.
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, threads
+from twisted.internet import threads
+from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
-from nodepass.config import Tunables, parse_url
+from nodepass.config import Tunables
 from nodepass.master.openapi import openapi_document
-from nodepass.master.service import MasterService
-from tests import helpers
+from tests import examples, helpers
+from tests.master_helpers import Wire, start_master
 
 TUNABLES = Tunables(report_interval=0.5, service_cooldown=0.5, shutdown_timeout=1.0, tcp_dial_timeout=0.5)
-MAX_EXAMPLES = int(os.environ.get("NP_FUZZ_EXAMPLES", "500"))
-RACE_EXAMPLES = max(10, MAX_EXAMPLES // 8)
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD")
 ACTIONS = ("start", "stop", "restart", "reset")
@@ -189,48 +193,29 @@ def documented_statuses(method: str, path: str, key_ok: bool):
 
 
 class MasterFuzzTests(unittest.TestCase):
-    timeout = 240
+    timeout = 120
 
-    @defer.inlineCallbacks
     def test_no_5xx_no_crash(self):
-        yield defer.ensureDeferred(self._fuzz())
+        return ensureDeferred(self._fuzz())
 
     async def _fuzz(self):
-        state_dir = self.mktemp()
-        master = MasterService(parse_url("master://127.0.0.1:0"), state_dir, tunables=TUNABLES)
-        master.startService()
-        await master.ready
-        self.addCleanup(master.stopService)
+        master = await start_master(self, tunables=TUNABLES)
+        wire = Wire(master)
         dead = helpers.dead_port()
-        port = master.port
         created: list[str] = []
         lock = threading.Lock()
         seen_statuses: dict[int, int] = {}
+        keys = {"good": "good", "bad": "0" * 32, "none": None}
 
         def request(method: str, path: str, body, key_mode: str, content_type: str):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            try:
-                headers = {}
-                if key_mode == "good":
-                    headers["X-API-Key"] = master.api_key
-                elif key_mode == "bad":
-                    headers["X-API-Key"] = "0" * 32
-                if content_type:
-                    headers["Content-Type"] = content_type
-                conn.request(method, path, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                return response.status, dict((k.lower(), v) for k, v in response.getheaders()), data
-            finally:
-                conn.close()
+            headers = {"Content-Type": content_type} if content_type else {}
+            return wire.call(method, path, body, key=keys[key_mode], headers=headers, absolute=True)
 
         def build_path(spec) -> str:
             kind, value = spec
             if kind == "fixed":
                 return "/api/v1" + value
             if kind == "tcping":
-                from urllib.parse import quote
-
                 return "/api/v1/tcping?target=" + quote(value, safe="")
             if kind == "junk":
                 return "/" + value.lstrip("/")
@@ -276,14 +261,11 @@ class MasterFuzzTests(unittest.TestCase):
             assert expected is None or status in expected, f"{status} not in {sorted(expected)} for {where}"
             return status, data
 
+        @settings(max_examples=examples(250))
+        @given(steps=steps_strategy)
         def prop(steps):
             for method, path_spec, body, key_mode, ctype in steps:
                 check(method, build_path(path_spec), body, key_mode, ctype)
-
-        prop = settings(
-            max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-            print_blob=True,
-        )(given(steps=steps_strategy)(prop))
 
         put_url = st.builds(
             lambda u: json.dumps({"url": u}).encode(),
@@ -297,7 +279,7 @@ class MasterFuzzTests(unittest.TestCase):
             | st.just(b'{"alias": "raced", "restart": false}'),
         )
 
-        @settings(max_examples=RACE_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=examples(25))
         @given(pick=st.integers(0, 1000), batch=st.lists(racing_step, min_size=2, max_size=6))
         def racing(pick, batch):
             """Several requests on one instance at the same time: no 5xx, and

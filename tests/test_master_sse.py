@@ -26,7 +26,7 @@ class SSETests(unittest.TestCase):
     def test_framing_and_initial_burst(self):
         async def go():
             await self._setup()
-            code, inst, _ = await self.api.call("POST", "/instances", {"url": SINGLE, "alias": "a\nb"})
+            code, inst, _ = await self.api.call("POST", "/instances", {"url": SINGLE, "alias": 'a"b\\c'})
             self.assertEqual(code, 201)
             sse = await SSEClient(self.api).connect()
             self.assertEqual(sse.response.code, 200)
@@ -49,7 +49,7 @@ class SSETests(unittest.TestCase):
                 seen.append(data["instance"]["id"])
             self.assertEqual(sorted(seen), sorted([API_KEY_ID, inst["id"]]))
             alias = [b for b in sse.blocks if inst["id"].encode() in b][0]
-            self.assertIn(b'"alias":"a\\nb"', alias)
+            self.assertIn(b'"alias":"a\\"b\\\\c"', alias)  # escaped, still one line
 
         return ensureDeferred(go())
 

@@ -10,13 +10,14 @@ dashboard can neither slow the master down nor make it buffer without bound.
 from __future__ import annotations
 
 import datetime
-import json
 from collections import deque
 from typing import Iterable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
+
+from nodepass.master.records import json_utf8
 
 RETRY = b"retry: 3000\n\n"
 DEFAULT_LIMIT = 1 << 20  # bytes queued for one paused subscriber before it is dropped
@@ -29,8 +30,7 @@ def rfc3339_now() -> str:
 def encode_event(kind: str, instance: Optional[dict], logs: str = "") -> bytes:
     """One SSE event: ``event: instance`` and a one-line ``data:`` JSON."""
     payload = {"type": kind, "time": rfc3339_now(), "instance": instance, "logs": logs}
-    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return b"event: instance\ndata: " + data.encode("utf-8") + b"\n\n"
+    return b"event: instance\ndata: " + json_utf8(payload) + b"\n\n"
 
 
 @implementer(IPushProducer)

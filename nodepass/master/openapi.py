@@ -453,8 +453,11 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                 "master.  Every route except `/openapi.json` and `/docs` needs the API "
                 "key in the `X-API-Key` header; the master prints it at start.  Every "
                 "response carries CORS headers and `OPTIONS` answers 200 on every path.  "
-                "A method a path does not list answers 405 `Method not allowed`; a path "
-                "that does not exist answers 404."
+                "A method a path does not list answers 405 `Method not allowed` with an "
+                "`Allow` header (methods are case-sensitive: `get` is not `GET`); a path "
+                "that does not exist answers 404.  Text fields refuse lone surrogates and "
+                "control characters (400); request heads over the size limits answer 414 "
+                "or 431."
             ),
             "license": {"name": "BSD-3-Clause"},
         },

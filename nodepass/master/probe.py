@@ -26,7 +26,10 @@ async def probe(reactor, target: str, timeout: float, result: dict) -> dict:
     host, port = split_host_port(target)
     if not host:
         raise URLError(f"invalid address {target!r}: missing host")
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout or 5)
+    try:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout or 5)
+    except ValueError as e:  # a host name IDNA cannot encode (UnicodeError is one)
+        raise URLError(f"invalid address {target!r}: {e}") from None
     started = time.monotonic()
     try:
         await endpoint.connect(_ProbeFactory())

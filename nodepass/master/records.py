@@ -16,7 +16,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
-from nodepass.config import MasterConfig, TunnelConfig, URLError, parse_url
+from nodepass.config import MasterConfig, TunnelConfig, URLError, parse_url, text_problem
+from nodepass.logs import escape_controls
 from nodepass.stats import Checkpoint, InstanceStats
 
 API_KEY_ID = "********"
@@ -31,6 +32,33 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def json_utf8(obj) -> bytes:
+    """``obj`` as compact UTF-8 JSON.
+
+    Text is validated before it is stored and repaired when a state file
+    holds bad text, so the fallback should never run; it is here because a
+    lone surrogate that slipped through would otherwise turn every answer
+    holding it into a 500 (``\\ud800`` escapes are valid JSON text).
+    """
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def repaired_text(value, where: str, problems: list[str]) -> str:
+    """``value`` from a state file as storable text: a non-string becomes
+    its ``str()``; control characters and lone surrogates (a file written
+    by an older version, or edited by hand) become visible escapes, and the
+    repair is noted in ``problems`` (``where`` names the field)."""
+    text = value if isinstance(value, str) else str(value)
+    if text_problem(text):
+        fixed = escape_controls(text)
+        problems.append(f"{where} {fixed[:60]!r} held control characters or invalid UTF-8; escaped")
+        return fixed
+    return text
 
 
 def new_instance_id(taken) -> str:
@@ -62,6 +90,8 @@ def instance_url(given: str, master: MasterConfig) -> tuple[str, TunnelConfig]:
     """
     if not isinstance(given, str) or not given.strip():
         raise RequestError(400, "Invalid request body")
+    if text_problem(given):  # before strip(), which would hide a trailing newline
+        raise RequestError(400, "Invalid URL format")
     given = given.strip()
     scheme = _scheme_of(given)
     if scheme not in ("server", "client"):
@@ -181,8 +211,7 @@ class InstanceRecord:
         current = self.to_json()
         cached = self._json_cache
         if cached is None or cached[0] != current:
-            encoded = json.dumps(current, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-            cached = self._json_cache = (current, encoded)
+            cached = self._json_cache = (current, json_utf8(current))
         return cached[1]
 
     def apply_checkpoint(self, cp: Checkpoint) -> None:
@@ -219,28 +248,43 @@ class InstanceRecord:
         }
 
     @classmethod
-    def from_state(cls, item: dict) -> "InstanceRecord":
-        """Raises ``ValueError``/``KeyError``/``TypeError`` on a damaged item."""
+    def from_state(cls, item: dict, problems: Optional[list[str]] = None) -> "InstanceRecord":
+        """Raises ``ValueError``/``KeyError``/``TypeError``/``AttributeError``
+        on an item that cannot be restored (the caller keeps it aside).
+
+        Text fields that cannot be served as they are (control characters,
+        lone surrogates) are repaired instead, each repair noted in
+        ``problems``: one bad alias must not cost the instance, nor brick
+        every later ``GET /instances``.
+        """
+        problems = [] if problems is None else problems
         url = item["url"]
-        config = parse_url(url)
+        config = parse_url(url)  # refuses control characters and surrogates
         if not isinstance(config, TunnelConfig):
             raise ValueError(f"instance {item.get('id')!r}: not a tunnel URL")
         rid = str(item["id"])
-        if len(rid) != 8:
+        if len(rid) != 8 or text_problem(rid):
             raise ValueError(f"bad instance id {rid!r}")
         meta = item.get("meta") or {}
         peer = meta.get("peer") or {}
         tags = meta.get("tags") or {}
         counters = item.get("counters") or {}
+        clean_tags: dict[str, str] = {}
+        for k, v in tags.items():
+            key = repaired_text(k, "tag key", problems)
+            if key in clean_tags:
+                problems.append(f"tag {key[:60]!r} dropped: same key as another tag once repaired")
+                continue
+            clean_tags[key] = repaired_text(v, f"tag {key[:40]!r}", problems)
         rec = cls(
             id=rid,
             url=url,
             config=config,
-            alias=str(item.get("alias", "")),
+            alias=repaired_text(item.get("alias", ""), "alias", problems),
             restart=bool(item.get("restart", True)),
             meta={
-                "peer": {k: str(peer.get(k, "")) for k in PEER_FIELDS},
-                "tags": {str(k): str(v) for k, v in tags.items()},
+                "peer": {k: repaired_text(peer.get(k, ""), f"meta.peer.{k}", problems) for k in PEER_FIELDS},
+                "tags": clean_tags,
             },
             mode=int(item.get("mode", 0)),
         )

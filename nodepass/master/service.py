@@ -15,6 +15,7 @@ change is durable.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from functools import partial
@@ -32,12 +33,21 @@ from nodepass.instance import TunnelService
 from nodepass.logs import NodeLog
 from nodepass.master import sysinfo
 from nodepass.master.events import EventHub
-from nodepass.master.records import API_KEY_ID, InstanceRecord, RequestError, instance_url, new_instance_id
+from nodepass.master.records import (
+    API_KEY_ID,
+    InstanceRecord,
+    RequestError,
+    instance_url,
+    new_instance_id,
+    repaired_text,
+)
 from nodepass.master.store import StateError, StateStore
 from nodepass.stats import Checkpoint, InstanceStats
 
 TCPING_LIMIT = 10
 TCPING_QUEUE_WAIT = 1.0
+_API_KEY = re.compile(r"[0-9a-f]{32}")
+_MASTER_ID = re.compile(r"[0-9a-f]{16}")
 
 
 @implementer(IOpenSSLContextFactory)
@@ -155,12 +165,21 @@ class MasterService(service.MultiService):
         state = state or {}
         key = state.get("api_key")
         mid = state.get("master_id")
-        if not (isinstance(key, str) and len(key) == 32):
+        # Anything but hex would break the key check (and every request).
+        if not (isinstance(key, str) and _API_KEY.fullmatch(key)):
+            if not created:
+                self.log.error("State: API key unusable (not 32 lowercase hex digits), making a new one")
             key, created = secrets.token_hex(16), True
-        if not (isinstance(mid, str) and len(mid) == 16):
+        if not (isinstance(mid, str) and _MASTER_ID.fullmatch(mid)):
+            if not created:
+                self.log.error("State: master ID unusable (not 16 lowercase hex digits), making a new one")
             mid = secrets.token_hex(8)
         self.api_key, self.master_id = key, mid
-        key_rec = InstanceRecord(id=API_KEY_ID, url=key, config=None, alias=str(state.get("alias", "")))
+        problems: list[str] = []
+        alias = repaired_text(state.get("alias", ""), "alias", problems)
+        for problem in problems:
+            self.log.error("State: instance %s: %s", API_KEY_ID, problem)
+        key_rec = InstanceRecord(id=API_KEY_ID, url=key, config=None, alias=alias)
         key_rec.restart = True
         key_rec.master_id = mid
         self.records = {API_KEY_ID: key_rec}
@@ -168,12 +187,15 @@ class MasterService(service.MultiService):
         self._unreadable: list = list(previous) if isinstance(previous, list) else []
         self._loaded = True
         for item in state.get("instances", []):
+            problems = []
             try:
-                rec = InstanceRecord.from_state(item)
+                rec = InstanceRecord.from_state(item, problems)
             except Exception as e:  # noqa: BLE001 - one bad item must not lose the rest
                 self.log.error("State: skipping unreadable instance %r: %s", item.get("id") if isinstance(item, dict) else item, e)
                 self._unreadable.append(item)  # kept in the file, for a human to repair
                 continue
+            for problem in problems:
+                self.log.error("State: instance %s: %s", rec.id, problem)
             if rec.id in self.records:
                 continue
             self.records[rec.id] = rec
@@ -519,7 +541,9 @@ class MasterService(service.MultiService):
         except RequestError:
             self.api_key = key_rec.url = old
             raise
-        self.log.info("API Key reset: %s", self.api_key)
+        # The new key is in the answer to whoever asked for it; it is not
+        # logged (only the start-up line names the key, as SPEC §8 asks).
+        self.log.info("API Key reset: old key refused from now on")
         self.hub.shutdown(before)
 
     def set_alias(self, alias: str) -> None:

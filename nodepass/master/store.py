@@ -75,7 +75,7 @@ class StateStore:
             raw = f.read()
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise StateError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict) or not isinstance(data.get("instances", []), list):
             raise StateError(f"{path}: not a NodePass state file")
