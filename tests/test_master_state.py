@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 
 import treq
@@ -23,13 +22,8 @@ from nodepass.master.service import MasterService
 from nodepass.master.store import StateStore
 
 from tests.master_helpers import FAST, Api, start_master, wait_for
+from tests.helpers import free_port
 from tests.procs import child_env, spawn
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Echo(protocol.Protocol):
