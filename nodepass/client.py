@@ -14,16 +14,25 @@ import time
 from typing import Optional
 
 from twisted.internet import defer
+from twisted.internet import error as terror
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 
 from nodepass import codec
 from nodepass.codec import CodecError, TunnelInfo
 from nodepass.control import LineBuffer
-from nodepass.dialer import DNSCache
+from nodepass.dialer import DNSCache, ResolveError
 from nodepass.instance import TunnelError
 from nodepass.pool import ClientPool
-from nodepass.tls import ResumingClient, client_context_factory, peer_certificate_fingerprint
+from nodepass.tls import (
+    ResumingClient,
+    TLSVerificationFailed,
+    client_context_factory,
+    explain_verification_failure,
+    is_verification_failure,
+    peer_certificate_chain,
+    peer_certificate_fingerprint,
+)
 from nodepass.tunnel import DualEndRunner, PoolEnd
 
 #: SPEC §4: the client reads the 4-byte pool ID within one minute.
@@ -31,7 +40,19 @@ POOL_ID_TIMEOUT = 60.0
 
 
 class HandshakeRefused(TunnelError):
-    """The server closed the connection without answering our key."""
+    """The server read our key line and closed the connection cleanly
+    without answering: how NodePass servers refuse a key (SPEC §3.2)."""
+
+
+class KeyMismatch(TunnelError):
+    """The server answered, but the answer does not decode with our key."""
+
+
+#: Why a server that answers nothing may close: said once, in every refusal.
+REFUSED = (
+    "the server refused our tunnel key (it closed the connection without answering the handshake: "
+    "our key differs from the server's, or another client already holds the tunnel)"
+)
 
 
 class ClientControlProtocol(Protocol):
@@ -57,8 +78,11 @@ class ClientControlProtocol(Protocol):
     def _timeout(self) -> None:
         self._timer = None
         if not self.answer.called:
+            # A NodePass server answers or closes at once; silence means
+            # something else listens there, or the server is overloaded.
             self.answer.errback(TunnelError(
-                "tunnel handshake timed out: no answer from the server (a wrong key, or another client holds the tunnel)"
+                "tunnel handshake timed out: the server sent no answer within "
+                f"{self.runner.ctx.tunables.handshake_timeout:g}s (is a NodePass server listening at that address?)"
             ))
             self.transport.abortConnection()
 
@@ -77,10 +101,25 @@ class ClientControlProtocol(Protocol):
         try:
             info = codec.parse_handshake_config(self.runner.codec.decode(lines[0]))
         except CodecError as e:
-            self._fail(TunnelError(f"tunnel handshake failed: invalid answer from the server: {e}"))
+            self._undecodable(lines[0], e)
             return
         self.state = "control"
         self.answer.callback((info, rest))
+
+    def _undecodable(self, line: bytes, error: CodecError) -> None:
+        """The answer line does not decode to ``np://...`` under our key.
+        A server with another key of the same length lets us this far (the
+        key line is the key XORed with itself, so it cannot tell), and its
+        answer then decodes to noise.  The line itself is never logged: it
+        can hold anything, a secret included (a misdirected client talking
+        to an echo service reads back its own key)."""
+        log = self.runner.ctx.log
+        log.debug("Handshake answer from %s: %s (%s)", self.runner.ctx.config.tunnel, codec.describe(line), error)
+        self._fail(KeyMismatch(
+            "tunnel handshake failed: the server's answer could not be decoded with our tunnel key -- "
+            "the tunnel keys most likely differ (check the KEY@ part of both URLs), "
+            "or this address is not a NodePass server"
+        ))
 
     def _fail(self, exc: Exception) -> None:
         self._cancel()
@@ -93,13 +132,24 @@ class ClientControlProtocol(Protocol):
         self._cancel()
         st, self.state = self.state, "closed"
         if not self.answer.called:
-            self.answer.errback(
-                HandshakeRefused(
-                    "the server refused our tunnel key (it closed the connection without answering the handshake)"
-                )
-            )
+            self.answer.errback(self._unanswered(reason))
         elif st == "control" and self.runner.control is not None:
             self.runner.control.connection_lost("control connection lost: " + (reason.getErrorMessage() or "closed"))
+
+    def _unanswered(self, reason) -> TunnelError:
+        """Why the connection ended before the answer, as far as we can
+        tell.  Only a clean close after the server read our key line is a
+        refusal (SPEC §3.2: it closes without answering); a reset is what a
+        server that stops or restarts leaves behind, and our own shutdown
+        is nobody's refusal."""
+        if self.runner.stopping:
+            return TunnelError("handshake abandoned: the client is stopping")
+        if reason.check(terror.ConnectionDone):
+            return HandshakeRefused(REFUSED)
+        return TunnelError(
+            "the connection to the server was closed before the handshake completed "
+            f"({reason.getErrorMessage() or 'reset'}): the server may be restarting; retrying"
+        )
 
 
 class ClientPoolConn(PoolEnd):
@@ -187,18 +237,17 @@ class ClientRunner(DualEndRunner):
         cfg = ctx.config
         reactor = ctx.reactor
         dns = DNSCache(cfg.dns, reactor)
-        self.server_ip = await dns.resolve(cfg.tunnel.host)
+        try:
+            self.server_ip = await dns.resolve(cfg.tunnel.host)
+        except ResolveError as e:
+            raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {e}") from None
         proto = ClientControlProtocol(self)
         self.control_proto = proto
         try:
             await self._connect(proto, None, ctx.tunables.tcp_dial_timeout)
         except Exception as e:  # noqa: BLE001
             raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {_reason(e)}") from None
-        try:
-            info, rest = await proto.answer
-        except HandshakeRefused as e:
-            ctx.log.error("Tunnel handshake with %s refused: %s", cfg.tunnel, e)
-            raise
+        info, rest = await proto.answer
         self.info = info
         ctx.log.info("Tunnel signal <- : %s <- %s", info.payload(), cfg.tunnel)
         if info.pool_type not in ("0", "1"):
@@ -291,6 +340,8 @@ class ClientRunner(DualEndRunner):
         dialing = self._dialing
         dialing.add(conn)
         d = conn.ready.addBoth(_forget, dialing, conn)
+        if self.tls_code == 2:
+            d.addErrback(self._explain_tls_failure, conn)
         if tls_ctx is not None:
             if tls_ctx.session is None:
                 d.addCallback(_remember_session, tls_ctx)
@@ -314,6 +365,18 @@ class ClientRunner(DualEndRunner):
         if not self._verify_seen:
             d.addCallback(self._watch_for_verify)
         return d
+
+    def _explain_tls_failure(self, failure, conn: ClientPoolConn):
+        """A tls=2 pool connection that failed on the server's certificate
+        fails with the reason in words (which names the certificate has,
+        whether it is self-signed, ...), read from the certificates the
+        server sent while they are still at hand."""
+        if not is_verification_failure(failure):
+            return failure
+        text = explain_verification_failure(
+            failure, self.ctx.config.tunnel.host, peer_certificate_chain(conn.transport)
+        )
+        raise TLSVerificationFailed(text)
 
     def _watch_for_verify(self, conn: ClientPoolConn) -> ClientPoolConn:
         conn.on_lost(lambda _reason: self._idle_lost(conn))

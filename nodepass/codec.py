@@ -30,7 +30,26 @@ PONG = "o"
 
 
 class CodecError(ValueError):
-    """A line that does not decode (bad base64, or not a signal URL)."""
+    """A line that does not decode (bad base64, or not a signal URL).
+
+    The message never quotes the line: a line that does not decode may be
+    anything (a peer with another key, a misdirected client's secret), and
+    messages end up in logs.  Use :func:`describe` for a debug trace."""
+
+
+#: Most received bytes :func:`describe` shows (as hex).
+DESCRIBE_PREFIX = 8
+
+
+def describe(data: Union[bytes, str]) -> str:
+    """``"23 bytes, starting 6e703a2f2f302f40"``: what a log line may say
+    about received bytes -- their length and a short hex prefix (at most
+    :data:`DESCRIBE_PREFIX` bytes), never the bytes themselves."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "replace")
+    if not data:
+        return "0 bytes"
+    return f"{len(data)} bytes, starting {data[:DESCRIBE_PREFIX].hex()}"
 
 
 def xor(data: bytes, key: bytes) -> bytes:
@@ -131,10 +150,10 @@ def parse_signal(payload: Union[bytes, str]) -> Signal:
     ``np:`` URL with a fragment."""
     payload = _as_text(payload, "signal")
     if not payload.startswith("np:"):
-        raise CodecError(f"not a signal URL: {payload[:64]!r}")
+        raise CodecError(f"not a signal URL ({len(payload)} characters)")
     rest, hash_, fragment = payload[3:].partition("#")
     if not hash_:
-        raise CodecError(f"signal without fragment: {payload[:64]!r}")
+        raise CodecError("signal URL without a fragment")
     # Parsed the way Go's url.Parse reads it: a query is not part of the
     # path, and a URL without "//" (``np:ID#0``, as newer Go peers write
     # signals that carry only an ID) has the ID as its opaque part -- an
@@ -146,10 +165,23 @@ def parse_signal(payload: Union[bytes, str]) -> Signal:
         host, _, path = rest[2:].partition("/")
         host = unquote(host) if "%" in host else host
     elif fragment in (TCP_LAUNCH, UDP_LAUNCH, VERIFY):
-        raise CodecError(f"signal without an address: {payload[:64]!r}")
+        raise CodecError(f"signal #{fragment} without an address")
     else:
         path = rest
-    return Signal(fragment, host, unquote(path))
+    sig = Signal(fragment, host, unquote(path))
+    if not (_loggable(sig.host) and _loggable(sig.id) and _loggable(sig.kind)):
+        # Addresses and IDs end up in log lines: no control characters
+        # (forged lines), nothing huge.  Real peers never send such.
+        raise CodecError("signal with a malformed address, ID or fragment")
+    return sig
+
+
+#: Longest address, ID or fragment a signal may carry (real ones: < 64).
+MAX_FIELD = 255
+
+
+def _loggable(text: str) -> bool:
+    return len(text) <= MAX_FIELD and text.isprintable()
 
 
 @attrs.frozen
@@ -174,21 +206,28 @@ def parse_handshake_config(payload: Union[bytes, str]) -> TunnelInfo:
     :class:`CodecError` (SPEC §3.2: the client rejects it)."""
     payload = _as_text(payload, "handshake answer")
     if not payload.startswith("np://"):
-        raise CodecError(f"handshake answer is not an np:// URL: {payload[:64]!r}")
+        raise CodecError(f"handshake answer is not an np:// URL ({len(payload)} characters)")
     rest, _, tls = payload[5:].partition("#")
     authority, _, flow = rest.partition("/")
     pool_type, at, max_text = authority.rpartition("@")
     parts = {"pool type": pool_type if at else "", "max": max_text, "flow": flow, "tls": tls}
     empty = [name for name, value in parts.items() if not value]
     if empty:
-        raise CodecError(f"handshake answer {payload!r} has empty {', '.join(empty)}")
+        raise CodecError(f"handshake answer has empty {', '.join(empty)}")
     if flow not in ("-", "+"):
-        raise CodecError(f"handshake answer {payload!r} has unknown flow {flow!r}")
-    if not max_text.isdigit() or int(max_text) < 1:
-        raise CodecError(f"handshake answer {payload!r} has invalid max {max_text!r}")
+        raise CodecError("handshake answer has an unknown flow (not - or +)")
+    if not _number(pool_type):
+        raise CodecError("handshake answer has an invalid pool type (not a number)")
+    if not _number(max_text) or int(max_text) < 1:
+        raise CodecError("handshake answer has an invalid max (not a positive number)")
     if tls not in ("0", "1", "2"):
-        raise CodecError(f"handshake answer {payload!r} has unknown TLS code {tls!r}")
+        raise CodecError("handshake answer has an unknown TLS code (not 0, 1 or 2)")
     return TunnelInfo(pool_type, int(max_text), flow, int(tls))
+
+
+def _number(text: str) -> bool:
+    """ASCII digits, at most 10 of them (``isdigit`` alone takes ``²``)."""
+    return 0 < len(text) <= 10 and text.isascii() and text.isdigit()
 
 
 def pool_id(raw: bytes) -> str:

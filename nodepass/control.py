@@ -78,6 +78,16 @@ class ControlChannel:
     the channel answers itself; ``on_pong(ms)`` gets the round trip of each
     pong; ``before_ping()`` runs before each ping (the pool health check);
     ``on_broken(reason)`` runs once when the channel is lost or silent.
+
+    ``working`` says whether the peer has shown that it speaks our key.  A
+    client knows that once the server's answer decodes; a server cannot
+    tell from the handshake (the key line is the key XORed with itself, so
+    any key of the right length passes), so its channel starts not working
+    and becomes working at the first signal that decodes, or when the
+    runner calls :meth:`mark_working` (the client's first pool connection).
+    Until then the silence limit counts from :meth:`start`, whatever bytes
+    arrive, so a peer that never proves itself is dropped after
+    ``3 x interval``; ``on_working()`` runs once when it does.
     """
 
     def __init__(
@@ -91,6 +101,8 @@ class ControlChannel:
         on_pong: Callable[[int], None],
         on_broken: Callable[[str], None],
         before_ping: Optional[Callable[[], None]] = None,
+        working: bool = True,
+        on_working: Optional[Callable[[], None]] = None,
     ):
         self.transport = transport
         self.codec = key
@@ -101,8 +113,10 @@ class ControlChannel:
         self.on_pong = on_pong
         self.on_broken = on_broken
         self.before_ping = before_ping
+        self.working = working
+        self.on_working = on_working
         self.lines = LineBuffer()
-        self.last_read = clock.seconds()
+        self.started = self.last_read = clock.seconds()
         self.ping_sent: Optional[float] = None
         self.broken = False
         self._loop: Optional[LoopingCall] = None
@@ -110,7 +124,7 @@ class ControlChannel:
 
     def start(self) -> None:
         enable_keepalive(self.transport, self.interval)
-        self.last_read = self.clock.seconds()
+        self.started = self.last_read = self.clock.seconds()
         if self.interval > 0:
             self._loop = LoopingCall(self._tick)
             self._loop.clock = self.clock
@@ -151,6 +165,13 @@ class ControlChannel:
         if self.broken:
             return
         limit = 3 * self.interval
+        if not self.working:
+            waited = self.clock.seconds() - self.started
+            if waited >= limit:
+                self.fail(f"no valid signal from the peer within {waited:.1f}s")
+                return
+            self._watch = self.clock.callLater(max(0.05, limit - waited), self._check_silence)
+            return
         silent = self.clock.seconds() - self.last_read
         if silent >= limit:
             self.fail(f"control connection silent for {silent:.1f}s")
@@ -175,8 +196,12 @@ class ControlChannel:
         try:
             sig = codec.parse_signal(self.codec.decode(line))
         except CodecError as e:
+            # Never the line itself: it may be anything (SPEC §3.3 says skip).
             self.log.warn("Undecodable control signal skipped: %s", e)
+            self.log.debug("Undecodable control line: %s", codec.describe(line))
             return
+        if not self.working:
+            self.mark_working()
         self.log.debug("Tunnel signal <- : %s", sig.payload())
         if sig.kind == codec.PING:
             self.send(codec.simple(codec.PONG))
@@ -187,6 +212,16 @@ class ControlChannel:
                 self.on_pong(ms)
         else:
             self.handler(sig)
+
+    def mark_working(self) -> None:
+        """The peer proved it speaks our key by other means (a pool
+        connection that only a client which decoded our answer opens)."""
+        if self.working or self.broken:
+            return
+        self.working = True
+        self.last_read = self.clock.seconds()
+        if self.on_working is not None:
+            self.on_working()
 
     def connection_lost(self, why: str = "control connection lost") -> None:
         self.fail(why)

@@ -20,6 +20,17 @@ class AllTargetsFailed(Exception):
     """Every target of the group refused or timed out."""
 
 
+class ResolveError(OSError):
+    """A host name that does not resolve.  The message names the host:
+    ``[Errno -2] Name or service not known`` alone leaves an operator
+    guessing which of the instance's names is wrong."""
+
+    def __init__(self, host: str, error: BaseException):
+        why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        super().__init__(f"cannot resolve host name {host}: {why}")
+        self.host = host
+
+
 class DNSCache:
     """Resolved addresses kept for ``ttl`` seconds; literal IPs bypass it.
     When a refresh fails, the last good address is used (SPEC §6)."""
@@ -46,10 +57,10 @@ class DNSCache:
             return cached[1]
         try:
             ip = await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._lookup, host)
-        except OSError:
+        except (OSError, UnicodeError) as e:  # UnicodeError: not a valid IDNA name
             if cached is not None:
                 return cached[1]
-            raise
+            raise ResolveError(host, e) from None
         self._entries[host] = (now, ip)
         return ip
 

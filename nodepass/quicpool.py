@@ -483,12 +483,26 @@ class QuicSession:
     def _terminated(self, ev: events.ConnectionTerminated) -> None:
         reason = ev.reason_phrase or f"error code {ev.error_code:#x}"
         if not self.handshake_done and 0x100 <= ev.error_code <= 0x1FF:
-            exc: Exception = QuicTLSVerificationError(f"QUIC TLS handshake failed: {reason}")
+            exc: Exception = QuicTLSVerificationError(self._tls_failure_text(reason))
         elif not self.handshake_done:
             exc = QuicHandshakeError(f"QUIC handshake failed: {reason}")
         else:
             exc = QuicPoolError(f"QUIC connection closed: {reason}")
         self._shutdown(exc)
+
+    def _tls_failure_text(self, reason: str) -> str:
+        """A failed TLS handshake in words: for a certificate this client
+        refused, what is wrong with it (names, issuer, dates) rather than
+        aioquic's text with reprs of the name patterns."""
+        from nodepass.tls import explain_verification_failure, is_verification_failure
+
+        conn = self.conn
+        if not conn._is_client or not is_verification_failure(reason):
+            return f"QUIC TLS handshake failed: {reason}"
+        tls = getattr(conn, "tls", None)
+        leaf = getattr(tls, "_peer_certificate", None)
+        chain = [leaf, *getattr(tls, "_peer_certificate_chain", [])] if leaf is not None else []
+        return explain_verification_failure(reason, conn.configuration.server_name or "", chain)
 
     def _shutdown(self, exc: Exception) -> None:
         if self.closed:

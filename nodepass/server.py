@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from nodepass import codec
 from nodepass.codec import CodecError
+from nodepass.control import ControlChannel
 from nodepass.pool import ServerPool
 from nodepass.tls import ServerCredentials
 from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
@@ -39,6 +40,7 @@ class TunnelPortProtocol(PoolEnd):
         self._buf = b""
         self._timer = None
         self.peer = ""
+        self.channel: Optional[ControlChannel] = None  # once this is the control connection
 
     # -- setup --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -110,7 +112,7 @@ class TunnelPortProtocol(PoolEnd):
                     self._timer = r.ctx.reactor.callLater(r.ctx.tunables.pool_get_timeout, self._unclaimed)
             PoolEnd.dataReceived(self, data)
         elif st == "control":
-            self.runner.control.data_received(data)
+            self.channel.data_received(data)
         elif st == "sniff":
             self._sniff(data)
         elif st == "pool-tls":
@@ -164,7 +166,9 @@ class TunnelPortProtocol(PoolEnd):
                 b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\n"
                 b"Content-Length: 0\r\nConnection: close\r\n\r\n"
             )
-        self.runner.ctx.log.debug("HTTP probe %s from %s answered", method.decode("latin-1"), self.peer)
+        # The method is received bytes: named only when it is the one we know.
+        what = "GET" if method == b"GET" else "with another method"
+        self.runner.ctx.log.debug("HTTP probe %s from %s answered", what, self.peer)
         self.transport.loseConnection()
 
     def _sniff_timeout(self) -> None:
@@ -172,38 +176,46 @@ class TunnelPortProtocol(PoolEnd):
         if self.state == "sniff":
             self._deny("handshake timeout")
 
-    def _deny(self, why: str) -> None:
+    def _deny(self, why: str, judged: bool = False) -> None:
+        """Refuse this peer.  ``judged``: its handshake line was read and
+        refused (wrong key, a client already connected): close cleanly, as a
+        Go server does, so a client can tell a real refusal (FIN) from a
+        connection lost while a server restarts (reset).  Peers that said
+        nothing usable in time are aborted."""
         self._cancel_timer()
         self.state = "closed"
         self.runner.ctx.log.warn("Tunnel access denied: %s (%s)", self.peer, why)
-        self.transport.abortConnection()
+        if judged:
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
 
     def _handshake(self, line: bytes, rest: bytes) -> None:
         r = self.runner
         try:
             key = r.codec.decode(line)
         except CodecError:
-            self._deny("bad handshake encoding")
+            self._deny("bad handshake encoding", judged=True)
             return
         if key != r.codec.key:
-            self._deny("wrong tunnel key")
+            self._deny("wrong tunnel key", judged=True)
             return
         if r.control is not None:
-            self._deny("a client is already connected")
+            self._deny("a client is already connected", judged=True)
             return
         self._cancel_timer()
         self.state = "control"
-        r.accept_control(self)
+        self.channel = r.accept_control(self)
         if rest:
-            r.control.data_received(rest)
+            self.channel.data_received(rest)
 
     def connectionLost(self, reason) -> None:
         self._cancel_timer()
         r = self.runner
         r.port_conns.discard(self)
         st, self.state = self.state, "closed"
-        if st == "control" and r.control is not None:
-            r.control.connection_lost("control connection lost: " + (reason.getErrorMessage() or "closed"))
+        if st == "control" and self.channel is not None:
+            self.channel.connection_lost("control connection lost: " + (reason.getErrorMessage() or "closed"))
         PoolEnd.connectionLost(self, reason)
 
 
@@ -330,20 +342,63 @@ class ServerRunner(DualEndRunner):
         # QuicPoolStream turns it away when stopping or the pool is full.
         transport.attach(QuicPoolStream(self))
 
-    def accept_control(self, proto: TunnelPortProtocol) -> None:
+    def accept_control(self, proto: TunnelPortProtocol) -> ControlChannel:
+        """A handshake line that decodes to our key: answer it, and make
+        the connection the control channel -- on probation.
+
+        The key line is the key XORed with itself, so a client whose key
+        differs but has the same length passes here too; only afterwards,
+        when it cannot decode our answer, does it leave.  So the channel
+        counts as *working* only once the client shows it speaks our key:
+        its first pool connection (sent right after the handshake) or its
+        first signal that decodes.  Losing a channel that never worked is
+        a refused stranger (:meth:`_drop_candidate`), not a fatal error."""
         ctx = self.ctx
         self.control_ip = proto.transport.getPeer().host
         self.control_peer = proto.peer
         for other in list(self.port_conns):
             if other is not proto and other.state == "sniff":
-                other._deny("another client won the handshake")
+                other._deny("another client won the handshake", judged=True)
         info = codec.handshake_config(1 if self.quic else 0, ctx.config.max, self.flow, self.tls_code)
         proto.transport.write(self.codec.encode(info))
         ctx.log.info("Tunnel connection: client %s accepted (%s)", proto.peer, info)
-        self.make_control(proto.transport).start()
+        channel = self.make_control(proto.transport, working=False)
+        channel.on_working = lambda: ctx.log.debug("Tunnel connection: client %s is working", proto.peer)
+        channel.start()
+        return channel
+
+    def control_broken(self, channel: ControlChannel, reason: str) -> None:
+        if channel is self.control and not channel.working and not self.stopping:
+            self._drop_candidate(reason)
+            return
+        super().control_broken(channel, reason)
+
+    def _drop_candidate(self, reason: str) -> None:
+        """The control connection ended before it ever worked: the peer
+        passed the key check but never used the tunnel -- typically a
+        client whose key differs from ours but has the same length.  Forget
+        it and keep serving; the tunnel never depended on it."""
+        ctx = self.ctx
+        ctx.log.warn(
+            "Tunnel access denied: %s (it passed the key check but never used the tunnel -- %s; most likely "
+            "a client whose tunnel key differs from ours but has the same length)",
+            self.control_peer, reason,
+        )
+        self.control = None
+        self.control_ip = None
+        self.control_peer = ""
+        for p in list(self.port_conns):
+            if p.state == "pool-tls":  # half-way into its pool: not ours to keep
+                p.state = "closed"
+                p.transport.abortConnection()
 
     def pool_ready(self) -> None:
-        """First pool connection registered: send the TLS verify signal."""
+        """A pool connection registered: the control channel works (only a
+        client that decoded our answer opens one); the first one also sends
+        the TLS verify signal."""
+        control = self.control
+        if control is not None and not control.working:
+            control.mark_working()
         if self._verified or not self.tls_code:
             return
         self._verified = True

@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from nodepass.config import Address, TunnelConfig, is_ip_literal
-from nodepass.dialer import TargetGroup
+from nodepass.dialer import ResolveError, TargetGroup
 from nodepass.instance import InstanceContext, Runner, TunnelError
 from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
 from nodepass.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
@@ -151,6 +151,7 @@ class SingleEndRunner(Runner):
                 ctx.log,
                 idle_timeout=ctx.tunables.udp_read_timeout,
                 buf_size=ctx.tunables.udp_data_buf_size,
+                report_interval=ctx.tunables.report_interval,
             )
             try:
                 self.udp_port = reactor.listenUDP(
@@ -335,7 +336,7 @@ def _listen_host(host: str) -> str:
     try:
         infos = socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (OSError, UnicodeError) as e:
-        raise TunnelError(f"cannot resolve tunnel host {host}: {e}") from None
+        raise TunnelError(f"cannot listen on {host}: {ResolveError(host, e)}") from None
     infos.sort(key=lambda i: 0 if i[0] == socket.AF_INET else 1)
     return infos[0][4][0]
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Mapping, Optional
 
 from twisted.application import service
 from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 
 from nodepass.config import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
 from nodepass.logs import NodeLog, NodePassObserver
@@ -51,10 +52,21 @@ def default_state_dir() -> str:
     return os.path.join(base, "nodepass")
 
 
+class StartFailed(Exception):
+    """An instance that cannot serve at all (a master whose port is taken):
+    raised out of ``startService`` under twistd, so that twistd reports the
+    failure (a daemon's parent exits non-zero) and removes its pidfile."""
+
+
 class NodePassRoot(service.MultiService):
     """The root of the tree: logs the shutdown line, and under twistd installs
     the NodePass log observer on the application so twistd's own output
     follows SPEC §7 as well."""
+
+    #: Set by :func:`makeService` / :func:`application_for`.
+    under_twistd = False
+    #: twistd's pidfile (absolute), removed when we end the process ourselves.
+    pidfile = ""
 
     def __init__(self, config: InstanceConfig, log: NodeLog, observer: Optional[NodePassObserver] = None):
         super().__init__()
@@ -74,8 +86,17 @@ class NodePassRoot(service.MultiService):
         super().startService()
         for child in self:
             ready = getattr(child, "ready", None)
-            if ready is not None:
-                ready.addErrback(self._start_failed)
+            if ready is None:
+                continue
+            if self.under_twistd and ready.called and isinstance(ready.result, Failure):
+                # Failed already (a master listens synchronously): tell twistd
+                # while it can still act on it -- its daemon parent reports
+                # the error and exits non-zero, and it removes the pidfile.
+                why = ready.result.getErrorMessage()
+                ready.addErrback(lambda _f: None)  # reported by the raise
+                sys.excepthook = _without_traceback(sys.excepthook)
+                raise StartFailed(f"{self.config.title} did not start: {why}")
+            ready.addErrback(self._start_failed)
 
     def _start_failed(self, failure) -> None:
         """A master that cannot serve (port in use, unreadable state) must not
@@ -89,12 +110,17 @@ class NodePassRoot(service.MultiService):
         reactor.callLater(0, self._exit_failed, reactor)
 
     def _exit_failed(self, reactor) -> None:
-        if getattr(self, "under_twistd", False):
+        if self.under_twistd:
             # twistd has no way to report a failure status after the reactor
-            # stopped cleanly; leave once shutdown has finished.
-            reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            # stopped cleanly; leave once shutdown has finished -- without
+            # the pidfile twistd would have removed on its way out.
+            reactor.addSystemEventTrigger("after", "shutdown", self._exit_now, 1)
         if reactor.running:
             reactor.stop()
+
+    def _exit_now(self, status: int) -> None:
+        remove_own_pidfile(self.pidfile)
+        os._exit(status)
 
     def stopService(self):
         d = super().stopService()
@@ -111,6 +137,18 @@ class NodePassRoot(service.MultiService):
             return result
 
         return d.addBoth(done)
+
+
+def _without_traceback(previous):
+    """An excepthook that ends the process on :class:`StartFailed` without
+    a traceback: the error is already logged (``Master error: ...``), and
+    the exit status stays 1."""
+
+    def hook(kind, value, tb) -> None:
+        if not issubclass(kind, StartFailed):
+            previous(kind, value, tb)
+
+    return hook
 
 
 def build_service(
@@ -140,23 +178,46 @@ def build_service(
 
 def application_for(url: str, state_dir: Optional[str] = None) -> service.Application:
     """A twistd application for one instance URL, for ``.tac`` files (see
-    ``tap/``).  Raises :class:`URLError` for a bad URL."""
+    ``tap/``).  Raises :class:`URLError` for a bad URL.
+
+    Logs go where twistd's options say, as with ``twistd nodepass URL``:
+    ``--logfile`` (``twistd.log`` for a daemon without one), or stdout
+    with ``-n``."""
     config = parse_url(url)
+    twistd = running_twistd_options()
     application = service.Application("nodepass")
-    observer = NodePassObserver(lambda: sys.__stdout__, config.log)
+    observer = twistd_observer(twistd, config.log)
     root = build_service(config, state_dir=state_dir, observer=observer)
-    root.under_twistd = True
+    _mark_twistd(root, twistd)
     root.setServiceParent(application)
     return application
 
 
-def _twistd_observer(options: Options) -> NodePassObserver:
-    """Where twistd would have logged: stdout with ``-n`` and no logfile,
-    else the logfile (``twistd.log`` by default), in NodePass format."""
-    parent = getattr(options, "parent", None)
-    level = options["config"].log
-    logfile = parent.get("logfile") if parent is not None else None
-    nodaemon = parent.get("nodaemon") if parent is not None else True
+def running_twistd_options() -> Optional[Mapping]:
+    """The options of the twistd run that is loading a ``.tac`` file, or
+    None outside twistd.
+
+    A ``.tac`` file is plain Python that twistd executes while it builds
+    the application, before it sets up logging; it is handed nothing, so
+    the options (``--logfile``, ``--nodaemon``, ``--pidfile``) are read from
+    the twistd runner that is executing it -- the caller up the stack."""
+    from twisted.application.app import ApplicationRunner
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, ApplicationRunner):
+            return candidate.config
+        frame = frame.f_back
+    return None
+
+
+def twistd_observer(twistd: Optional[Mapping], level: str) -> NodePassObserver:
+    """Where twistd itself would log (``twistd``'s options, or None): stdout
+    with ``-n`` and no logfile, else the logfile (``twistd.log`` by
+    default), in NodePass format."""
+    logfile = twistd.get("logfile") if twistd is not None else None
+    nodaemon = twistd.get("nodaemon") if twistd is not None else True
     if logfile == "-" or (not logfile and nodaemon):
         # sys.__stdout__: twistd redirects sys.stdout into the log system itself
         return NodePassObserver(lambda: sys.__stdout__, level)
@@ -165,7 +226,29 @@ def _twistd_observer(options: Options) -> NodePassObserver:
     return NodePassObserver(LogFile.fromFullPath(logfile or "twistd.log"), level, colour=False)
 
 
-def makeService(options: Options) -> service.IService:
-    root = build_service(options["config"], state_dir=options["state-dir"], observer=_twistd_observer(options))
+def _mark_twistd(root: NodePassRoot, twistd: Optional[Mapping]) -> None:
     root.under_twistd = True
+    pidfile = twistd.get("pidfile") if twistd is not None else ""
+    root.pidfile = os.path.abspath(pidfile) if pidfile else ""
+
+
+def remove_own_pidfile(path: str) -> None:
+    """Remove twistd's pidfile if it names this process (what twistd does
+    on a normal exit, skipped when we leave with ``os._exit``)."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+        if pid == os.getpid():
+            os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def makeService(options: Options) -> service.IService:
+    parent = getattr(options, "parent", None)
+    observer = twistd_observer(parent, options["config"].log)
+    root = build_service(options["config"], state_dir=options["state-dir"], observer=observer)
+    _mark_twistd(root, parent)
     return root

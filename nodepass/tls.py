@@ -300,6 +300,133 @@ class ResumingClient:
             self.session = session
 
 
+class TLSVerificationFailed(Exception):
+    """A ``tls=2`` client refused the server's certificate; the message
+    says why in words (see :func:`explain_verification_failure`)."""
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The names a certificate is valid for: its DNS and IP subject
+    alternative names, or its common name when it has none."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        san = None
+    if san is not None:
+        names = list(san.get_values_for_type(x509.DNSName))
+        names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+        if names:
+            return names
+    return [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)]
+
+
+def _subject(name: x509.Name) -> str:
+    cns = [a.value for a in name.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)]
+    return f"'{cns[0]}'" if cns else f"'{name.rfc4514_string()}'"
+
+
+def is_verification_failure(error: object) -> bool:
+    """Did the TLS stack refuse the peer's certificate (as opposed to a
+    connection that broke during the handshake)?"""
+    value = getattr(error, "value", error)
+    text = _error_text(value).lower()
+    if _is_name_mismatch(value) or "certificate verify failed" in text:
+        return True
+    # aioquic's own wording for chain and date failures
+    return "certificate" in text and any(w in text for w in ("self-signed", "self signed", "issuer", "valid"))
+
+
+def _error_text(value: object) -> str:
+    """An exception's message without library reprs: pyOpenSSL's
+    ``[('SSL routines', '', 'certificate verify failed')]`` becomes
+    ``certificate verify failed``."""
+    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
+        reasons = [r[-1] for r in value.args[0] if isinstance(r, tuple) and r and r[-1]]
+        if reasons:
+            return "; ".join(str(r) for r in reasons)
+    return str(value) or type(value).__name__
+
+
+def _is_name_mismatch(error: object) -> bool:
+    # service_identity raises VerificationError / CertificateError (TCP
+    # pool); aioquic turns them into "hostname ... doesn't match ..."
+    # (QUIC pool).
+    value = getattr(error, "value", error)
+    mod = type(value).__module__ or ""
+    return mod.startswith("service_identity") or "doesn't match" in str(value)
+
+
+def _as_cryptography(cert) -> Optional[x509.Certificate]:
+    if isinstance(cert, x509.Certificate):
+        return cert
+    if isinstance(cert, crypto.X509):
+        return cert.to_cryptography()
+    return None
+
+
+#: What to do about a certificate no trusted CA vouches for.
+_TRUST_HINT = "set SSL_CERT_FILE to the server's CA bundle (a PEM file) on this host, or run the server with tls=1"
+
+
+def explain_verification_failure(error: object, expected_host: str, chain=()) -> str:
+    """Why a ``tls=2`` client refused the server's certificate, in words an
+    operator can act on -- not a library's repr.
+
+    ``error`` is what the TLS stack raised (a Failure is fine);
+    ``expected_host`` the host of the client URL; ``chain`` the
+    certificates the server sent, leaf first (pyOpenSSL or cryptography),
+    when they are still known.  Host name mismatches name the expected
+    host and the names the certificate has; chain failures say whether the
+    certificate is expired, self-signed or issued by an unknown CA, and how
+    to trust it."""
+    certs = [c for c in (_as_cryptography(x) for x in chain or ()) if c is not None]
+    leaf = certs[0] if certs else None
+    value = getattr(error, "value", error)
+    if _is_name_mismatch(value):
+        kind = "IP address" if _is_ip(expected_host) else "host name"
+        names = ", ".join(certificate_names(leaf)) if leaf is not None else "other names"
+        return (
+            f"the server certificate is not valid for the {kind} {expected_host} that this client dials "
+            f"(it names: {names}); use one of those names in the client URL, "
+            f"or give the server a certificate that names {expected_host}"
+        )
+    if leaf is not None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if now > leaf.not_valid_after_utc:
+            when = f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            return f"the server certificate expired on {when}; renew it on the server"
+        if now < leaf.not_valid_before_utc:
+            return (
+                f"the server certificate is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+                "(check the clocks of both hosts)"
+            )
+        if leaf.issuer == leaf.subject:
+            return f"the server certificate {_subject(leaf.subject)} is self-signed and not trusted here: {_TRUST_HINT}"
+        return (
+            f"the server certificate is issued by {_subject(leaf.issuer)}, a CA this host does not trust "
+            f"(or the server does not send its intermediate certificates): {_TRUST_HINT}"
+        )
+    return f"the server certificate could not be verified ({_error_text(value)}): {_TRUST_HINT}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def peer_certificate_chain(transport) -> list:
+    """The certificates the TLS peer sent (leaf first), also after a failed
+    handshake; empty when unknown."""
+    try:
+        chain = transport.getHandle().get_peer_cert_chain()
+    except Exception:  # noqa: BLE001 - no TLS connection, or already freed
+        return []
+    return list(chain or [])
+
+
 def peer_certificate_fingerprint(transport) -> str:
     """Fingerprint of the certificate the TLS peer presented ('' if none)."""
     try:

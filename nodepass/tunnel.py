@@ -25,7 +25,7 @@ from nodepass.dialer import TargetGroup
 from nodepass.instance import Runner, TunnelError
 from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
 from nodepass import splicing, tlsrelay
-from nodepass.udp import UDPSessionListener, open_target_udp
+from nodepass.udp import DropReport, UDPSessionListener, open_target_udp
 
 
 def addr_text(addr) -> str:
@@ -212,6 +212,9 @@ class DualEndRunner(Runner):
         self.udp_bridges: set = set()
         self.peer_label = ""
         self.launching = 0  # exit-side launches not yet spliced
+        # UDP launches the exit turns away at the slot limit: one summary
+        # line per report interval, not one per launch.
+        self.udp_dropped = DropReport(ctx.reactor, ctx.log, ctx.tunables.report_interval, "sessions")
 
     # -- shape ------------------------------------------------------------
     @property
@@ -254,6 +257,7 @@ class DualEndRunner(Runner):
                     idle_timeout=t.udp_read_timeout,
                     buf_size=t.udp_data_buf_size,
                     count_traffic=True,
+                    report_interval=t.report_interval,
                 )
                 self.entry_udp_port = ctx.reactor.listenUDP(
                     port, self.udp_listener, interface=host, maxPacketSize=t.udp_data_buf_size
@@ -274,10 +278,13 @@ class DualEndRunner(Runner):
         return ds
 
     # -- control ----------------------------------------------------------
-    def make_control(self, transport) -> ControlChannel:
+    def make_control(self, transport, working: bool = True) -> ControlChannel:
+        """The control channel on ``transport``; ``working=False`` for a
+        peer that has yet to show it speaks our key (see
+        :class:`~nodepass.control.ControlChannel`)."""
         ctx = self.ctx
         _no_delay(transport)
-        self.control = ControlChannel(
+        channel = ControlChannel(
             transport,
             self.codec,
             ctx.reactor,
@@ -285,10 +292,12 @@ class DualEndRunner(Runner):
             ctx.log,
             handler=self.on_signal,
             on_pong=self.on_pong,
-            on_broken=self.on_broken,
+            on_broken=lambda reason: self.control_broken(channel, reason),
             before_ping=self.check_pool,
+            working=working,
         )
-        return self.control
+        self.control = channel
+        return channel
 
     def on_pong(self, ms: int) -> None:
         self.ctx.report(ms, self.pool_idle())
@@ -300,8 +309,9 @@ class DualEndRunner(Runner):
             self.control.send(codec.simple(codec.FLUSH))
             pool.flush()
 
-    def on_broken(self, reason: str) -> None:
-        if not self.stopping:
+    def control_broken(self, channel: ControlChannel, reason: str) -> None:
+        """``channel`` is lost or silent: fatal for the run (SPEC §7)."""
+        if not self.stopping and channel is self.control:
             self.fail(reason)
 
     def on_signal(self, sig: Signal) -> None:
@@ -328,7 +338,7 @@ class DualEndRunner(Runner):
             n = self.pool.flush() if self.pool is not None else 0
             log.debug("Pool flushed on request: %d idle connections closed", n)
         else:
-            log.debug("Unknown signal fragment %r ignored", kind)
+            log.debug("Unknown signal fragment ignored (%s)", codec.describe(kind))
 
     def _launched(self, _result) -> None:
         self.launching -= 1
@@ -472,7 +482,7 @@ class DualEndRunner(Runner):
             ctx.log.error("UDP launch %s: %s", origin, e)
             return
         if not ctx.stats.acquire_udp():
-            ctx.log.error("UDP slot limit reached (%d), dropping %s", ctx.stats.slot_limit, origin)
+            self.udp_dropped.drop(ctx.stats.slot_limit, origin)
             conn.transport.loseConnection()
             return
         bridge = _PoolToTarget(conn, t.udp_data_buf_size)
@@ -513,6 +523,7 @@ class DualEndRunner(Runner):
     # -- teardown ---------------------------------------------------------
     async def stop_common(self) -> None:
         self.stopping = True
+        self.udp_dropped.close()
         ds = self._unbind_entry()
         if self.control is not None:
             self.control.stop()

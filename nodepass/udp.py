@@ -66,6 +66,7 @@ from twisted.internet import error as terror
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.protocol import DatagramProtocol
 
+from nodepass.durations import format_duration
 from nodepass.logs import NodeLog
 from nodepass.stats import InstanceStats
 
@@ -116,6 +117,65 @@ class IdleTimer:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+
+class DropReport:
+    """Counts what the slot limit turns away and logs one summary line per
+    report interval instead of one line per item.
+
+    A full instance drops every datagram of every new source; one ERROR
+    line each would flood the log (thousands a second) and hide everything
+    else.  :meth:`drop` is one counter increment; the first drop of a quiet
+    period arms a single timer that logs ``UDP slot limit reached (N),
+    dropped M datagrams in the last 5s`` and re-arms while drops go on.
+    :meth:`close` logs what is still counted and cancels the timer.
+    """
+
+    __slots__ = ("clock", "log", "interval", "what", "count", "limit", "last_from", "_since", "_call")
+
+    def __init__(self, clock, log: NodeLog, interval: float, what: str = "datagrams"):
+        self.clock = clock
+        self.log = log
+        self.interval = interval if interval > 0 else 5.0
+        self.what = what
+        self.count = 0
+        self.limit = 0
+        self.last_from = ""
+        self._since = 0.0
+        self._call = None
+
+    def drop(self, limit: int, source: str = "") -> None:
+        """One item from ``source`` dropped at the slot limit ``limit``."""
+        self.count += 1
+        self.limit = limit
+        self.last_from = source
+        if self._call is None:
+            self._since = self.clock.seconds()
+            self._call = self.clock.callLater(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self._call = None
+        if self.count:  # drops go on: report them and keep watching
+            self._summary()
+            self._call = self.clock.callLater(self.interval, self._tick)
+
+    def _summary(self) -> None:
+        now = self.clock.seconds()
+        count, self.count = self.count, 0
+        last = f" (the last from {self.last_from})" if self.last_from else ""
+        self.log.error(
+            "UDP slot limit reached (%d), dropped %d %s in the last %s%s",
+            self.limit, count, self.what, format_duration(round(now - self._since, 3)), last,
+        )
+        self._since = now
+
+    def close(self) -> None:
+        """Log what is still counted (shutdown) and cancel the timer."""
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        if self.count:
+            self._summary()
 
 
 class UDPSession:
@@ -218,6 +278,7 @@ class UDPSessionListener(DatagramProtocol):
         idle_timeout: float = 30.0,
         buf_size: int = 16384,
         count_traffic: bool = False,
+        report_interval: float = 5.0,
     ):
         self.open_backend = open_backend
         self.stats = stats
@@ -228,6 +289,7 @@ class UDPSessionListener(DatagramProtocol):
         self.count_traffic = count_traffic
         self.sessions: dict[Addr, UDPSession] = {}
         self.accepting = True
+        self.dropped = DropReport(clock, log, report_interval)
 
     def datagramReceived(self, datagram: bytes, addr: Addr) -> None:
         addr = (addr[0], addr[1])
@@ -236,7 +298,7 @@ class UDPSessionListener(DatagramProtocol):
             if not self.accepting:
                 return
             if not self.stats.acquire_udp():
-                self.log.error("UDP slot limit reached (%d), dropping datagram from %s", self.stats.slot_limit, _fmt(addr))
+                self.dropped.drop(self.stats.slot_limit, _fmt(addr))
                 return
             session = UDPSession(self, addr)
             self.sessions[addr] = session
@@ -268,8 +330,13 @@ class UDPSessionListener(DatagramProtocol):
     def close_all(self) -> None:
         """Stop taking new sessions and close every live one."""
         self.accepting = False
+        self.dropped.close()
         for session in list(self.sessions.values()):
             session.close()
+
+    def stopProtocol(self) -> None:
+        # The port is gone: no more drops to count, no timer left behind.
+        self.dropped.close()
 
 
 class _TargetProtocol(DatagramProtocol):
@@ -424,6 +491,7 @@ def _fmt(addr: Addr) -> str:
 
 
 __all__ = [
+    "DropReport",
     "IdleTimer",
     "OpenBackend",
     "SessionBackend",
