@@ -273,7 +273,8 @@ class TunnelConfig:
 
     ``given`` holds the names of query parameters the URL spelled out, so the
     master can tell a default from an explicit choice; ``warnings`` the
-    messages about values that were replaced by defaults.
+    messages about values that were replaced by defaults, ``errors`` those
+    replacements logged at ERROR (an invalid ``tls`` means plaintext).
     """
 
     role: str  # "server" | "client"
@@ -299,6 +300,7 @@ class TunnelConfig:
     noudp: int = 0
     given: frozenset = frozenset()
     warnings: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
     raw: str = ""
 
     @property
@@ -351,6 +353,7 @@ class MasterConfig:
     key: str = ""
     given: frozenset = frozenset()
     warnings: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
     raw: str = ""
     role: str = "master"
 
@@ -362,10 +365,14 @@ class MasterConfig:
 InstanceConfig = Union[TunnelConfig, MasterConfig]
 
 
-def _parse_query(query: str, allowed: tuple[str, ...]) -> tuple[dict, set, list]:
+def _parse_query(query: str, allowed: tuple[str, ...]) -> tuple[dict, set, list, list]:
+    """Typed values, the names given, warnings (values replaced by their
+    defaults) and errors (replacements the operator must not miss: an
+    invalid ``tls`` silently giving plaintext)."""
     values: dict[str, object] = {}
     given: set[str] = set()
     warnings: list[str] = []
+    errors: list[str] = []
     seen: set[str] = set()
     for name, raw in parse_qsl(query, keep_blank_values=True):
         if name in seen:
@@ -379,10 +386,13 @@ def _parse_query(query: str, allowed: tuple[str, ...]) -> tuple[dict, set, list]
         except ValueError as e:
             default = _TUNNEL_DEFAULTS[name]
             fallback = _param_text(name, default) if default != "" else '""'
-            warnings.append(f"Invalid {name}={shown(raw)} ({e}), using default {fallback}")
+            if name == "tls":
+                errors.append(f"Invalid tls={shown(raw)} ({e}), using tls={fallback}: traffic is NOT encrypted")
+            else:
+                warnings.append(f"Invalid {name}={shown(raw)} ({e}), using default {fallback}")
             continue
         given.add(name)
-    return values, given, warnings
+    return values, given, warnings, errors
 
 
 def parse_url(text: str) -> InstanceConfig:
@@ -418,7 +428,7 @@ def parse_url(text: str) -> InstanceConfig:
         raise URLError(f"invalid URL {shown(text)}: {e}") from None
 
     if scheme == "master":
-        values, given, warnings = _parse_query(parts.query, ("log", "tls", "crt", "key"))
+        values, given, warnings, errors = _parse_query(parts.query, ("log", "tls", "crt", "key"))
         prefix = parts.path.rstrip("/") or "/api"
         if not prefix.startswith("/"):
             prefix = "/" + prefix
@@ -427,6 +437,7 @@ def parse_url(text: str) -> InstanceConfig:
             prefix=prefix,
             given=frozenset(given),
             warnings=tuple(warnings),
+            errors=tuple(errors),
             raw=text,
             **values,
         )
@@ -440,13 +451,14 @@ def parse_url(text: str) -> InstanceConfig:
             targets.append(Address.parse(item))
         except URLError as e:
             raise URLError(f"invalid URL {shown(text)}: target {e}") from None
-    values, given, warnings = _parse_query(parts.query, tuple(_TUNNEL_DEFAULTS))
+    values, given, warnings, errors = _parse_query(parts.query, tuple(_TUNNEL_DEFAULTS))
     # A client learns tls/max/quic from the server and a server has no pool
     # minimum; Go peers ignore such parameters silently, and so do we.
     if scheme == "client":
         for name in ("max", "quic", "tls", "crt", "key"):
             values.pop(name, None)
             given.discard(name)
+        errors = []  # only ever about tls, which a client ignores
     else:
         values.pop("min", None)
         given.discard("min")
@@ -468,6 +480,7 @@ def parse_url(text: str) -> InstanceConfig:
         key_given=bool(key),
         given=frozenset(given),
         warnings=tuple(warnings),
+        errors=tuple(errors),
         raw=text,
         **values,
     )

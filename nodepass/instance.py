@@ -151,6 +151,8 @@ class TunnelService(service.Service):
         self._stopping = False
         for w in self.config.warnings:
             self.log.warn(w)
+        for e in self.config.errors:
+            self.log.error(e)
         self._loop = ensureDeferred(self._run())
         self._loop.addErrback(lambda f: self.log.error("%s loop crashed: %s", self.name_word, f.getErrorMessage()))
 

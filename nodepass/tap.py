@@ -167,6 +167,12 @@ def build_service(
     if isinstance(config, MasterConfig):
         from nodepass.master.service import MasterService
 
+        # (A tunnel instance logs its own URL's complaints at each start.)
+        for w in config.warnings:
+            log.warn(w)
+        for e in config.errors:
+            log.error(e)
+
         child = MasterService(config, state_dir or default_state_dir(), tunables=tunables, reactor=reactor, log=log)
     else:
         from nodepass.instance import TunnelService

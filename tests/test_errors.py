@@ -119,3 +119,33 @@ class UnresolvedHostTests(TunnelMixin, unittest.TestCase):
         await wait_for(lambda: self.logged("single", "dropped:"), what="drop line")
         self.assertTrue(self.logged("single", "last error: cannot resolve host name nonexistent.invalid:"))
         self.assertFalse(self.logged("single", "[Errno"))
+
+
+class InvalidTLSTests(unittest.TestCase):
+    """An invalid ``tls=`` gives plaintext (as Go does): that is logged at
+    ERROR, naming the fallback, not as a quiet warning."""
+
+    @d
+    async def test_invalid_tls_is_an_error_naming_plaintext(self):
+        from nodepass.config import parse_url
+        from nodepass.instance import TunnelService
+        from nodepass.logs import NodeLog
+
+        config = parse_url("server://127.0.0.1:0/127.0.0.1:9?mode=2&tls=bogus&log=debug")
+        log = NodeLog(config.log)
+        seen: list[tuple[str, str]] = []
+        log.listeners.append(lambda level, line: seen.append((level, line)))
+        svc = TunnelService(config, tunables=QUICK, log=log)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        await service_up(svc, "server")
+        self.assertEqual(svc.runner.tls_code, 0)
+        errors = [line for level, line in seen if level == "ERROR" and "tls=" in line]
+        self.assertEqual(len(errors), 1, seen)
+        self.assertIn("Invalid tls='bogus'", errors[0])
+        self.assertIn("using tls=0: traffic is NOT encrypted", errors[0])
+
+    def test_client_ignores_tls(self):
+        from nodepass.config import parse_url
+
+        self.assertEqual(parse_url("client://127.0.0.1:1/127.0.0.1:2?tls=bogus").errors, ())
