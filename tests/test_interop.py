@@ -26,7 +26,7 @@ from OpenSSL import crypto
 
 from nodepass import codec
 from nodepass.tls import generate_self_signed
-from tests.helpers import Client, close, connect, free_port, wait_for
+from tests.helpers import Client, close, connect, free_port, service_up, wait_for
 from tests.test_tunnel import FAST, TunnelMixin, d
 
 KEY = b"s3cret"
@@ -56,7 +56,7 @@ class GoClientAgainstOurServer(TunnelMixin, unittest.TestCase):
         self.tunnel_port = port
         svc = self._service("server", f"server://{KEY.decode()}@127.0.0.1:{port}/127.0.0.1:{free_port()}"
                                       "?log=debug&mode=1&max=100", FAST)
-        await svc.started
+        await service_up(svc)
         entry = svc.runner.entry_port
 
         ctrl = await connect(port)
@@ -103,7 +103,7 @@ class GoClientAgainstOurServer(TunnelMixin, unittest.TestCase):
         self.tunnel_port = port
         svc = self._service("server", f"server://{KEY.decode()}@127.0.0.1:{port}/127.0.0.1:{free_port()}"
                                       "?log=debug&mode=1&max=100&tls=1", FAST)
-        await svc.started
+        await service_up(svc)
         ctrl = await connect(port)
         self.addCleanup(close, ctrl)
         ctrl.transport.write(go_line(KEY))
@@ -149,7 +149,7 @@ class GoClientAgainstOurServer(TunnelMixin, unittest.TestCase):
         self.tunnel_port = port
         svc = self._service("server", f"server://{KEY.decode()}@127.0.0.1:{port}/127.0.0.1:{tport}"
                                       "?log=debug&mode=2&max=100", FAST)
-        await svc.started
+        await service_up(svc)
         ctrl = await connect(port)
         self.addCleanup(close, ctrl)
         ctrl.transport.write(go_line(KEY))
@@ -175,7 +175,7 @@ class GoClientAgainstOurServer(TunnelMixin, unittest.TestCase):
         port = free_port()
         self.tunnel_port = port
         svc = self._service("probe", f"server://127.0.0.1:{port}/127.0.0.1:{free_port()}?log=debug&mode=1", FAST)
-        await svc.started
+        await service_up(svc)
         get = await connect(port)
         get.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(
@@ -277,7 +277,7 @@ class OurClientAgainstGoServer(TunnelMixin, unittest.TestCase):
         client = await self.start_client(f"127.0.0.1:{free_port()}", "&min=2", key=KEY.decode(), wait=False)
         self.addCleanup(lambda: [c.transport.loseConnection() for c in fake.pool.values()])
         self.addCleanup(lambda: fake.control and fake.control.transport.loseConnection())
-        await client.started
+        await service_up(client, "client")
 
         self.assertEqual(fake.received[0], go_line(KEY))
         await wait_for(lambda: go_line(b"np:#o") in fake.received, what="pong from our client")
@@ -307,7 +307,7 @@ class OurClientAgainstGoServer(TunnelMixin, unittest.TestCase):
         client = await self.start_client(f"127.0.0.1:{tport}", "&min=2", key=KEY.decode(), wait=False)
         self.addCleanup(lambda: [c.transport.loseConnection() for c in fake.pool.values()])
         self.addCleanup(lambda: fake.control and fake.control.transport.loseConnection())
-        await client.started
+        await service_up(client, "client")
         runner = client.runner
         await wait_for(lambda: sum(i in runner.pool.idle for i in fake.pool) >= 2, what="two idle pool connections")
         tcp_id, udp_id = [i for i in fake.pool if i in runner.pool.idle][:2]

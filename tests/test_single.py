@@ -34,6 +34,7 @@ from tests.helpers import (
     listen_echo,
     listen_sink,
     listen_tcp,
+    service_up,
     listen_udp,
     sleep,
     transport_buffered,
@@ -446,7 +447,7 @@ class LifecycleTests(ForwarderMixin, unittest.TestCase):
         svc = TunnelService(config, tunables=Tunables(report_interval=60), log=NodeLog("none"))
         svc.startService()
         self.addCleanup(svc.stopService)
-        await svc.started
+        await service_up(svc)
         c = await connect(port)
         c.transport.write(b"name")
         self.assertEqual(await c.wait_bytes(4), b"name")

@@ -622,7 +622,7 @@ class ResilienceTests(TunnelMixin, unittest.TestCase):
         self.assertTrue(self.logged("client", "Client error: cannot reach the server"))
         tport, _ = self.echo_targets()
         await self.start_server(f"127.0.0.1:{tport}", port=self.tunnel_port)
-        await client.started
+        await service_up(client, "client")
 
 
 def _fields(t: Tunables) -> dict:
