@@ -33,7 +33,7 @@ from nodepass.tls import (
     peer_certificate_chain,
     peer_certificate_fingerprint,
 )
-from nodepass.tunnel import DualEndRunner, PoolEnd
+from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
 
 #: SPEC §4: the client reads the 4-byte pool ID within one minute.
 POOL_ID_TIMEOUT = 60.0
@@ -250,6 +250,10 @@ class ClientRunner(DualEndRunner):
         info, rest = await proto.answer
         self.info = info
         ctx.log.info("Tunnel signal <- : %s <- %s", info.payload(), cfg.tunnel)
+        if proto.transport is not None:
+            ctx.log.info(
+                "Tunnel handshaked: %s <-> %s", addr_text(proto.transport.getHost()), addr_text(proto.transport.getPeer())
+            )
         if info.pool_type not in ("0", "1"):
             proto.transport.loseConnection()
             raise TunnelError(f"server asked for pool type {info.pool_type}, which this client does not know")

@@ -158,6 +158,8 @@ class TunnelService(service.Service):
 
     async def _run(self) -> None:
         word = self.name_word
+        announced = False
+        last_mode = self.config.mode
         while not self._stopping:
             runner = None
             try:
@@ -166,7 +168,12 @@ class TunnelService(service.Service):
                 await runner.start()
                 if self._stopping:
                     break
-                self.log.info("%s started: %s", word, self.config.start_url(runner.mode))
+                if not announced:
+                    # Once, at the first start that works (the process tests
+                    # and operators take it as "up"); a later recovery is
+                    # told by the restart line before it.
+                    announced = True
+                    self.log.info("%s started: %s", word, self.config.start_url(runner.mode))
                 self._status("running", "")
                 if not self.started.called:
                     self.started.callback(runner)
@@ -180,6 +187,7 @@ class TunnelService(service.Service):
                 self.log.error("%s error: %s", word, e)
                 self._status("error", f"{word} error: {e}")
                 if runner is not None:
+                    last_mode = runner.mode
                     await runner.stop()
                 self.runner = None
                 self._sleep = task.deferLater(self.reactor, self.tunables.service_cooldown, lambda: None)
@@ -191,7 +199,9 @@ class TunnelService(service.Service):
                     self._sleep = None
                 if self._stopping:
                     break
-                self.log.info("%s restart", word)
+                # As Go does: the start line's URL again, before the new
+                # attempt (SPEC §7), with the mode the last run settled on.
+                self.log.info("%s restart: %s", word, self.config.start_url(last_mode))
 
     def stopService(self) -> Deferred:
         super().stopService()

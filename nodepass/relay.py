@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Callable, Optional
 
-from twisted.internet import main, tcp
+from twisted.internet import error, main, tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -187,6 +187,7 @@ class RelayEnd(Protocol):
     relay: Optional["Relay"] = None
     gate: Optional[PauseGate] = None
     connected_ = False
+    lost_reason: Optional[Failure] = None
 
     def __init__(self) -> None:
         self._early: list[bytes] = []
@@ -219,6 +220,7 @@ class RelayEnd(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.lost = True
+        self.lost_reason = reason
         if self.relay is not None:
             self.relay.end_lost(self)
         callbacks, self._lost_callbacks = self._lost_callbacks, []
@@ -270,6 +272,7 @@ class Relay:
         "_rate_calls",
         "_through_target",
         "_through_tunnel",
+        "outcome",
     )
 
     def __init__(
@@ -296,6 +299,9 @@ class Relay:
         self._rate_calls: dict = {}
         self._through_target = _COPY
         self._through_tunnel = _COPY
+        #: How the exchange ended, in Go's words (``Exchange complete: ...``):
+        #: ``EOF`` when an end closed cleanly, else the first error.
+        self.outcome = ""
         now = clock.seconds()
         self._last_target = now
         self._last_tunnel = now
@@ -351,7 +357,7 @@ class Relay:
         due = oldest + self.idle
         now = self.clock.seconds()
         if now >= due:
-            self.close()
+            self.close("i/o timeout")
         else:
             self._timer = self.clock.callLater(due - now, self._check_idle)
 
@@ -385,18 +391,19 @@ class Relay:
         other = self.tunnel if end is self.target else self.target
         if not other.lost and other.transport is not None:
             _close_end(other)
-        self._finish()
+        self._finish(_outcome(end.lost_reason))
 
-    def close(self) -> None:
+    def close(self, outcome: str = "closed") -> None:
         for end in (self.target, self.tunnel):
             if not end.lost and end.transport is not None:
                 _close_end(end)
-        self._finish()
+        self._finish(outcome)
 
-    def _finish(self) -> None:
+    def _finish(self, outcome: str) -> None:
         if self._closed:
             return
         self._closed = True
+        self.outcome = outcome
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -407,6 +414,26 @@ class Relay:
         if self._on_close is not None:
             cb, self._on_close = self._on_close, None
             cb()
+
+
+def _outcome(reason: Optional[Failure]) -> str:
+    """Go's text for how a relayed connection ended: ``EOF`` for a clean
+    close, the error otherwise."""
+    if reason is None or reason.check(error.ConnectionDone):
+        return "EOF"
+    if reason.check(error.ConnectionLost):
+        return "read: connection reset by peer"
+    return reason.getErrorMessage()
+
+
+def peer_text(transport) -> str:
+    """``ip:port`` of a transport's peer (IPv6 bracketed), for log lines."""
+    try:
+        peer = transport.getPeer()
+        host, port = peer.host, peer.port
+    except Exception:  # noqa: BLE001 - a transport without an address
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Discard:

@@ -316,8 +316,10 @@ class ServerRunner(DualEndRunner):
                 await defer.DeferredList(self._unbind_entry() + [defer.maybeDeferred(self.tunnel_port.stopListening)])
                 self.tunnel_port = None
                 raise
+        level, line = self.creds.code_line(quic=bool(self.quic))
+        getattr(ctx.log, level)(line)
         if self.tls_code:
-            ctx.log.info("TLS code %d: certificate %s", self.tls_code, self.creds.fingerprint)
+            ctx.log.debug("TLS certificate: %s", self.creds.fingerprint)
 
     def _listen_quic(self) -> None:
         """The tunnel's UDP port for the QUIC pool (same number as the TCP
@@ -361,7 +363,9 @@ class ServerRunner(DualEndRunner):
                 other._deny("another client won the handshake", judged=True)
         info = codec.handshake_config(1 if self.quic else 0, ctx.config.max, self.flow, self.tls_code)
         proto.transport.write(self.codec.encode(info))
-        ctx.log.info("Tunnel connection: client %s accepted (%s)", proto.peer, info)
+        # Go's lines: the answer sent, then the control connection's ends.
+        ctx.log.info("Tunnel signal -> : %s -> %s", info, proto.peer)
+        ctx.log.info("Tunnel handshaked: %s <-> %s", addr_text(proto.transport.getHost()), proto.peer)
         channel = self.make_control(proto.transport, working=False)
         channel.on_working = lambda: ctx.log.debug("Tunnel connection: client %s is working", proto.peer)
         channel.start()

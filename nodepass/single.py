@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from nodepass.config import Address, TunnelConfig, is_ip_literal
 from nodepass.dialer import ResolveError, TargetGroup
 from nodepass.instance import InstanceContext, Runner, TunnelError
-from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
+from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
 from nodepass.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
 #: Listen backlog: bursts of new connections must not overflow the accept
@@ -243,8 +243,9 @@ class SingleEndRunner(Runner):
         target.transport.bufferSize = self._buffer_size
         if ctx.config.proxy:
             target.transport.write(proxy_v1_header(_peer(user.transport), _peer(target.transport)))
-        if log.enabled("debug"):
-            log.debug("TCP %s -> %s relaying", _fmt(_peer(user.transport)), _fmt(_peer(target.transport)))
+        if log.enabled("info"):
+            # Go's per-connection INFO lines: the user, then the target.
+            log.info("Starting exchange: %s <-> %s", peer_text(user.transport), peer_text(target.transport))
         relay = Relay(
             target,
             user,
@@ -260,6 +261,8 @@ class SingleEndRunner(Runner):
     def _relay_closed(self, relay: Relay) -> None:
         self.relays.discard(relay)
         self.ctx.stats.release_tcp()
+        if self.ctx.log.enabled("info"):
+            self.ctx.log.info("Exchange complete: %s", relay.outcome)
 
     # -- UDP -------------------------------------------------------------
     async def _open_udp_backend(self, session: UDPSession) -> TargetUDP:

@@ -192,6 +192,22 @@ class ServerCredentials:
     def cert_pem(self) -> bytes:
         return self._cert_pem
 
+    def code_line(self, quic: bool = False) -> tuple[str, str]:
+        """Go's start-up line for the effective TLS code, as ``(level,
+        text)``: operators and dashboards read it (``TLS code-0:
+        unencrypted`` is a warning)."""
+        if self.tls_code == 0:
+            return "warn", "TLS code-0: unencrypted"
+        if self.tls_code == 1:
+            return "info", "TLS code-1: RAM cert with TLS 1.3" + (" for QUIC" if quic else "")
+        try:
+            cert = x509.load_pem_x509_certificate(self._cert_pem)
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        except ValueError:
+            return "warn", "TLS code-2: unknown cert name with TLS 1.3"
+        name = names[0].value if names else ""
+        return "info", f"TLS code-2: {name} with TLS 1.3"
+
     def _maybe_reload(self) -> None:
         if self.tls_code != 2 or self.clock is None:
             return

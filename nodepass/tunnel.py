@@ -23,7 +23,7 @@ from nodepass.config import join_host_port
 from nodepass.control import ControlChannel
 from nodepass.dialer import TargetGroup
 from nodepass.instance import Runner, TunnelError
-from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, proxy_v1_header
+from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
 from nodepass import splicing, tlsrelay
 from nodepass.udp import DropReport, UDPSessionListener, open_target_udp
 
@@ -351,12 +351,19 @@ class DualEndRunner(Runner):
     def _splice(self, target: RelayEnd, tunnel: RelayEnd) -> None:
         ctx = self.ctx
         later = []
+        # Go's per-connection INFO lines (dashboards show them, operators
+        # grep them): the target-side peer, then the pool connection's.
+        exchange = ctx.log.enabled("info")
+        if exchange:
+            ctx.log.info("Starting exchange: %s <-> %s", peer_text(target.transport), peer_text(tunnel.transport))
 
         def closed():
             self.relays.discard(relay)
             ctx.stats.release_tcp()
             if later and later[0].active():
                 later[0].cancel()
+            if exchange:
+                ctx.log.info("Exchange complete: %s", relay.outcome)
 
         # QUIC streams do their own TLS: only a TCP pool has a TLS transport.
         pool_tls = self.tls_code and not self.quic
