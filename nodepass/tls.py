@@ -121,6 +121,11 @@ def _server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
     return options
 
 
+#: Go's start-up line for ``tls=0`` (a server's or a master's), as
+#: ``(level, text)``.
+UNENCRYPTED_LINE = ("warn", "TLS code-0: unencrypted")
+
+
 class ServerCredentials:
     """The certificate a server (or master) presents, and its TLS code.
 
@@ -197,7 +202,7 @@ class ServerCredentials:
         text)``: operators and dashboards read it (``TLS code-0:
         unencrypted`` is a warning)."""
         if self.tls_code == 0:
-            return "warn", "TLS code-0: unencrypted"
+            return UNENCRYPTED_LINE
         if self.tls_code == 1:
             return "info", "TLS code-1: RAM cert with TLS 1.3" + (" for QUIC" if quic else "")
         try:

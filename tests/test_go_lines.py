@@ -137,3 +137,36 @@ class RestartLineTests(GoLinesMixin, TunnelMixin, unittest.TestCase):
         self.assertTrue(url.startswith("client://"))
         self.assertIn(f"@127.0.0.1:{self.tunnel_port}/127.0.0.1:9?", url)
         self.assertFalse(self.levelled("client", "INFO", "Client started: .*"))
+
+
+class MasterTLSCodeLineTests(unittest.TestCase):
+    """A master logs its TLS code line before its start line, as Go's does."""
+
+    async def _lines(self, query: str) -> list[str]:
+        from nodepass.config import parse_url
+        from nodepass.logs import NodeLog
+        from nodepass.master.service import MasterService
+
+        config = parse_url(f"master://127.0.0.1:0/api?log=info{query}")
+        log = NodeLog("info")
+        lines: list[str] = []
+        log.listeners.append(lambda level, line: lines.append(line))
+        master = MasterService(config, self.mktemp(), tunables=FAST, log=log)
+        master.startService()
+        self.addCleanup(master.stopService)
+        await master.ready
+        return lines
+
+    @d
+    async def test_plain_master_warns(self):
+        lines = await self._lines("")
+        code = [i for i, line in enumerate(lines) if "TLS code-" in line]
+        started = [i for i, line in enumerate(lines) if "Master started: " in line]
+        self.assertEqual(len(code), 1)
+        self.assertRegex(lines[code[0]], r"  WARN  TLS code-0: unencrypted$")
+        self.assertLess(code[0], started[0])
+
+    @d
+    async def test_tls1_master(self):
+        lines = await self._lines("&tls=1")
+        self.assertTrue(any(line.endswith("  INFO  TLS code-1: RAM cert with TLS 1.3") for line in lines), lines)

@@ -20,7 +20,7 @@ FIELDS = {
 }
 INFO_FIELDS = {
     "mid", "alias", "os", "arch", "cpu", "mem_total", "mem_used", "swap_total", "swap_used",
-    "netrx", "nettx", "diskr", "diskw", "sysup", "ver", "name", "uptime", "log", "tls", "crt", "key",
+    "netrx", "nettx", "diskr", "diskw", "sysup", "ver", "nodepass_py", "name", "uptime", "log", "tls", "crt", "key",
 }
 CORS = {
     b"Access-Control-Allow-Origin": b"*",
@@ -122,7 +122,9 @@ class _Api:
             self.assertIs(inst["restart"], True)
             self.assertEqual(inst["status"], "running")
             self.assertEqual(inst["meta"], {"peer": {"sid": "", "type": "", "alias": ""}, "tags": {}})
-            self.assertEqual(inst["url"], single_end_url() + f"&log={master.config.log}")
+            # Go's enhanceURL: the master's log added, the query re-encoded
+            # with its keys sorted
+            self.assertEqual(inst["url"], f"client://127.0.0.1:0/127.0.0.1:9?log={master.config.log}&mode=1")
             self.assertEqual(
                 inst["config"],
                 "client://127.0.0.1:0/127.0.0.1:9?dial=auto&dns=5m0s&log=info&min=64&mode=1"
@@ -139,6 +141,7 @@ class _Api:
                 self.assertEqual(set(item), FIELDS)
             key = [i for i in items if i["id"] == API_KEY_ID][0]
             self.assertEqual(key["url"], master.api_key)
+            self.assertEqual((key["status"], key["restart"], key["type"]), ("", False, ""))
             self.assertRegex(key["config"], r"^[0-9a-f]{16}$")
             code, body, _ = await self.api.call("GET", "/instances/ffffffff")
             self.assertEqual((code, body), (404, {"error": "Instance not found"}))
@@ -154,7 +157,7 @@ class _Api:
             self.assertEqual(inst["url"].count("log="), 1)
             tls = self.master.config.tls
             if tls:
-                self.assertTrue(inst["url"].endswith(f"&tls={tls}"))
+                self.assertTrue(inst["url"].endswith(f"&mode=2&tls={tls}"))
                 self.assertIn(f"tls={tls}", inst["config"])
             else:
                 self.assertNotIn("tls=", inst["url"])
@@ -260,7 +263,7 @@ class _Api:
             new_url = single_end_url(10)
             code, got, _ = await self.api.call("PUT", path, {"url": new_url})
             self.assertEqual(code, 200, got)
-            self.assertTrue(got["url"].startswith(new_url))
+            self.assertEqual(got["url"], "client://127.0.0.1:0/127.0.0.1:10?log=info&mode=1")
             self.assertEqual(got["status"], "running")
             self.assertEqual(got["id"], inst["id"])
             code, body, _ = await self.api.call("PUT", path, {"url": new_url})
@@ -450,7 +453,12 @@ class HTTPSApiTests(_Api, unittest.TestCase):
             self.assertEqual((code, info["tls"], info["crt"], info["key"]), (200, "2", crt_path, key_path))
             port = free_tcp_port()
             inst = await self._create(f"server://127.0.0.1:{port}/127.0.0.1:9?mode=2")
-            self.assertIn(f"tls=2&crt={crt_path}&key={key_path}", inst["url"])
+            # crt/key from the master, query-escaped and sorted as Go's
+            # url.Values.Encode writes them
+            esc = lambda p: p.replace("/", "%2F")  # noqa: E731 - mktemp paths: [A-Za-z0-9_./]
+            self.assertTrue(
+                inst["url"].endswith(f"?crt={esc(crt_path)}&key={esc(key_path)}&log=info&mode=2&tls=2"), inst["url"]
+            )
             await self.api.call("DELETE", "/instances/" + inst["id"])
 
         return ensureDeferred(go())

@@ -95,6 +95,11 @@ class EndToEndTests(unittest.TestCase):
 
 class StatusTests(unittest.TestCase):
     def test_silent_instance_goes_error_and_recovers(self):
+        """Once a server has reported, 3 report intervals without a
+        CHECK_POINT make it ``error``, and the next one brings it back
+        (that it stays running before its first report is pinned in
+        tests.test_dashboard_contract)."""
+
         async def go():
             master = await start_master(self)
             api = Api(master, self)
@@ -103,14 +108,26 @@ class StatusTests(unittest.TestCase):
             tunnel, entry = free_port(), free_port()
             code, srv, _ = await api.call("POST", "/instances", {"url": f"server://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=1"})
             self.assertEqual(srv["status"], "running")
-            # no client, so no CHECK_POINT: error after 3 x report interval
-            ev = await sse.event(lambda d: d["type"] == "update" and d["instance"]["id"] == srv["id"] and d["instance"]["status"] == "error")
-            code, got, _ = await api.call("GET", "/instances/" + srv["id"])
-            self.assertEqual(got["status"], "error")
+            rid = srv["id"]
             await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{tunnel}/127.0.0.1:{target}?mode=2&min=2"})
+            await sse.event(
+                lambda d: d["type"] == "update" and d["instance"]["id"] == rid and d["instance"]["mode"] == 1,
+                timeout=10, what="the server's first CHECK_POINT",
+            )
+            # The master stops hearing the server's reports: silent.
+            svc = master.instances[rid]
+            listeners = list(svc.checkpoint_listeners)
+            svc.checkpoint_listeners.clear()
             ev = await sse.event(
-                lambda d: d["type"] == "update" and d["instance"]["id"] == srv["id"] and d["instance"]["status"] == "running",
-                timeout=10,
+                lambda d: d["type"] == "update" and d["instance"]["id"] == rid and d["instance"]["status"] == "error",
+                what="the silent server's error update",
+            )
+            code, got, _ = await api.call("GET", "/instances/" + rid)
+            self.assertEqual(got["status"], "error")
+            svc.checkpoint_listeners.extend(listeners)
+            ev = await sse.event(
+                lambda d: d["type"] == "update" and d["instance"]["id"] == rid and d["instance"]["status"] == "running",
+                what="the server's recovery at its next CHECK_POINT",
             )
             self.assertEqual(ev["instance"]["mode"], 1)
 

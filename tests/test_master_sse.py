@@ -91,6 +91,7 @@ class SSETests(unittest.TestCase):
             for sse in streams:
                 ev = await sse.event(lambda d: d["type"] == "shutdown")
                 self.assertEqual(set(ev), {"type", "time", "instance", "logs"})
+                self.assertEqual((ev["instance"], ev["logs"]), (None, ""))  # as Go: no instance
                 await sse.closed()
                 self.assertTrue(sse.raw.endswith(b"\n\n"))
             self.assertEqual(self.master.hub.streams, set())
@@ -107,7 +108,7 @@ class SSETests(unittest.TestCase):
             await sse.event(lambda d: d["type"] == "initial")
             await self.master.stopService()
             ev = await sse.event(lambda d: d["type"] == "shutdown")
-            self.assertEqual(ev["type"], "shutdown")
+            self.assertEqual((ev["type"], ev["instance"], ev["logs"]), ("shutdown", None, ""))
             await sse.closed()
 
         return ensureDeferred(go())

@@ -157,9 +157,11 @@ def format_instance(inst: dict) -> str:
 
 
 def format_event(event: dict) -> str:
-    inst = event.get("instance") or {}
+    inst = event.get("instance") or {}  # None in shutdown events
     parts = [str(event.get("time", "")), str(event.get("type", "")).ljust(8), str(inst.get("id", "-"))]
-    if event.get("type") == "log":
+    if not inst:
+        pass
+    elif event.get("type") == "log":
         parts.append(str(event.get("logs", "")).rstrip("\n"))
     else:
         parts.append(str(inst.get("status", "")))

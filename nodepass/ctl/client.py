@@ -8,7 +8,8 @@ one ``except``.
 
 ``events()`` returns an :class:`EventStream`: an async iterator over the
 Server-Sent Events of ``/events``, decoded to dicts ``{"type", "time",
-"instance", "logs"}``.  It applies back-pressure: when the script stops
+"instance", "logs"}`` (``instance`` is ``None`` in the final ``shutdown``
+event, as the Go master sends it).  It applies back-pressure: when the script stops
 consuming, the socket is paused instead of queueing without bound.
 
 Usage::
@@ -17,7 +18,8 @@ Usage::
         inst = await master.create_instance("server://:10101/127.0.0.1:8080")
         async with master.events() as stream:
             async for event in stream:
-                print(event["type"], event["instance"]["id"])
+                if event["type"] != "shutdown":  # shutdown: instance is None
+                    print(event["type"], event["instance"]["id"])
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ dashboard can neither slow the master down nor make it buffer without bound.
 from __future__ import annotations
 
 import datetime
+import time
 from collections import deque
 from typing import Iterable, Optional
 
@@ -23,13 +24,32 @@ RETRY = b"retry: 3000\n\n"
 DEFAULT_LIMIT = 1 << 20  # bytes queued for one paused subscriber before it is dropped
 
 
-def rfc3339_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat()
+def rfc3339_nano(ns: Optional[int] = None) -> str:
+    """``ns`` (nanoseconds since the epoch, default now) as Go's JSON
+    encoding of a ``time.Time`` writes it: RFC 3339 with nanoseconds,
+    trailing zeros trimmed (the fraction vanishes when it is zero), in the
+    local zone, ``Z`` for a zero offset -- ``2025-11-25T08:00:00.123456789Z``,
+    ``2025-11-25T16:00:00.5+08:00``."""
+    if ns is None:
+        ns = time.time_ns()
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    local = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).astimezone()
+    text = local.strftime("%Y-%m-%dT%H:%M:%S")
+    if fraction:
+        text += ("." + f"{fraction:09d}").rstrip("0")
+    offset = local.utcoffset() or datetime.timedelta(0)
+    minutes = int(offset.total_seconds()) // 60  # Go's "Z07:00" drops seconds
+    if minutes == 0:
+        return text + "Z"
+    sign = "+" if minutes > 0 else "-"
+    hours, minutes = divmod(abs(minutes), 60)
+    return f"{text}{sign}{hours:02d}:{minutes:02d}"
 
 
 def encode_event(kind: str, instance: Optional[dict], logs: str = "") -> bytes:
-    """One SSE event: ``event: instance`` and a one-line ``data:`` JSON."""
-    payload = {"type": kind, "time": rfc3339_now(), "instance": instance, "logs": logs}
+    """One SSE event: ``event: instance`` and a one-line ``data:`` JSON with
+    Go's fields in Go's order (``type``, ``time``, ``instance``, ``logs``)."""
+    payload = {"type": kind, "time": rfc3339_nano(), "instance": instance, "logs": logs}
     return b"event: instance\ndata: " + json_utf8(payload) + b"\n\n"
 
 
@@ -146,8 +166,11 @@ class EventHub:
         for stream in list(self.streams):
             stream.send(chunk)
 
-    def shutdown(self, instance: Optional[dict]) -> None:
-        """Send ``shutdown`` to every stream and close them all."""
-        chunk = encode_event("shutdown", instance)
+    def shutdown(self) -> None:
+        """Send ``shutdown`` to every stream and close them all.  As in Go,
+        the event names no instance: ``{"type":"shutdown","time":...,
+        "instance":null,"logs":""}`` (dashboards ignore events about
+        ``********``, so naming it would hide the shutdown from them)."""
+        chunk = encode_event("shutdown", None)
         for stream in list(self.streams):
             stream.close(chunk)

@@ -85,12 +85,16 @@ def _schemas() -> dict[str, Any]:
                 "status": {
                     "type": "string",
                     "enum": ["running", "stopped", "error", ""],
-                    "description": "Empty only for the `********` key instance.",
+                    "description": "Empty only for the `********` key instance (whose `restart` is false).",
                 },
                 "url": {
                     "type": "string",
-                    "description": "The URL as given, plus the master's log (and tls/crt/key for servers) when absent.",
-                    "examples": ["server://:10101/127.0.0.1:8080?log=info&tls=0"],
+                    "description": (
+                        "The URL as given, plus the master's log (and tls/crt/key for servers) "
+                        "when absent, its query re-encoded as Go's url.Values.Encode does "
+                        "(keys sorted, values query-escaped)."
+                    ),
+                    "examples": ["server://:10101/127.0.0.1:8080?log=info&tls=1"],
                 },
                 "config": {
                     "type": "string",
@@ -170,8 +174,8 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": [
                 "mid", "alias", "os", "arch", "cpu", "mem_total", "mem_used", "swap_total",
-                "swap_used", "netrx", "nettx", "diskr", "diskw", "sysup", "ver", "name",
-                "uptime", "log", "tls", "crt", "key",
+                "swap_used", "netrx", "nettx", "diskr", "diskw", "sysup", "ver", "nodepass_py",
+                "name", "uptime", "log", "tls", "crt", "key",
             ],
             "properties": {
                 "mid": {"type": "string", "pattern": "^[0-9a-f]{16}$", "description": "Master ID, made once."},
@@ -188,7 +192,15 @@ def _schemas() -> dict[str, Any]:
                 "diskr": {**_COUNTER, "description": "Bytes read, whole disks only."},
                 "diskw": {**_COUNTER, "description": "Bytes written, whole disks only."},
                 "sysup": {**_COUNTER, "description": "System uptime, seconds."},
-                "ver": {"type": "string"},
+                "ver": {
+                    "type": "string",
+                    "description": (
+                        "The newest Go NodePass release whose master API this master "
+                        "implements, in Go's form (`v1.12.0`)."
+                    ),
+                    "examples": ["v1.12.0"],
+                },
+                "nodepass_py": {"type": "string", "description": "The nodepass-py package version."},
                 "name": {"type": "string", "description": "Host name of the master URL."},
                 "uptime": {**_COUNTER, "description": "Seconds since the master started."},
                 "log": {"type": "string"},
@@ -225,9 +237,17 @@ def _schemas() -> dict[str, Any]:
                     "type": "string",
                     "enum": ["initial", "create", "update", "delete", "log", "shutdown"],
                 },
-                "time": {"type": "string", "format": "date-time"},
+                "time": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": (
+                        "RFC 3339 with nanoseconds, trailing zeros trimmed, in the master's "
+                        "local zone (Go's time.Time JSON)."
+                    ),
+                    "examples": ["2025-11-25T08:00:00.123456789Z"],
+                },
                 "instance": {
-                    "description": "The instance concerned; may be null in `shutdown` events.",
+                    "description": "The instance concerned; null in `shutdown` events.",
                     "anyOf": [{"$ref": "#/components/schemas/Instance"}, {"type": "null"}],
                 },
                 "logs": {"type": "string", "description": "One log line for `log` events, else empty."},

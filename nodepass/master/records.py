@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 from typing import Optional
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import quote_from_bytes, unquote_to_bytes, urlsplit
 
 import attrs
 
@@ -81,10 +81,50 @@ def _scheme_of(text: str) -> str:
         raise RequestError(400, "Invalid URL format") from None
 
 
+def go_query_pairs(query: str) -> list[tuple[bytes, bytes]]:
+    """``query`` parsed as Go's ``url.ParseQuery`` does: ``&``-separated,
+    empty parts skipped, ``+`` is a space, ``%XX`` decoded (to bytes: Go
+    strings are bytes).
+
+    Go drops a part holding ``;`` or a malformed ``%`` escape; here such a
+    part is kept as our own URL parser reads it (``;`` and a lone ``%`` as
+    themselves), so re-encoding never changes what the instance runs with.
+    """
+    pairs = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        pairs.append((unquote_to_bytes(key.replace("+", " ")), unquote_to_bytes(value.replace("+", " "))))
+    return pairs
+
+
+def go_query_encode(pairs: list[tuple[bytes, bytes]]) -> str:
+    """Go's ``url.Values.Encode``: keys sorted (bytewise), each key's
+    values in their order, everything but ``A-Za-z0-9-_.~`` percent-escaped
+    with upper-case hex and a space written ``+`` (so ``/`` is ``%2F`` and
+    ``:`` is ``%3A``)."""
+    grouped: dict[bytes, list[bytes]] = {}
+    for key, value in pairs:
+        grouped.setdefault(key, []).append(value)
+    return "&".join(
+        f"{_go_escape(key)}={_go_escape(value)}" for key in sorted(grouped) for value in grouped[key]
+    )
+
+
+def _go_escape(raw: bytes) -> str:
+    return quote_from_bytes(raw, safe=" ").replace(" ", "+")
+
+
+
 def instance_url(given: str, master: MasterConfig) -> tuple[str, TunnelConfig]:
-    """The stored ``url`` of an instance created from ``given``: the URL as
-    given, plus the master's ``log`` when it names none, plus (server) the
-    master's ``tls`` (and ``crt``/``key`` for tls 2) when it names none.
+    """The stored ``url`` of an instance created from ``given``, built as
+    Go's master builds it (``enhanceURL``): the master's ``log`` when the URL
+    names none (or an empty one), for a server the master's ``tls`` (and
+    ``crt``/``key`` for tls 2) likewise, then the whole query re-encoded the
+    way Go's ``url.Values.Encode`` does -- keys in alphabetical order, values
+    query-escaped -- even when nothing was added.  An empty query stays
+    empty.  Scheme, key, host, path and fragment are kept as given.
 
     Raises :class:`RequestError` with SPEC §8's messages.
     """
@@ -98,26 +138,29 @@ def instance_url(given: str, master: MasterConfig) -> tuple[str, TunnelConfig]:
         raise RequestError(400, "Invalid URL scheme")
     try:
         parse_url(given)
-        names = {k for k, _ in parse_qsl(urlsplit(given).query, keep_blank_values=True)}
     except (URLError, ValueError):
         raise RequestError(400, "Invalid URL format") from None
-    extra: list[str] = []
-    if "log" not in names:
-        extra.append(f"log={master.log}")
-    if scheme == "server" and "tls" not in names and master.tls:
-        extra.append(f"tls={master.tls}")
+    base, hash_, fragment = given.partition("#")
+    head, _, query = base.partition("?")
+    pairs = go_query_pairs(query)
+
+    def first(name: str) -> bytes:
+        return next((v for k, v in pairs if k == name.encode()), b"")
+
+    def set_default(name: str, value: str) -> None:
+        # Go: ``if query.Get(name) == "" { query.Set(name, value) }``
+        nonlocal pairs
+        if value and not first(name):
+            pairs = [p for p in pairs if p[0] != name.encode()] + [(name.encode(), value.encode())]
+
+    set_default("log", master.log)
+    if scheme == "server" and master.tls:
+        set_default("tls", str(master.tls))
         if master.tls == 2:
-            if "crt" not in names and master.crt:
-                extra.append(f"crt={master.crt}")
-            if "key" not in names and master.key:
-                extra.append(f"key={master.key}")
-    url = given
-    if extra:
-        base, hash_, fragment = url.partition("#")
-        sep = "&" if "?" in base else "?"
-        if base.endswith("?") or base.endswith("&"):
-            sep = ""
-        url = base + sep + "&".join(extra) + (hash_ + fragment if hash_ else "")
+            set_default("crt", master.crt)
+            set_default("key", master.key)
+    encoded = go_query_encode(pairs)
+    url = head + ("?" + encoded if encoded else "") + (hash_ + fragment if hash_ else "")
     try:
         config = parse_url(url)
     except URLError:
@@ -153,6 +196,9 @@ class InstanceRecord:
     udptx: int = 0
     stats: InstanceStats = attrs.Factory(InstanceStats)
     master_id: str = ""  # only for the API key record: its ``config``
+    # reactor time of this run's latest CHECK_POINT (None: none yet); the
+    # master's silence rule needs one (not saved: Go's is not either)
+    last_report: Optional[float] = attrs.field(default=None, repr=False)
     # (config, config_url()) of the last call: GET /instances builds every
     # record's JSON, and config_url() was most of its cost.
     _config_cache: Optional[tuple] = attrs.field(default=None, init=False, repr=False)
@@ -218,6 +264,11 @@ class InstanceRecord:
         self.mode, self.ping, self.pool = cp.mode, cp.ping, cp.pool
         self.tcps, self.udps = cp.tcps, cp.udps
         self.tcprx, self.tcptx, self.udprx, self.udptx = cp.tcprx, cp.tcptx, cp.udprx, cp.udptx
+
+    def clear_figures(self) -> None:
+        """What Go's master zeroes when an instance stops or logs an error:
+        the live figures.  ``mode`` and the byte counters stay."""
+        self.ping = self.pool = self.tcps = self.udps = 0
 
     def sync_counters(self) -> None:
         """Copy the live counters into the record (at stop, before saving)."""

@@ -49,6 +49,14 @@ TCPING_QUEUE_WAIT = 1.0
 _API_KEY = re.compile(r"[0-9a-f]{32}")
 _MASTER_ID = re.compile(r"[0-9a-f]{16}")
 
+#: ``/info`` ``ver``: the newest Go NodePass release whose master API this
+#: master implements, in Go's form (its release tag).  Dashboards show it
+#: and may enable features by it; our own version is ``nodepass_py``.
+GO_API_VERSION = "v1.12.0"
+#: Substrings of an instance's log line that put it in ``error`` (Go's master
+#: parses its children's output for them).
+ERROR_MARKERS = ("Server error:", "Client error:")
+
 
 @implementer(IOpenSSLContextFactory)
 class _ReloadingContext:
@@ -101,7 +109,7 @@ class MasterService(service.MultiService):
         self.stopped: Deferred = Deferred()
         self.counter_save_interval = max(self.tunables.report_interval * 12, 0.5)
         self._locks: dict[str, DeferredLock] = {}
-        self._watchdogs: dict[str, object] = {}
+        self._watchdogs: dict[str, task.LoopingCall] = {}
         self._loops: list[task.LoopingCall] = []
         self._counters_dirty = False
         self._loaded = False  # never write a state we did not manage to read
@@ -130,6 +138,10 @@ class MasterService(service.MultiService):
         sysinfo.prime_cpu()
         self._load_state()
         await self._listen()
+        from nodepass.tls import UNENCRYPTED_LINE
+
+        level, line = self.credentials.code_line() if self.credentials is not None else UNENCRYPTED_LINE
+        getattr(self.log, level)(line)
         self.log.info(
             "Master started: master://%s%s?log=%s&tls=%d",
             _hostport(self.config.api.host or "", self.port),
@@ -179,8 +191,9 @@ class MasterService(service.MultiService):
         alias = repaired_text(state.get("alias", ""), "alias", problems)
         for problem in problems:
             self.log.error("State: instance %s: %s", API_KEY_ID, problem)
-        key_rec = InstanceRecord(id=API_KEY_ID, url=key, config=None, alias=alias)
-        key_rec.restart = True
+        # Go creates this record with its ID and URL only: status "" and
+        # restart false, as dashboards know it.
+        key_rec = InstanceRecord(id=API_KEY_ID, url=key, config=None, alias=alias, restart=False, status="")
         key_rec.master_id = mid
         self.records = {API_KEY_ID: key_rec}
         previous = state.get("unreadable")
@@ -254,7 +267,7 @@ class MasterService(service.MultiService):
             if loop.running:
                 loop.stop()
         self._loops = []
-        self.hub.shutdown(self.records[API_KEY_ID].to_json() if API_KEY_ID in self.records else None)
+        self.hub.shutdown()
         if self.listening is not None:
             listening, self.listening = self.listening, None
             await listening.stopListening()
@@ -331,11 +344,14 @@ class MasterService(service.MultiService):
             return
         log = NodeLog(rec.config.log, instance_id=rec.id)
         svc = TunnelService(rec.config, tunables=self.tunables, reactor=self.reactor, log=log, stats=rec.stats)
-        log.listeners.append(partial(self._on_log, rec))
+        log.listeners.append(partial(self._on_log, rec, svc))
         svc.checkpoint_listeners.append(partial(self._on_checkpoint, rec, svc))
         svc.status_listeners.append(partial(self._on_status, rec, svc))
         self.instances[rec.id] = svc
         rec.status = "running"
+        # Silence counts from this run's first report only: a server waiting
+        # for its first client stays running (see _watch).
+        rec.last_report = None
         self._arm_watchdog(rec)
         svc.setServiceParent(self)
         self._publish("update", rec)
@@ -356,6 +372,7 @@ class MasterService(service.MultiService):
                 await svc.stopService()
         rec.sync_counters()
         rec.status = "stopped"
+        rec.clear_figures()  # as Go: ping, pool, tcps, udps 0; byte counters kept
         if publish:
             self._publish("update", rec)
 
@@ -367,47 +384,71 @@ class MasterService(service.MultiService):
     def _is_current(self, rec: InstanceRecord, svc: TunnelService) -> bool:
         return self.instances.get(rec.id) is svc and self.records.get(rec.id) is rec
 
-    def _on_log(self, rec: InstanceRecord, level: str, line: str) -> None:
+    def _on_log(self, rec: InstanceRecord, svc: TunnelService, level: str, line: str) -> None:
         if level == "EVENT" and "CHECK_POINT|" in line:
             return  # becomes an update event instead
+        if any(marker in line for marker in ERROR_MARKERS) and self._is_current(rec, svc):
+            # As Go's master does with its children's output: the line's own
+            # log event carries the new status, and no update is sent.
+            self._mark_error(rec)
         if self.hub.streams:
             self.hub.publish("log", rec.to_json(), line)
+
+    def _mark_error(self, rec: InstanceRecord) -> bool:
+        """``error`` with the live figures zeroed (Go: ping, pool, tcps,
+        udps); False if it already was."""
+        if rec.status == "error":
+            return False
+        rec.status = "error"
+        rec.clear_figures()
+        return True
 
     def _on_checkpoint(self, rec: InstanceRecord, svc: TunnelService, cp: Checkpoint) -> None:
         if not self._is_current(rec, svc):
             return
         rec.apply_checkpoint(cp)
         rec.status = "running"
+        rec.last_report = self.reactor.seconds()
         self._counters_dirty = True
-        self._arm_watchdog(rec)
         self._publish("update", rec)
 
     def _on_status(self, rec: InstanceRecord, svc: TunnelService, status: str, message: str) -> None:
-        if not self._is_current(rec, svc) or status == "stopped":
+        """The tunnel's own lifecycle.  Only ``error`` matters here: it comes
+        right after the ``Server error:``/``Client error:`` line, which has
+        normally set the status already (the update is for an instance whose
+        ``log=`` hides that line).  As in Go, an instance leaves ``error``
+        at its next CHECK_POINT, not when it has merely restarted."""
+        if status != "error" or not self._is_current(rec, svc):
             return
-        if rec.status != status:
-            rec.status = status
+        if self._mark_error(rec):
             self._publish("update", rec)
-        if status == "running":
-            self._arm_watchdog(rec)
 
     def _arm_watchdog(self, rec: InstanceRecord) -> None:
+        """Go's monitor: every report interval, an instance that has reported
+        but not for 3 intervals is ``error`` (figures kept), and an update
+        says so at every such tick."""
         self._disarm_watchdog(rec)
-        limit = 3 * self.tunables.report_interval
-        if limit > 0:
-            self._watchdogs[rec.id] = self.reactor.callLater(limit, self._silent, rec)
+        interval = self.tunables.report_interval
+        if interval > 0:
+            loop = self._watchdogs[rec.id] = task.LoopingCall(self._watch, rec)
+            loop.clock = self.reactor
+            loop.start(interval, now=False)
 
     def _disarm_watchdog(self, rec: InstanceRecord) -> None:
-        call = self._watchdogs.pop(rec.id, None)
-        if call is not None and call.active():
-            call.cancel()
+        loop = self._watchdogs.pop(rec.id, None)
+        if loop is not None and loop.running:
+            loop.stop()
 
-    def _silent(self, rec: InstanceRecord) -> None:
-        self._watchdogs.pop(rec.id, None)
-        if rec.id in self.instances and rec.status == "running":
+    def _watch(self, rec: InstanceRecord) -> None:
+        if rec.id not in self.instances or rec.last_report is None:
+            return
+        limit = 3 * self.tunables.report_interval
+        if self.reactor.seconds() - rec.last_report <= limit:
+            return
+        if rec.status != "error":
             rec.status = "error"
-            self.log.warn("Instance %s sent no CHECK_POINT for %ss", rec.id, 3 * self.tunables.report_interval)
-            self._publish("update", rec)
+            self.log.warn("Instance %s sent no CHECK_POINT for %ss", rec.id, limit)
+        self._publish("update", rec)
 
     # ------------------------------------------------------------------ API operations
 
@@ -533,7 +574,6 @@ class MasterService(service.MultiService):
 
     async def rotate_key(self) -> None:
         key_rec = self.records[API_KEY_ID]
-        before = key_rec.to_json()
         old = self.api_key
         self.api_key = key_rec.url = secrets.token_hex(16)
         try:
@@ -544,7 +584,7 @@ class MasterService(service.MultiService):
         # The new key is in the answer to whoever asked for it; it is not
         # logged (only the start-up line names the key, as SPEC §8 asks).
         self.log.info("API Key reset: old key refused from now on")
-        self.hub.shutdown(before)
+        self.hub.shutdown()
 
     def set_alias(self, alias: str) -> None:
         key_rec = self.records[API_KEY_ID]
@@ -562,7 +602,8 @@ class MasterService(service.MultiService):
         out.update(sysinfo.host_info())
         out.update(
             {
-                "ver": __version__,
+                "ver": GO_API_VERSION,
+                "nodepass_py": __version__,
                 "name": cfg.api.host,
                 "uptime": int(time.time() - self.started_at) if self.started_at else 0,
                 "log": cfg.log,
