@@ -170,3 +170,31 @@ class MasterTLSCodeLineTests(unittest.TestCase):
     async def test_tls1_master(self):
         lines = await self._lines("&tls=1")
         self.assertTrue(any(line.endswith("  INFO  TLS code-1: RAM cert with TLS 1.3") for line in lines), lines)
+
+
+class MasterLogEventTests(unittest.TestCase):
+    """The exchange lines reach dashboards as SSE ``log`` events."""
+
+    @d
+    async def test_exchange_lines_in_sse_log_events(self):
+        from tests.master_helpers import Api, SSEClient, start_master
+        from tests.test_master_state import echo_server, send_through
+        from tests.helpers import free_port
+
+        master = await start_master(self)
+        api = Api(master, self)
+        sse = await SSEClient(api).connect()
+        target = await echo_server(self)
+        entry = free_port()
+        code, inst, _ = await api.call(
+            "POST", "/instances", {"url": f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1&log=info"}
+        )
+        self.assertEqual(code, 201, inst)
+        await service_up(master.instances[inst["id"]], "instance")
+        self.assertEqual(await send_through(entry, b"hello"), b"hello")
+        for text in ("Starting exchange: ", "Exchange complete: EOF"):
+            ev = await sse.event(
+                lambda d, text=text: d["type"] == "log" and d["instance"]["id"] == inst["id"] and text in d["logs"],
+                what=f"a log event with {text!r}",
+            )
+            self.assertRegex(ev["logs"], r"  INFO  " + re.escape(text))
