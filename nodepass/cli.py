@@ -7,7 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from nodepass import __version__
-from nodepass.config import URLError, parse_url
+from nodepass.config.urls import URLError, parse_url
 
 USAGE = """usage: nodepass [--state-dir DIR] URL
 
@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from twisted.internet import reactor
 
-    from nodepass.logs import start_console_logging
+    from nodepass.base.logs import start_console_logging
     from nodepass.tap import build_service
 
     observer = start_console_logging(config.log)

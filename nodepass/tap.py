@@ -20,8 +20,8 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from nodepass.config import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
-from nodepass.logs import NodeLog, NodePassObserver
+from nodepass.config.urls import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
+from nodepass.base.logs import NodeLog, NodePassObserver
 
 
 class Options(usage.Options):
@@ -175,7 +175,7 @@ def build_service(
 
         child = MasterService(config, state_dir or default_state_dir(), tunables=tunables, reactor=reactor, log=log)
     else:
-        from nodepass.instance import TunnelService
+        from nodepass.service.instance import TunnelService
 
         child = TunnelService(config, tunables=tunables, reactor=reactor, log=log)
     child.setServiceParent(root)

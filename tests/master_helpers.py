@@ -18,8 +18,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from nodepass.config import Tunables, parse_url, text_problem
-from nodepass.logs import NodeLog, NodePassObserver
+from nodepass.config.urls import Tunables, parse_url, text_problem
+from nodepass.base.logs import NodeLog, NodePassObserver
 from nodepass.master.service import MasterService
 
 #: One SPEC §7 log line.

@@ -10,13 +10,13 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
-from nodepass import codec
-from nodepass.codec import Codec, CodecError
-from nodepass.config import default_key
-from nodepass.control import LineBuffer
-from nodepass.logs import NodeLog
-from nodepass.pool import ServerPool
-from nodepass.relay import RelayEnd
+from nodepass.wire import codec
+from nodepass.wire.codec import Codec, CodecError
+from nodepass.config.urls import default_key
+from nodepass.wire.control import LineBuffer
+from nodepass.base.logs import NodeLog
+from nodepass.pools.tcp import ServerPool
+from nodepass.relay.core import RelayEnd
 from tests.helpers import connect
 
 

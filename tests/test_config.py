@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from nodepass import cli
-from nodepass.config import (
+from nodepass.config.urls import (
     Address,
     MasterConfig,
     Tunables,
@@ -23,7 +23,7 @@ from nodepass.config import (
     split_host_port,
     text_problem,
 )
-from nodepass.durations import DurationError, format_duration, parse_duration
+from nodepass.config.durations import DurationError, format_duration, parse_duration
 
 from tests import examples
 

@@ -10,7 +10,7 @@ import signal
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from nodepass.config import Tunables, parse_url
+from nodepass.config.urls import Tunables, parse_url
 from nodepass.ctl.client import KEY_INSTANCE, MasterAPIError, MasterClient
 from nodepass.master.service import MasterService
 from tests import helpers
@@ -306,7 +306,7 @@ class ClientLibraryTests(unittest.TestCase):
     async def _https_ca_file(self):
         """A tls=2 master with certificate files: verified against the
         certificate given as ca_file (and refused without it)."""
-        from nodepass.tls import generate_self_signed
+        from nodepass.net.tls import generate_self_signed
 
         cert, key = generate_self_signed("127.0.0.1")
         base = self.mktemp()

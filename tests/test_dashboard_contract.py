@@ -21,7 +21,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
 import nodepass
-from nodepass.config import Tunables
+from nodepass.config.urls import Tunables
 from nodepass.master.events import rfc3339_nano
 from nodepass.master.records import API_KEY_ID
 

@@ -15,7 +15,7 @@ from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from nodepass.tls import explain_verification_failure, generate_self_signed
+from nodepass.net.tls import explain_verification_failure, generate_self_signed
 from tests.helpers import connect, service_up, wait_for
 from tests.test_hostile_tunnel import KEY, QUICK
 from tests.test_tunnel import CAMixin, TunnelMixin, d, make_leaf
@@ -127,9 +127,9 @@ class InvalidTLSTests(unittest.TestCase):
 
     @d
     async def test_invalid_tls_is_an_error_naming_plaintext(self):
-        from nodepass.config import parse_url
-        from nodepass.instance import TunnelService
-        from nodepass.logs import NodeLog
+        from nodepass.config.urls import parse_url
+        from nodepass.service.instance import TunnelService
+        from nodepass.base.logs import NodeLog
 
         config = parse_url("server://127.0.0.1:0/127.0.0.1:9?mode=2&tls=bogus&log=debug")
         log = NodeLog(config.log)
@@ -146,6 +146,6 @@ class InvalidTLSTests(unittest.TestCase):
         self.assertIn("using tls=0: traffic is NOT encrypted", errors[0])
 
     def test_client_ignores_tls(self):
-        from nodepass.config import parse_url
+        from nodepass.config.urls import parse_url
 
         self.assertEqual(parse_url("client://127.0.0.1:1/127.0.0.1:2?tls=bogus").errors, ())

@@ -143,8 +143,8 @@ class MasterTLSCodeLineTests(unittest.TestCase):
     """A master logs its TLS code line before its start line, as Go's does."""
 
     async def _lines(self, query: str) -> list[str]:
-        from nodepass.config import parse_url
-        from nodepass.logs import NodeLog
+        from nodepass.config.urls import parse_url
+        from nodepass.base.logs import NodeLog
         from nodepass.master.service import MasterService
 
         config = parse_url(f"master://127.0.0.1:0/api?log=info{query}")

@@ -16,9 +16,9 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
-from nodepass.codec import Codec
-from nodepass.config import Tunables
-from nodepass.instance import TunnelService
+from nodepass.wire.codec import Codec
+from nodepass.config.urls import Tunables
+from nodepass.service.instance import TunnelService
 from tests.helpers import UDPClient, close, connect, listen_tcp, listen_udp, service_up, wait_for
 from tests.test_tunnel import TunnelMixin, _connect_from, d
 

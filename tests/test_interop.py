@@ -24,8 +24,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from OpenSSL import crypto
 
-from nodepass import codec
-from nodepass.tls import generate_self_signed
+from nodepass.wire import codec
+from nodepass.net.tls import generate_self_signed
 from tests.helpers import Client, close, connect, free_port, service_up, wait_for
 from tests.test_tunnel import FAST, TunnelMixin, d
 

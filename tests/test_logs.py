@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from twisted.logger import LogLevel, Logger, globalLogPublisher
 from twisted.trial import unittest
 
-from nodepass.logs import NodeLog, NodePassObserver, escape_controls, format_line
-from nodepass.stats import Checkpoint
+from nodepass.base.logs import NodeLog, NodePassObserver, escape_controls, format_line
+from nodepass.base.stats import Checkpoint
 
 from tests import examples
 

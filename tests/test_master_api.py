@@ -435,7 +435,7 @@ class HTTPSApiTests(_Api, unittest.TestCase):
         async def go():
             import os
 
-            from nodepass.tls import generate_self_signed
+            from nodepass.net.tls import generate_self_signed
 
             cert, key = generate_self_signed("127.0.0.1")
             d = self.mktemp()
@@ -508,8 +508,8 @@ class StartTests(unittest.TestCase):
             from twisted.internet.endpoints import TCP4ServerEndpoint
             from twisted.internet.error import CannotListenError
 
-            from nodepass.config import parse_url
-            from nodepass.logs import NodeLog
+            from nodepass.config.urls import parse_url
+            from nodepass.base.logs import NodeLog
             from nodepass.master.service import MasterService
 
             from tests.master_helpers import FAST

@@ -135,7 +135,7 @@ class StatusTests(unittest.TestCase):
 
     def test_client_error_and_periodic_restart(self):
         async def go():
-            from nodepass.config import Tunables
+            from nodepass.config.urls import Tunables
 
             from tests.master_helpers import FAST
 
@@ -169,7 +169,7 @@ class InstanceLogTests(unittest.TestCase):
 
             from twisted.logger import globalLogPublisher
 
-            from nodepass.logs import NodePassObserver
+            from nodepass.base.logs import NodePassObserver
 
             out = io.StringIO()
             observer = NodePassObserver(out, "info", colour=False)

@@ -38,7 +38,7 @@ from twisted.internet import threads
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
-from nodepass.config import Tunables
+from nodepass.config.urls import Tunables
 from nodepass.master.openapi import openapi_document
 from tests import examples, helpers
 from tests.master_helpers import Wire, start_master

@@ -30,7 +30,7 @@ from twisted.internet import threads
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
-from nodepass.config import Tunables, text_problem
+from nodepass.config.urls import Tunables, text_problem
 from nodepass.master.app import MAX_HEADERS, MAX_LINE
 from nodepass.master.records import API_KEY_ID
 

@@ -15,8 +15,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from nodepass.config import Tunables, parse_url
-from nodepass.logs import NodeLog
+from nodepass.config.urls import Tunables, parse_url
+from nodepass.base.logs import NodeLog
 from nodepass.master.records import API_KEY_ID
 from nodepass.master.service import MasterService
 from nodepass.master.store import StateStore

@@ -16,7 +16,7 @@ from swagger_ui_bundle import swagger_ui_path
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from nodepass.config import Tunables, parse_url
+from nodepass.config.urls import Tunables, parse_url
 from nodepass.ctl.client import MasterClient
 from nodepass.master.openapi import openapi_document
 from nodepass.master.service import MasterService

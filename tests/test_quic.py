@@ -12,9 +12,9 @@ from twisted.internet import reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
-from nodepass import codec
-from nodepass.logs import NodeLog
-from nodepass.quicpool import ALPN, STREAM_WINDOW, QuicPoolClient, QuicPoolError
+from nodepass.wire import codec
+from nodepass.base.logs import NodeLog
+from nodepass.pools.quic import ALPN, STREAM_WINDOW, QuicPoolClient, QuicPoolError
 from tests.helpers import Client, HashingClient, close, connect, free_port, listen_tcp, sleep, wait_for
 from tests.test_tunnel import (
     MiB,

@@ -12,11 +12,11 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
-from nodepass.config import Address, Tunables, parse_url
-from nodepass.dialer import AllTargetsFailed, TargetGroup
-from nodepass.instance import TunnelService
-from nodepass.logs import NodeLog
-from nodepass.single import SingleEndRunner, tunnel_address_binds
+from nodepass.config.urls import Address, Tunables, parse_url
+from nodepass.net.dialer import AllTargetsFailed, TargetGroup
+from nodepass.service.instance import TunnelService
+from nodepass.base.logs import NodeLog
+from nodepass.modes.single import SingleEndRunner, tunnel_address_binds
 from tests.helpers import (
     Blackhole,
     Client,

@@ -16,11 +16,11 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from nodepass import codec
-from nodepass.codec import Codec
-from nodepass.control import ControlChannel
-from nodepass.logs import NodeLog
-from nodepass.tls import ServerCredentials, client_context_factory, fingerprint, generate_self_signed
+from nodepass.wire import codec
+from nodepass.wire.codec import Codec
+from nodepass.wire.control import ControlChannel
+from nodepass.base.logs import NodeLog
+from nodepass.net.tls import ServerCredentials, client_context_factory, fingerprint, generate_self_signed
 from tests.test_tunnel import make_ca, make_leaf
 
 FP = re.compile(r"^sha256:([0-9A-F]{2}:){31}[0-9A-F]{2}$")

@@ -17,10 +17,10 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ClientFactory
 from twisted.trial import unittest
 
-from nodepass.config import Tunables, parse_url
-from nodepass.instance import TunnelService
-from nodepass.logs import NodeLog
-from nodepass.pool import ClientPool, adjust_capacity, adjust_interval
+from nodepass.config.urls import Tunables, parse_url
+from nodepass.service.instance import TunnelService
+from nodepass.base.logs import NodeLog
+from nodepass.pools.tcp import ClientPool, adjust_capacity, adjust_interval
 from tests.helpers import (
     Client,
     HashingClient,
@@ -601,7 +601,7 @@ class ResilienceTests(TunnelMixin, unittest.TestCase):
         """Launches naming unknown pool IDs are pool errors at the exit; when
         they exceed half its idle connections it flushes both pools (SPEC
         §3.3) and the tunnel carries on."""
-        from nodepass import codec
+        from nodepass.wire import codec
 
         server, client, entry, _ = await self.tunnel("-")
         pool = client.runner.pool

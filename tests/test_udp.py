@@ -6,10 +6,10 @@ from __future__ import annotations
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from nodepass.config import Tunables
-from nodepass.logs import NodeLog
-from nodepass.stats import InstanceStats
-from nodepass.udp import IdleTimer, UDPSessionListener, open_target_udp
+from nodepass.config.urls import Tunables
+from nodepass.base.logs import NodeLog
+from nodepass.base.stats import InstanceStats
+from nodepass.relay.udp import IdleTimer, UDPSessionListener, open_target_udp
 from tests.helpers import UDPClient, UDPEcho, dead_port, listen_udp, sleep, wait_for
 from tests.test_single import ForwarderMixin, d
 

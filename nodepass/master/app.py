@@ -30,8 +30,8 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import IResource, Resource
 
-from nodepass.config import URLError, text_problem
-from nodepass.logs import escape_controls
+from nodepass.config.urls import URLError, text_problem
+from nodepass.base.logs import escape_controls
 from nodepass.master.records import MAX_TEXT, PEER_FIELDS, RequestError, json_utf8
 
 MAX_BODY = 64 * 1024

@@ -7,7 +7,7 @@ import time
 from twisted.internet import protocol
 from twisted.internet.endpoints import HostnameEndpoint
 
-from nodepass.config import URLError, split_host_port
+from nodepass.config.urls import URLError, split_host_port
 
 
 class _Probe(protocol.Protocol):

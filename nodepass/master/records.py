@@ -16,9 +16,9 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes, urlsplit
 
 import attrs
 
-from nodepass.config import MasterConfig, TunnelConfig, URLError, parse_url, text_problem
-from nodepass.logs import escape_controls
-from nodepass.stats import Checkpoint, InstanceStats
+from nodepass.config.urls import MasterConfig, TunnelConfig, URLError, parse_url, text_problem
+from nodepass.base.logs import escape_controls
+from nodepass.base.stats import Checkpoint, InstanceStats
 
 API_KEY_ID = "********"
 MAX_TEXT = 256

@@ -28,9 +28,9 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
 
 from nodepass import __version__
-from nodepass.config import MasterConfig, Tunables
-from nodepass.instance import TunnelService
-from nodepass.logs import NodeLog
+from nodepass.config.urls import MasterConfig, Tunables
+from nodepass.service.instance import TunnelService
+from nodepass.base.logs import NodeLog
 from nodepass.master import sysinfo
 from nodepass.master.events import EventHub
 from nodepass.master.records import (
@@ -42,7 +42,7 @@ from nodepass.master.records import (
     repaired_text,
 )
 from nodepass.master.store import StateError, StateStore
-from nodepass.stats import Checkpoint, InstanceStats
+from nodepass.base.stats import Checkpoint, InstanceStats
 
 TCPING_LIMIT = 10
 TCPING_QUEUE_WAIT = 1.0
@@ -138,7 +138,7 @@ class MasterService(service.MultiService):
         sysinfo.prime_cpu()
         self._load_state()
         await self._listen()
-        from nodepass.tls import UNENCRYPTED_LINE
+        from nodepass.net.tls import UNENCRYPTED_LINE
 
         level, line = self.credentials.code_line() if self.credentials is not None else UNENCRYPTED_LINE
         getattr(self.log, level)(line)
@@ -226,7 +226,7 @@ class MasterService(service.MultiService):
         if cfg.tls:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            from nodepass.tls import ServerCredentials
+            from nodepass.net.tls import ServerCredentials
 
             self.credentials = ServerCredentials.from_config(
                 cfg.tls,

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 from twisted.internet.ssl import TLSVersion
 
-from nodepass.logs import NodeLog
+from nodepass.base.logs import NodeLog
 
 TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 

@@ -17,12 +17,12 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-from nodepass import codec
-from nodepass.codec import CodecError
-from nodepass.control import ControlChannel
-from nodepass.pool import ServerPool
-from nodepass.tls import ServerCredentials
-from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
+from nodepass.wire import codec
+from nodepass.wire.codec import CodecError
+from nodepass.wire.control import ControlChannel
+from nodepass.pools.tcp import ServerPool
+from nodepass.net.tls import ServerCredentials
+from nodepass.modes.dualend import DualEndRunner, PoolEnd, addr_text
 
 #: Most bytes of an HTTP probe request we read before answering anyway.
 MAX_PROBE = 8192
@@ -271,7 +271,7 @@ class ServerRunner(DualEndRunner):
         self._verify_conn = None
         self._verify_timer = None
         self.quic_port = None
-        self.quic_server = None  # a nodepass.quicpool.QuicPoolServer with quic=1
+        self.quic_server = None  # a nodepass.pools.quic.QuicPoolServer with quic=1
 
     @property
     def tunnel_port_number(self) -> int:
@@ -325,7 +325,7 @@ class ServerRunner(DualEndRunner):
         """The tunnel's UDP port for the QUIC pool (same number as the TCP
         port); it answers only the control connection's IP."""
         # Imported here: aioquic is only loaded by tunnels that use QUIC.
-        from nodepass.quicpool import QuicPoolServer
+        from nodepass.pools.quic import QuicPoolServer
 
         ctx = self.ctx
         self.quic_server = QuicPoolServer(

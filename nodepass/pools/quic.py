@@ -47,7 +47,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nodepass.logs import NodeLog
+from nodepass.base.logs import NodeLog
 
 ALPN = "np-quic"
 
@@ -494,7 +494,7 @@ class QuicSession:
         """A failed TLS handshake in words: for a certificate this client
         refused, what is wrong with it (names, issuer, dates) rather than
         aioquic's text with reprs of the name patterns."""
-        from nodepass.tls import explain_verification_failure, is_verification_failure
+        from nodepass.net.tls import explain_verification_failure, is_verification_failure
 
         conn = self.conn
         if not conn._is_client or not is_verification_failure(reason):

@@ -10,80 +10,29 @@ as the service runs.  The master runs many of these in one reactor; the
 
 from __future__ import annotations
 
-import abc
 from typing import Callable, Optional
 
-import attrs
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from nodepass.config import TunnelConfig, Tunables
-from nodepass.logs import NodeLog
-from nodepass.relay import TokenBucket
-from nodepass.stats import Checkpoint, InstanceStats
-
-
-class TunnelError(Exception):
-    """A fatal error of a running tunnel: the service restarts after cooldown."""
-
-
-@attrs.define
-class InstanceContext:
-    """What every runner needs, built once per start."""
-
-    config: TunnelConfig
-    tunables: Tunables
-    reactor: object
-    log: NodeLog
-    stats: InstanceStats
-    limiter: Optional[TokenBucket]
-    report: Callable[[int, int], None]  # (ping_ms, pool) -> emit CHECK_POINT
-
-
-class Runner(abc.ABC):
-    """Base of the mode-specific runners.
-
-    ``start()`` brings the mode up (raises on failure); ``failed`` fires with
-    a :class:`TunnelError` (as errback) when the running mode dies; ``stop()``
-    tears everything down and is safe to call at any point, twice.
-    """
-
-    mode: int = 0
-
-    def __init__(self, ctx: InstanceContext):
-        self.ctx = ctx
-        self.failed: Deferred = Deferred()
-
-    def fail(self, message: str) -> None:
-        if not self.failed.called:
-            self.failed.errback(TunnelError(message))
-
-    @abc.abstractmethod
-    async def start(self) -> None:
-        """Bring the mode up; raise to report a start failure."""
-
-    @abc.abstractmethod
-    async def stop(self) -> None:
-        """Tear everything down; idempotent."""
-
-    def pool_idle(self) -> int:
-        return 0
+from nodepass.base.logs import NodeLog
+from nodepass.base.stats import Checkpoint, InstanceStats
+from nodepass.config.urls import TunnelConfig, Tunables
+from nodepass.modes.base import InstanceContext, Runner
+from nodepass.modes.client import ClientRunner
+from nodepass.modes.server import ServerRunner
+from nodepass.modes.single import SingleEndRunner, tunnel_address_binds
+from nodepass.relay.core import TokenBucket
 
 
 async def make_runner(ctx: InstanceContext) -> Runner:
     """Pick the runner for the configured (or auto-detected) mode (SPEC §2)."""
     cfg = ctx.config
     if cfg.is_server:
-        from nodepass.server import ServerRunner
-
         return ServerRunner(ctx)
-    from nodepass.single import SingleEndRunner, tunnel_address_binds
-
     if cfg.mode == 1 or (cfg.mode == 0 and tunnel_address_binds(cfg)):
         return SingleEndRunner(ctx)
-    from nodepass.client import ClientRunner
-
     return ClientRunner(ctx)
 
 

@@ -21,7 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nodepass.stats import InstanceStats
+from nodepass.base.stats import InstanceStats
 
 #: Read size and write-buffer high-water mark given to relayed TCP
 #: transports (Twisted's ``bufferSize`` is both).  Large reads keep the
@@ -54,7 +54,7 @@ def _plain_tcp(transport) -> bool:
 
 # How a relay writes to one end: a plain TCP socket is written directly
 # (:func:`_write_through`); a transport marked ``takes_views`` (the TLS fast
-# path of ``nodepass.tlsrelay``, which encrypts a chunk before returning) is
+# path of ``nodepass.relay.tls_fast``, which encrypts a chunk before returning) is
 # given the view of the shared read buffer as is; anything else gets a copy.
 _COPY, _PLAIN, _VIEWS = "copy", "plain", "views"
 

@@ -66,9 +66,9 @@ from twisted.internet import error as terror
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.protocol import DatagramProtocol
 
-from nodepass.durations import format_duration
-from nodepass.logs import NodeLog
-from nodepass.stats import InstanceStats
+from nodepass.config.durations import format_duration
+from nodepass.base.logs import NodeLog
+from nodepass.base.stats import InstanceStats
 
 Addr = tuple[str, int]
 

@@ -17,15 +17,15 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
 
-from nodepass import codec
-from nodepass.codec import Codec, Signal, split_origin
-from nodepass.config import join_host_port
-from nodepass.control import ControlChannel
-from nodepass.dialer import TargetGroup
-from nodepass.instance import Runner, TunnelError
-from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
-from nodepass import splicing, tlsrelay
-from nodepass.udp import DropReport, UDPSessionListener, open_target_udp
+from nodepass.wire import codec
+from nodepass.wire.codec import Codec, Signal, split_origin
+from nodepass.config.urls import join_host_port
+from nodepass.wire.control import ControlChannel
+from nodepass.net.dialer import TargetGroup
+from nodepass.modes.base import Runner, TunnelError
+from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
+from nodepass.relay import splice, tls_fast
+from nodepass.relay.udp import DropReport, UDPSessionListener, open_target_udp
 
 
 def addr_text(addr) -> str:
@@ -368,24 +368,24 @@ class DualEndRunner(Runner):
         # QUIC streams do their own TLS: only a TCP pool has a TLS transport.
         pool_tls = self.tls_code and not self.quic
         fast = pool_tls and not os.environ.get("NP_NO_FAST_TLS")
-        size = tlsrelay.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
+        size = tls_fast.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
         for end in (target, tunnel):
             _big_reads(end.transport, size)
             _no_delay(end.transport)
         if pool_tls:
-            tlsrelay.release_on_tls_shutdown(tunnel)
+            tls_fast.release_on_tls_shutdown(tunnel)
             if fast:
-                tlsrelay.fast_tls(tunnel)
+                tls_fast.fast_tls(tunnel)
         relay = Relay(
             target, tunnel, ctx.stats, ctx.reactor, limiter=ctx.limiter, idle=ctx.config.read, on_close=closed
         )
         self.relays.add(relay)
         relay.start()
-        if not self.tls_code and not self.quic and splicing.AVAILABLE and not relay._closed:
+        if not self.tls_code and not self.quic and splice.AVAILABLE and not relay._closed:
             # Short exchanges are over before this fires (setting up two
             # pipes would cost them more than it saves); bulk transfers
             # move to splice(2) from here on.
-            later.append(ctx.reactor.callLater(splicing.DELAY, splicing.try_splice, relay))
+            later.append(ctx.reactor.callLater(splice.DELAY, splice.try_splice, relay))
 
     def entry_wait(self) -> Optional[Deferred]:
         """Hook: a Deferred to wait on before the entry takes pool

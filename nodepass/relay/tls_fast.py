@@ -20,7 +20,7 @@ from twisted.internet import main
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from nodepass.relay import RelayEnd
+from nodepass.relay.core import RelayEnd
 
 
 def tls_protocol(end: RelayEnd):

@@ -25,11 +25,11 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensur
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from nodepass.config import Address, TunnelConfig, is_ip_literal
-from nodepass.dialer import ResolveError, TargetGroup
-from nodepass.instance import InstanceContext, Runner, TunnelError
-from nodepass.relay import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
-from nodepass.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
+from nodepass.config.urls import Address, TunnelConfig, is_ip_literal
+from nodepass.net.dialer import ResolveError, TargetGroup
+from nodepass.modes.base import InstanceContext, Runner, TunnelError
+from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
+from nodepass.relay.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
 #: Listen backlog: bursts of new connections must not overflow the accept
 #: queue (the kernel caps it at net.core.somaxconn).

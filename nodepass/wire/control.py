@@ -20,9 +20,9 @@ from typing import Callable, Optional
 
 from twisted.internet.task import LoopingCall
 
-from nodepass import codec
-from nodepass.codec import Codec, CodecError, Signal
-from nodepass.logs import NodeLog
+from nodepass.wire import codec
+from nodepass.wire.codec import Codec, CodecError, Signal
+from nodepass.base.logs import NodeLog
 
 
 class LineBuffer:

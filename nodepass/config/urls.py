@@ -16,8 +16,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import attrs
 
-from nodepass.durations import DurationError, format_duration, parse_duration
-from nodepass.logs import CONTROL_CHARS
+from nodepass.config.durations import DurationError, format_duration, parse_duration
+from nodepass.base.logs import CONTROL_CHARS
 
 LOG_LEVELS = ("none", "debug", "info", "warn", "error", "event")
 

@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 
-from nodepass.config import Address, is_ip_literal, is_unspecified
-from nodepass.logs import NodeLog
+from nodepass.config.urls import Address, is_ip_literal, is_unspecified
+from nodepass.base.logs import NodeLog
 
 
 class AllTargetsFailed(Exception):

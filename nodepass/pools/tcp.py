@@ -26,7 +26,7 @@ from typing import Callable, Optional
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from nodepass.logs import NodeLog
+from nodepass.base.logs import NodeLog
 
 
 class PoolTimeout(Exception):

@@ -18,13 +18,13 @@ from twisted.internet import error as terror
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 
-from nodepass import codec
-from nodepass.codec import CodecError, TunnelInfo
-from nodepass.control import LineBuffer
-from nodepass.dialer import DNSCache, ResolveError
-from nodepass.instance import TunnelError
-from nodepass.pool import ClientPool
-from nodepass.tls import (
+from nodepass.wire import codec
+from nodepass.wire.codec import CodecError, TunnelInfo
+from nodepass.wire.control import LineBuffer
+from nodepass.net.dialer import DNSCache, ResolveError
+from nodepass.modes.base import TunnelError
+from nodepass.pools.tcp import ClientPool
+from nodepass.net.tls import (
     ResumingClient,
     TLSVerificationFailed,
     client_context_factory,
@@ -33,7 +33,7 @@ from nodepass.tls import (
     peer_certificate_chain,
     peer_certificate_fingerprint,
 )
-from nodepass.tunnel import DualEndRunner, PoolEnd, addr_text
+from nodepass.modes.dualend import DualEndRunner, PoolEnd, addr_text
 
 #: SPEC §4: the client reads the 4-byte pool ID within one minute.
 POOL_ID_TIMEOUT = 60.0
@@ -230,7 +230,7 @@ class ClientRunner(DualEndRunner):
         # that signal right after sending it, so the close may overtake it.
         self._lost_fps: dict[str, str] = {}
         self._verify_seen = False
-        self.quic_client = None  # a nodepass.quicpool.QuicPoolClient with quic=1
+        self.quic_client = None  # a nodepass.pools.quic.QuicPoolClient with quic=1
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -295,7 +295,7 @@ class ClientRunner(DualEndRunner):
 
     def _open_quic(self) -> None:
         # Imported here: aioquic is only loaded by tunnels that use QUIC.
-        from nodepass.quicpool import QuicPoolClient, connections_for
+        from nodepass.pools.quic import QuicPoolClient, connections_for
 
         ctx = self.ctx
         self.quic_client = QuicPoolClient(
@@ -407,7 +407,7 @@ class ClientRunner(DualEndRunner):
         value = getattr(exc, "value", exc)
         quic_down = False
         if self.quic:
-            from nodepass.quicpool import QuicHandshakeError, QuicTLSVerificationError
+            from nodepass.pools.quic import QuicHandshakeError, QuicTLSVerificationError
 
             quic_down = isinstance(value, QuicHandshakeError) and not isinstance(value, QuicTLSVerificationError)
         is_tls = self.tls_code and not quic_down and _looks_like_tls_failure(exc)

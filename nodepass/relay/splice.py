@@ -24,7 +24,7 @@ import os
 
 from twisted.internet import main
 
-from nodepass.relay import Relay, RelayEnd
+from nodepass.relay.core import Relay, RelayEnd
 
 AVAILABLE = hasattr(os, "splice") and hasattr(os, "pipe2")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -138,7 +138,7 @@ def try_splice(relay: Relay) -> bool:
     a, b = relay.target, relay.tunnel
     if relay._closed or a.lost or b.lost:
         return False
-    from nodepass.relay import _plain_tcp
+    from nodepass.relay.core import _plain_tcp
 
     if not (_plain_tcp(a.transport) and _plain_tcp(b.transport)):
         return False

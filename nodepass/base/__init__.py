@@ -1,0 +1,1 @@
+"""Ground floor: log lines (SPEC §7) and instance counters; imports nothing of ours."""

@@ -1,0 +1,1 @@
+"""Instance URLs, query parameters, tunables and Go durations: typed, frozen configs."""

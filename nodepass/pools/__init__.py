@@ -1,0 +1,1 @@
+"""Pool transports behind one interface: the TCP pool and the QUIC pool."""

@@ -1,0 +1,1 @@
+"""Twisted services: one tunnel instance with its restart loop."""
