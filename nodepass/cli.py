@@ -4,7 +4,7 @@ exactly like the Go binary (``nodepass "client://..."``)."""
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from nodepass import __version__
 from nodepass.config.urls import URLError, parse_url
@@ -47,9 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"nodepass: {e}\n")
         return 2
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
     from nodepass.base.logs import start_console_logging
+
+    reactor: Any = installed  # mypy cannot call the zope interfaces it is typed with
     from nodepass.tap import build_service
 
     observer = start_console_logging(config.log)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping, Optional
+from typing import IO, Any, Mapping, Optional, cast
 
 from twisted.application import service
 from twisted.logger import ILogObserver
@@ -20,8 +20,9 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from nodepass.config.urls import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
 from nodepass.base.logs import NodeLog, NodePassObserver
+from nodepass.compat.twisted_internals import forget_exit_signal, running_twistd_config
+from nodepass.config.urls import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
 
 
 class Options(usage.Options):
@@ -34,7 +35,7 @@ class Options(usage.Options):
         ["state-dir", None, None, "Master state directory (default: $NP_STATE_DIR or ~/.local/state/nodepass)."],
     ]
 
-    def parseArgs(self, url: str) -> None:
+    def parseArgs(self, url: str) -> None:  # type: ignore[override]  # Twisted types the base without the arguments subclasses take
         self["url"] = url
 
     def postOptions(self) -> None:
@@ -102,8 +103,7 @@ class NodePassRoot(service.MultiService):
         """A master that cannot serve (port in use, unreadable state) must not
         linger as a process with no API: stop with a non-zero status.  The
         master has already logged ``Master error: ...``."""
-        from twisted.internet import reactor
-
+        reactor = _global_reactor()
         self.exit_status = 1
         # Under twistd this can fire while the reactor is still starting up
         # (reactor.running is not yet true): stop from the main loop.
@@ -130,13 +130,18 @@ class NodePassRoot(service.MultiService):
             # twistd re-raises the stopping signal at exit (status 128+N);
             # NodePass reports a graceful SIGINT/SIGTERM stop as exit 0
             # (SPEC §7), which is what supervisors expect of a clean stop.
-            from twisted.internet import reactor
-
-            if getattr(reactor, "_exitSignal", None) is not None:
-                reactor._exitSignal = None
+            forget_exit_signal(_global_reactor())
             return result
 
         return d.addBoth(done)
+
+
+def _global_reactor() -> Any:
+    """The installed reactor.  (Typed loosely: mypy cannot call the methods
+    of the zope interfaces Twisted types it with.)"""
+    from twisted.internet import reactor
+
+    return reactor
 
 
 def _without_traceback(previous):
@@ -167,6 +172,7 @@ def build_service(
     if isinstance(config, MasterConfig):
         from nodepass.master.service import MasterService
 
+        child: service.Service
         # (A tunnel instance logs its own URL's complaints at each start.)
         for w in config.warnings:
             log.warn(w)
@@ -182,7 +188,7 @@ def build_service(
     return root
 
 
-def application_for(url: str, state_dir: Optional[str] = None) -> service.Application:
+def application_for(url: str, state_dir: Optional[str] = None) -> Componentized:
     """A twistd application for one instance URL, for ``.tac`` files (see
     ``tap/``).  Raises :class:`URLError` for a bad URL.
 
@@ -206,16 +212,9 @@ def running_twistd_options() -> Optional[Mapping]:
     A ``.tac`` file is plain Python that twistd executes while it builds
     the application, before it sets up logging; it is handed nothing, so
     the options (``--logfile``, ``--nodaemon``, ``--pidfile``) are read from
-    the twistd runner that is executing it -- the caller up the stack."""
-    from twisted.application.app import ApplicationRunner
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, ApplicationRunner):
-            return candidate.config
-        frame = frame.f_back
-    return None
+    the twistd runner that is executing it -- the caller up the stack (no
+    public API tells them; ``nodepass.compat.twisted_internals`` walks it)."""
+    return running_twistd_config()
 
 
 def twistd_observer(twistd: Optional[Mapping], level: str) -> NodePassObserver:
@@ -226,7 +225,7 @@ def twistd_observer(twistd: Optional[Mapping], level: str) -> NodePassObserver:
     nodaemon = twistd.get("nodaemon") if twistd is not None else True
     if logfile == "-" or (not logfile and nodaemon):
         # sys.__stdout__: twistd redirects sys.stdout into the log system itself
-        return NodePassObserver(lambda: sys.__stdout__, level)
+        return NodePassObserver(lambda: cast(IO[str], sys.__stdout__), level)
     from twisted.python.logfile import LogFile
 
     return NodePassObserver(LogFile.fromFullPath(logfile or "twistd.log"), level, colour=False)
@@ -252,7 +251,7 @@ def remove_own_pidfile(path: str) -> None:
         pass
 
 
-def makeService(options: Options) -> service.IService:
+def makeService(options: Options) -> NodePassRoot:
     parent = getattr(options, "parent", None)
     observer = twistd_observer(parent, options["config"].log)
     root = build_service(options["config"], state_dir=options["state-dir"], observer=observer)

@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from zope.interface import implementer
 
+from nodepass.compat.twisted_internals import queued_bytes
+
 
 def _describe(predicate: Callable[[], bool]) -> str:
     """The source line of a predicate (a lambda, usually), for messages."""
@@ -473,9 +475,7 @@ async def stop_listening(*ports) -> None:
 
 def transport_buffered(transport) -> int:
     """Bytes a Twisted FileDescriptor holds in user space, not yet written."""
-    if transport is None:
-        return 0
-    return getattr(transport, "_tempDataLen", 0) + len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+    return queued_bytes(transport)
 
 
 class Blackhole:

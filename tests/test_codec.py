@@ -70,7 +70,7 @@ class HandshakeConfigTests(unittest.TestCase):
     def test_build_and_parse(self):
         self.assertEqual(codec.handshake_config(0, 1024, "-", 1), "np://0@1024/-#1")
         info = codec.parse_handshake_config(b"np://0@512/+#2")
-        self.assertEqual((info.pool_type, info.max, info.flow, info.tls), ("0", 512, "+", 2))
+        self.assertEqual((info.pool_type, info.max, info.flow, info.tls_code), ("0", 512, "+", 2))
 
     def test_empty_parts_rejected(self):
         for bad in ("np://@1024/-#1", "np://0@/-#1", "np://0@1024/#1", "np://0@1024/-#", "np://01024/-#1", "http://x"):

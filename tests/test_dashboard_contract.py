@@ -23,7 +23,7 @@ from twisted.trial import unittest
 import nodepass
 from nodepass.config.urls import Tunables
 from nodepass.master.events import rfc3339_nano
-from nodepass.master.records import API_KEY_ID
+from nodepass.master.identity import API_KEY_ID
 
 from tests.helpers import close, connect, free_port, listen_echo, sleep
 from tests.master_helpers import FAST, Api, SSEClient, start_master

@@ -11,7 +11,7 @@ import re
 
 from twisted.trial import unittest
 
-from tests.helpers import Client, close, connect, listen_tcp, service_up, wait_for
+from tests.helpers import Client, PortTaken, close, connect, free_port, listen_tcp, service_up, wait_for
 from tests.test_tunnel import FAST, CAMixin, TunnelMixin, d, echo_roundtrip, make_leaf
 
 ADDR = r"(?:\d+\.\d+\.\d+\.\d+|\[[0-9a-f:]+\]):\d+"
@@ -65,9 +65,23 @@ class ExchangeLineTests(GoLinesMixin, TunnelMixin, unittest.TestCase):
 
     @d
     async def test_quiet_at_warn(self):
-        """Below INFO nothing is logged per connection (no cost either)."""
-        server, client, entry, _ = await self.tunnel("-", "&tls=0")
-        server.log.set_level("warn")
+        """Below INFO nothing is logged per connection (no cost either): a
+        reverse tunnel whose server runs at ``log=warn``."""
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        for attempt in range(5):
+            self.tunnel_port = free_port()
+            url = f"server://127.0.0.1:{self.tunnel_port}/127.0.0.1:{entry}?log=warn&mode=1&tls=0"
+            server = self._service("server", url, FAST)
+            try:
+                await service_up(server, "server")
+                break
+            except PortTaken:
+                await server.stopService()
+                if attempt == 4:
+                    raise
+        await self.start_client(f"127.0.0.1:{tport}")
+        self.assertEqual(server.runner.flow, "-")
         self.assertEqual(await echo_roundtrip(entry, b"ping"), b"ping")
         await wait_for(lambda: server.stats.tcps == 0, what="relay released")
         self.assertFalse(any("exchange" in line for line in self.lines["server"]))

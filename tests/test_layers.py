@@ -30,6 +30,7 @@ LAYERS = {
     "nodepass.wire": 2,  # line codec, signals, control channel
     "nodepass.config": 2,  # URLs, tunables, durations
     "nodepass.base": 1,  # logs, counters
+    "nodepass.compat": 1,  # the library internals we rely on; imports only third-party libraries
     "nodepass": 0,  # the package's face: its version
 }
 

@@ -10,7 +10,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
-from nodepass.master.records import API_KEY_ID
+from nodepass.master.identity import API_KEY_ID
 
 from tests.master_helpers import Api, start_master, wait_for
 
@@ -375,20 +375,21 @@ class _Api:
     def test_tcping_limit(self):
         async def go():
             master = await self._master()
-            master.tcping_queue_wait = 0.3
+            prober = master.domain.prober
+            prober.queue_wait = 0.3
             # ten probes in flight: hold every slot of the limiter
             for _ in range(10):
-                await master._tcping_sem.acquire()
+                await prober.slots.acquire()
             code, res, _ = await self.api.call("GET", f"/tcping?target=127.0.0.1:{master.port}")
             self.assertEqual((code, res["connected"], res["error"]), (200, False, "too many requests"))
             # a queued probe proceeds as soon as a slot frees within the wait
             d = ensureDeferred(self.api.call("GET", f"/tcping?target=127.0.0.1:{master.port}"))
-            await wait_for(lambda: master._tcping_sem.waiting)
-            master._tcping_sem.release()
+            await wait_for(lambda: prober.slots.waiting)
+            prober.slots.release()
             code, res, _ = await d
             self.assertEqual((res["connected"], res["error"]), (True, None))
             for _ in range(9):
-                master._tcping_sem.release()
+                prober.slots.release()
 
         return ensureDeferred(go())
 
@@ -498,7 +499,7 @@ class StartTests(unittest.TestCase):
             data = await done
             self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:100])
             self.assertIn(b"Request body too large", data)
-            self.assertEqual(list(master.records), [API_KEY_ID])
+            self.assertEqual(list(master.records), [])  # nothing was created
 
         return ensureDeferred(go())
 
@@ -526,5 +527,126 @@ class StartTests(unittest.TestCase):
                 await svc.ready
             self.assertTrue(any(level == "ERROR" and "Master error" in line for level, line in lines), lines)
             await svc.stopService()
+
+        return ensureDeferred(go())
+
+
+class ErrorStatusTests(unittest.TestCase):
+    """The one table of HTTP statuses: each domain error's status."""
+
+    def test_each_domain_error_has_its_status(self):
+        from nodepass.master import errors
+        from nodepass.master.api import status_of
+
+        expected = {
+            errors.KeyMissing(): 401,
+            errors.KeyInvalid(): 401,
+            errors.InvalidRequest("Invalid request body"): 400,
+            errors.InvalidURL(): 400,
+            errors.InvalidURL("Invalid URL scheme"): 400,
+            errors.InvalidTarget("Target address required"): 400,
+            errors.KeyNotAnInstance(): 403,
+            errors.InstanceNotFound(): 404,
+            errors.URLConflict(): 409,
+            errors.StateNotSaved("Failed to save state: disk full"): 500,
+        }
+        for error, status in expected.items():
+            self.assertEqual(status_of(error), status, type(error).__name__)
+
+    def test_messages_are_the_apis(self):
+        from nodepass.master import errors
+
+        self.assertEqual(errors.KeyMissing().message, "Unauthorized: API key required")
+        self.assertEqual(errors.KeyInvalid().message, "Unauthorized: Invalid API key")
+        self.assertEqual(errors.InvalidURL().message, "Invalid URL format")
+        self.assertEqual(errors.InstanceNotFound().message, "Instance not found")
+        self.assertEqual(errors.URLConflict().message, "Instance URL conflict")
+        self.assertEqual(errors.KeyNotAnInstance().message, "Forbidden: API Key")
+        self.assertEqual(str(errors.URLConflict()), "Instance URL conflict")
+
+    def test_an_unlisted_error_is_a_500(self):
+        from nodepass.master.api import status_of
+        from nodepass.master.errors import InvalidRequest, MasterError
+
+        class Unforeseen(MasterError):
+            pass
+
+        class Narrower(InvalidRequest):
+            pass
+
+        self.assertEqual(status_of(Unforeseen("?")), 500)
+        self.assertEqual(status_of(Narrower("?")), 400)  # the nearest listed base class decides
+
+
+class MappingTests(unittest.TestCase):
+    """Domain errors through real HTTP, and the mount at ``{prefix}/v1``."""
+
+    def test_failed_save_is_a_500_and_changes_nothing(self):
+        async def go():
+            master = await start_master(self)
+            api = Api(master, self)
+            code, inst, _ = await api.call("POST", "/instances", {"url": single_end_url(), "alias": "kept"})
+            self.assertEqual(code, 201, inst)
+
+            def full(state):
+                raise OSError(28, "No space left on device")
+
+            self.patch(master.store, "save", full)
+            for method, path, body in (
+                ("PATCH", "/instances/" + inst["id"], {"alias": "lost"}),
+                ("POST", "/instances", {"url": single_end_url()}),
+                ("POST", "/info", {"alias": "lost"}),
+                ("PATCH", "/instances/" + API_KEY_ID, {"action": "restart"}),
+            ):
+                code, body, resp = await api.call(method, path, body)
+                self.assertEqual((code, body), (500, {"error": "Failed to save state: No space left on device"}), path)
+                self.assertEqual(resp.headers.getRawHeaders(b"Access-Control-Allow-Origin"), [b"*"])
+            code, items, _ = await api.call("GET", "/instances")
+            self.assertEqual([(i["id"], i["alias"]) for i in items], [(API_KEY_ID, ""), (inst["id"], "kept")])
+
+        return ensureDeferred(go())
+
+    def test_paths_match_as_routes_written_in_full(self):
+        """The app is mounted at ``{prefix}/v1``; a path is matched there as
+        the routes written out in full matched it (``%2F`` is a slash,
+        leading slashes do not count, ``//`` inside is no route), and a
+        static asset is looked up from Twisted's own split of the path.
+        The statuses are the ones the master answered before the mount."""
+        from twisted.internet import threads
+
+        from tests.master_helpers import Wire
+
+        async def go():
+            master = await start_master(self)
+            wire = Wire(master)
+            cases = [
+                ("/api/v1/instances", 200),
+                ("/api%2Fv1/instances", 200),
+                ("//api/v1/instances", 200),
+                ("///api/v1/instances", 200),
+                ("/api/v1%2Finstances", 200),
+                ("/api/v1/instances/", 200),
+                ("/api/v1//instances", 404),
+                ("/api//v1/instances", 404),
+                ("/API/v1/instances", 404),
+                ("/api/v1x/instances", 404),
+                ("/instances", 404),
+                ("/api/v1", 404),
+                ("/api/v1/", 404),
+                ("/api/v1/docs/static/swagger-ui.css", 200),
+                ("/api/v1/docs/static%2Fswagger-ui.css", 404),
+                ("//api/v1/docs/static/swagger-ui.css", 404),
+                ("/api%2Fv1/docs/static/swagger-ui.css", 404),
+                ("/api%2Fv1/docs/static/a/swagger-ui.css", 200),
+            ]
+
+            def run():
+                return [(path, wire.call("GET", path, absolute=True)[0]) for path, _ in cases]
+
+            self.assertEqual(await threads.deferToThread(run), cases)
+            status, headers, data = await threads.deferToThread(wire.call, "OPTIONS", "/api/v1//instances", None, None, None, True)
+            self.assertEqual((status, headers.get("access-control-allow-origin")), (200, "*"))
+            status, _, data = await threads.deferToThread(wire.call, "OPTIONS", "/api/v1/a%0Ab", None, None, None, True)
+            self.assertEqual((status, data), (404, b'{"error":"Not found"}'))  # no rule matches a newline
 
         return ensureDeferred(go())

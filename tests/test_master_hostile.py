@@ -31,8 +31,8 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
 from nodepass.config.urls import Tunables, text_problem
-from nodepass.master.app import MAX_HEADERS, MAX_LINE
-from nodepass.master.records import API_KEY_ID
+from nodepass.master.site import MAX_HEADERS, MAX_LINE
+from nodepass.master.identity import API_KEY_ID
 
 from tests import examples, helpers
 from tests.master_helpers import LOG_LINE, Api, LogCapture, SSEClient, Wire, assert_refusal, start_master

@@ -11,7 +11,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
-from nodepass.master.records import API_KEY_ID
+from nodepass.master.identity import API_KEY_ID
 
 from tests.master_helpers import Api, SSEClient, start_master, wait_for
 
@@ -140,7 +140,7 @@ class SSETests(unittest.TestCase):
             # a reader that keeps up sees every event meanwhile
             good = await SSEClient(self.api).connect()
             await good.event(lambda d: d["type"] == "initial")
-            inst = self.master.records[API_KEY_ID].to_json()
+            inst = self.master.domain.identity.to_json()  # the ******** record
             filler = "x" * 32768
             sent = 0
             while hub.dropped == 0 and sent < 4000:

@@ -17,7 +17,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from nodepass.config.urls import Tunables, parse_url
 from nodepass.base.logs import NodeLog
-from nodepass.master.records import API_KEY_ID
+from nodepass.master.identity import API_KEY_ID
 from nodepass.master.service import MasterService
 from nodepass.master.store import StateStore
 

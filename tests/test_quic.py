@@ -78,7 +78,7 @@ class QuicFlowTests(TunnelMixin, unittest.TestCase):
             lambda: len(sessions[0].streams) <= client.runner.pool.capacity + 2, what="streams forgotten"
         )
         await wait_for(
-            lambda: len(sessions[0].conn._streams) <= client.runner.pool.capacity + 4, what="streams discarded"
+            lambda: len(sessions[0].stream_table) <= client.runner.pool.capacity + 4, what="streams discarded"
         )
 
     @d
@@ -230,7 +230,7 @@ class QuicServerTests(TunnelMixin, unittest.TestCase):
         """The config line a client receives: ``np://1@MAX/FLOW#TLS``."""
         c = codec.Codec("k")
         info = codec.parse_handshake_config(c.decode(c.encode(codec.handshake_config(1, 64, "+", 1)).rstrip(b"\n")))
-        self.assertEqual((info.pool_type, info.max, info.flow, info.tls), ("1", 64, "+", 1))
+        self.assertEqual((info.pool_type, info.max, info.flow, info.tls_code), ("1", 64, "+", 1))
         self.assertEqual(ALPN, "np-quic")
         self.assertEqual(STREAM_WINDOW, 1024 * 1024)
 

@@ -8,12 +8,15 @@ import os
 import socket
 import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from nodepass.base.stats import InstanceStats
 from nodepass.config.urls import Address, Tunables, parse_url
 from nodepass.net.dialer import AllTargetsFailed, TargetGroup
+from nodepass.relay.core import Relay, RelayEnd
 from nodepass.service.instance import TunnelService
 from nodepass.base.logs import NodeLog
 from nodepass.modes.single import SingleEndRunner, tunnel_address_binds
@@ -458,7 +461,8 @@ class LifecycleTests(ForwarderMixin, unittest.TestCase):
         cport.write(b"udp", ("127.0.0.1", port))
         self.assertEqual(await u.next(), b"udp")
 
-    def test_tunnel_address_binds(self) -> None:
+    @d
+    async def test_tunnel_address_binds(self) -> None:
         busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         busy.bind(("127.0.0.1", 0))
@@ -466,14 +470,51 @@ class LifecycleTests(ForwarderMixin, unittest.TestCase):
         self.addCleanup(busy.close)
         taken = busy.getsockname()[1]
         free = free_port()
-        self.assertFalse(tunnel_address_binds(parse_url(f"client://127.0.0.1:{taken}/127.0.0.1:1")))
-        self.assertTrue(tunnel_address_binds(parse_url(f"client://127.0.0.1:{free}/127.0.0.1:1")))
+        self.assertFalse(await tunnel_address_binds(parse_url(f"client://127.0.0.1:{taken}/127.0.0.1:1"), reactor))
+        self.assertTrue(await tunnel_address_binds(parse_url(f"client://127.0.0.1:{free}/127.0.0.1:1"), reactor))
         # A remote address cannot be bound here: dual-end.
-        self.assertFalse(tunnel_address_binds(parse_url("client://192.0.2.1:10101/127.0.0.1:1")))
+        self.assertFalse(await tunnel_address_binds(parse_url("client://192.0.2.1:10101/127.0.0.1:1"), reactor))
         # The probe released the port.
         again = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         again.bind(("127.0.0.1", free))
         again.close()
+
+
+class RelayIdleTests(unittest.TestCase):
+    """``read=``: each direction has its own read deadline (as Go's relay
+    sets one per copying goroutine); the relay's idle timers on a fake clock."""
+
+    def pair(self, idle: float) -> tuple[task.Clock, Relay, RelayEnd, RelayEnd]:
+        clock = task.Clock()
+        target, tunnel = RelayEnd(), RelayEnd()
+        target.makeConnection(StringTransport())
+        tunnel.makeConnection(StringTransport())
+        relay = Relay(target, tunnel, InstanceStats(), clock, idle=idle)
+        relay.start()
+        return clock, relay, target, tunnel
+
+    def test_one_silent_direction_times_out(self) -> None:
+        clock, relay, target, _tunnel = self.pair(10.0)
+        for _ in range(3):
+            clock.advance(4)
+            target.dataReceived(b"x")  # only target -> tunnel moves
+        self.assertEqual(relay.outcome, "i/o timeout")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_traffic_both_ways_keeps_the_pair(self) -> None:
+        clock, relay, target, tunnel = self.pair(10.0)
+        for _ in range(10):
+            clock.advance(4)
+            target.dataReceived(b"x")
+            tunnel.dataReceived(b"y")
+        self.assertEqual(relay.outcome, "")
+        clock.advance(10)
+        self.assertEqual(relay.outcome, "i/o timeout")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_idle_no_timer(self) -> None:
+        clock, relay, _target, _tunnel = self.pair(0.0)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class DialerTests(unittest.TestCase):
@@ -509,9 +550,22 @@ class DialerTests(unittest.TestCase):
         await close(proto)
 
     @d
+    async def test_cancelled_probe_dial_is_cancelled_error(self) -> None:
+        """The CHECK_POINT probe's dial, cancelled at shutdown, fails as
+        cancelled (not as an unreachable target)."""
+        hole = Blackhole()
+        self.addCleanup(hole.close)
+        group = self.group(hole.port)
+        probe = defer.ensureDeferred(group.connect_one(group.targets[0], Factory.forProtocol(Client)))
+        await sleep(0.1)
+        probe.cancel()
+        with self.assertRaises(defer.CancelledError):
+            await probe
+
+    @d
     async def test_all_failed_names_count(self) -> None:
         with self.assertRaises(AllTargetsFailed) as e:
-            await self.group(dead_port(), dead_port(), dead_port()).connect(Factory.forProtocol(Client))
+            await self.group(dead_port(), dead_port(), dead_port()).dial(Factory.forProtocol(Client))
         self.assertIn("all 3 target(s) failed", str(e.exception))
 
 

@@ -452,7 +452,7 @@ class TLSVerifyTests(CAMixin, unittest.TestCase):
     async def test_pool_connections_resume_tls_sessions(self):
         """After the first pool connection, the client resumes the server's
         session ticket instead of a full handshake (still verified, tls=2)."""
-        from OpenSSL._util import lib
+        from nodepass.compat.openssl_internals import session_reused
 
         crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
         server, client, entry, _ = await self.tunnel("-", f"&tls=2&crt={crt}&key={key}", client_host="localhost")
@@ -460,7 +460,7 @@ class TLSVerifyTests(CAMixin, unittest.TestCase):
             self.assertEqual(await echo_roundtrip(entry, b"r%d" % i), b"r%d" % i)
         pool = client.runner.pool
         await wait_for(lambda: pool.idle_count() >= 8, what="pool refilled")
-        reused = [lib.SSL_session_reused(c.transport.getHandle()._ssl) for c in pool.idle.values()]
+        reused = [session_reused(c.transport.getHandle()) for c in pool.idle.values()]
         self.assertGreater(sum(reused), 0, reused)
 
     @d

@@ -9,7 +9,8 @@ from twisted.trial import unittest
 from nodepass.config.urls import Tunables
 from nodepass.base.logs import NodeLog
 from nodepass.base.stats import InstanceStats
-from nodepass.relay.udp import IdleTimer, UDPSessionListener, open_target_udp
+from nodepass.base.timers import IdleTimer
+from nodepass.relay.udp import UDPSessionListener, open_target_udp
 from tests.helpers import UDPClient, UDPEcho, dead_port, listen_udp, sleep, wait_for
 from tests.test_single import ForwarderMixin, d
 

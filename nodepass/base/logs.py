@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 import time
-from typing import IO, Callable, Optional
+from typing import IO, Callable, Optional, cast
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -115,10 +115,6 @@ class NodeLog:
         self.listeners: list[LineListener] = []
         self._logger = Logger(namespace=namespace)
 
-    def set_level(self, level: str) -> None:
-        self.level = level if level in ORDER else "info"
-        self._threshold = ORDER[self.level]
-
     def enabled(self, level: str) -> bool:
         return ORDER[level] >= self._threshold and self._threshold < ORDER["none"]
 
@@ -177,11 +173,13 @@ class NodePassObserver:
         self._colour = colour
 
     def _out(self) -> IO[str]:
-        if self._stream is None:
+        stream = self._stream
+        if stream is None:
             return sys.stdout
-        if callable(self._stream) and not hasattr(self._stream, "write"):
-            return self._stream()
-        return self._stream  # type: ignore[return-value]
+        if callable(stream) and not hasattr(stream, "write"):
+            return stream()
+        # A stream (one with ``write`` may be callable too).
+        return cast(IO[str], stream)
 
     def __call__(self, event: dict) -> None:
         level = event.get("np_level")
@@ -223,7 +221,9 @@ class NodePassObserver:
 def start_console_logging(level: str = "info", stream: IO[str] | None = None) -> NodePassObserver:
     """Begin global logging to stdout in NodePass format (console script)."""
     observer = NodePassObserver(stream, level)
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False, discardBuffer=True)
+    # (``NodePassObserver`` provides ``ILogObserver``; mypy cannot see zope's
+    # declarations.)
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, observer)], redirectStandardIO=False, discardBuffer=True)
     return observer
 
 

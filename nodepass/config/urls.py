@@ -11,12 +11,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Mapping, Optional, Union
+from enum import IntEnum
+from typing import Any, Callable, Mapping, Optional, TypeVar, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import attrs
 
 from nodepass.config.durations import DurationError, format_duration, parse_duration
+from nodepass.base.kinds import ClientMode, PoolType, Role, ServerMode, TLSCode
 from nodepass.base.logs import CONTROL_CHARS
 
 LOG_LEVELS = ("none", "debug", "info", "warn", "error", "event")
@@ -179,14 +181,14 @@ class Address:
 # Defaults of every query parameter, as typed values.
 _TUNNEL_DEFAULTS: dict[str, object] = {
     "log": "info",
-    "tls": 0,
+    "tls": TLSCode.NONE,
     "crt": "",
     "key": "",
     "dns": 300.0,
     "min": 64,
     "max": 1024,
-    "mode": 0,
-    "quic": 0,
+    "mode": 0,  # ServerMode.AUTO or ClientMode.AUTO, by the role
+    "quic": PoolType.TCP,
     "dial": "auto",
     "read": 0.0,
     "rate": 0,
@@ -205,7 +207,7 @@ CLIENT_CONFIG_KEYS = ("dns", "min", "mode", "dial", "read", "rate", "slot", "pro
 _DURATION_KEYS = {"dns", "read"}
 
 
-def _int_param(name: str, lo: int, hi: int):
+def _int_param(name: str, lo: int, hi: int) -> Callable[[str], int]:
     def check(raw: str) -> int:
         value = ascii_int(raw)
         if value is None:
@@ -215,6 +217,21 @@ def _int_param(name: str, lo: int, hi: int):
         return value
 
     return check
+
+
+_Kind = TypeVar("_Kind", bound=IntEnum)
+
+
+def _kind_param(name: str, kind: type[_Kind]) -> Callable[[str], _Kind]:
+    """A parameter whose values are the members of ``kind`` (``tls``,
+    ``quic``): checked as a whole number in their range, the same words."""
+    values = [member.value for member in kind]
+    check = _int_param(name, min(values), max(values))
+
+    def member(raw: str) -> _Kind:
+        return kind(check(raw))
+
+    return member
 
 
 def _level(raw: str) -> str:
@@ -241,16 +258,16 @@ def _duration(raw: str) -> float:
     return value
 
 
-_VALIDATORS = {
+_VALIDATORS: dict[str, Callable[[str], object]] = {
     "log": _level,
-    "tls": _int_param("tls", 0, 2),
+    "tls": _kind_param("tls", TLSCode),
     "crt": str,
     "key": str,
     "dns": _duration,
     "min": _int_param("min", 1, 1 << 20),
     "max": _int_param("max", 1, 1 << 20),
     "mode": _int_param("mode", 0, 2),
-    "quic": _int_param("quic", 0, 1),
+    "quic": _kind_param("quic", PoolType),
     "dial": _dial,
     "read": _duration,
     "rate": _int_param("rate", 0, 1 << 40),
@@ -275,22 +292,27 @@ class TunnelConfig:
     master can tell a default from an explicit choice; ``warnings`` the
     messages about values that were replaced by defaults, ``errors`` those
     replacements logged at ERROR (an invalid ``tls`` means plaintext).
+
+    ``role``, ``tls``, ``mode`` and ``quic`` are the kinds of
+    :mod:`nodepass.base.kinds`, whose members are their URL values; given
+    as plain values they are converted (``mode`` by the role: a server's
+    is a :class:`ServerMode`, a client's a :class:`ClientMode`).
     """
 
-    role: str  # "server" | "client"
+    role: Role = attrs.field(converter=Role)  # SERVER or CLIENT
     tunnel: Address
     targets: tuple[Address, ...]
     tunnel_key: str
     key_given: bool = False
     log: str = "info"
-    tls: int = 0
+    tls: TLSCode = attrs.field(default=TLSCode.NONE, converter=TLSCode)
     crt: str = ""
     key: str = ""
     dns: float = 300.0
     min: int = 64
     max: int = 1024
-    mode: int = 0
-    quic: int = 0
+    mode: Union[ServerMode, ClientMode] = ServerMode.AUTO
+    quic: PoolType = attrs.field(default=PoolType.TCP, converter=PoolType)
     dial: str = "auto"
     read: float = 0.0
     rate: int = 0
@@ -303,9 +325,13 @@ class TunnelConfig:
     errors: tuple[str, ...] = ()
     raw: str = ""
 
+    def __attrs_post_init__(self) -> None:
+        kind = ServerMode if self.is_server else ClientMode
+        object.__setattr__(self, "mode", kind(self.mode))  # frozen: set once, here
+
     @property
     def is_server(self) -> bool:
-        return self.role == "server"
+        return self.role is Role.SERVER
 
     @property
     def title(self) -> str:
@@ -319,7 +345,7 @@ class TunnelConfig:
         userinfo = f"{quote(self.tunnel_key, safe='')}@" if with_key else ""
         return f"{self.role}://{userinfo}{self.tunnel}/{self.targets_text()}"
 
-    def start_url(self, mode: int | None = None) -> str:
+    def start_url(self, mode: Optional[int] = None) -> str:
         """The URL printed in the ``Server started:`` line: the key always
         shown, parameters in NodePass's fixed order."""
         keys = SERVER_START_KEYS if self.is_server else CLIENT_START_KEYS
@@ -337,7 +363,7 @@ class TunnelConfig:
         query = "&".join(f"{k}={_param_text(k, getattr(self, k))}" for k in sorted(keys))
         return f"{self._base(self.key_given)}?{query}"
 
-    def evolve(self, **changes) -> "TunnelConfig":
+    def evolve(self, **changes: Any) -> "TunnelConfig":
         return attrs.evolve(self, **changes)
 
 
@@ -348,14 +374,14 @@ class MasterConfig:
     api: Address
     prefix: str = "/api"
     log: str = "info"
-    tls: int = 0
+    tls: TLSCode = attrs.field(default=TLSCode.NONE, converter=TLSCode)
     crt: str = ""
     key: str = ""
     given: frozenset = frozenset()
     warnings: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
     raw: str = ""
-    role: str = "master"
+    role: Role = Role.MASTER
 
     @property
     def title(self) -> str:
@@ -413,21 +439,22 @@ def parse_url(text: str) -> InstanceConfig:
         parts = urlsplit(text)
     except ValueError as e:
         raise URLError(f"invalid URL {shown(text)}: {e}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("server", "client", "master"):
-        raise URLError(f"unknown scheme {shown(parts.scheme)}: expected server, client or master")
+    try:
+        scheme = Role(parts.scheme.lower())
+    except ValueError:
+        raise URLError(f"unknown scheme {shown(parts.scheme)}: expected server, client or master") from None
     netloc = parts.netloc
     userinfo, at, hostport = netloc.rpartition("@")
     if not at:
         userinfo, hostport = "", netloc
     if not hostport:
-        raise URLError(f"invalid URL {shown(text)}: no {'API' if scheme == 'master' else 'tunnel'} address")
+        raise URLError(f"invalid URL {shown(text)}: no {'API' if scheme is Role.MASTER else 'tunnel'} address")
     try:
         address = Address.parse(hostport, allow_zero=True)
     except URLError as e:
         raise URLError(f"invalid URL {shown(text)}: {e}") from None
 
-    if scheme == "master":
+    if scheme is Role.MASTER:
         values, given, warnings, errors = _parse_query(parts.query, ("log", "tls", "crt", "key"))
         prefix = parts.path.rstrip("/") or "/api"
         if not prefix.startswith("/"):
@@ -454,7 +481,7 @@ def parse_url(text: str) -> InstanceConfig:
     values, given, warnings, errors = _parse_query(parts.query, tuple(_TUNNEL_DEFAULTS))
     # A client learns tls/max/quic from the server and a server has no pool
     # minimum; Go peers ignore such parameters silently, and so do we.
-    if scheme == "client":
+    if scheme is Role.CLIENT:
         for name in ("max", "quic", "tls", "crt", "key"):
             values.pop(name, None)
             given.discard(name)
@@ -462,8 +489,8 @@ def parse_url(text: str) -> InstanceConfig:
     else:
         values.pop("min", None)
         given.discard("min")
-    if scheme == "server" and values.get("quic") == 1 and values.get("tls", 0) == 0:
-        values["tls"] = 1
+    if scheme is Role.SERVER and values.get("quic") == PoolType.QUIC and values.get("tls", TLSCode.NONE) == TLSCode.NONE:
+        values["tls"] = TLSCode.RAM_CERT
         warnings.append("quic=1 requires TLS, using tls=1")
     for target in targets:
         if target.port == address.port and (is_loopback(target.host) or is_unspecified(address.host)):

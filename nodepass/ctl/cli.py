@@ -220,8 +220,8 @@ async def _dispatch(client: MasterClient, args: argparse.Namespace) -> int:
         _out(json.dumps(result, indent=2, ensure_ascii=False) if as_json else text)
 
     if cmd == "list":
-        result = await client.list_instances()
-        emit(result, format_instances(result))
+        instances = await client.list_instances()
+        emit(instances, format_instances(instances))
     elif cmd == "show":
         result = await client.get_instance(args.id)
         emit(result, format_instance(result))

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Any, Optional
+from typing import Any, Optional, cast
 from urllib.parse import quote
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -42,8 +42,10 @@ from twisted.web.client import (
     PotentialDataLoss,
     ResponseDone,
 )
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
 from zope.interface import implementer
+
+from nodepass.base.errors import error_text
 
 KEY_INSTANCE = "********"
 
@@ -161,7 +163,8 @@ class MasterClient:
             pool = HTTPConnectionPool(reactor, persistent=persistent)
             pool.retryAutomatically = False  # a PATCH/POST must not be replayed
         self._pool = pool
-        self._http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
+        # (``Agent`` provides ``IAgent``; mypy cannot see zope's declarations.)
+        self._http = HTTPClient(cast(IAgent, Agent(reactor, contextFactory=policy, pool=self._pool)))
         self._streams: set[EventStream] = set()
 
     async def __aenter__(self) -> "MasterClient":
@@ -333,11 +336,8 @@ class MasterClient:
 
 
 def _reason(error: BaseException) -> str:
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        text = "; ".join(str(r.value) for r in reasons)
-    else:
-        text = str(error) or error.__class__.__name__
+    """:func:`error_text`, with a hint for the usual TLS mistake."""
+    text = error_text(error)
     if "certificate verify failed" in text:
         return (
             "TLS certificate verify failed (a tls=1 master's self-signed certificate "
@@ -588,5 +588,5 @@ class _SSEProtocol(Protocol):
             return
         self._stream._push(event)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stream._lost_connection(reason)

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from nodepass.compat.twisted_internals import http_channel_paused
 from nodepass.master.records import json_utf8
 
 RETRY = b"retry: 3000\n\n"
@@ -68,7 +69,7 @@ class SSEStream:
         self.done: Deferred = Deferred()
         request.registerProducer(self, True)
         # the channel only tells producers about *later* buffer changes
-        if getattr(request.channel, "_waitingForTransport", False):
+        if http_channel_paused(request.channel):
             self.paused = True
         request.notifyFinish().addBoth(lambda _: self._gone())
 

@@ -2,39 +2,33 @@
 becomes the ``url``/``config`` pair dashboards show.
 
 A record outlives every run of its instance: it owns the
-:class:`~nodepass.stats.InstanceStats` handed to each new
-:class:`~nodepass.instance.TunnelService`, so traffic counters stay cumulative
-across restarts (and, through the state file, across master restarts).
+:class:`~nodepass.base.stats.InstanceStats` handed to each new
+:class:`~nodepass.service.instance.TunnelService`, so traffic counters stay
+cumulative across restarts (and, through the state file, across master
+restarts).  Records are instances only: the API key's ``********`` record is
+the wire form of :class:`~nodepass.master.identity.MasterIdentity`.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from typing import Optional
+from typing import Any, Iterable, Optional
 from urllib.parse import quote_from_bytes, unquote_to_bytes, urlsplit
 
 import attrs
 
 from nodepass.config.urls import MasterConfig, TunnelConfig, URLError, parse_url, text_problem
+from nodepass.base.kinds import Status
 from nodepass.base.logs import escape_controls
 from nodepass.base.stats import Checkpoint, InstanceStats
+from nodepass.master.errors import InvalidRequest, InvalidURL
 
-API_KEY_ID = "********"
 MAX_TEXT = 256
 PEER_FIELDS = ("sid", "type", "alias")
 
 
-class RequestError(Exception):
-    """A 4xx answer: ``status`` and the ``{"error": message}`` text."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def json_utf8(obj) -> bytes:
+def json_utf8(obj: Any) -> bytes:
     """``obj`` as compact UTF-8 JSON.
 
     Text is validated before it is stored and repaired when a state file
@@ -48,7 +42,7 @@ def json_utf8(obj) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
-def repaired_text(value, where: str, problems: list[str]) -> str:
+def repaired_text(value: object, where: str, problems: list[str]) -> str:
     """``value`` from a state file as storable text: a non-string becomes
     its ``str()``; control characters and lone surrogates (a file written
     by an older version, or edited by hand) become visible escapes, and the
@@ -61,24 +55,25 @@ def repaired_text(value, where: str, problems: list[str]) -> str:
     return text
 
 
-def new_instance_id(taken) -> str:
+def new_instance_id(taken: Iterable[str]) -> str:
+    """8 random hex digits no instance in ``taken`` has."""
     while True:
         candidate = secrets.token_hex(4)
         if candidate not in taken:
             return candidate
 
 
-def empty_meta() -> dict:
+def empty_meta() -> dict[str, dict[str, str]]:
     return {"peer": {"sid": "", "type": "", "alias": ""}, "tags": {}}
 
 
 def _scheme_of(text: str) -> str:
     if "://" not in text:
-        raise RequestError(400, "Invalid URL format")
+        raise InvalidURL()
     try:
         return urlsplit(text).scheme.lower()
     except ValueError:
-        raise RequestError(400, "Invalid URL format") from None
+        raise InvalidURL() from None
 
 
 def go_query_pairs(query: str) -> list[tuple[bytes, bytes]]:
@@ -126,20 +121,22 @@ def instance_url(given: str, master: MasterConfig) -> tuple[str, TunnelConfig]:
     query-escaped -- even when nothing was added.  An empty query stays
     empty.  Scheme, key, host, path and fragment are kept as given.
 
-    Raises :class:`RequestError` with SPEC §8's messages.
+    Raises :class:`~nodepass.master.errors.InvalidURL` (or
+    :class:`~nodepass.master.errors.InvalidRequest` for no URL at all) with
+    SPEC §8's messages.
     """
     if not isinstance(given, str) or not given.strip():
-        raise RequestError(400, "Invalid request body")
+        raise InvalidRequest("Invalid request body")
     if text_problem(given):  # before strip(), which would hide a trailing newline
-        raise RequestError(400, "Invalid URL format")
+        raise InvalidURL()
     given = given.strip()
     scheme = _scheme_of(given)
     if scheme not in ("server", "client"):
-        raise RequestError(400, "Invalid URL scheme")
+        raise InvalidURL("Invalid URL scheme")
     try:
         parse_url(given)
     except (URLError, ValueError):
-        raise RequestError(400, "Invalid URL format") from None
+        raise InvalidURL() from None
     base, hash_, fragment = given.partition("#")
     head, _, query = base.partition("?")
     pairs = go_query_pairs(query)
@@ -164,8 +161,9 @@ def instance_url(given: str, master: MasterConfig) -> tuple[str, TunnelConfig]:
     try:
         config = parse_url(url)
     except URLError:
-        raise RequestError(400, "Invalid URL format") from None
-    assert isinstance(config, TunnelConfig)
+        raise InvalidURL() from None
+    if not isinstance(config, TunnelConfig):  # the scheme was checked above
+        raise InvalidURL("Invalid URL scheme")
     return url, config
 
 
@@ -180,11 +178,11 @@ class InstanceRecord:
 
     id: str
     url: str
-    config: Optional[TunnelConfig]
+    config: TunnelConfig
     alias: str = ""
     restart: bool = True
     meta: dict = attrs.Factory(empty_meta)
-    status: str = "stopped"
+    status: Status = Status.STOPPED
     mode: int = 0
     ping: int = 0
     pool: int = 0
@@ -195,7 +193,6 @@ class InstanceRecord:
     udprx: int = 0
     udptx: int = 0
     stats: InstanceStats = attrs.Factory(InstanceStats)
-    master_id: str = ""  # only for the API key record: its ``config``
     # reactor time of this run's latest CHECK_POINT (None: none yet); the
     # master's silence rule needs one (not saved: Go's is not either)
     last_report: Optional[float] = attrs.field(default=None, repr=False)
@@ -207,32 +204,22 @@ class InstanceRecord:
     _json_cache: Optional[tuple] = attrs.field(default=None, init=False, repr=False)
 
     @property
-    def is_key(self) -> bool:
-        return self.id == API_KEY_ID
-
-    @property
     def type(self) -> str:
-        if self.config is None:
-            return ""
         return self.config.role
 
     def config_text(self) -> str:
-        if self.is_key:
-            return self.master_id
-        if self.config is None:
-            return ""
         cached = self._config_cache
         if cached is None or cached[0] is not self.config:
             cached = self._config_cache = (self.config, self.config.config_url())
         return cached[1]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         peer = self.meta.get("peer") or {}
         return {
             "id": self.id,
             "alias": self.alias,
             "type": self.type,
-            "status": self.status,
+            "status": self.status.value,
             "url": self.url,
             "config": self.config_text(),
             "restart": self.restart,
@@ -282,7 +269,7 @@ class InstanceRecord:
 
     # -- persistence ------------------------------------------------------
 
-    def to_state(self) -> dict:
+    def to_state(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "url": self.url,

@@ -6,7 +6,7 @@ service layer above can import the runners without an import circle."""
 from __future__ import annotations
 
 import abc
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -27,7 +27,10 @@ class InstanceContext:
 
     config: TunnelConfig
     tunables: Tunables
-    reactor: object
+    # Twisted describes the reactor with zope interfaces (IReactorTCP,
+    # IReactorTime, ...), which mypy cannot check calls against without the
+    # mypy-zope plugin: Any, rather than ``object``, which allows no call.
+    reactor: Any
     log: NodeLog
     stats: InstanceStats
     limiter: Optional[TokenBucket]
@@ -46,7 +49,7 @@ class Runner(abc.ABC):
 
     def __init__(self, ctx: InstanceContext):
         self.ctx = ctx
-        self.failed: Deferred = Deferred()
+        self.failed: Deferred[None] = Deferred()
 
     def fail(self, message: str) -> None:
         if not self.failed.called:

@@ -11,18 +11,20 @@ cools down and tries again, for as long as the server stays away.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 from twisted.internet import defer
-from twisted.internet import error as terror
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 
-from nodepass.wire import codec
-from nodepass.wire.codec import CodecError, TunnelInfo
-from nodepass.wire.control import LineBuffer
+from nodepass.base.errors import error_text
+from nodepass.base.kinds import ClientMode, Role, TLSCode
+from nodepass.wire.codec import Signal, TunnelInfo
 from nodepass.net.dialer import DNSCache, ResolveError
-from nodepass.modes.base import TunnelError
+from nodepass.modes.base import InstanceContext, TunnelError
+from nodepass.modes.control_client import ClientControlProtocol, HandshakeSettings
 from nodepass.pools.tcp import ClientPool
 from nodepass.net.tls import (
     ResumingClient,
@@ -35,121 +37,13 @@ from nodepass.net.tls import (
 )
 from nodepass.modes.dualend import DualEndRunner, PoolEnd, addr_text
 
+if TYPE_CHECKING:
+    from nodepass.pools.quic import QuicPoolClient
+
+_T = TypeVar("_T")
+
 #: SPEC §4: the client reads the 4-byte pool ID within one minute.
 POOL_ID_TIMEOUT = 60.0
-
-
-class HandshakeRefused(TunnelError):
-    """The server read our key line and closed the connection cleanly
-    without answering: how NodePass servers refuse a key (SPEC §3.2)."""
-
-
-class KeyMismatch(TunnelError):
-    """The server answered, but the answer does not decode with our key."""
-
-
-#: Why a server that answers nothing may close: said once, in every refusal.
-REFUSED = (
-    "the server refused our tunnel key (it closed the connection without answering the handshake: "
-    "our key differs from the server's, or another client already holds the tunnel)"
-)
-
-
-class ClientControlProtocol(Protocol):
-    """The client's control connection: handshake, then signals."""
-
-    def __init__(self, runner: "ClientRunner"):
-        self.runner = runner
-        self.answer: Deferred = Deferred()
-        self.lines = LineBuffer()
-        self.state = "handshake"
-        self._timer = None
-
-    def connectionMade(self) -> None:
-        r = self.runner
-        self.transport.write(r.codec.encode(r.ctx.config.tunnel_key))
-        self._timer = r.ctx.reactor.callLater(r.ctx.tunables.handshake_timeout, self._timeout)
-
-    def _cancel(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timeout(self) -> None:
-        self._timer = None
-        if not self.answer.called:
-            # A NodePass server answers or closes at once; silence means
-            # something else listens there, or the server is overloaded.
-            self.answer.errback(TunnelError(
-                "tunnel handshake timed out: the server sent no answer within "
-                f"{self.runner.ctx.tunables.handshake_timeout:g}s (is a NodePass server listening at that address?)"
-            ))
-            self.transport.abortConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.state == "control":
-            self.runner.control.data_received(data)
-            return
-        lines = self.lines.feed(data)
-        if self.lines.overflow and not lines:
-            self._fail(TunnelError("tunnel handshake failed: answer line too long"))
-            return
-        if not lines:
-            return
-        self._cancel()
-        rest = b"\n".join(lines[1:]) + (b"\n" if len(lines) > 1 else b"") + self.lines.rest()
-        try:
-            info = codec.parse_handshake_config(self.runner.codec.decode(lines[0]))
-        except CodecError as e:
-            self._undecodable(lines[0], e)
-            return
-        self.state = "control"
-        self.answer.callback((info, rest))
-
-    def _undecodable(self, line: bytes, error: CodecError) -> None:
-        """The answer line does not decode to ``np://...`` under our key.
-        A server with another key of the same length lets us this far (the
-        key line is the key XORed with itself, so it cannot tell), and its
-        answer then decodes to noise.  The line itself is never logged: it
-        can hold anything, a secret included (a misdirected client talking
-        to an echo service reads back its own key)."""
-        log = self.runner.ctx.log
-        log.debug("Handshake answer from %s: %s (%s)", self.runner.ctx.config.tunnel, codec.describe(line), error)
-        self._fail(KeyMismatch(
-            "tunnel handshake failed: the server's answer could not be decoded with our tunnel key -- "
-            "the tunnel keys most likely differ (check the KEY@ part of both URLs), "
-            "or this address is not a NodePass server"
-        ))
-
-    def _fail(self, exc: Exception) -> None:
-        self._cancel()
-        self.state = "closed"
-        if not self.answer.called:
-            self.answer.errback(exc)
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self._cancel()
-        st, self.state = self.state, "closed"
-        if not self.answer.called:
-            self.answer.errback(self._unanswered(reason))
-        elif st == "control" and self.runner.control is not None:
-            self.runner.control.connection_lost("control connection lost: " + (reason.getErrorMessage() or "closed"))
-
-    def _unanswered(self, reason) -> TunnelError:
-        """Why the connection ended before the answer, as far as we can
-        tell.  Only a clean close after the server read our key line is a
-        refusal (SPEC §3.2: it closes without answering); a reset is what a
-        server that stops or restarts leaves behind, and our own shutdown
-        is nobody's refusal."""
-        if self.runner.stopping:
-            return TunnelError("handshake abandoned: the client is stopping")
-        if reason.check(terror.ConnectionDone):
-            return HandshakeRefused(REFUSED)
-        return TunnelError(
-            "the connection to the server was closed before the handshake completed "
-            f"({reason.getErrorMessage() or 'reset'}): the server may be restarting; retrying"
-        )
 
 
 class ClientPoolConn(PoolEnd):
@@ -160,11 +54,11 @@ class ClientPoolConn(PoolEnd):
     checked by the runner's periodic sweep rather than a timer per
     connection, since this runs for every relayed connection)."""
 
-    connector = None
+    connector: Any = None  # IConnector of a TCP dial in progress
 
     def __init__(self, started: float):
         super().__init__()
-        self.ready: Deferred = Deferred()
+        self.ready: Deferred[ClientPoolConn] = Deferred()
         self.started = started
         self._id_buf = b""
 
@@ -174,7 +68,7 @@ class ClientPoolConn(PoolEnd):
             if self.transport is not None:
                 self.transport.abortConnection()
 
-    def dataReceived(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes | memoryview) -> None:
         if self.ready.called:
             PoolEnd.dataReceived(self, data)
             return
@@ -188,7 +82,7 @@ class ClientPoolConn(PoolEnd):
         if len(buf) > 4:
             PoolEnd.dataReceived(self, buf[4:])
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.ready.called:
             self.ready.errback(reason)
         PoolEnd.connectionLost(self, reason)
@@ -196,41 +90,64 @@ class ClientPoolConn(PoolEnd):
 
 class _PoolConnFactory(ClientFactory):
     """Connects one :class:`ClientPoolConn`; a failed dial fails its
-    ``ready``."""
+    ``ready``.
+
+    Pool connections keep this factory rather than an endpoint: one is
+    dialled for every relayed connection, and an endpoint would add its
+    wrapping factory, wrapping protocol and Deferred to each of them (and
+    a call per chunk wherever the relay does not bypass the protocol)."""
 
     noisy = False
 
     def __init__(self, conn: ClientPoolConn):
         self.conn = conn
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: Any) -> ClientPoolConn:
         return self.conn
 
-    def clientConnectionFailed(self, connector, reason):
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         if not self.conn.ready.called:
             self.conn.ready.errback(reason)
 
 
+class _Given(Factory):
+    """The factory of one given protocol, for an endpoint's ``connect``:
+    :func:`~twisted.internet.endpoints.connectProtocol` without its
+    "Starting factory" log line (its factory is noisy)."""
+
+    noisy = False
+
+    def __init__(self, proto: Protocol):
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.proto
+
+
 class ClientRunner(DualEndRunner):
-    """``client://`` in dual-end mode."""
+    """``client://`` in dual-end mode; the
+    :class:`~nodepass.modes.control_client.ControlOwner` of its control
+    connection."""
 
-    role = "client"
-    mode = 2
+    role = Role.CLIENT
+    mode: int = ClientMode.DUAL_END
+    pool: Optional[ClientPool]
 
-    def __init__(self, ctx):
+    def __init__(self, ctx: InstanceContext):
         super().__init__(ctx)
         self.server_ip: Optional[str] = None
         self.info: Optional[TunnelInfo] = None
         self.control_proto: Optional[ClientControlProtocol] = None
         self._last_tls_error = 0.0
-        self._dialing: set = set()
-        self._verify_gate: Optional[Deferred] = None
+        self._dialing: set[ClientPoolConn] = set()
+        self._verify_gate: Optional[Deferred[None]] = None
+        self._tls_creator: Optional[ResumingClient] = None
         # Fingerprints of TLS pool connections that died idle before the
         # verify signal came: a Go server closes the connection it names in
         # that signal right after sending it, so the close may overtake it.
         self._lost_fps: dict[str, str] = {}
         self._verify_seen = False
-        self.quic_client = None  # a nodepass.pools.quic.QuicPoolClient with quic=1
+        self.quic_client: Optional[QuicPoolClient] = None  # with quic=1
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -238,33 +155,42 @@ class ClientRunner(DualEndRunner):
         reactor = ctx.reactor
         dns = DNSCache(cfg.dns, reactor)
         try:
-            self.server_ip = await dns.resolve(cfg.tunnel.host)
+            self.server_ip = server_ip = await dns.resolve(cfg.tunnel.host)
         except ResolveError as e:
             raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {e}") from None
-        proto = ClientControlProtocol(self)
+        proto = ClientControlProtocol(self, HandshakeSettings(
+            clock=reactor,
+            log=ctx.log,
+            codec=self.codec,
+            tunnel_key=cfg.tunnel_key,
+            server=str(cfg.tunnel),
+            handshake_timeout=ctx.tunables.handshake_timeout,
+        ))
         self.control_proto = proto
+        machine = proto.machine
         try:
-            await self._connect(proto, None, ctx.tunables.tcp_dial_timeout)
+            await self._connect_control(proto, server_ip)
         except Exception as e:  # noqa: BLE001
-            raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {_reason(e)}") from None
-        info, rest = await proto.answer
+            raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {error_text(e)}") from None
+        info, rest = await machine.answer
         self.info = info
         ctx.log.info("Tunnel signal <- : %s <- %s", info.payload(), cfg.tunnel)
         if proto.transport is not None:
             ctx.log.info(
                 "Tunnel handshaked: %s <-> %s", addr_text(proto.transport.getHost()), addr_text(proto.transport.getPeer())
             )
-        if info.pool_type not in ("0", "1"):
-            proto.transport.loseConnection()
+        pool_type = info.known_pool_type
+        if pool_type is None:
+            machine.close()
             raise TunnelError(f"server asked for pool type {info.pool_type}, which this client does not know")
-        self.flow, self.tls_code = info.flow, info.tls
-        if info.pool_type == "1":
+        self.flow, self.tls_code, self.pool_type = info.flow, info.tls_code, pool_type
+        if self.quic:
             # QUIC always encrypts: a server announcing tls 0 is treated as 1.
-            self.quic, self.tls_code = True, max(1, info.tls)
+            self.tls_code = max(TLSCode.RAM_CERT, info.tls_code)
             try:
-                self._open_quic()
+                self._open_quic(server_ip, info)
             except Exception:
-                proto.transport.loseConnection()
+                machine.close()
                 raise
         if self.tls_code and self.is_entry:
             self._verify_gate = Deferred()
@@ -272,10 +198,10 @@ class ClientRunner(DualEndRunner):
             try:
                 self.bind_entry()
             except Exception:
-                proto.transport.loseConnection()
+                machine.close()
                 raise
         t = ctx.tunables
-        self.pool = ClientPool(
+        self.pool = pool = ClientPool(
             self._dial_pool,
             cfg.min,
             info.max,
@@ -287,13 +213,13 @@ class ClientRunner(DualEndRunner):
         )
         control = self.make_control(proto.transport)
         control.start()
-        if proto.state != "control" or proto.transport is None:
+        if not machine.channel_ready(control) or proto.transport is None:
             raise TunnelError("control connection lost right after the handshake")
-        self.pool.start()
+        pool.start()
         if rest:
             control.data_received(rest)
 
-    def _open_quic(self) -> None:
+    def _open_quic(self, server_ip: str, info: TunnelInfo) -> None:
         # Imported here: aioquic is only loaded by tunnels that use QUIC.
         from nodepass.pools.quic import QuicPoolClient, connections_for
 
@@ -301,32 +227,34 @@ class ClientRunner(DualEndRunner):
         self.quic_client = QuicPoolClient(
             ctx.reactor,
             ctx.log,
-            (self.server_ip, ctx.config.tunnel.port),
+            (server_ip, ctx.config.tunnel.port),
             self.tls_code,
             ctx.config.tunnel.host,
             ctx.tunables.report_interval,
-            max_conns=connections_for(self.info.max),
+            max_conns=connections_for(info.max),
         )
 
-    def _connect(self, proto, tls_ctx, timeout: float) -> Deferred:
-        """Connect ``proto`` to the server; fires at connectionMade."""
+    def _connect_control(self, proto: ClientControlProtocol, server_ip: str) -> Deferred[Any]:
+        """Dial the server's tunnel address for the control connection;
+        fires once ``proto`` is connected (after its ``connectionMade``).
+        An address literal needs no resolving: TCP6ClientEndpoint connects
+        an IPv6 literal at once, TCP4ClientEndpoint an IPv4 one."""
         reactor = self.ctx.reactor
-        ip, port = self.server_ip, self.ctx.config.tunnel.port
-        factory = _OneShot(proto)
-        if tls_ctx is not None:
-            reactor.connectSSL(ip, port, factory, tls_ctx, timeout=timeout)
-        else:
-            reactor.connectTCP(ip, port, factory, timeout=timeout)
-        return factory.made
+        port, timeout = self.ctx.config.tunnel.port, self.ctx.tunables.tcp_dial_timeout
+        endpoint_type = TCP6ClientEndpoint if ":" in server_ip else TCP4ClientEndpoint
+        endpoint = endpoint_type(reactor, server_ip, port, timeout=timeout)
+        # A Factory provides IProtocolFactory (zope's @implementer, which
+        # mypy cannot see without the mypy-zope plugin).
+        return endpoint.connect(_Given(proto))  # type: ignore[arg-type]
 
-    def _tls_ctx(self):
+    def _tls_ctx(self) -> Optional[ResumingClient]:
         if not self.tls_code:
             return None
-        if getattr(self, "_ctx_cache", None) is None:
-            self._ctx_cache = ResumingClient(client_context_factory(self.tls_code, self.ctx.config.tunnel.host))
-        return self._ctx_cache
+        if self._tls_creator is None:
+            self._tls_creator = ResumingClient(client_context_factory(self.tls_code, self.ctx.config.tunnel.host))
+        return self._tls_creator
 
-    def _dial_pool(self) -> Deferred:
+    def _dial_pool(self) -> Deferred[ClientPoolConn]:
         if self.stopping:
             return defer.fail(TunnelError("stopping"))
         reactor = self.ctx.reactor
@@ -343,8 +271,11 @@ class ClientRunner(DualEndRunner):
             conn.connector = reactor.connectTCP(ip, port, factory, timeout=timeout)
         dialing = self._dialing
         dialing.add(conn)
-        d = conn.ready.addBoth(_forget, dialing, conn)
-        if self.tls_code == 2:
+        # Each add*() returns this same Deferred (typed anew by Twisted's
+        # stubs): ``d`` keeps the type its callbacks preserve.
+        d = conn.ready
+        d.addBoth(_forget, dialing, conn)
+        if self.tls_code == TLSCode.CERT_FILES:
             d.addErrback(self._explain_tls_failure, conn)
         if tls_ctx is not None:
             if tls_ctx.session is None:
@@ -353,13 +284,14 @@ class ClientRunner(DualEndRunner):
                 d.addCallback(self._watch_for_verify)
         return d
 
-    def _dial_quic(self, conn: ClientPoolConn) -> Deferred:
+    def _dial_quic(self, conn: ClientPoolConn) -> Deferred[ClientPoolConn]:
         """A new stream on the QUIC pool connection: our handshake byte,
         then the server's 4-byte ID (SPEC §4)."""
+        assert self.quic_client is not None  # opened in start() with a QUIC pool
         dialing = self._dialing
         dialing.add(conn)
 
-        def opened(transport):
+        def opened(transport: Any) -> Deferred[ClientPoolConn]:
             transport.write(b"\x00")
             return conn.ready
 
@@ -370,7 +302,7 @@ class ClientRunner(DualEndRunner):
             d.addCallback(self._watch_for_verify)
         return d
 
-    def _explain_tls_failure(self, failure, conn: ClientPoolConn):
+    def _explain_tls_failure(self, failure: Failure, conn: ClientPoolConn) -> Failure:
         """A tls=2 pool connection that failed on the server's certificate
         fails with the reason in words (which names the certificate has,
         whether it is self-signed, ...), read from the certificates the
@@ -403,7 +335,7 @@ class ClientRunner(DualEndRunner):
 
     def _pool_dial_error(self, exc: BaseException) -> None:
         ctx = self.ctx
-        text = _reason(exc)
+        text = error_text(exc)
         value = getattr(exc, "value", exc)
         quic_down = False
         if self.quic:
@@ -428,15 +360,21 @@ class ClientRunner(DualEndRunner):
         else:
             ctx.log.debug("Pool connection failed: %s", text)
 
-    def entry_wait(self) -> Optional[Deferred]:
+    def entry_wait(self) -> Optional[Deferred[None]]:
         gate = self._verify_gate
         if gate is None or gate.called:
             return None
-        d = Deferred()
-        gate.addBoth(lambda r: (None if d.called else d.callback(None), r)[1])
+        d: Deferred[None] = Deferred()
+
+        def passed(result: object) -> object:
+            if not d.called:
+                d.callback(None)
+            return result
+
+        gate.addBoth(passed)
         d.addTimeout(self.ctx.tunables.pool_get_timeout, self.ctx.reactor)
 
-        def timed_out(failure):
+        def timed_out(failure: Failure) -> None:
             failure.trap(defer.TimeoutError)
             self._open_gate()  # no verify signal: go on without it
 
@@ -447,21 +385,23 @@ class ClientRunner(DualEndRunner):
         if gate is not None and not gate.called:
             gate.callback(None)
 
-    async def on_verify(self, sig) -> None:
+    async def on_verify(self, sig: Signal) -> None:
         try:
             await self._verify_conn(sig)
         finally:
             self._open_gate()
 
-    async def _verify_conn(self, sig) -> None:
+    async def _verify_conn(self, sig: Signal) -> None:
         ctx = self.ctx
         self._verify_seen = True
         lost_fps, self._lost_fps = self._lost_fps, {}
-        if sig.id in lost_fps and sig.id not in self.pool.idle:
+        pool = self.pool
+        assert pool is not None  # made before signals are read
+        if sig.id in lost_fps and sig.id not in pool.idle:
             # Already closed by the server (Go does that): still log it.
             ctx.log.info("TLS cert verified: %s", lost_fps[sig.id])
             return
-        _, conn = await self.pool.outgoing_get(sig.id, ctx.tunables.pool_get_timeout)
+        _, conn = await pool.outgoing_get(sig.id, ctx.tunables.pool_get_timeout)
         fp = peer_certificate_fingerprint(conn.transport)
         if fp:
             ctx.log.info("TLS cert verified: %s", fp)
@@ -480,40 +420,11 @@ class ClientRunner(DualEndRunner):
         await self.stop_common()
         if self.quic_client is not None:
             await self.quic_client.close()
-        proto = self.control_proto
-        if proto is not None and proto.transport is not None and proto.state != "closed":
-            proto.transport.loseConnection()
+        if self.control_proto is not None:
+            self.control_proto.machine.close()
 
 
-class _OneShot(ClientFactory):
-    """Connects one given protocol; ``made`` fires at connectionMade."""
-
-    noisy = False
-
-    def __init__(self, proto):
-        self.proto = proto
-        self.made: Deferred = Deferred()
-
-    def buildProtocol(self, addr):
-        proto = self.proto
-        orig = proto.connectionMade
-        made = self.made
-
-        def connection_made():
-            orig()
-            if not made.called:
-                made.callback(proto)
-
-        proto.connectionMade = connection_made
-        proto.factory = self
-        return proto
-
-    def clientConnectionFailed(self, connector, reason):
-        if not self.made.called:
-            self.made.errback(reason)
-
-
-def _remember_session(conn, creator: ResumingClient):
+def _remember_session(conn: ClientPoolConn, creator: ResumingClient) -> ClientPoolConn:
     # The ID follows the server's session tickets, so the session is
     # resumable by now.
     if conn.transport is not None:
@@ -521,18 +432,9 @@ def _remember_session(conn, creator: ResumingClient):
     return conn
 
 
-def _forget(result, dialing: set, conn) -> object:
+def _forget(result: _T, dialing: set[ClientPoolConn], conn: ClientPoolConn) -> _T:
     dialing.discard(conn)
     return result
-
-
-def _reason(e: BaseException) -> str:
-    if hasattr(e, "getErrorMessage"):
-        return e.getErrorMessage()
-    value = getattr(e, "value", None)
-    if value is not None and value is not e:
-        return _reason(value)
-    return str(e) or type(e).__name__
 
 
 def _looks_like_tls_failure(exc: BaseException) -> bool:

@@ -11,31 +11,34 @@ their kind of pool.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 
+from nodepass.base.kinds import Flow, PoolType, Role, TLSCode
 from nodepass.wire import codec
 from nodepass.wire.codec import Codec, Signal, split_origin
 from nodepass.config.urls import join_host_port
 from nodepass.wire.control import ControlChannel
 from nodepass.net.dialer import TargetGroup
-from nodepass.modes.base import Runner, TunnelError
+from nodepass.modes.base import InstanceContext, Runner, TunnelError
+from nodepass.pools.tcp import IdlePool
 from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
 from nodepass.relay import splice, tls_fast
-from nodepass.relay.udp import DropReport, UDPSessionListener, open_target_udp
+from nodepass.relay.udp import DropReport, TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
 
-def addr_text(addr) -> str:
+def addr_text(addr: Any) -> str:
     """``ip:port`` (IPv6 bracketed) of a Twisted address or ``(ip, port)``."""
     if isinstance(addr, tuple):
         return join_host_port(addr[0], addr[1])
     return join_host_port(addr.host, addr.port)
 
 
-def _big_reads(transport, size: int = RELAY_BUFFER_SIZE) -> None:
+def _big_reads(transport: Any, size: int = RELAY_BUFFER_SIZE) -> None:
     """Large reads for relayed sockets (the TLS wrapper's socket included):
     fewer, bigger chunks keep the per-chunk Python cost small."""
     while transport is not None:
@@ -44,7 +47,7 @@ def _big_reads(transport, size: int = RELAY_BUFFER_SIZE) -> None:
         transport = getattr(transport, "transport", None)
 
 
-def _no_delay(transport) -> None:
+def _no_delay(transport: Any) -> None:
     """TCP_NODELAY, as Go sets on every TCP connection: without it small
     writes (signals, request/answer traffic) wait for delayed ACKs."""
     while transport is not None:
@@ -62,11 +65,14 @@ class PoolEnd(RelayEnd):
     """A pool connection (either side) once it is a relay end.  Until it
     is used, bytes that arrive are held (and reading paused)."""
 
-    pool_id = ""
+    pool_id: str = ""
 
-    def attach(self, sink) -> None:
+    def attach(self, sink: Any) -> None:
         """Route this end's bytes to ``sink.forward(self, data)`` and its
-        loss to ``sink.end_lost(self)`` (a UDP session, not a splice)."""
+        loss to ``sink.end_lost(self)`` (a UDP session, not a splice).
+        ``sink`` is a :class:`~nodepass.relay.core.RelaySink` that takes
+        whole ``bytes``: pool connections carrying UDP are never read into
+        the relay's shared buffer views."""
         self.relay = sink
         early = self.take_early()
         if early:
@@ -99,10 +105,11 @@ class EntryTCP(RelayEnd):
 
 class _EntryFactory(Factory):
     noisy = False
+
     def __init__(self, runner: "DualEndRunner"):
         self.runner = runner
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: Any) -> Optional[EntryTCP]:
         if self.runner.stopping:
             return None
         return EntryTCP(self.runner)
@@ -112,7 +119,7 @@ class _TargetFactory(Factory):
     noisy = False
     protocol = RelayEnd
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: Any) -> RelayEnd:
         p = RelayEnd()
         p.factory = self
         return p
@@ -125,7 +132,7 @@ class _UDPOverPool:
     """Entry-side UDP session backend: datagrams written raw on a pool
     connection; each read coming back is one datagram (SPEC §5)."""
 
-    def __init__(self, conn: PoolEnd, session, buf_size: int):
+    def __init__(self, conn: PoolEnd, session: UDPSession, buf_size: int):
         self.conn = conn
         self.session = session
         self.buf_size = buf_size
@@ -141,7 +148,7 @@ class _UDPOverPool:
             self.conn.transport.loseConnection()
 
     # relay-sink interface of PoolEnd
-    def forward(self, _end, data: bytes) -> None:
+    def forward(self, _end: PoolEnd, data: bytes) -> None:
         n = self.buf_size
         if len(data) <= n:
             self.session.reply(data)
@@ -149,7 +156,7 @@ class _UDPOverPool:
             for i in range(0, len(data), n):
                 self.session.reply(data[i : i + n])
 
-    def end_lost(self, _end) -> None:
+    def end_lost(self, _end: PoolEnd) -> None:
         self.session.close()
 
 
@@ -158,10 +165,10 @@ class _PoolToTarget:
 
     def __init__(self, conn: PoolEnd, buf_size: int):
         self.conn = conn
-        self.target = None
+        self.target: Optional[TargetUDP] = None
         self.buf_size = buf_size
 
-    def forward(self, _end, data: bytes) -> None:
+    def forward(self, _end: PoolEnd, data: bytes) -> None:
         t = self.target
         if t is None:
             return
@@ -172,7 +179,7 @@ class _PoolToTarget:
             for i in range(0, len(data), n):
                 t.send(data[i : i + n])
 
-    def end_lost(self, _end) -> None:
+    def end_lost(self, _end: PoolEnd) -> None:
         if self.target is not None:
             self.target.close()
 
@@ -189,27 +196,27 @@ class DualEndRunner(Runner):
     """Control signals, both flows, TCP and UDP; subclasses set up the
     handshake, ``self.pool`` and ``self.control``."""
 
-    role = "server"
-    mode = 2
+    role: Role = Role.SERVER
 
-    def __init__(self, ctx):
+    def __init__(self, ctx: InstanceContext):
         super().__init__(ctx)
         cfg = ctx.config
         self.codec = Codec(cfg.tunnel_key)
-        self.flow: Optional[str] = None
-        self.tls_code = 0
-        self.quic = False  # pool connections are QUIC streams (pool type 1)
-        self.pool = None
+        self.flow: Optional[Flow] = None
+        self.tls_code = TLSCode.NONE
+        self.pool_type = PoolType.TCP
+        self.pool: Optional[IdlePool] = None
         self.control: Optional[ControlChannel] = None
         self.stopping = False
         self.targets = TargetGroup(
             cfg.targets, ctx.reactor, ctx.log, dns_ttl=cfg.dns, dial=cfg.dial, timeout=ctx.tunables.tcp_dial_timeout
         )
-        self.entry_tcp_port = None
-        self.entry_udp_port = None
+        # Listening ports (IListeningPort: a zope interface, hence Any).
+        self.entry_tcp_port: Any = None
+        self.entry_udp_port: Any = None
         self.udp_listener: Optional[UDPSessionListener] = None
         self.relays: set[Relay] = set()
-        self.udp_bridges: set = set()
+        self.udp_bridges: set[_PoolToTarget] = set()
         self.peer_label = ""
         self.launching = 0  # exit-side launches not yet spliced
         # UDP launches the exit turns away at the slot limit: one summary
@@ -218,8 +225,13 @@ class DualEndRunner(Runner):
 
     # -- shape ------------------------------------------------------------
     @property
+    def quic(self) -> bool:
+        """Whether pool connections are QUIC streams."""
+        return self.pool_type is PoolType.QUIC
+
+    @property
     def is_entry(self) -> bool:
-        return (self.role == "server") == (self.flow == "-")
+        return (self.role is Role.SERVER) == (self.flow is Flow.REVERSE)
 
     @property
     def entry_port(self) -> int:
@@ -266,7 +278,7 @@ class DualEndRunner(Runner):
             self._unbind_entry()
             raise
 
-    def _unbind_entry(self) -> list:
+    def _unbind_entry(self) -> list[Deferred[Any]]:
         ds = []
         for attr in ("entry_tcp_port", "entry_udp_port"):
             p = getattr(self, attr)
@@ -278,7 +290,7 @@ class DualEndRunner(Runner):
         return ds
 
     # -- control ----------------------------------------------------------
-    def make_control(self, transport, working: bool = True) -> ControlChannel:
+    def make_control(self, transport: Any, working: bool = True) -> ControlChannel:
         """The control channel on ``transport``; ``working=False`` for a
         peer that has yet to show it speaks our key (see
         :class:`~nodepass.control.ControlChannel`)."""
@@ -306,7 +318,8 @@ class DualEndRunner(Runner):
         pool = self.pool
         if pool is not None and pool.needs_flush():
             self.ctx.log.warn("Pool errors (%d) exceed half the idle connections (%d), flushing", pool.errors, pool.idle_count())
-            self.control.send(codec.simple(codec.FLUSH))
+            if self.control is not None:  # it is: the control channel runs this check
+                self.control.send(codec.simple(codec.FLUSH))
             pool.flush()
 
     def control_broken(self, channel: ControlChannel, reason: str) -> None:
@@ -340,7 +353,7 @@ class DualEndRunner(Runner):
         else:
             log.debug("Unknown signal fragment ignored (%s)", codec.describe(kind))
 
-    def _launched(self, _result) -> None:
+    def _launched(self, _result: object) -> None:
         self.launching -= 1
 
     async def on_verify(self, sig: Signal) -> None:
@@ -350,14 +363,14 @@ class DualEndRunner(Runner):
     # -- TCP --------------------------------------------------------------
     def _splice(self, target: RelayEnd, tunnel: RelayEnd) -> None:
         ctx = self.ctx
-        later = []
+        later: list[Any] = []  # the splice(2) call, an IDelayedCall
         # Go's per-connection INFO lines (dashboards show them, operators
         # grep them): the target-side peer, then the pool connection's.
         exchange = ctx.log.enabled("info")
         if exchange:
             ctx.log.info("Starting exchange: %s <-> %s", peer_text(target.transport), peer_text(tunnel.transport))
 
-        def closed():
+        def closed() -> None:
             self.relays.discard(relay)
             ctx.stats.release_tcp()
             if later and later[0].active():
@@ -381,13 +394,13 @@ class DualEndRunner(Runner):
         )
         self.relays.add(relay)
         relay.start()
-        if not self.tls_code and not self.quic and splice.AVAILABLE and not relay._closed:
+        if not self.tls_code and not self.quic and splice.AVAILABLE and not relay.closed:
             # Short exchanges are over before this fires (setting up two
             # pipes would cost them more than it saves); bulk transfers
             # move to splice(2) from here on.
             later.append(ctx.reactor.callLater(splice.DELAY, splice.try_splice, relay))
 
-    def entry_wait(self) -> Optional[Deferred]:
+    def entry_wait(self) -> Optional[Deferred[None]]:
         """Hook: a Deferred to wait on before the entry takes pool
         connections, or None (the client waits for the TLS verify signal so
         both ends do not grab the same connection)."""
@@ -400,20 +413,23 @@ class DualEndRunner(Runner):
     def entry_tcp(self, user: EntryTCP) -> None:
         timeout = self.ctx.tunables.pool_get_timeout
         wait = self.entry_wait()
+        pool = self.pool
+        assert pool is not None  # made before the entry listens
+        d: Deferred[Any]
         if wait is None:
-            d = self.pool.incoming_get(timeout)
+            d = pool.incoming_get(timeout)
         else:
-            d = wait.addCallback(lambda _r: self.pool.incoming_get(timeout))
+            d = wait.addCallback(lambda _r: pool.incoming_get(timeout))
         d.addCallbacks(self._entry_got, self._entry_failed, callbackArgs=(user,), errbackArgs=(user,))
 
-    def _entry_failed(self, failure, user: EntryTCP) -> None:
+    def _entry_failed(self, failure: Failure, user: EntryTCP) -> None:
         ctx = self.ctx
         if not user.lost:
             ctx.log.error("TCP %s: no pool connection: %s", addr_text(user.transport.getPeer()), failure.getErrorMessage())
             user.transport.loseConnection()
         ctx.stats.release_tcp()
 
-    def _entry_got(self, got, user: EntryTCP) -> None:
+    def _entry_got(self, got: tuple[str, PoolEnd], user: EntryTCP) -> None:
         pool_id, conn = got
         control = self.control
         if user.lost or control is None or control.broken:
@@ -425,15 +441,17 @@ class DualEndRunner(Runner):
         control.send(codec.tcp_launch(addr_text(user.transport.getPeer()), pool_id))
         self._splice(user, conn)
 
-    def exit_tcp(self, origin: str, pool_id: str) -> Deferred:
-        d = self.pool.outgoing_get(pool_id, self.ctx.tunables.pool_get_timeout)
+    def exit_tcp(self, origin: str, pool_id: str) -> Deferred[Any]:
+        pool = self.pool
+        assert pool is not None  # made before signals are read
+        d = pool.outgoing_get(pool_id, self.ctx.tunables.pool_get_timeout)
         d.addCallbacks(self._exit_got, self._exit_missed, callbackArgs=(origin,), errbackArgs=(origin,))
         return d
 
-    def _exit_missed(self, failure, origin: str) -> None:
+    def _exit_missed(self, failure: Failure, origin: str) -> None:
         self.ctx.log.error("TCP launch %s: %s", origin, failure.getErrorMessage())
 
-    def _exit_got(self, got, origin: str):
+    def _exit_got(self, got: tuple[str, PoolEnd], origin: str) -> Optional[Deferred[Any]]:
         ctx = self.ctx
         conn = got[1]
         if not ctx.stats.acquire_tcp():
@@ -446,7 +464,7 @@ class DualEndRunner(Runner):
         )
         return d
 
-    def _exit_dial_failed(self, failure, origin: str, conn: PoolEnd) -> None:
+    def _exit_dial_failed(self, failure: Failure, origin: str, conn: PoolEnd) -> None:
         self.ctx.log.error("TCP %s: dial target failed: %s", origin, failure.getErrorMessage())
         conn.transport.loseConnection()
         self.ctx.stats.release_tcp()
@@ -466,12 +484,14 @@ class DualEndRunner(Runner):
         self._splice(target, conn)
 
     # -- UDP --------------------------------------------------------------
-    async def _open_udp_backend(self, session):
+    async def _open_udp_backend(self, session: UDPSession) -> _UDPOverPool:
         ctx = self.ctx
         wait = self.entry_wait()
         if wait is not None:
             await wait
-        pool_id, conn = await self.pool.incoming_get(ctx.tunables.pool_get_timeout)
+        pool = self.pool
+        assert pool is not None  # made before the entry listens
+        pool_id, conn = await pool.incoming_get(ctx.tunables.pool_get_timeout)
         if session.closed or self.control is None or self.control.broken:
             conn.transport.loseConnection()
             raise TunnelError("UDP session ended before launch")
@@ -483,8 +503,10 @@ class DualEndRunner(Runner):
     async def exit_udp(self, origin: str, pool_id: str) -> None:
         ctx = self.ctx
         t = ctx.tunables
+        pool = self.pool
+        assert pool is not None  # made before signals are read
         try:
-            _, conn = await self.pool.outgoing_get(pool_id, t.pool_get_timeout)
+            _, conn = await pool.outgoing_get(pool_id, t.pool_get_timeout)
         except Exception as e:  # noqa: BLE001
             ctx.log.error("UDP launch %s: %s", origin, e)
             return
@@ -493,9 +515,9 @@ class DualEndRunner(Runner):
             conn.transport.loseConnection()
             return
         bridge = _PoolToTarget(conn, t.udp_data_buf_size)
-        released = []
+        released: list[int] = []
 
-        def on_close():
+        def on_close() -> None:
             if not released:
                 released.append(1)
                 ctx.stats.release_udp()

@@ -5,8 +5,10 @@ connection and every UDP session straight to the target group.  Each TCP
 connection takes a slot, is held unread while the target is dialled (round
 robin with failover), gets the PROXY v1 line when ``proxy=1``, and is then
 spliced to the target with the instance's rate limiter and ``read`` idle
-timeout.  UDP sessions come from :mod:`nodepass.udp` with a connected UDP
-socket to the next target as their backend.
+timeout.  UDP sessions come from :mod:`nodepass.relay.udp` with a connected
+UDP socket to the next target as their backend.  Host names (tunnel address,
+targets) are resolved in the reactor's thread pool, never on the reactor
+thread that every instance of a master shares.
 
 Every ``NP_REPORT_INTERVAL`` the runner measures a TCP connect to the next
 target (its own round robin, so health checks do not skew the users') and
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet import error as terror
 from twisted.internet import task
@@ -25,9 +27,11 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensur
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from nodepass.base.errors import error_text
 from nodepass.config.urls import Address, TunnelConfig, is_ip_literal
-from nodepass.net.dialer import ResolveError, TargetGroup
 from nodepass.modes.base import InstanceContext, Runner, TunnelError
+from nodepass.net.dialer import ResolveError, TargetGroup
+from nodepass.net.resolve import getaddrinfo, prefer_ipv4
 from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
 from nodepass.relay.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
@@ -36,15 +40,17 @@ from nodepass.relay.udp import TargetUDP, UDPSession, UDPSessionListener, open_t
 LISTEN_BACKLOG = 4096
 
 
-def tunnel_address_binds(config: TunnelConfig) -> bool:
+async def tunnel_address_binds(config: TunnelConfig, reactor: Any) -> bool:
     """Can this host listen on the tunnel address (TCP)?  The client
     ``mode=0`` probe (SPEC §2): yes means single-end forwarding.  The probe
-    socket is closed before returning, so the runner can bind right after.
+    socket is closed before the answer, so the runner can bind right after.
     ``SO_REUSEADDR`` is set as Twisted's listener sets it, so lingering
-    TIME_WAIT connections do not make the answer differ from a real listen."""
+    TIME_WAIT connections do not make the answer differ from a real listen.
+    A host name is resolved in ``reactor``'s thread pool; the bind itself is
+    a local system call, as Twisted's own ``listenTCP`` makes."""
     host = config.tunnel.host or None
     try:
-        infos = socket.getaddrinfo(host, config.tunnel.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        infos = await getaddrinfo(reactor, host, config.tunnel.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (OSError, UnicodeError):
         return False
     if not infos:
@@ -78,7 +84,7 @@ class _UserFactory(Factory):
     def __init__(self, runner: "SingleEndRunner"):
         self.runner = runner
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: Any) -> _UserEnd:
         end = _UserEnd()
         end.runner = self.runner
         end.factory = self
@@ -91,7 +97,7 @@ class _TargetFactory(Factory):
     noisy = False
 
 
-def _peer(transport) -> tuple[str, int]:
+def _peer(transport: Any) -> tuple[str, int]:
     p = transport.getPeer()
     return (p.host, p.port)
 
@@ -118,8 +124,8 @@ class SingleEndRunner(Runner):
         )
         self.relays: set[Relay] = set()
         self.udp_listener: Optional[UDPSessionListener] = None
-        self.tcp_port = None
-        self.udp_port = None
+        self.tcp_port: Any = None  # IListeningPort
+        self.udp_port: Any = None
         self._ends: set[RelayEnd] = set()
         self._dials: set[Deferred] = set()
         self._udp_targets: set[TargetUDP] = set()
@@ -136,13 +142,14 @@ class SingleEndRunner(Runner):
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
         ctx = self.ctx
-        cfg, reactor = ctx.config, ctx.reactor
-        host, port = _listen_host(cfg.tunnel.host), cfg.tunnel.port
+        cfg = ctx.config
+        reactor: Any = ctx.reactor
+        host, port = await _listen_host(reactor, cfg.tunnel.host), cfg.tunnel.port
         if not cfg.notcp:
             try:
                 self.tcp_port = reactor.listenTCP(port, _UserFactory(self), backlog=LISTEN_BACKLOG, interface=host)
             except terror.CannotListenError as e:
-                raise TunnelError(f"cannot listen on TCP {cfg.tunnel}: {_reason(e)}") from None
+                raise TunnelError(f"cannot listen on TCP {cfg.tunnel}: {error_text(e)}") from None
         if not cfg.noudp:
             self.udp_listener = UDPSessionListener(
                 self._open_udp_backend,
@@ -158,7 +165,7 @@ class SingleEndRunner(Runner):
                     port, self.udp_listener, interface=host, maxPacketSize=ctx.tunables.udp_data_buf_size
                 )
             except terror.CannotListenError as e:
-                raise TunnelError(f"cannot listen on UDP {cfg.tunnel}: {_reason(e)}") from None
+                raise TunnelError(f"cannot listen on UDP {cfg.tunnel}: {error_text(e)}") from None
         interval = ctx.tunables.report_interval
         if interval > 0:
             self._loop = task.LoopingCall(self._checkpoint)
@@ -189,8 +196,12 @@ class SingleEndRunner(Runner):
             d.cancel()
         for end in list(self._ends):
             if not end.lost and end.transport is not None:
-                lost: Deferred = Deferred()
-                end.on_lost(lambda _r, lost=lost: lost.callback(None))
+                lost: Deferred[None] = Deferred()
+
+                def gone(_reason: Failure, lost: Deferred[None] = lost) -> None:
+                    lost.callback(None)
+
+                end.on_lost(gone)
                 waits.append(lost)
                 end.transport.abortConnection()
         for target in list(self._udp_targets):
@@ -222,7 +233,7 @@ class SingleEndRunner(Runner):
         self._dials.add(d)
         d.addBoth(self._dialled, user, d)
 
-    def _dialled(self, result, user: _UserEnd, d: Deferred) -> None:
+    def _dialled(self, result: Any, user: _UserEnd, d: Deferred) -> None:
         self._dials.discard(d)
         ctx = self.ctx
         stats, log = ctx.stats, ctx.log
@@ -270,23 +281,30 @@ class SingleEndRunner(Runner):
         ip, port, _target = await self.group.resolve_next()
         if session.closed or self._stopping:
             raise CancelledError()
-        kwargs = dict(
-            on_datagram=session.reply,
-            on_close=session.close,
-            stats=ctx.stats,
-            log=ctx.log,
-            count_traffic=True,
-            buf_size=ctx.tunables.udp_data_buf_size,
-        )
+
+        def open_target(source: Optional[str]) -> TargetUDP:
+            return open_target_udp(
+                ctx.reactor,
+                ip,
+                port,
+                on_datagram=session.reply,
+                on_close=session.close,
+                stats=ctx.stats,
+                log=ctx.log,
+                count_traffic=True,
+                buf_size=ctx.tunables.udp_data_buf_size,
+                source=source,
+            )
+
         source = self.group.source
         try:
-            target = open_target_udp(ctx.reactor, ip, port, source=source, **kwargs)
+            target = open_target(source)
         except terror.CannotListenError as e:
             if not source:
                 raise
-            ctx.log.error("Dial source %s unusable (%s), falling back to auto", source, _reason(e))
+            ctx.log.error("Dial source %s unusable (%s), falling back to auto", source, error_text(e))
             self.group.source = None
-            target = open_target_udp(ctx.reactor, ip, port, source=None, **kwargs)
+            target = open_target(None)
         self._udp_targets.add(target)
 
         def closed() -> None:
@@ -303,7 +321,7 @@ class SingleEndRunner(Runner):
             return  # the previous probe is still dialling
         d = self._ping = ensureDeferred(self._probe())
 
-        def done(result):
+        def done(result: object) -> object:
             self._ping = None
             return result
 
@@ -331,21 +349,14 @@ class SingleEndRunner(Runner):
             self.ctx.report(ping, 0)
 
 
-def _listen_host(host: str) -> str:
+async def _listen_host(reactor: Any, host: str) -> str:
     """The IP to listen on: Twisted's UDP ports take IP literals only, so a
-    host name is resolved once here (as Go's listener does at start)."""
+    host name is resolved once here (as Go's listener does at start), in
+    the reactor's thread pool."""
     if not host or is_ip_literal(host):
         return host
     try:
-        infos = socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        infos = await getaddrinfo(reactor, host, None, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (OSError, UnicodeError) as e:
         raise TunnelError(f"cannot listen on {host}: {ResolveError(host, e)}") from None
-    infos.sort(key=lambda i: 0 if i[0] == socket.AF_INET else 1)
-    return infos[0][4][0]
-
-
-def _reason(e: Exception) -> str:
-    socket_error = getattr(e, "socketError", None)
-    if isinstance(socket_error, OSError) and socket_error.strerror:
-        return socket_error.strerror.lower()
-    return str(e)
+    return str(prefer_ipv4(infos)[0][4][0])

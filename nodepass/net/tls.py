@@ -211,7 +211,7 @@ class ServerCredentials:
         except ValueError:
             return "warn", "TLS code-2: unknown cert name with TLS 1.3"
         name = names[0].value if names else ""
-        return "info", f"TLS code-2: {name} with TLS 1.3"
+        return "info", "TLS code-2: " + str(name) + " with TLS 1.3"
 
     def _maybe_reload(self) -> None:
         if self.tls_code != 2 or self.clock is None:
@@ -275,7 +275,8 @@ def client_context_factory(tls_code: int, hostname: str, trust_roots=None):
     if root is None:
         root = ssl.platformTrust()
     elif isinstance(root, (bytes, str)):
-        root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(root)])
+        pem = root.encode("ascii") if isinstance(root, str) else root  # as pyOpenSSL encodes text
+        root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem)])
     elif isinstance(root, ssl.Certificate):
         root = ssl.trustRootFromCertificates([root])
     elif isinstance(root, (list, tuple)):

@@ -28,18 +28,13 @@ import logging
 import os
 import socket
 import ssl
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.packet import (
-    QuicFrameType,
-    QuicPacketType,
-    encode_quic_version_negotiation,
-    pull_quic_header,
-)
+from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from aioquic.quic.stream import QuicStream
 from twisted.internet import address, defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
@@ -48,6 +43,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass.base.logs import NodeLog
+from nodepass.compat import aioquic_internals as quic_internals
+from nodepass.compat.twisted_internals import socket_of
 
 ALPN = "np-quic"
 
@@ -90,42 +87,25 @@ class QuicTLSVerificationError(QuicHandshakeError):
     does not verify, a host name mismatch, no common ALPN)."""
 
 
-class _Connection(QuicConnection):
+class _Connection(quic_internals.SlidingWindowConnection):
     """aioquic's connection with receive windows that follow the relay.
 
     aioquic doubles a stream's window whenever half of it is used, whether
     or not the application has taken the data, so a stalled reader could be
     sent ever more.  Here a stream's window slides: at most
     :data:`STREAM_WINDOW` beyond what was received, widened only while the
-    stream's reader is not paused (``np_held``)."""
+    stream's reader is not paused."""
 
-    np_window = STREAM_WINDOW
+    receive_window = STREAM_WINDOW
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # Streams the peer may have open at once (the transport parameter
         # initial_max_streams_bidi); raised by one as each finishes.
-        self._local_max_streams_bidi.value = MAX_STREAMS_PER_CONN
-
-    def _write_stream_limits(self, builder, space, stream) -> None:
-        limit = stream.max_stream_data_local
-        if limit and not getattr(stream, "np_held", False):
-            target = stream.receiver.highest_offset + self.np_window
-            if target - limit >= self.np_window // 2:
-                stream.max_stream_data_local = target
-        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
-                QuicFrameType.MAX_STREAM_DATA,
-                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery,
-                handler_args=(stream,),
-            )
-            buf.push_uint_var(stream.stream_id)
-            buf.push_uint_var(stream.max_stream_data_local)
-            stream.max_stream_data_local_sent = stream.max_stream_data_local
+        quic_internals.allow_peer_streams(self, MAX_STREAMS_PER_CONN)
 
 
-def _twisted_address(addr) -> address.IAddress:
+def _twisted_address(addr: tuple) -> Union[address.IPv4Address, address.IPv6Address]:
     host, port = addr[0], addr[1]
     if ":" in host:
         return address.IPv6Address("UDP", host, port)
@@ -145,7 +125,7 @@ class QuicStreamTransport:
     def __init__(self, session: "QuicSession", stream_id: int):
         self.session = session
         self.stream_id = stream_id
-        self.protocol = None
+        self.protocol: Any = None  # the relay end attached to the stream
         self.connected = True
         self.held = False
         self.producer = None
@@ -160,8 +140,8 @@ class QuicStreamTransport:
         self.protocol = protocol
         protocol.makeConnection(self)
 
-    def _stream(self):
-        return self.session.conn._streams.get(self.stream_id)
+    def _stream(self) -> Optional[QuicStream]:
+        return self.session.stream_table.get(self.stream_id)
 
     # -- ITransport -----------------------------------------------------------
     def write(self, data) -> None:
@@ -186,8 +166,8 @@ class QuicStreamTransport:
         stream = self._stream()
         if stream is None:
             return 0
-        sender = stream.sender
-        return sender._buffer_stop - sender._buffer_start
+        written, acknowledged = quic_internals.sender_offsets(stream)
+        return written - acknowledged
 
     def relieve(self) -> bool:
         """After acknowledgements: resume the producer once under the low
@@ -240,7 +220,7 @@ class QuicStreamTransport:
         if self._peer_fin:
             return
         stream = self._stream()
-        if stream is None or stream.receiver.is_finished:
+        if stream is None or quic_internals.receive_finished(stream):
             return
         try:
             self.session.conn.stop_stream(self.stream_id, 0)
@@ -265,7 +245,7 @@ class QuicStreamTransport:
             self.held = True
             stream = self._stream()
             if stream is not None:
-                stream.np_held = True
+                quic_internals.hold(stream, True)
 
     def resumeProducing(self) -> None:
         if not self.held or self._lost:
@@ -273,7 +253,7 @@ class QuicStreamTransport:
         self.held = False
         stream = self._stream()
         if stream is not None:
-            stream.np_held = False
+            quic_internals.hold(stream, False)
         while self._pending and not self.held and not self._lost:
             self.protocol.dataReceived(self._pending.pop(0))
         if self._peer_fin and not self._pending and not self.held:
@@ -352,6 +332,8 @@ class QuicSession:
         on_closed: Optional[Callable[["QuicSession"], None]] = None,
     ):
         self.conn = conn
+        #: The connection's streams by ID (aioquic's own table).
+        self.stream_table = quic_internals.stream_table(conn)
         self.peer = peer
         self.port = port
         self.reactor = reactor
@@ -468,13 +450,12 @@ class QuicSession:
 
     def _remote_stream(self, stream_id: int) -> Optional[QuicStreamTransport]:
         """A stream the peer opened: bidirectional and peer-initiated only."""
-        peer_initiated = (stream_id & 1) == (0 if not self.conn._is_client else 1)
+        peer_initiated = (stream_id & 1) == (0 if not self.conn.configuration.is_client else 1)
         if stream_id & 2 or not peer_initiated or self.on_stream is None or self.closed:
             return None
-        stream = self.conn._streams.get(stream_id)
-        if stream is None or getattr(stream, "np_seen", False):
+        stream = self.stream_table.get(stream_id)
+        if stream is None or not quic_internals.claim(stream):
             return None  # a stream we already closed: late data
-        stream.np_seen = True
         t = QuicStreamTransport(self, stream_id)
         self.streams[stream_id] = t
         self.on_stream(t)
@@ -497,11 +478,10 @@ class QuicSession:
         from nodepass.net.tls import explain_verification_failure, is_verification_failure
 
         conn = self.conn
-        if not conn._is_client or not is_verification_failure(reason):
+        if not conn.configuration.is_client or not is_verification_failure(reason):
             return f"QUIC TLS handshake failed: {reason}"
-        tls = getattr(conn, "tls", None)
-        leaf = getattr(tls, "_peer_certificate", None)
-        chain = [leaf, *getattr(tls, "_peer_certificate_chain", [])] if leaf is not None else []
+        leaf, rest = quic_internals.peer_certificates(conn)
+        chain = [leaf, *rest] if leaf is not None else []
         return explain_verification_failure(reason, conn.configuration.server_name or "", chain)
 
     def _shutdown(self, exc: Exception) -> None:
@@ -535,7 +515,7 @@ class QuicSession:
             return defer.succeed(self)
         if self.closed:
             return defer.fail(QuicPoolError(self.close_reason or "QUIC connection closed"))
-        d = Deferred()
+        d: Deferred[QuicSession] = Deferred()
         self._ready_waiters.append(d)
         return d
 
@@ -557,9 +537,8 @@ class QuicSession:
     def host(self):
         return self.port.host()
 
-    def peer_certificate(self):
-        tls = getattr(self.conn, "tls", None)
-        return getattr(tls, "_peer_certificate", None)
+    def peer_certificate(self) -> Optional[Any]:
+        return quic_internals.peer_certificates(self.conn)[0]
 
     def close(self, reason: str = "pool closed") -> None:
         """Send CONNECTION_CLOSE and drop every stream now."""
@@ -579,6 +558,9 @@ class QuicPort(DatagramProtocol):
     and bigger socket buffers."""
 
     noisy = False
+    #: The UDP port (``IUDPTransport``; typed loosely because mypy cannot
+    #: call a zope interface's methods).
+    transport: Any
 
     def __init__(self, reactor, log: NodeLog):
         self.reactor = reactor
@@ -586,7 +568,7 @@ class QuicPort(DatagramProtocol):
         self._sock = None
 
     def startProtocol(self) -> None:
-        sock = getattr(self.transport, "socket", None)
+        sock = socket_of(self.transport)
         self._sock = sock
         if sock is not None:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -800,7 +782,7 @@ class QuicPoolClient:
         self.max_conns = max(1, max_conns)
         self.interface = interface or ("::" if ":" in server[0] else "")
         self.sessions: list[QuicSession] = []
-        self._ports: dict[QuicSession, object] = {}
+        self._ports: dict[QuicSession, Any] = {}  # IListeningPort
         self._stopping: list[Deferred] = []
         self.closed = False
 
@@ -819,8 +801,7 @@ class QuicPoolClient:
     @staticmethod
     def has_credit(session: QuicSession) -> bool:
         """The peer still lets this connection open another stream now."""
-        conn = session.conn
-        return conn._local_next_stream_id_bidi // 4 < conn._remote_max_streams_bidi
+        return quic_internals.has_stream_credit(session.conn)
 
     def _dial(self) -> QuicSession:
         proto = _ClientPort(self.reactor, self.log)
@@ -852,7 +833,7 @@ class QuicPoolClient:
                 return defer.fail(QuicPoolError(f"cannot open a UDP socket: {e}"))
         # Every connection is at its stream limit: queue on the least
         # loaded one; the stream opens when an earlier one finishes.
-        return defer.succeed(min(live, key=lambda s: s.conn._local_next_stream_id_bidi))
+        return defer.succeed(min(live, key=lambda s: s.conn.get_next_available_stream_id()))
 
     def _closed(self, session: QuicSession) -> None:
         if session in self.sessions:
@@ -863,7 +844,13 @@ class QuicPoolClient:
         if port is not None:
             d = defer.maybeDeferred(port.stopListening)
             self._stopping.append(d)
-            d.addBoth(lambda r: (self._stopping.remove(d) if d in self._stopping else None, r)[1])
+
+            def stopped(result: object) -> object:
+                if d in self._stopping:
+                    self._stopping.remove(d)
+                return result
+
+            d.addBoth(stopped)
 
     def open_stream(self, protocol) -> Deferred:
         """Connect ``protocol`` to a new stream once a session is up."""

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict, deque
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog
 
@@ -37,7 +38,7 @@ class PoolClosed(Exception):
     """The pool was shut down while waiting."""
 
 
-def _close(conn) -> None:
+def _close(conn: Any) -> None:
     transport = getattr(conn, "transport", None)
     if transport is not None and not getattr(conn, "lost", False):
         transport.loseConnection()
@@ -46,18 +47,22 @@ def _close(conn) -> None:
 class _Waiter:
     __slots__ = ("d", "timer")
 
-    def __init__(self, d: Deferred, timer):
+    def __init__(self, d: Deferred[Any], timer: Any):
         self.d = d
         self.timer = timer
 
 
-class _IdlePool:
-    """Idle connections by ID, plus waiters for any / a given ID."""
+class IdlePool:
+    """Idle connections by ID, plus waiters for any / a given ID.
 
-    def __init__(self, clock, log: NodeLog):
+    A connection is anything with a ``transport``, a ``lost`` flag, a
+    writable ``pool_id`` and ``on_lost(callback)``: a pool end of
+    :mod:`nodepass.modes.dualend`, over TCP or a QUIC stream."""
+
+    def __init__(self, clock: Any, log: NodeLog):
         self.clock = clock
         self.log = log
-        self.idle: "OrderedDict[str, object]" = OrderedDict()
+        self.idle: OrderedDict[str, Any] = OrderedDict()
         self.errors = 0
         self.closed = False
         self._any: deque[_Waiter] = deque()
@@ -70,7 +75,11 @@ class _IdlePool:
     def ready(self) -> bool:
         return bool(self.idle)
 
-    def _offer(self, pool_id: str, conn) -> bool:
+    def holds(self, pool_id: str, conn: Any) -> bool:
+        """Whether ``conn`` sits idle under ``pool_id``: no get took it."""
+        return self.idle.get(pool_id) is conn
+
+    def _offer(self, pool_id: str, conn: Any) -> bool:
         """A connection with its ID is ready: hand it to a waiter or keep it.
         False when the ID is a duplicate (the caller closes it)."""
         if self.closed:
@@ -92,13 +101,13 @@ class _IdlePool:
         conn.on_lost(lambda _r, i=pool_id, c=conn: self.discard(i, c))
         return True
 
-    def _hand(self, w: _Waiter, value) -> None:
+    def _hand(self, w: _Waiter, value: tuple[str, Any]) -> None:
         if w.timer.active():
             w.timer.cancel()
         self._consumed()
         w.d.callback(value)
 
-    def discard(self, pool_id: str, conn) -> None:
+    def discard(self, pool_id: str, conn: Any) -> None:
         if self.idle.get(pool_id) is conn:
             del self.idle[pool_id]
             self._lost_idle()
@@ -110,7 +119,7 @@ class _IdlePool:
         """Hook: an idle connection died."""
 
     # -- gets -------------------------------------------------------------
-    def incoming_get(self, timeout: float) -> Deferred:
+    def incoming_get(self, timeout: float) -> Deferred[Any]:
         """Any idle connection, as ``(id, conn)``; waits up to ``timeout``."""
         while self.idle:
             pool_id, conn = self.idle.popitem(last=False)
@@ -119,7 +128,7 @@ class _IdlePool:
                 return defer.succeed((pool_id, conn))
         return self._wait(self._any, None, timeout)
 
-    def outgoing_get(self, pool_id: str, timeout: float) -> Deferred:
+    def outgoing_get(self, pool_id: str, timeout: float) -> Deferred[Any]:
         """The connection named ``pool_id``; waits up to ``timeout`` for it
         to arrive.  A miss counts as a pool error (SPEC §4)."""
         conn = self.idle.pop(pool_id, None)
@@ -131,11 +140,11 @@ class _IdlePool:
             return defer.fail(PoolTimeout(f"pool connection {pool_id} requested twice"))
         return self._wait(None, pool_id, timeout)
 
-    def _wait(self, queue: Optional[deque], pool_id: Optional[str], timeout: float) -> Deferred:
+    def _wait(self, queue: Optional[deque[_Waiter]], pool_id: Optional[str], timeout: float) -> Deferred[Any]:
         if self.closed:
             return defer.fail(PoolClosed("pool closed"))
 
-        def expire():
+        def expire() -> None:
             if pool_id is not None:
                 if self._by_id.get(pool_id) is w:
                     del self._by_id[pool_id]
@@ -146,17 +155,18 @@ class _IdlePool:
             if not d.called:
                 d.errback(PoolTimeout(what))
 
-        def cancel(_d):
+        def cancel(_d: Deferred[Any]) -> None:
             if w.timer.active():
                 w.timer.cancel()
             if pool_id is not None and self._by_id.get(pool_id) is w:
                 del self._by_id[pool_id]
 
-        d = Deferred(cancel)
+        d: Deferred[Any] = Deferred(cancel)
         w = _Waiter(d, self.clock.callLater(timeout, expire))
         if pool_id is not None:
             self._by_id[pool_id] = w
         else:
+            assert queue is not None  # waiting for any connection
             queue.append(w)
         return d
 
@@ -186,14 +196,14 @@ class _IdlePool:
                 w.d.errback(PoolClosed("pool closed"))
 
 
-class ServerPool(_IdlePool):
+class ServerPool(IdlePool):
     """Server side: accepted connections get a random ID written on them."""
 
-    def __init__(self, max_size: int, clock, log: NodeLog):
+    def __init__(self, max_size: int, clock: Any, log: NodeLog):
         super().__init__(clock, log)
         self.max = max_size
 
-    def register(self, conn) -> Optional[str]:
+    def register(self, conn: Any) -> Optional[str]:
         """Write a fresh ID on ``conn`` and keep it.  Returns the ID, or None
         when the pool is full or the ID collides (the caller closes)."""
         if self.closed or len(self.idle) >= self.max:
@@ -234,7 +244,7 @@ def adjust_interval(interval: float, idle: int, capacity: int, lo: float, hi: fl
     return max(lo, min(hi, round(interval, 6)))
 
 
-class ClientPool(_IdlePool):
+class ClientPool(IdlePool):
     """Client side: pre-opened connections, adaptively sized.
 
     ``dial()`` opens one pool connection and fires with it once its ID has
@@ -246,7 +256,7 @@ class ClientPool(_IdlePool):
         dial: Callable[[], Deferred],
         min_size: int,
         max_size: int,
-        clock,
+        clock: Any,
         log: NodeLog,
         min_interval: float = 0.1,
         max_interval: float = 1.0,
@@ -280,7 +290,7 @@ class ClientPool(_IdlePool):
         self.inflight += 1
         d = defer.maybeDeferred(self.dial)
 
-        def ok(conn):
+        def ok(conn: Any) -> bool:
             self.inflight -= 1
             if self.closed:
                 _close(conn)
@@ -291,7 +301,7 @@ class ClientPool(_IdlePool):
             self.created += 1
             return True
 
-        def bad(f):
+        def bad(f: Failure) -> bool:
             self.inflight -= 1
             if self.on_dial_error is not None and not self.closed:
                 self.on_dial_error(f.value)

@@ -13,15 +13,17 @@ socket another reason still wants paused.
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
-from twisted.internet import error, main, tcp
+from twisted.internet import error
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass.base.stats import InstanceStats
+from nodepass.base.timers import ClockLike, IdleTimer
+from nodepass.compat.twisted_internals import is_plain_tcp, read_into, write_through
 
 #: Read size and write-buffer high-water mark given to relayed TCP
 #: transports (Twisted's ``bufferSize`` is both).  Large reads keep the
@@ -34,9 +36,11 @@ RELAY_BUFFER_SIZE = 256 * 1024
 # (and may join buffers, copying again).  Once a pair is spliced, each plain
 # TCP end is read into one shared buffer (the reactor runs one read at a
 # time, and every byte is sent or copied before the read returns) and written
-# straight to the peer's socket when Twisted holds nothing for it; only what
-# the socket does not take is copied into Twisted's buffer, whose size still
-# drives the producer pause.  TLS and other transports use Twisted's paths.
+# straight to the peer's socket when Twisted holds nothing for it
+# (``write_through``); only what the socket does not take is copied into
+# Twisted's buffer, whose size still drives the producer pause.  TLS and
+# other transports use Twisted's paths.  Both shortcuts reach under
+# Twisted's API: ``nodepass.compat.twisted_internals`` holds what they use.
 _READ_BUFFER = memoryview(bytearray(RELAY_BUFFER_SIZE))
 
 
@@ -48,65 +52,20 @@ def _read_buffer(size: int) -> memoryview:
     return _READ_BUFFER
 
 
-def _plain_tcp(transport) -> bool:
-    return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False) and hasattr(transport, "socket")
-
-
 # How a relay writes to one end: a plain TCP socket is written directly
-# (:func:`_write_through`); a transport marked ``takes_views`` (the TLS fast
-# path of ``nodepass.relay.tls_fast``, which encrypts a chunk before returning) is
-# given the view of the shared read buffer as is; anything else gets a copy.
+# (``write_through``); a transport marked ``takes_views`` (the TLS fast
+# path of ``nodepass.relay.tls_fast``, which encrypts a chunk before
+# returning, or a QUIC stream) is given the view of the shared read buffer as
+# is; anything else gets a copy.
 _COPY, _PLAIN, _VIEWS = "copy", "plain", "views"
 
 
-def _write_mode(transport) -> str:
-    if _plain_tcp(transport):
+def _write_mode(transport: Any) -> str:
+    if is_plain_tcp(transport):
         return _PLAIN
     if getattr(transport, "takes_views", False):
         return _VIEWS
     return _COPY
-
-
-def _write_through(transport, data) -> None:
-    """Write ``data`` (bytes or a view of the shared read buffer) on a plain
-    TCP transport, socket first when nothing is queued ahead of it."""
-    if (
-        not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-        and transport.connected
-        and not transport.disconnecting
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0  # EAGAIN, or an error Twisted's write path will report
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(bytes(data))
-
-
-def _fast_reader(relay: "Relay", end: "RelayEnd"):
-    """A ``doRead`` for a plain TCP transport of a spliced pair: reads up to
-    the transport's ``bufferSize`` into the shared buffer and forwards."""
-    recv_into = end.transport.socket.recv_into
-    size = end.transport.bufferSize
-    view = _read_buffer(size)
-    forward = relay.forward
-
-    def doRead():
-        try:
-            n = recv_into(view, size)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if not n:
-            return main.CONNECTION_DONE
-        forward(end, view[:n])
-        return None
-
-    return doRead
 
 
 class TokenBucket:
@@ -114,7 +73,7 @@ class TokenBucket:
     instance, both directions together (SPEC §5).  ``consume`` never blocks:
     it answers how long the caller should pause to stay under the rate."""
 
-    def __init__(self, bytes_per_second: float, clock):
+    def __init__(self, bytes_per_second: float, clock: ClockLike):
         self.rate = float(bytes_per_second)
         self.capacity = max(self.rate / 20.0, 16384.0)
         self.tokens = self.capacity
@@ -137,9 +96,9 @@ class PauseGate:
 
     __slots__ = ("_transport", "_reasons")
 
-    def __init__(self, transport):
+    def __init__(self, transport: Any):
         self._transport = transport
-        self._reasons: set = set()
+        self._reasons: set[str] = set()
 
     def pause(self, reason: str) -> None:
         if not self._reasons:
@@ -176,6 +135,15 @@ class PauseGate:
         self._transport.loseConnection()
 
 
+class RelaySink(TypingProtocol):
+    """Where a relay end hands what it reads once it is spliced: a
+    :class:`Relay`, a UDP bridge, or the discard of a finished relay."""
+
+    def forward(self, source: "RelayEnd", data: bytes | memoryview) -> None: ...
+
+    def end_lost(self, end: "RelayEnd") -> None: ...
+
+
 class RelayEnd(Protocol):
     """One side of a relayed pair.
 
@@ -184,9 +152,11 @@ class RelayEnd(Protocol):
     goes straight to the peer's transport.
     """
 
-    relay: Optional["Relay"] = None
+    #: A TCP, TLS or QUIC stream transport: the relay uses more of it than
+    #: ``ITransport`` declares (producers, ``bufferSize``, ``abortConnection``).
+    transport: Any
+    relay: Optional[RelaySink] = None
     gate: Optional[PauseGate] = None
-    connected_ = False
     lost_reason: Optional[Failure] = None
 
     def __init__(self) -> None:
@@ -195,11 +165,11 @@ class RelayEnd(Protocol):
         self.lost = False
 
     def connectionMade(self) -> None:
-        self.connected_ = True
         self.gate = PauseGate(self.transport)
 
     def hold(self) -> None:
         """Stop reading until spliced."""
+        assert self.gate is not None, "hold() before connectionMade"
         self.gate.pause("splice")
 
     def take_early(self) -> bytes:
@@ -207,10 +177,11 @@ class RelayEnd(Protocol):
         self._early = []
         return data
 
-    def dataReceived(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes | memoryview) -> None:
         relay = self.relay
         if relay is None:
-            self._early.append(data)
+            self._early.append(bytes(data))
+            assert self.gate is not None, "data before connectionMade"
             self.gate.pause("splice")
             return
         relay.forward(self, data)
@@ -218,7 +189,7 @@ class RelayEnd(Protocol):
     def on_lost(self, callback: Callable[[Failure], None]) -> None:
         self._lost_callbacks.append(callback)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self.lost_reason = reason
         if self.relay is not None:
@@ -254,7 +225,12 @@ class Relay:
     to it.  At a dual-end entry that is the accepted user connection, at an
     exit or in single-end mode the dialled target connection; ``tunnel`` is
     the other end (the pool connection, or in single-end mode the accepted
-    user connection)."""
+    user connection).
+
+    With ``idle`` set, each direction has its own read deadline, as Go's
+    relay sets one per copying goroutine: when nothing arrived from either
+    end for ``idle`` seconds the pair closes with ``i/o timeout``.  Each
+    chunk only stores the time in its end's :class:`IdleTimer`."""
 
     __slots__ = (
         "target",
@@ -265,10 +241,8 @@ class Relay:
         "clock",
         "_on_close",
         "_closed",
-        "_timer",
-        "_last_target",
-        "_last_tunnel",
-        "udp",
+        "_idle_target",
+        "_idle_tunnel",
         "_rate_calls",
         "_through_target",
         "_through_tunnel",
@@ -280,11 +254,10 @@ class Relay:
         target: RelayEnd,
         tunnel: RelayEnd,
         stats: InstanceStats,
-        clock,
+        clock: ClockLike,
         limiter: Optional[TokenBucket] = None,
         idle: float = 0.0,
         on_close: Optional[Callable[[], None]] = None,
-        udp: bool = False,
     ):
         self.target = target
         self.tunnel = tunnel
@@ -292,48 +265,48 @@ class Relay:
         self.limiter = limiter
         self.idle = idle
         self.clock = clock
-        self.udp = udp
         self._on_close = on_close
         self._closed = False
-        self._timer = None
-        self._rate_calls: dict = {}
+        #: Read deadlines of the two ends (armed by :meth:`start` when
+        #: ``idle`` is set).
+        self._idle_target: Optional[IdleTimer] = None
+        self._idle_tunnel: Optional[IdleTimer] = None
+        self._rate_calls: dict[RelayEnd, Any] = {}
         self._through_target = _COPY
         self._through_tunnel = _COPY
         #: How the exchange ended, in Go's words (``Exchange complete: ...``):
         #: ``EOF`` when an end closed cleanly, else the first error.
         self.outcome = ""
-        now = clock.seconds()
-        self._last_target = now
-        self._last_tunnel = now
 
-    def forward(self, source: RelayEnd, data) -> None:
+    @property
+    def closed(self) -> bool:
+        """Whether the relay is over (its ends closed or closing)."""
+        return self._closed
+
+    def forward(self, source: RelayEnd, data: bytes | memoryview) -> None:
         """Move one chunk (bytes, or a view of the shared read buffer that
         must not outlive this call) from ``source`` to the other end."""
         n = len(data)
         if source is self.target:
-            if self.udp:
-                self.stats.udp_rx += n
-            else:
-                self.stats.tcp_rx += n
-            if self.idle:
-                self._last_target = self.clock.seconds()
+            self.stats.tcp_rx += n
+            timer = self._idle_target
+            if timer is not None:
+                timer.last = self.clock.seconds()
             through = self._through_tunnel
             if through is _PLAIN:
-                _write_through(self.tunnel.transport, data)
+                write_through(self.tunnel.transport, data)
             elif through is _VIEWS:
                 self.tunnel.transport.write(data)
             else:
                 self.tunnel.transport.write(bytes(data))
         else:
-            if self.udp:
-                self.stats.udp_tx += n
-            else:
-                self.stats.tcp_tx += n
-            if self.idle:
-                self._last_tunnel = self.clock.seconds()
+            self.stats.tcp_tx += n
+            timer = self._idle_tunnel
+            if timer is not None:
+                timer.last = self.clock.seconds()
             through = self._through_target
             if through is _PLAIN:
-                _write_through(self.target.transport, data)
+                write_through(self.target.transport, data)
             elif through is _VIEWS:
                 self.target.transport.write(data)
             else:
@@ -342,24 +315,20 @@ class Relay:
         if limiter is not None:
             delay = limiter.consume(n)
             if delay > 0 and not source.lost and not self._closed and source not in self._rate_calls:
-                source.gate.pause("rate")
+                gate = source.gate
+                assert gate is not None  # connected ends only
+                gate.pause("rate")
                 self._rate_calls[source] = self.clock.callLater(delay, self._rate_resume, source)
 
     def _rate_resume(self, source: RelayEnd) -> None:
         self._rate_calls.pop(source, None)
-        source.gate.resume("rate")
+        gate = source.gate
+        assert gate is not None
+        gate.resume("rate")
 
-    def _check_idle(self) -> None:
-        self._timer = None
-        if self._closed:
-            return
-        oldest = min(self._last_target, self._last_tunnel)
-        due = oldest + self.idle
-        now = self.clock.seconds()
-        if now >= due:
+    def _idle_expired(self) -> None:
+        if not self._closed:
             self.close("i/o timeout")
-        else:
-            self._timer = self.clock.callLater(due - now, self._check_idle)
 
     def start(self) -> None:
         """Join the two ends: producers both ways, early bytes flushed,
@@ -370,22 +339,25 @@ class Relay:
         if a.lost or b.lost:
             self.end_lost(a if a.lost else b)
             return
-        a.transport.registerProducer(b.gate, True)
-        b.transport.registerProducer(a.gate, True)
-        if not self.udp:
-            self._through_target = _write_mode(a.transport)
-            self._through_tunnel = _write_mode(b.transport)
-            for end, mode in ((a, self._through_target), (b, self._through_tunnel)):
-                if mode is _PLAIN:
-                    end.transport.doRead = _fast_reader(self, end)
+        a_gate, b_gate = a.gate, b.gate
+        assert a_gate is not None and b_gate is not None, "splice of an unconnected end"
+        a.transport.registerProducer(b_gate, True)
+        b.transport.registerProducer(a_gate, True)
+        self._through_target = _write_mode(a.transport)
+        self._through_tunnel = _write_mode(b.transport)
+        for end, mode in ((a, self._through_target), (b, self._through_tunnel)):
+            if mode is _PLAIN:
+                # Read into the shared buffer, straight to ``forward``.
+                read_into(end.transport, _read_buffer(end.transport.bufferSize), self.forward, end)
+        if self.idle > 0:
+            self._idle_target = IdleTimer(self.clock, self.idle, self._idle_expired)
+            self._idle_tunnel = IdleTimer(self.clock, self.idle, self._idle_expired)
         for end in (a, b):
             early = end.take_early()
             if early:
                 self.forward(end, early)
-        if self.idle:
-            self._timer = self.clock.callLater(self.idle, self._check_idle)
-        a.gate.resume("splice")
-        b.gate.resume("splice")
+        a_gate.resume("splice")
+        b_gate.resume("splice")
 
     def end_lost(self, end: RelayEnd) -> None:
         other = self.tunnel if end is self.target else self.target
@@ -404,9 +376,10 @@ class Relay:
             return
         self._closed = True
         self.outcome = outcome
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._idle_target, self._idle_tunnel):
+            if timer is not None:
+                timer.cancel()
+        self._idle_target = self._idle_tunnel = None
         for call in self._rate_calls.values():
             if call.active():
                 call.cancel()
@@ -426,7 +399,7 @@ def _outcome(reason: Optional[Failure]) -> str:
     return reason.getErrorMessage()
 
 
-def peer_text(transport) -> str:
+def peer_text(transport: Any) -> str:
     """``ip:port`` of a transport's peer (IPv6 bracketed), for log lines."""
     try:
         peer = transport.getPeer()
@@ -439,13 +412,14 @@ def peer_text(transport) -> str:
 class _Discard:
     """Where a closing end's late bytes go once its relay is over."""
 
-    @staticmethod
-    def forward(source: RelayEnd, data) -> None:
+    def forward(self, source: RelayEnd, data: bytes | memoryview) -> None:
         pass
 
-    @staticmethod
-    def end_lost(end: RelayEnd) -> None:
+    def end_lost(self, end: RelayEnd) -> None:
         pass
+
+
+_DISCARD = _Discard()
 
 
 def _close_end(end: RelayEnd) -> None:
@@ -463,22 +437,8 @@ def _close_end(end: RelayEnd) -> None:
         transport.unregisterProducer()
     except Exception:  # noqa: BLE001 - nothing registered / already gone
         pass
-    end.relay = _Discard  # type: ignore[assignment]
+    end.relay = _DISCARD
     if end.gate is not None:
         end.gate.release()
     transport.loseConnection()
 
-
-def splice(
-    target: RelayEnd,
-    tunnel: RelayEnd,
-    stats: InstanceStats,
-    clock,
-    limiter: Optional[TokenBucket] = None,
-    idle: float = 0.0,
-    on_close: Optional[Callable[[], None]] = None,
-    udp: bool = False,
-) -> Relay:
-    relay = Relay(target, tunnel, stats, clock, limiter=limiter, idle=idle, on_close=on_close, udp=udp)
-    relay.start()
-    return relay

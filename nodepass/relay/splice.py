@@ -14,16 +14,25 @@ to close does so only once its pipe is empty.
 
 Used for dual-end tunnel relays without a rate limit or idle timeout (those
 need to see each chunk); everything else keeps the relay core's path.
-Set ``NP_NO_SPLICE=1`` to turn it off.
+Set ``NP_NO_SPLICE=1`` to turn it off.  Taking over a connection's
+``doRead``/``doWrite`` and looking into Twisted's write buffer reach under
+Twisted's API: ``nodepass.compat.twisted_internals`` holds both.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+from typing import Callable
 
-from twisted.internet import main
-
+from nodepass.compat.twisted_internals import (
+    CONNECTION_DONE,
+    CONNECTION_LOST,
+    is_plain_tcp,
+    queued_bytes,
+    replace_do_read,
+    replace_do_write,
+)
 from nodepass.relay.core import Relay, RelayEnd
 
 AVAILABLE = hasattr(os, "splice") and hasattr(os, "pipe2")
@@ -36,16 +45,12 @@ CHUNK = 1 << 20
 DELAY = 0.05
 
 
-def _twisted_buffered(transport) -> bool:
-    return bool(transport._tempDataLen or len(transport.dataBuffer) > transport.offset)
-
-
 class _Direction:
     """Bytes from ``src`` to ``dst`` through one pipe."""
 
-    __slots__ = ("src", "dst", "r", "w", "pending", "count", "_orig_write")
+    __slots__ = ("src", "dst", "r", "w", "pending", "count")
 
-    def __init__(self, src: RelayEnd, dst: RelayEnd, count):
+    def __init__(self, src: RelayEnd, dst: RelayEnd, count: Callable[[int], None]):
         self.src = src
         self.dst = dst
         self.count = count
@@ -55,7 +60,6 @@ class _Direction:
         except OSError:
             pass  # the default 64 KiB pipe still works, just more calls
         self.pending = 0
-        self._orig_write = None
 
     def install(self) -> None:
         src_t, dst_t = self.src.transport, self.dst.transport
@@ -64,11 +68,12 @@ class _Direction:
         splice, flags, w, r = os.splice, _FLAGS, self.w, self.r
         count = self.count
         gate = self.src.gate
+        assert gate is not None, "splice of an unconnected end"
 
         def push() -> None:
             """Move what the pipe holds into ``dst`` (in order after any
             bytes Twisted still buffers for it)."""
-            if _twisted_buffered(dst_t):
+            if queued_bytes(dst_t):
                 gate.pause("pipe")
                 dst_t.startWriting()
                 return
@@ -87,7 +92,7 @@ class _Direction:
             else:
                 gate.resume("pipe")
 
-        def do_read():
+        def do_read() -> object:
             if self.pending:
                 return None
             try:
@@ -95,32 +100,33 @@ class _Direction:
             except BlockingIOError:
                 return None
             except OSError:
-                return main.CONNECTION_LOST
+                return CONNECTION_LOST
             if not n:
-                return main.CONNECTION_DONE
+                return CONNECTION_DONE
             count(n)
             self.pending = n
             push()
             return None
 
-        orig_write = dst_t.doWrite
-
-        def do_write():
-            if _twisted_buffered(dst_t):
-                result = orig_write()
-                if result is not None or _twisted_buffered(dst_t):
-                    return result
-            if self.pending:
-                push()
+        def writer(orig_write: Callable[[], object]) -> Callable[[], object]:
+            def do_write() -> object:
+                if queued_bytes(dst_t):
+                    result = orig_write()
+                    if result is not None or queued_bytes(dst_t):
+                        return result
                 if self.pending:
-                    dst_t.startWriting()
-                    return None
-            # Nothing of ours left: Twisted's own bookkeeping (stop writing,
-            # resume its producer, finish a requested close).
-            return orig_write()
+                    push()
+                    if self.pending:
+                        dst_t.startWriting()
+                        return None
+                # Nothing of ours left: Twisted's own bookkeeping (stop
+                # writing, resume its producer, finish a requested close).
+                return orig_write()
 
-        src_t.doRead = do_read
-        dst_t.doWrite = do_write
+            return do_write
+
+        replace_do_read(src_t, do_read)
+        replace_do_write(dst_t, writer)
 
     def close(self) -> None:
         for fd in (self.r, self.w):
@@ -133,14 +139,12 @@ class _Direction:
 def try_splice(relay: Relay) -> bool:
     """Switch a started relay of two plain TCP sockets to ``splice``.
     Returns False (relay untouched) when it does not apply."""
-    if not AVAILABLE or os.environ.get("NP_NO_SPLICE") or relay.limiter is not None or relay.idle or relay.udp:
+    if not AVAILABLE or os.environ.get("NP_NO_SPLICE") or relay.limiter is not None or relay.idle:
         return False
     a, b = relay.target, relay.tunnel
-    if relay._closed or a.lost or b.lost:
+    if relay.closed or a.lost or b.lost:
         return False
-    from nodepass.relay.core import _plain_tcp
-
-    if not (_plain_tcp(a.transport) and _plain_tcp(b.transport)):
+    if not (is_plain_tcp(a.transport) and is_plain_tcp(b.transport)):
         return False
     stats = relay.stats
 
@@ -161,9 +165,9 @@ def try_splice(relay: Relay) -> bool:
         return False
     up.install()
     down.install()
-    lost = []
+    lost: list[int] = []
 
-    def one_lost(_reason) -> None:
+    def one_lost(_reason: object) -> None:
         lost.append(1)
         if len(lost) == 2:
             up.close()

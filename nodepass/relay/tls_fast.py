@@ -10,28 +10,41 @@ Two things the relay core does not know about TLS:
   (whole chunks into ``SSL_write``, gathered ``SSL_read`` records), with
   Twisted's code still in charge of handshakes, shutdown and errors.
   ``NP_NO_FAST_TLS=1`` keeps Twisted's path (callers check it).
+
+Both work under the public APIs of Twisted's TLS layer and of pyOpenSSL
+(docs/benchmarks.md gives what the fast path buys: about a sixth of the CPU
+per GB); what they touch lives in ``nodepass.compat.twisted_internals`` and
+``nodepass.compat.openssl_internals``.
 """
 
 from __future__ import annotations
 
-from OpenSSL._util import ffi as _ffi, lib as _lib
+from typing import Any, Optional
+
 from OpenSSL.SSL import WantReadError as SSLWantReadError
-from twisted.internet import main
-from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from nodepass.compat import openssl_internals as ossl
+from nodepass.compat.twisted_internals import (
+    CONNECTION_DONE,
+    CONNECTION_LOST,
+    below_tls,
+    install_tls_data_path,
+    replace_do_read,
+    tls_aborted,
+    tls_blockers,
+    tls_connection_when_ready,
+    tls_layer,
+    unregister_producer_on_tls_shutdown,
+    write_buffers,
+    write_under_tls,
+)
 from nodepass.relay.core import RelayEnd
 
 
-def tls_protocol(end: RelayEnd):
+def tls_protocol(end: RelayEnd) -> Optional[TLSMemoryBIOProtocol]:
     """The TLSMemoryBIOProtocol behind a relay end, if it talks TLS."""
-    t = end.transport
-    if isinstance(t, TLSMemoryBIOProtocol):
-        return t  # client side: connectSSL wraps the protocol
-    proto = getattr(t, "protocol", None)
-    if getattr(t, "TLS", False) and isinstance(proto, TLSMemoryBIOProtocol):
-        return proto  # server side: startTLS on the accepted connection
-    return None
+    return tls_layer(end.transport)
 
 
 def release_on_tls_shutdown(end: RelayEnd) -> None:
@@ -43,19 +56,9 @@ def release_on_tls_shutdown(end: RelayEnd) -> None:
     sees ``connectionLost`` -- which a TLS shutdown never reaches while the
     producer is registered.  Without this, a relayed download whose user
     went away kept the exit side reading its target forever."""
-    tls = tls_protocol(end)
-    if tls is None:
-        return
-    finished = tls._tlsShutdownFinished
-
-    def shutdown_finished(reason) -> None:
-        finished(reason)
-        try:
-            tls.unregisterProducer()
-        except Exception:  # noqa: BLE001 - nothing registered / already gone
-            pass
-
-    tls._tlsShutdownFinished = shutdown_finished
+    tls = tls_layer(end.transport)
+    if tls is not None:
+        unregister_producer_on_tls_shutdown(tls)
 
 
 #: Read size (and write high-water mark) for both ends of a relay over a
@@ -71,18 +74,13 @@ TLS_RELAY_BUFFER_SIZE = 1 << 20
 # 22 bytes per record) leaves in one ``send`` and a whole read's plaintext is
 # forwarded at once.
 _TLS_BUF_SIZE = 2 * TLS_RELAY_BUFFER_SIZE
-_tls_rbuf = None
-_tls_wbuf = None
+_tls_rbuf: Any = None
+_tls_wbuf: Any = None
 # Ciphertext is read from the socket into this buffer (instead of a new
 # ``bytes`` per read, whose 1 MiB allocations glibc keeps returning to the
 # kernel and faulting back in); OpenSSL decrypts straight out of it through a
 # read-only memory BIO (see ``data_received``).
-_tls_inbuf = None
-
-
-def _mem_pending(bio) -> int:
-    """Bytes waiting in a memory BIO."""
-    return _lib.BIO_get_mem_data(bio, _ffi.new("char **"))
+_tls_inbuf: Optional[memoryview] = None
 
 
 def fast_tls(end: RelayEnd) -> None:
@@ -98,36 +96,34 @@ def fast_tls(end: RelayEnd) -> None:
     code, which stays in charge of the TLS lifecycle.  Flow control is
     unchanged: ciphertext still goes through the underlying transport."""
     global _tls_rbuf, _tls_wbuf, _tls_inbuf
-    tls = tls_protocol(end)
-    if tls is None or not tls._handshakeDone:
+    tls = tls_layer(end.transport)
+    if tls is None:
         return
-    conn = tls._tlsConnection
-    ssl_ptr = getattr(conn, "_ssl", None)
-    out_bio = getattr(conn, "_from_ssl", None)
-    if ssl_ptr is None or out_bio is None:
-        return  # pyOpenSSL internals changed: keep Twisted's path
-    if _tls_rbuf is None:
-        _tls_rbuf = _ffi.new("char[]", _TLS_BUF_SIZE)
-        _tls_wbuf = _ffi.new("char[]", _TLS_BUF_SIZE)
+    conn = tls_connection_when_ready(tls)
+    access = ossl.memory_bio_access(conn)
+    if access is None:
+        return  # no handshake yet, or pyOpenSSL internals changed: keep Twisted's path
+    ssl_ptr, out_bio, input_pending, set_into = access
+    ffi, lib = ossl.ffi, ossl.lib
+    if _tls_rbuf is None or _tls_inbuf is None:
+        _tls_rbuf = ffi.new("char[]", _TLS_BUF_SIZE)
+        _tls_wbuf = ffi.new("char[]", _TLS_BUF_SIZE)
         _tls_inbuf = memoryview(bytearray(_TLS_BUF_SIZE))
     rbuf, wbuf, size = _tls_rbuf, _tls_wbuf, _TLS_BUF_SIZE
     # One SSL_write takes a whole chunk (the memory BIO never blocks).
-    _lib.SSL_clear_mode(ssl_ptr, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-    raw = tls.transport
+    lib.SSL_clear_mode(ssl_ptr, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    raw: Any = tls.transport
     # The TCP connection under the TLS layer, written to directly when
     # Twisted holds nothing for it (server side: the connection startTLS ran
     # on, whose own write() would encrypt again; client side: the transport
     # connectSSL wrapped).
-    sock_conn = end.transport if getattr(end.transport, "TLS", False) else raw
-    sock = getattr(sock_conn, "socket", None)
-    fd_write = FileDescriptor.write
-    slow_write = tls.write
-    slow_received = tls.dataReceived
-    ssl_write, ssl_read, bio_read = _lib.SSL_write, _lib.SSL_read, _lib.BIO_read
-    from_buffer, buffer = _ffi.from_buffer, _ffi.buffer
-    new_mem_buf, set_mem_eof_return, set_bio = _lib.BIO_new_mem_buf, _lib.BIO_set_mem_eof_return, _lib.SSL_set_bio
-    bio_new, s_mem, get_mem_data, bio_write = _lib.BIO_new, _lib.BIO_s_mem, _lib.BIO_get_mem_data, _lib.BIO_write
-    left_ptr = _ffi.new("char **")
+    sock_conn, sock = below_tls(end.transport, tls)
+    queue_raw = write_under_tls(sock_conn)
+    ssl_write, ssl_read, bio_read = lib.SSL_write, lib.SSL_read, lib.BIO_read
+    from_buffer, buffer, null = ffi.from_buffer, ffi.buffer, ffi.NULL
+    new_mem_buf, set_mem_eof_return, set_bio = lib.BIO_new_mem_buf, lib.BIO_set_mem_eof_return, lib.SSL_set_bio
+    bio_new, s_mem, get_mem_data, bio_write = lib.BIO_new, lib.BIO_s_mem, lib.BIO_get_mem_data, lib.BIO_write
+    left_ptr = ffi.new("char **")
 
     def drain() -> None:
         while True:
@@ -135,27 +131,23 @@ def fast_tls(end: RelayEnd) -> None:
             if n <= 0:
                 return
             view = buffer(wbuf, n)
-            if (
-                sock is not None
-                and not sock_conn._tempDataLen
-                and sock_conn.offset == len(sock_conn.dataBuffer)
-                and sock_conn.connected
-                and not sock_conn.disconnecting
-            ):
-                try:
-                    sent = sock.send(view)
-                except OSError:
-                    sent = 0  # EAGAIN, or an error the normal path reports
-                if sent == n:
-                    continue
-                view = view[sent:]
             if sock is not None:
-                fd_write(sock_conn, bytes(view))  # under TLS: no re-encryption
+                temp, offset, queued = write_buffers(sock_conn)
+                if not temp and offset == len(queued) and sock_conn.connected and not sock_conn.disconnecting:
+                    try:
+                        sent = sock.send(view)
+                    except OSError:
+                        sent = 0  # EAGAIN, or an error the normal path reports
+                    if sent == n:
+                        continue
+                    view = view[sent:]
+                queue_raw(bytes(view))  # under TLS: no re-encryption
             else:
                 raw.write(bytes(view))
 
-    def write(data) -> None:
-        if tls.disconnecting or tls._lostTLSConnection or tls._appSendBuffer or len(data) > 0x7FFFFFFF:
+    def write(data: Any) -> None:
+        lost, waiting = tls_blockers(tls)
+        if tls.disconnecting or lost or waiting or len(data) > 0x7FFFFFFF:
             slow_write(bytes(data))
             return
         with from_buffer(data) as cdata:
@@ -167,21 +159,22 @@ def fast_tls(end: RelayEnd) -> None:
             return
         drain()
 
-    def data_received(data) -> None:
-        if tls._lostTLSConnection or tls._appSendBuffer:
+    def data_received(data: Any) -> None:
+        lost, waiting = tls_blockers(tls)
+        if lost or waiting:
             slow_received(bytes(data))
             return
         got = 0
-        fresh = _ffi.NULL if _mem_pending(conn._into_ssl) else bio_new(s_mem())
-        if fresh != _ffi.NULL:
+        fresh = null if input_pending() else bio_new(s_mem())
+        if fresh != null:
             # OpenSSL reads the ciphertext where it lies (a read-only memory
             # BIO over ``data``) instead of a copy in the memory BIO, which
             # is zero-filled as it grows; what it leaves goes into a fresh
             # memory BIO, which pyOpenSSL and Twisted keep using.
             with from_buffer(data) as cdata:
                 view_bio = new_mem_buf(cdata, len(data))
-                if view_bio == _ffi.NULL:
-                    _lib.BIO_free(fresh)
+                if view_bio == null:
+                    lib.BIO_free(fresh)
                     raise MemoryError("BIO_new_mem_buf")
                 set_mem_eof_return(view_bio, -1)
                 set_bio(ssl_ptr, view_bio, out_bio)  # frees the empty ``into``
@@ -196,7 +189,7 @@ def fast_tls(end: RelayEnd) -> None:
                     if left > 0:
                         bio_write(fresh, left_ptr[0], left)
                     set_bio(ssl_ptr, fresh, out_bio)  # frees ``view_bio``
-                    conn._into_ssl = fresh
+                    set_into(fresh)
         else:
             conn.bio_write(data)
             while got < size - 16384:
@@ -204,7 +197,7 @@ def fast_tls(end: RelayEnd) -> None:
                 if n <= 0:
                     break
                 got += n
-        if got and not tls._aborted:
+        if got and not tls_aborted(tls):
             # A view of the shared buffer: the relay sends or copies it
             # before returning (RelayEnd only keeps data before a splice,
             # and this path is installed at splice time).
@@ -216,18 +209,19 @@ def fast_tls(end: RelayEnd) -> None:
         except SSLWantReadError:
             pass
         except Exception:  # noqa: BLE001
-            tls._flushReceiveBIO()
+            flush_receive()
             return
         else:  # more records than the buffer held: the rest the slow way
-            if not tls._aborted:
+            if not tls_aborted(tls):
                 end.dataReceived(record)
-            tls._flushReceiveBIO()
+            flush_receive()
             return
         drain()  # post-handshake messages may want an answer
 
     inbuf = _tls_inbuf
+    recv_into: Any = getattr(sock, "recv_into", None)
 
-    def do_read():
+    def do_read() -> object:
         """``Connection.doRead`` of the socket under the TLS layer, reading
         into the shared buffer (``data_received`` is done with it, or has
         copied what OpenSSL left, before returning)."""
@@ -236,18 +230,16 @@ def fast_tls(end: RelayEnd) -> None:
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
-            return main.CONNECTION_LOST
+            return CONNECTION_LOST
         if not n:
-            return main.CONNECTION_DONE
+            return CONNECTION_DONE
         tls.dataReceived(inbuf[:n])
         return None
 
-    tls.write = write
-    tls.dataReceived = data_received
-    recv_into = getattr(sock, "recv_into", None)
+    slow_write, slow_received, flush_receive = install_tls_data_path(tls, write, data_received)
     if recv_into is not None and getattr(sock_conn, "protocol", None) is tls:
-        sock_conn.doRead = do_read
+        replace_do_read(sock_conn, do_read)
     # ``write`` is done with a chunk when it returns (encrypted, or copied on
     # the slow path), so the relay may hand it a view of its read buffer
-    # instead of a copy (``nodepass.relay._write_mode``).
+    # instead of a copy (``nodepass.relay.core._write_mode``).
     end.transport.takes_views = True

@@ -60,7 +60,7 @@ exactly once and closes the backend.
 from __future__ import annotations
 
 import inspect
-from typing import Awaitable, Callable, Optional, Protocol as TypingProtocol, Union
+from typing import Any, Awaitable, Callable, Optional, Protocol as TypingProtocol, Union
 
 from twisted.internet import error as terror
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
@@ -69,6 +69,7 @@ from twisted.internet.protocol import DatagramProtocol
 from nodepass.config.durations import format_duration
 from nodepass.base.logs import NodeLog
 from nodepass.base.stats import InstanceStats
+from nodepass.base.timers import IdleTimer
 
 Addr = tuple[str, int]
 
@@ -85,38 +86,6 @@ class SessionBackend(TypingProtocol):
 
 
 OpenBackend = Callable[["UDPSession"], Union[SessionBackend, Awaitable[SessionBackend]]]
-
-
-class IdleTimer:
-    """Calls ``expire`` once nothing has called :meth:`touch` for ``timeout``
-    seconds.  Touching is a single attribute store (it runs per datagram);
-    the timer re-arms itself lazily when it fires early."""
-
-    __slots__ = ("clock", "timeout", "expire", "last", "_call")
-
-    def __init__(self, clock, timeout: float, expire: Callable[[], None]):
-        self.clock = clock
-        self.timeout = timeout
-        self.expire = expire
-        self.last = clock.seconds()
-        self._call = clock.callLater(timeout, self._fire) if timeout > 0 else None
-
-    def touch(self) -> None:
-        self.last = self.clock.seconds()
-
-    def _fire(self) -> None:
-        self._call = None
-        due = self.last + self.timeout
-        now = self.clock.seconds()
-        if now >= due:
-            self.expire()
-        else:
-            self._call = self.clock.callLater(due - now, self._fire)
-
-    def cancel(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
 
 
 class DropReport:
@@ -268,6 +237,10 @@ class UDPSession:
 
 class UDPSessionListener(DatagramProtocol):
     """The entry-side UDP socket: groups datagrams into sessions by source."""
+
+    #: The UDP port (``IUDPTransport``; typed loosely because mypy cannot
+    #: call a zope interface's methods).
+    transport: Any
 
     def __init__(
         self,
@@ -492,7 +465,6 @@ def _fmt(addr: Addr) -> str:
 
 __all__ = [
     "DropReport",
-    "IdleTimer",
     "OpenBackend",
     "SessionBackend",
     "TargetUDP",

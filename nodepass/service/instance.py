@@ -31,7 +31,7 @@ async def make_runner(ctx: InstanceContext) -> Runner:
     cfg = ctx.config
     if cfg.is_server:
         return ServerRunner(ctx)
-    if cfg.mode == 1 or (cfg.mode == 0 and tunnel_address_binds(cfg)):
+    if cfg.mode == 1 or (cfg.mode == 0 and await tunnel_address_binds(cfg, ctx.reactor)):
         return SingleEndRunner(ctx)
     return ClientRunner(ctx)
 
@@ -60,7 +60,6 @@ class TunnelService(service.Service):
         self.checkpoint_listeners: list[Callable[[Checkpoint], None]] = []
         self.status_listeners: list[Callable[[str, str], None]] = []
         self.runner: Optional[Runner] = None
-        self.last_checkpoint: Optional[Checkpoint] = None
         self._loop: Optional[Deferred] = None
         self._stopping = False
         self._sleep: Optional[Deferred] = None
@@ -73,7 +72,6 @@ class TunnelService(service.Service):
     def _report(self, ping: int, pool: int) -> None:
         mode = self.runner.mode if self.runner is not None else 0
         cp = self.stats.checkpoint(mode, ping, pool)
-        self.last_checkpoint = cp
         self.log.event(cp.line())
         for listener in list(self.checkpoint_listeners):
             listener(cp)
@@ -108,7 +106,7 @@ class TunnelService(service.Service):
     async def _run(self) -> None:
         word = self.name_word
         announced = False
-        last_mode = self.config.mode
+        last_mode: int = self.config.mode
         while not self._stopping:
             runner = None
             try:

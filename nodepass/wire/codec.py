@@ -15,6 +15,8 @@ from urllib.parse import quote, unquote
 
 import attrs
 
+from nodepass.base.kinds import Flow, PoolType, TLSCode
+
 #: Longest control line accepted (handshake key or signal).  Real lines are
 #: well under 200 bytes; anything longer is garbage and is refused rather
 #: than buffered.
@@ -184,21 +186,33 @@ def _loggable(text: str) -> bool:
     return len(text) <= MAX_FIELD and text.isprintable()
 
 
+#: The pool types this end knows, by their exact wire text.
+_POOL_TYPES = {str(p.value): p for p in PoolType}
+
+
 @attrs.frozen
 class TunnelInfo:
-    """The server's handshake answer ``np://P@MAX/FLOW#TLS``."""
+    """The server's handshake answer ``np://P@MAX/FLOW#TLS``.
+
+    ``pool_type`` stays the text on the wire: a server may announce a pool
+    type this end does not know (:attr:`known_pool_type` is then None), and
+    the client names it as sent when it refuses it."""
 
     pool_type: str
     max: int
-    flow: str
-    tls: int
+    flow: Flow = attrs.field(converter=Flow)
+    tls_code: TLSCode = attrs.field(converter=TLSCode)
+
+    @property
+    def known_pool_type(self) -> Optional[PoolType]:
+        return _POOL_TYPES.get(self.pool_type)
 
     def payload(self) -> str:
-        return f"np://{self.pool_type}@{self.max}/{self.flow}#{self.tls}"
+        return f"np://{self.pool_type}@{self.max}/{self.flow}#{self.tls_code}"
 
 
-def handshake_config(pool_type: int, max_pool: int, flow: str, tls: int) -> str:
-    return TunnelInfo(str(pool_type), max_pool, flow, tls).payload()
+def handshake_config(pool_type: PoolType, max_pool: int, flow: Flow, tls_code: TLSCode) -> str:
+    return TunnelInfo(str(pool_type), max_pool, flow, tls_code).payload()
 
 
 def parse_handshake_config(payload: Union[bytes, str]) -> TunnelInfo:
@@ -214,7 +228,7 @@ def parse_handshake_config(payload: Union[bytes, str]) -> TunnelInfo:
     empty = [name for name, value in parts.items() if not value]
     if empty:
         raise CodecError(f"handshake answer has empty {', '.join(empty)}")
-    if flow not in ("-", "+"):
+    if flow not in (Flow.REVERSE, Flow.FORWARD):
         raise CodecError("handshake answer has an unknown flow (not - or +)")
     if not _number(pool_type):
         raise CodecError("handshake answer has an invalid pool type (not a number)")

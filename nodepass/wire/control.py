@@ -16,13 +16,14 @@ connection first carried the handshake.
 from __future__ import annotations
 
 import socket
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.task import LoopingCall
 
 from nodepass.wire import codec
 from nodepass.wire.codec import Codec, CodecError, Signal
 from nodepass.base.logs import NodeLog
+from nodepass.base.timers import ClockLike, IdleTimer
 
 
 class LineBuffer:
@@ -58,7 +59,7 @@ class LineBuffer:
         return data
 
 
-def enable_keepalive(transport, interval: float) -> None:
+def enable_keepalive(transport: Any, interval: float) -> None:
     """TCP keep-alive with the report interval as probe period (SPEC §3.2)."""
     try:
         transport.setTcpKeepAlive(True)
@@ -87,14 +88,16 @@ class ControlChannel:
     runner calls :meth:`mark_working` (the client's first pool connection).
     Until then the silence limit counts from :meth:`start`, whatever bytes
     arrive, so a peer that never proves itself is dropped after
-    ``3 x interval``; ``on_working()`` runs once when it does.
+    ``3 x interval``; ``on_working()`` runs once when it does.  The silence
+    watch is an :class:`~nodepass.base.timers.IdleTimer` that only a
+    working channel's reads touch.
     """
 
     def __init__(
         self,
-        transport,
+        transport: Any,
         key: Codec,
-        clock,
+        clock: ClockLike,
         interval: float,
         log: NodeLog,
         handler: Callable[[Signal], None],
@@ -116,28 +119,26 @@ class ControlChannel:
         self.working = working
         self.on_working = on_working
         self.lines = LineBuffer()
-        self.started = self.last_read = clock.seconds()
         self.ping_sent: Optional[float] = None
         self.broken = False
         self._loop: Optional[LoopingCall] = None
-        self._watch = None
+        self._silence: Optional[IdleTimer] = None
 
     def start(self) -> None:
         enable_keepalive(self.transport, self.interval)
-        self.started = self.last_read = self.clock.seconds()
         if self.interval > 0:
             self._loop = LoopingCall(self._tick)
-            self._loop.clock = self.clock
+            self._loop.clock = self.clock  # type: ignore[assignment]  # typed IReactorTime, a zope interface
             self._loop.start(self.interval, now=False)
-            self._watch = self.clock.callLater(self.interval, self._check_silence)
+            self._silence = IdleTimer(self.clock, 3 * self.interval, self._silent)
 
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        if self._watch is not None and self._watch.active():
-            self._watch.cancel()
-        self._watch = None
+        if self._silence is not None:
+            self._silence.cancel()
+        self._silence = None
 
     # -- outgoing ---------------------------------------------------------
     def send(self, payload: str) -> None:
@@ -160,29 +161,26 @@ class ControlChannel:
                 self.log.error("Pool check failed: %s", e)
         self.ping()
 
-    def _check_silence(self) -> None:
-        self._watch = None
-        if self.broken:
+    def _silent(self) -> None:
+        """Nothing touched the silence timer for ``3 x interval``: since the
+        last read of a working channel, or since :meth:`start` for one that
+        never worked."""
+        silence = self._silence
+        if self.broken or silence is None:
             return
-        limit = 3 * self.interval
-        if not self.working:
-            waited = self.clock.seconds() - self.started
-            if waited >= limit:
-                self.fail(f"no valid signal from the peer within {waited:.1f}s")
-                return
-            self._watch = self.clock.callLater(max(0.05, limit - waited), self._check_silence)
-            return
-        silent = self.clock.seconds() - self.last_read
-        if silent >= limit:
-            self.fail(f"control connection silent for {silent:.1f}s")
-            return
-        self._watch = self.clock.callLater(max(0.05, limit - silent), self._check_silence)
+        quiet = self.clock.seconds() - silence.last
+        if self.working:
+            self.fail(f"control connection silent for {quiet:.1f}s")
+        else:
+            self.fail(f"no valid signal from the peer within {quiet:.1f}s")
 
     # -- incoming ---------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self.broken:
             return
-        self.last_read = self.clock.seconds()
+        silence = self._silence
+        if silence is not None and self.working:
+            silence.last = self.clock.seconds()
         for line in self.lines.feed(data):
             self._line(line)
             if self.broken:
@@ -219,7 +217,8 @@ class ControlChannel:
         if self.working or self.broken:
             return
         self.working = True
-        self.last_read = self.clock.seconds()
+        if self._silence is not None:
+            self._silence.touch()
         if self.on_working is not None:
             self.on_working()
 

@@ -1,0 +1,250 @@
+"""The parts of Twisted below its public API that nodepass relies on.
+
+Each one buys speed or a behaviour the public API does not offer (see
+docs/benchmarks.md for the figures); ``tests/test_compat.py`` checks every
+name here against the installed Twisted:
+
+* a ``FileDescriptor``'s write buffers -- ``_tempDataLen`` (bytes waiting to
+  be joined), ``dataBuffer`` and ``offset`` (the send buffer and how much of
+  it went out): when all are empty, the relay may ``send`` on the socket
+  itself instead of waiting a reactor turn for Twisted's ``doWrite``;
+* the ``socket`` of a TCP connection (present until it is closed) or of a
+  UDP port;
+* replacing a connection's ``doRead``/``doWrite``: the reactor calls the
+  instance attribute; a replacement returns None, :data:`CONNECTION_DONE`
+  or :data:`CONNECTION_LOST`, as Twisted's own do;
+* ``FileDescriptor.write`` called on a TCP connection that runs TLS
+  (``startTLS``): it queues raw bytes under the TLS layer, where the
+  connection's own ``write`` would encrypt them again;
+* ``tcp.Connection.TLS`` and ``.protocol`` after ``startTLS``;
+* ``TLSMemoryBIOProtocol``'s state: ``_tlsConnection``, ``_handshakeDone``,
+  ``_lostTLSConnection``, ``_appSendBuffer``, ``_aborted``, and its methods
+  ``_flushReceiveBIO`` and ``_tlsShutdownFinished``, and its ``write`` and
+  ``dataReceived`` looked up on the instance (so that one connection's can
+  be replaced);
+* ``reactor._exitSignal``, the signal twistd re-raises at exit;
+* the ``ApplicationRunner`` of a running twistd, found up the call stack;
+* ``twisted.web``'s HTTP channel: the real ``HTTPChannel`` behind the
+  ``_GenericHTTPChannelProtocol`` proxy a ``Site`` builds (``_channel``),
+  and its ``_waitingForTransport`` flag (the transport's buffer is full
+  and the channel has paused its producers already).
+
+Hot paths bind what they need once per connection; the per-chunk checks
+are :func:`operator.attrgetter` objects, which read several attributes in
+one C call (no Python frame)."""
+
+from __future__ import annotations
+
+import sys
+from operator import attrgetter
+from types import FrameType, MethodType
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.internet import main, tcp
+from twisted.internet.abstract import FileDescriptor
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+#: What a ``doRead``/``doWrite`` returns when the peer closed cleanly ...
+CONNECTION_DONE = main.CONNECTION_DONE
+#: ... and when the connection failed.
+CONNECTION_LOST = main.CONNECTION_LOST
+
+# -- TCP connections ---------------------------------------------------------
+
+#: ``(joined-later bytes, offset, send buffer)`` of a ``FileDescriptor``:
+#: nothing is queued when the first is 0 and the offset is the buffer's length.
+write_buffers: Callable[[Any], tuple[int, int, bytes]] = attrgetter("_tempDataLen", "offset", "dataBuffer")
+
+
+def queued_bytes(transport: Any) -> int:
+    """Bytes a Twisted ``FileDescriptor`` holds in user space, not yet
+    written (0 for anything else)."""
+    if not isinstance(transport, FileDescriptor):
+        return 0
+    temp, offset, buffer = write_buffers(transport)
+    return temp + len(buffer) - offset
+
+
+def is_plain_tcp(transport: Any) -> bool:
+    """An open TCP connection without TLS: its socket can be used directly."""
+    return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False) and hasattr(transport, "socket")
+
+
+def socket_of(transport: Any) -> Any:
+    """The socket of an open TCP connection or UDP port, else None."""
+    return getattr(transport, "socket", None)
+
+
+def write_through(transport: Any, data: Any) -> None:
+    """Write ``data`` (bytes or a view that must not outlive the call) on a
+    plain TCP connection: straight to the socket when Twisted holds nothing
+    queued ahead of it, and only what the socket did not take is copied into
+    Twisted's buffer (whose size still drives the producer pause)."""
+    temp, offset, buffer = write_buffers(transport)
+    if not temp and offset == len(buffer) and transport.connected and not transport.disconnecting:
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error Twisted's write path will report
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(bytes(data))
+
+
+def write_under_tls(transport: Any) -> Callable[[bytes], None]:
+    """``FileDescriptor.write`` bound to a TCP connection that runs TLS:
+    queues ciphertext we made ourselves without encrypting it again."""
+    return MethodType(FileDescriptor.write, transport)
+
+
+def read_into(transport: Any, view: memoryview, deliver: Callable[[Any, memoryview], None], source: Any) -> None:
+    """Take over the reading of an open TCP connection: each time it is
+    readable, read up to its ``bufferSize`` into ``view`` (not a new
+    ``bytes`` per read, as Twisted's ``doRead`` makes) and call
+    ``deliver(source, chunk)`` with a view of what came, which must not be
+    kept past the call.  End of stream and errors end the connection as
+    Twisted's own ``doRead`` would."""
+    recv_into = transport.socket.recv_into
+    size = transport.bufferSize
+
+    def doRead() -> object:
+        try:
+            n = recv_into(view, size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return CONNECTION_LOST
+        if not n:
+            return CONNECTION_DONE
+        deliver(source, view[:n])
+        return None
+
+    transport.doRead = doRead
+
+
+def replace_do_read(transport: Any, do_read: Callable[[], object]) -> None:
+    """Have the reactor call ``do_read`` when ``transport`` is readable."""
+    transport.doRead = do_read
+
+
+def replace_do_write(transport: Any, make: Callable[[Callable[[], object]], Callable[[], object]]) -> None:
+    """Have the reactor call ``make(original)`` when ``transport`` is
+    writable; ``original`` is Twisted's own ``doWrite``, which the
+    replacement calls for Twisted's buffer and bookkeeping."""
+    transport.doWrite = make(transport.doWrite)
+
+
+# -- the TLS layer -----------------------------------------------------------
+# The fast TLS path sets itself up once per relayed connection, on a path
+# that is measured in connections per second: each helper below answers
+# several questions in one call.
+
+
+def tls_layer(transport: Any) -> Optional[TLSMemoryBIOProtocol]:
+    """The ``TLSMemoryBIOProtocol`` of a connection, if it talks TLS: the
+    transport itself (``connectSSL`` wraps the protocol), or the protocol of
+    a TCP connection that ran ``startTLS``."""
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return transport
+    proto = getattr(transport, "protocol", None)
+    if getattr(transport, "TLS", False) and isinstance(proto, TLSMemoryBIOProtocol):
+        return proto
+    return None
+
+
+def tls_connection_when_ready(tls: TLSMemoryBIOProtocol) -> Any:
+    """The ``OpenSSL.SSL.Connection`` (memory BIOs) of the TLS layer once its
+    handshake is done; None before, or once the connection is gone."""
+    return tls._tlsConnection if tls._handshakeDone else None
+
+
+def below_tls(transport: Any, tls: TLSMemoryBIOProtocol) -> tuple[Any, Any]:
+    """``(connection, socket)``: the TCP connection under the TLS layer of
+    ``transport`` (server side: the connection ``startTLS`` ran on; client
+    side: the one ``connectSSL`` wrapped) and its socket (None if closed)."""
+    conn = transport if getattr(transport, "TLS", False) else tls.transport
+    return conn, getattr(conn, "socket", None)
+
+
+#: ``(TLS connection lost, cleartext waiting for the handshake)``: when
+#: either is set, Twisted's own write and read paths must handle the data.
+tls_blockers: Callable[[TLSMemoryBIOProtocol], tuple[bool, list]] = attrgetter("_lostTLSConnection", "_appSendBuffer")
+#: Whether ``abortConnection`` was called (no more data for the protocol).
+tls_aborted: Callable[[TLSMemoryBIOProtocol], bool] = attrgetter("_aborted")
+
+
+def install_tls_data_path(
+    tls: TLSMemoryBIOProtocol, write: Callable[[Any], None], data_received: Callable[[Any], None]
+) -> tuple[Callable[[bytes], None], Callable[[bytes], None], Callable[[], None]]:
+    """Route the TLS layer's cleartext writes and ciphertext reads through
+    ``write`` and ``data_received``.  Returns what they fall back on:
+    Twisted's own ``write`` and ``dataReceived``, and its "read what
+    OpenSSL holds" step (which also handles close_notify and errors)."""
+    original = (tls.write, tls.dataReceived, tls._flushReceiveBIO)
+    # Instance attributes shadow the methods for this connection only.
+    setattr(tls, "write", write)
+    setattr(tls, "dataReceived", data_received)
+    return original
+
+
+def unregister_producer_on_tls_shutdown(tls: TLSMemoryBIOProtocol) -> None:
+    """Once the TLS layer has finished (close_notify from the peer, or a TLS
+    error) and Twisted has handled it, unregister its producer.
+
+    Twisted closes a TLS connection's socket only once no paused streaming
+    producer is registered on it, and that shutdown never reaches
+    ``connectionLost`` (where producers are usually let go) while one is."""
+    finished = tls._tlsShutdownFinished
+
+    def shutdown_finished(reason: Any) -> None:
+        finished(reason)
+        try:
+            tls.unregisterProducer()
+        except Exception:  # noqa: BLE001 - nothing registered / already gone
+            pass
+
+    setattr(tls, "_tlsShutdownFinished", shutdown_finished)  # this connection only
+
+
+# -- the reactor and twistd --------------------------------------------------
+
+
+def forget_exit_signal(reactor: Any) -> None:
+    """Make twistd exit 0 after a signal-initiated stop: twistd re-raises the
+    stopping signal it recorded at exit (status 128+N)."""
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+
+
+def running_twistd_config() -> Optional[Mapping]:
+    """The options of the twistd run executing our caller, or None.
+
+    twistd gives a ``.tac`` file nothing; its ``ApplicationRunner`` is a
+    ``self`` up the stack, and its ``config`` holds the options."""
+    from twisted.application.app import ApplicationRunner
+
+    frame: Optional[FrameType] = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, ApplicationRunner):
+            return candidate.config
+        frame = frame.f_back
+    return None
+
+
+def http_channel_transport(proto: Any) -> Any:
+    """The transport of an HTTP connection a ``Site`` built: the proxy
+    ``Site`` hands out has none of its own; the channel behind it has."""
+    transport = getattr(proto, "transport", None)
+    if transport is None:
+        transport = getattr(getattr(proto, "_channel", None), "transport", None)
+    return transport
+
+
+def http_channel_paused(channel: Any) -> bool:
+    """Whether an HTTP channel is waiting for its transport to drain: a
+    producer registered now is told only of *later* changes, so it must
+    start paused."""
+    return bool(getattr(channel, "_waitingForTransport", False))
+
