@@ -106,7 +106,7 @@ def read_into(transport: Any, view: memoryview, deliver: Callable[[Any, memoryvi
     kept past the call.  End of stream and errors end the connection as
     Twisted's own ``doRead`` would."""
     recv_into = transport.socket.recv_into
-    size = transport.bufferSize
+    size = min(transport.bufferSize, len(view))
 
     def doRead() -> object:
         try:

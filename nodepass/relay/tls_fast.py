@@ -26,11 +26,9 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from nodepass.compat import openssl_internals as ossl
 from nodepass.compat.twisted_internals import (
-    CONNECTION_DONE,
-    CONNECTION_LOST,
     below_tls,
     install_tls_data_path,
-    replace_do_read,
+    read_into,
     tls_aborted,
     tls_blockers,
     tls_connection_when_ready,
@@ -218,27 +216,14 @@ def fast_tls(end: RelayEnd) -> None:
             return
         drain()  # post-handshake messages may want an answer
 
-    inbuf = _tls_inbuf
     recv_into: Any = getattr(sock, "recv_into", None)
-
-    def do_read() -> object:
-        """``Connection.doRead`` of the socket under the TLS layer, reading
-        into the shared buffer (``data_received`` is done with it, or has
-        copied what OpenSSL left, before returning)."""
-        try:
-            n = recv_into(inbuf, min(sock_conn.bufferSize, _TLS_BUF_SIZE))
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return CONNECTION_LOST
-        if not n:
-            return CONNECTION_DONE
-        tls.dataReceived(inbuf[:n])
-        return None
 
     slow_write, slow_received, flush_receive = install_tls_data_path(tls, write, data_received)
     if recv_into is not None and getattr(sock_conn, "protocol", None) is tls:
-        replace_do_read(sock_conn, do_read)
+        # The socket under the TLS layer reads into the shared buffer
+        # (``data_received`` is done with it, or has copied what OpenSSL
+        # left, before it returns).
+        read_into(sock_conn, _tls_inbuf, lambda _tls, chunk: data_received(chunk), tls)
     # ``write`` is done with a chunk when it returns (encrypted, or copied on
     # the slow path), so the relay may hand it a view of its read buffer
     # instead of a copy (``nodepass.relay.core._write_mode``).
