@@ -224,10 +224,10 @@ class MasterSite(server.Site):
         super().__init__(resource)
         self.channels: dict[object, defer.Deferred] = {}
 
-    def log(self, request) -> None:  # no per-request access log (Go prints none)
+    def log(self, request: Any) -> None:  # no per-request access log (Go prints none)
         pass
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: Any) -> Any:
         proto = super().buildProtocol(addr)
         gone: defer.Deferred = defer.Deferred()
         self.channels[proto] = gone
