@@ -24,6 +24,7 @@ from nodepass.config.urls import (
     text_problem,
 )
 from nodepass.config.durations import DurationError, format_duration, parse_duration
+from nodepass.base.kinds import BlockedProtocol, Wire
 
 from tests import examples
 
@@ -136,32 +137,84 @@ class TunnelURLTests(unittest.TestCase):
         self.assertEqual((cfg.quic, cfg.tls), (1, 1))
 
     def test_start_url_matches_spec_example(self) -> None:
-        cfg = parse_url("client://127.0.0.1:41003/127.0.0.1:41001?mode=2")
+        """1.12 form (SPEC §7) for instances pinned to 1.12 or using quic=."""
+        cfg = parse_url("client://127.0.0.1:41003/127.0.0.1:41001?mode=2&wire=1.12")
         self.assertEqual(
             "Client started: " + cfg.start_url(),
             "Client started: client://61741aaf@127.0.0.1:41003/127.0.0.1:41001?dns=5m0s&min=64&mode=2"
             "&quic=0&dial=auto&read=0s&rate=0&slot=65536&proxy=0&notcp=0&noudp=0",
         )
-        server = parse_url("server://:10101/127.0.0.1:80?dns=1h")
+        server = parse_url("server://:10101/127.0.0.1:80?dns=1h&quic=0")
         self.assertEqual(
             server.start_url(mode=1),
             "server://e68be2b4@:10101/127.0.0.1:80?dns=1h0m0s&max=1024&mode=1&quic=0&dial=auto"
             "&read=0s&rate=0&slot=65536&proxy=0&notcp=0&noudp=0",
         )
 
+    def test_start_url_matches_spec_114_example(self) -> None:
+        """SPEC-1.14 §7: type= in place of quic=, block= after proxy=, and
+        the client's sni= after dns=."""
+        server = parse_url("server://127.0.0.1:10101/127.0.0.1:8080?mode=1")
+        self.assertEqual(
+            "Server started: " + server.start_url(),
+            "Server started: server://e68be2b4@127.0.0.1:10101/127.0.0.1:8080?dns=5m0s&max=1024&mode=1&type=0"
+            "&dial=auto&read=0s&rate=0&slot=65536&proxy=0&block=0&notcp=0&noudp=0",
+        )
+        client = parse_url("client://127.0.0.1:41003/127.0.0.1:41001?mode=2")
+        self.assertEqual(
+            client.start_url(),
+            "client://61741aaf@127.0.0.1:41003/127.0.0.1:41001?dns=5m0s&sni=none&min=64&mode=2&dial=auto"
+            "&read=0s&rate=0&slot=65536&proxy=0&block=0&notcp=0&noudp=0",
+        )
+        named = parse_url("client://tunnel.example:41003/127.0.0.1:41001?block=31")
+        self.assertIn("&sni=tunnel.example&", named.start_url())
+        self.assertIn("&block=31&", named.start_url())
+        self.assertEqual(named.blocked, {BlockedProtocol.SOCKS, BlockedProtocol.TLS})
+        self.assertIn("&sni=cdn.example&", parse_url("client://[::1]:1/t:2?sni=cdn.example").start_url())
+
     def test_config_url_matches_spec_example(self) -> None:
-        cfg = parse_url("client://127.0.0.1:7011/127.0.0.1:8088?log=warn")
+        cfg = parse_url("client://127.0.0.1:7011/127.0.0.1:8088?log=warn&wire=1.12")
         self.assertEqual(
             cfg.config_url(),
             "client://127.0.0.1:7011/127.0.0.1:8088?dial=auto&dns=5m0s&log=warn&min=64&mode=0"
-            "&notcp=0&noudp=0&proxy=0&rate=0&read=0s&slot=65536",
+            "&notcp=0&noudp=0&proxy=0&rate=0&read=0s&slot=65536&wire=1.12",
         )
-        server = parse_url("server://key@:10101/127.0.0.1:80?tls=1&log=info")
+        server = parse_url("server://key@:10101/127.0.0.1:80?tls=1&log=info&quic=0")
         self.assertEqual(
             server.config_url(),
             "server://key@:10101/127.0.0.1:80?dial=auto&dns=5m0s&log=info&max=1024&mode=0"
             "&notcp=0&noudp=0&proxy=0&quic=0&rate=0&read=0s&slot=65536&tls=1",
         )
+
+    def test_config_url_matches_spec_114_example(self) -> None:
+        """SPEC-1.14 §8: the client gains sni= and block=, the server
+        type= (in place of quic=) and block=."""
+        cfg = parse_url("client://127.0.0.1:39233/127.0.0.1:52055?log=info")
+        self.assertEqual(
+            cfg.config_url(),
+            "client://127.0.0.1:39233/127.0.0.1:52055?block=0&dial=auto&dns=5m0s&log=info&min=64&mode=0"
+            "&notcp=0&noudp=0&proxy=0&rate=0&read=0s&slot=65536&sni=none",
+        )
+        server = parse_url("server://127.0.0.1:39233/127.0.0.1:56575?log=info")
+        self.assertEqual(
+            server.config_url(),
+            "server://127.0.0.1:39233/127.0.0.1:56575?block=0&dial=auto&dns=5m0s&log=info&max=1024&mode=0"
+            "&notcp=0&noudp=0&proxy=0&rate=0&read=0s&slot=65536&type=0",
+        )
+
+    def test_114_parameters_checked(self) -> None:
+        cfg = parse_url("client://h:1/t:2?sni=a%20b&block=x&wire=2.0")
+        self.assertEqual((cfg.sni, cfg.block, cfg.wire), ("", "0", Wire.AUTO))
+        self.assertEqual(len(cfg.warnings), 3)
+        self.assertIn("wire must be auto, 1.12 or 1.14", " ".join(cfg.warnings))
+        for pool_type in ("1", "2", "3"):
+            with self.assertRaises(URLError) as e:
+                parse_url(f"server://:10101/127.0.0.1:80?type={pool_type}")
+            self.assertIn("not available yet", str(e.exception))
+        # Pinned to 1.12, type= means nothing (as quic= means nothing to 1.14).
+        self.assertEqual(parse_url("server://:10101/127.0.0.1:80?type=2&wire=1.12").quic, 0)
+        # A client learns the pool type from the server.
+        self.assertNotIn("type", parse_url("client://h:1/t:2?type=1").given)
 
 
 class BadURLTests(unittest.TestCase):

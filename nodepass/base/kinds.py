@@ -51,10 +51,34 @@ class TLSCode(IntEnum):
 
 
 class PoolType(IntEnum):
-    """The pool transport a server announces in its handshake."""
+    """The pool transport a server announces in its handshake: 1.12 knows
+    TCP and QUIC (``quic=``), 1.14 all four (``type=``, SPEC-1.14 §4)."""
 
     TCP = 0
     QUIC = 1
+    WEBSOCKET = 2
+    HTTP2 = 3
+
+
+class Wire(StrEnum):
+    """Which NodePass wire generation a peer speaks (``wire=``).
+
+    The two cannot negotiate: a 1.12 and a 1.14 peer fail each other's
+    handshake (SPEC-1.14 §3.2.5).  ``AUTO`` lets a server serve whichever
+    arrives and a client try 1.14 first, then 1.12."""
+
+    AUTO = "auto"
+    V112 = "1.12"
+    V114 = "1.14"
+
+
+class BlockedProtocol(IntEnum):
+    """What ``block=`` can refuse on the entry side (SPEC-1.14 §5.1); each
+    member is the digit that names it in the parameter."""
+
+    SOCKS = 1
+    HTTP = 2
+    TLS = 3
 
 
 class Status(StrEnum):

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import attrs
 
 from nodepass.config.durations import DurationError, format_duration, parse_duration
-from nodepass.base.kinds import ClientMode, PoolType, Role, ServerMode, TLSCode
+from nodepass.base.kinds import BlockedProtocol, ClientMode, PoolType, Role, ServerMode, TLSCode, Wire
 from nodepass.base.logs import CONTROL_CHARS
 
 LOG_LEVELS = ("none", "debug", "info", "warn", "error", "event")
@@ -189,6 +189,10 @@ _TUNNEL_DEFAULTS: dict[str, object] = {
     "max": 1024,
     "mode": 0,  # ServerMode.AUTO or ClientMode.AUTO, by the role
     "quic": PoolType.TCP,
+    "type": PoolType.TCP,
+    "sni": "",  # by the tunnel host: see TunnelConfig.server_name
+    "block": "0",
+    "wire": Wire.AUTO,
     "dial": "auto",
     "read": 0.0,
     "rate": 0,
@@ -198,11 +202,21 @@ _TUNNEL_DEFAULTS: dict[str, object] = {
     "noudp": 0,
 }
 
-# Order of the start line (SPEC §7); the config URL sorts instead.
+# Order of the start line (SPEC §7, SPEC-1.14 §7); the config URL sorts instead.
 SERVER_START_KEYS = ("dns", "max", "mode", "quic", "dial", "read", "rate", "slot", "proxy", "notcp", "noudp")
 CLIENT_START_KEYS = ("dns", "min", "mode", "quic", "dial", "read", "rate", "slot", "proxy", "notcp", "noudp")
 SERVER_CONFIG_KEYS = ("dns", "max", "mode", "quic", "dial", "read", "rate", "slot", "proxy", "notcp", "noudp")
 CLIENT_CONFIG_KEYS = ("dns", "min", "mode", "dial", "read", "rate", "slot", "proxy", "notcp", "noudp")
+SERVER_START_KEYS_114 = (
+    "dns", "max", "mode", "type", "dial", "read", "rate", "slot", "proxy", "block", "notcp", "noudp"
+)
+CLIENT_START_KEYS_114 = (
+    "dns", "sni", "min", "mode", "dial", "read", "rate", "slot", "proxy", "block", "notcp", "noudp"
+)
+SERVER_CONFIG_KEYS_114 = (
+    "dns", "max", "mode", "type", "dial", "read", "rate", "slot", "proxy", "block", "notcp", "noudp"
+)
+CLIENT_CONFIG_KEYS_114 = ("dns", "sni", "min", "mode", "dial", "read", "rate", "slot", "proxy", "block", "notcp", "noudp")
 
 _DURATION_KEYS = {"dns", "read"}
 
@@ -222,10 +236,11 @@ def _int_param(name: str, lo: int, hi: int) -> Callable[[str], int]:
 _Kind = TypeVar("_Kind", bound=IntEnum)
 
 
-def _kind_param(name: str, kind: type[_Kind]) -> Callable[[str], _Kind]:
+def _kind_param(name: str, kind: type[_Kind], highest: Optional[_Kind] = None) -> Callable[[str], _Kind]:
     """A parameter whose values are the members of ``kind`` (``tls``,
-    ``quic``): checked as a whole number in their range, the same words."""
-    values = [member.value for member in kind]
+    ``quic``, ``type``), up to ``highest``: checked as a whole number in
+    their range, the same words."""
+    values = [member.value for member in kind if highest is None or member.value <= highest]
     check = _int_param(name, min(values), max(values))
 
     def member(raw: str) -> _Kind:
@@ -244,6 +259,33 @@ def _dial(raw: str) -> str:
     if raw == "auto" or is_ip_literal(raw):
         return raw
     raise ValueError("dial must be an IP address or auto")
+
+
+_SNI = re.compile(r"[!-~]{1,253}\Z")  # visible ASCII: it is sent as an HTTP Host
+
+
+def _sni(raw: str) -> str:
+    if not _SNI.match(raw):
+        raise ValueError("sni must be a host name (visible ASCII, no spaces, at most 253 characters)")
+    return raw
+
+
+_BLOCK = re.compile(r"[0-9, ]{1,32}\Z")
+
+
+def _block(raw: str) -> str:
+    """Go searches the value for the digits 1, 2 and 3; anything but digits
+    and commas is refused here rather than silently meaning nothing."""
+    if not _BLOCK.match(raw):
+        raise ValueError("block must list the digits 1 (SOCKS), 2 (HTTP) and 3 (TLS), e.g. 13 or 1,3")
+    return raw
+
+
+def _wire(raw: str) -> Wire:
+    try:
+        return Wire(raw)
+    except ValueError:
+        raise ValueError("wire must be auto, 1.12 or 1.14") from None
 
 
 def _duration(raw: str) -> float:
@@ -267,7 +309,11 @@ _VALIDATORS: dict[str, Callable[[str], object]] = {
     "min": _int_param("min", 1, 1 << 20),
     "max": _int_param("max", 1, 1 << 20),
     "mode": _int_param("mode", 0, 2),
-    "quic": _kind_param("quic", PoolType),
+    "quic": _kind_param("quic", PoolType, PoolType.QUIC),
+    "type": _kind_param("type", PoolType),
+    "sni": _sni,
+    "block": _block,
+    "wire": _wire,
     "dial": _dial,
     "read": _duration,
     "rate": _int_param("rate", 0, 1 << 40),
@@ -275,6 +321,14 @@ _VALIDATORS: dict[str, Callable[[str], object]] = {
     "proxy": _int_param("proxy", 0, 1),
     "notcp": _int_param("notcp", 0, 1),
     "noudp": _int_param("noudp", 0, 1),
+}
+
+
+POOL_TYPE_NAMES = {
+    PoolType.TCP: "TCP",
+    PoolType.QUIC: "QUIC",
+    PoolType.WEBSOCKET: "WebSocket",
+    PoolType.HTTP2: "HTTP/2",
 }
 
 
@@ -313,6 +367,10 @@ class TunnelConfig:
     max: int = 1024
     mode: Union[ServerMode, ClientMode] = ServerMode.AUTO
     quic: PoolType = attrs.field(default=PoolType.TCP, converter=PoolType)
+    type: PoolType = attrs.field(default=PoolType.TCP, converter=PoolType)
+    sni: str = ""
+    block: str = "0"
+    wire: Wire = attrs.field(default=Wire.AUTO, converter=Wire)
     dial: str = "auto"
     read: float = 0.0
     rate: int = 0
@@ -341,6 +399,27 @@ class TunnelConfig:
     def targets_text(self) -> str:
         return ",".join(str(t) for t in self.targets)
 
+    @property
+    def server_name(self) -> str:
+        """The 1.14 client's server name (SPEC-1.14 §1 ``sni``): as given,
+        else the tunnel host when it is a DNS name, else ``none``."""
+        if self.sni:
+            return self.sni
+        host = self.tunnel.host
+        return "none" if not host or is_ip_literal(host) else host
+
+    @property
+    def blocked(self) -> frozenset[BlockedProtocol]:
+        """The protocols ``block=`` refuses (SPEC-1.14 §5.1)."""
+        return frozenset(p for p in BlockedProtocol if str(p.value) in self.block)
+
+    @property
+    def speaks_112_lines(self) -> bool:
+        """Whether the start line and the master's ``config`` follow 1.12
+        (``quic=``) rather than 1.14 (``type=``, ``sni=``, ``block=``): for
+        an instance pinned to 1.12 and for URLs that use ``quic=``."""
+        return self.wire is Wire.V112 or "quic" in self.given
+
     def _base(self, with_key: bool) -> str:
         userinfo = f"{quote(self.tunnel_key, safe='')}@" if with_key else ""
         return f"{self.role}://{userinfo}{self.tunnel}/{self.targets_text()}"
@@ -348,8 +427,13 @@ class TunnelConfig:
     def start_url(self, mode: Optional[int] = None) -> str:
         """The URL printed in the ``Server started:`` line: the key always
         shown, parameters in NodePass's fixed order."""
-        keys = SERVER_START_KEYS if self.is_server else CLIENT_START_KEYS
+        if self.speaks_112_lines:
+            keys = SERVER_START_KEYS if self.is_server else CLIENT_START_KEYS
+        else:
+            keys = SERVER_START_KEYS_114 if self.is_server else CLIENT_START_KEYS_114
         values = {k: getattr(self, k) for k in keys}
+        if "sni" in values:
+            values["sni"] = self.server_name
         if mode is not None:
             values["mode"] = mode
         query = "&".join(f"{k}={_param_text(k, values[k])}" for k in keys)
@@ -358,9 +442,15 @@ class TunnelConfig:
     def config_url(self) -> str:
         """The master's ``config`` field: every default written out, keys in
         alphabetical order, plus log/tls/crt/key where the URL named them."""
-        keys = set(SERVER_CONFIG_KEYS if self.is_server else CLIENT_CONFIG_KEYS)
-        keys |= {k for k in ("log", "tls", "crt", "key") if k in self.given}
-        query = "&".join(f"{k}={_param_text(k, getattr(self, k))}" for k in sorted(keys))
+        if self.speaks_112_lines:
+            keys = set(SERVER_CONFIG_KEYS if self.is_server else CLIENT_CONFIG_KEYS)
+        else:
+            keys = set(SERVER_CONFIG_KEYS_114 if self.is_server else CLIENT_CONFIG_KEYS_114)
+        keys |= {k for k in ("log", "tls", "crt", "key", "wire", "quic") if k in self.given}
+        values = {k: getattr(self, k) for k in keys}
+        if "sni" in values:
+            values["sni"] = self.server_name
+        query = "&".join(f"{k}={quote(_param_text(k, values[k]), safe='/:,')}" for k in sorted(keys))
         return f"{self._base(self.key_given)}?{query}"
 
     def evolve(self, **changes: Any) -> "TunnelConfig":
@@ -482,13 +572,19 @@ def parse_url(text: str) -> InstanceConfig:
     # A client learns tls/max/quic from the server and a server has no pool
     # minimum; Go peers ignore such parameters silently, and so do we.
     if scheme is Role.CLIENT:
-        for name in ("max", "quic", "tls", "crt", "key"):
+        for name in ("max", "quic", "type", "tls", "crt", "key"):
             values.pop(name, None)
             given.discard(name)
         errors = []  # only ever about tls, which a client ignores
     else:
         values.pop("min", None)
         given.discard("min")
+        pool_type = values.get("type", PoolType.TCP)
+        if pool_type is not PoolType.TCP and values.get("wire") is not Wire.V112:
+            raise URLError(
+                f"invalid URL {shown(text)}: type={int(pool_type)} ({POOL_TYPE_NAMES[pool_type]} pool of the 1.14 "
+                "generation) is not available yet; use type=0 (TCP pool), or quic=1 for the 1.12 QUIC pool"
+            )
     if scheme is Role.SERVER and values.get("quic") == PoolType.QUIC and values.get("tls", TLSCode.NONE) == TLSCode.NONE:
         values["tls"] = TLSCode.RAM_CERT
         warnings.append("quic=1 requires TLS, using tls=1")

@@ -186,8 +186,8 @@ def _loggable(text: str) -> bool:
     return len(text) <= MAX_FIELD and text.isprintable()
 
 
-#: The pool types this end knows, by their exact wire text.
-_POOL_TYPES = {str(p.value): p for p in PoolType}
+#: The pool types of the 1.12 handshake, by their exact wire text.
+_POOL_TYPES = {str(p.value): p for p in (PoolType.TCP, PoolType.QUIC)}
 
 
 @attrs.frozen
