@@ -88,6 +88,8 @@ class ExchangeLineTests(GoLinesMixin, TunnelMixin, unittest.TestCase):
 
 
 class HandshakeLineTests(GoLinesMixin, TunnelMixin, unittest.TestCase):
+    wire = "1.12"
+
     @d
     async def test_signal_and_handshaked_lines_both_sides(self):
         server, client, entry, _ = await self.tunnel("-", "&tls=0")
@@ -99,6 +101,37 @@ class HandshakeLineTests(GoLinesMixin, TunnelMixin, unittest.TestCase):
         self.assertTrue(self.levelled("client", "INFO", rf"Tunnel signal <- : np://0@1024/-#0 <- 127\.0\.0\.1:{self.tunnel_port}"))
         chs = self.levelled("client", "INFO", rf"Tunnel handshaked: ({ADDR}) <-> ({ADDR})")
         self.assertEqual((chs[0].group(1), chs[0].group(2)), (hs[0].group(2), f"127.0.0.1:{self.tunnel_port}"))
+
+
+class HandshakeLines114Tests(GoLinesMixin, CAMixin, unittest.TestCase):
+    """SPEC-1.14 §7: the new INFO lines, in order, on both sides."""
+
+    @d
+    async def test_lines_in_order_both_sides(self):
+        server, client, entry, _ = await self.tunnel("-", "&tls=1")
+        await wait_for(lambda: self.logged("server", "TLS certificate fingerprint verified: "), what="server verified")
+        await wait_for(lambda: self.logged("client", "TLS certificate fingerprint verified: "), what="client verified")
+        config = r"FLOW=-\|MAX=1024\|TLS=1\|TYPE=0"
+        for name, word in (("server", "Sending"), ("client", "Loading")):
+            order = [
+                r"Pending tunnel handshake\.\.\.",
+                rf"{word} tunnel config: {config}",
+                r"Getting tunnel pool ready\.\.\.",
+                r"Marking tunnel handshake as complete in \d+ms",
+                r"TLS certificate fingerprint verifying\.\.\.",
+                r"TLS certificate fingerprint verified: sha256:(?:[0-9A-F]{2}:){31}[0-9A-F]{2}",
+            ]
+            positions = []
+            for pattern in order:
+                found = [i for i, ln in enumerate(self.lines[name]) if re.search(r"\bINFO  " + pattern + "$", ln)]
+                self.assertTrue(found, (name, pattern, self.lines[name]))
+                positions.append(found[0])
+            self.assertEqual(positions, sorted(positions), name)
+        # 1.12's lines are gone (SPEC-1.14 §7 "Removed lines").
+        for name in ("server", "client"):
+            self.assertFalse(self.logged(name, "Tunnel handshaked:"))
+            self.assertFalse(self.logged(name, "TLS cert verified:"))
+        self.assertTrue(self.logged("client", "Tunnel generation: 1.14"))
 
 
 class TLSCodeLineTests(GoLinesMixin, CAMixin, unittest.TestCase):

@@ -92,6 +92,8 @@ async def udp_roundtrip(port: int, datagram: bytes) -> bytes:
 
 
 class StrangerTests(HostileMixin, unittest.TestCase):
+    wire = "1.12"  # the 1.12 key line and np:// signals; 1.14: tests/test_v114_peer.py
+
     @d
     async def test_same_length_wrong_key_does_not_restart_the_server(self):
         """A client whose key differs but has the same length passes the
@@ -139,6 +141,8 @@ class StrangerTests(HostileMixin, unittest.TestCase):
 
 
 class NoSecretsInLogsTests(HostileMixin, unittest.TestCase):
+    wire = "1.12"  # the 1.12 key line and np:// signals; 1.14: tests/test_v114_peer.py
+
     @d
     async def test_misdirected_client_does_not_log_its_key(self):
         """A client pointed at an echo service reads back its own key line,
@@ -183,6 +187,8 @@ class _Reset(Protocol):
 
 
 class RefusalWordingTests(HostileMixin, unittest.TestCase):
+    wire = "1.12"  # the 1.12 key line and np:// signals; 1.14: tests/test_v114_peer.py
+
     def listen(self, protocol) -> tuple[int, object]:
         port, factory = listen_tcp(protocol)
         self.addCleanup(port.stopListening)

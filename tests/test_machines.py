@@ -10,6 +10,8 @@ test_tunnel, test_hostile_tunnel and test_interop."""
 
 from __future__ import annotations
 
+import attrs
+
 from typing import Any, Optional
 
 from twisted.internet import error
@@ -18,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from nodepass.base.kinds import Flow, ServerMode, TLSCode
+from nodepass.base.kinds import Flow, ServerMode, TLSCode, Wire
 from nodepass.base.logs import NodeLog
 from nodepass.base.stats import InstanceStats
 from nodepass.config.urls import Tunables, parse_url
@@ -37,6 +39,7 @@ from nodepass.modes.server import QuicPoolStream, ServerRunner
 from nodepass.modes.tunnel_port import (
     MAX_PROBE,
     Admission,
+    Adopted,
     PortInput,
     PortSettings,
     PortState,
@@ -45,7 +48,7 @@ from nodepass.modes.tunnel_port import (
 )
 from nodepass.net.tls import ServerCredentials
 from nodepass.pools.tcp import ServerPool
-from nodepass.wire import codec
+from nodepass.wire import codec, v114
 from nodepass.wire.codec import Codec
 
 KEY = "tunnelkey1"
@@ -114,6 +117,9 @@ class FakePortOwner:
         self.taken = False
         self.accepted: list[TunnelPortMachine] = []
         self.channel = FakeChannel()
+        self.as_control = False  # 1.14: the next adopted connection is the control
+        self.controls: list[TunnelPortMachine] = []
+        self.requests: list[TunnelPortMachine] = []
 
     def admit(self, port: TunnelPortMachine, peer_host: str) -> Admission:
         self.ports.add(port)
@@ -125,14 +131,26 @@ class FakePortOwner:
     def tls_context(self) -> Any:
         return "server-context"
 
-    def adopt(self, conn: Any) -> bool:
+    def adopt(self, conn: Any) -> Adopted:
         if not self.adopt_ok:
-            return False
+            return Adopted.REFUSED
+        if self.as_control:
+            conn.transport.write(b"\x00\x00\x00\x00")
+            self.adopted.append(conn)
+            return Adopted.CONTROL
         conn.transport.write(b"\x01\x02\x03\x04")  # what the pool writes: the ID
         conn.pool_id = "01020304"
         self.adopted.append(conn)
         self.idle.add(conn)
-        return True
+        return Adopted.POOLED
+
+    def pool_control(self, port: TunnelPortMachine) -> Any:
+        self.controls.append(port)
+        return self.channel
+
+    def accept_request(self, port: TunnelPortMachine) -> bool:
+        self.requests.append(port)
+        return not self.taken
 
     def is_idle(self, conn: Any) -> bool:
         return conn in self.idle
@@ -187,7 +205,7 @@ class PortTableTests(_PortCase):
 
     def test_unlisted_pairs_are_ignored(self) -> None:
         args = {PortInput.DATA: (b"x",), PortInput.HTTP_PROBE: (b"GET",), PortInput.KEY_ACCEPTED: (b"",),
-                PortInput.DENIED: ("why", True), PortInput.STRAY: (b"x",),
+                PortInput.DENIED: ("why", True), PortInput.STRAY: (b"x",), PortInput.ANSWERED: (None, False),
                 PortInput.LOST: (Failure(error.ConnectionDone()),)}
         ignored = 0
         for state in PortState:
@@ -203,6 +221,78 @@ class PortTableTests(_PortCase):
                 self.assertEqual((transport.value(), transport.how_closed), (b"", None), (state, event))
                 ignored += 1
         self.assertGreater(ignored, 0)
+
+
+class V114PortTests(_PortCase):
+    """The 1.14 handshake on the tunnel port (SPEC-1.14 §3.2, §3.3)."""
+
+    def pinned(self, wire: Wire) -> None:
+        self.settings = attrs.evolve(self.settings, wire=wire)
+
+    def test_request_answered_and_closed(self) -> None:
+        owner = FakePortOwner()
+        proto, transport = self.port(owner)
+        request = v114.build_request(KEY)
+        proto.dataReceived(request[:40])  # "GET / HTTP/1.1 ... Authorization: Bea" -- undecided
+        self.assertIs(proto.machine.state, PortState.SNIFFING)
+        proto.dataReceived(request[40:])
+        self.assertIs(proto.machine.state, PortState.CLOSED)
+        self.assertEqual(owner.requests, [proto.machine])
+        self.assertEqual(transport.how_closed, "close")
+
+    def test_wrong_token_gets_401(self) -> None:
+        owner = FakePortOwner()
+        proto, transport = self.port(owner)
+        proto.dataReceived(v114.build_request("another key"))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n"))
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nUnauthorized\n"))
+        self.assertEqual((transport.how_closed, owner.requests), ("close", []))
+        self.assertTrue(self.lines.has("WARN", f"Tunnel access denied: {PEER}:40000 (1.14 handshake answered 401"))
+
+    def test_tunnel_taken_closes_without_answer(self) -> None:
+        owner = FakePortOwner()
+        owner.taken = True
+        proto, transport = self.port(owner)
+        proto.dataReceived(v114.build_request(KEY))
+        self.assertEqual((transport.value(), transport.how_closed), (b"", "close"))
+        self.assertTrue(self.lines.has("WARN", "a client is already connected"))
+
+    def test_slow_request_times_out(self) -> None:
+        owner = FakePortOwner()
+        proto, transport = self.port(owner)
+        proto.dataReceived(v114.build_request(KEY)[:-2])
+        self.assertIs(proto.machine.state, PortState.HTTP_114)
+        self.clock.advance(HANDSHAKE)
+        self.assertEqual((proto.machine.state, transport.how_closed), (PortState.CLOSED, "abort"))
+
+    def test_pinned_114_answers_a_key_line_with_400(self) -> None:
+        """What a 1.12 client meets at a 1.14 server (SPEC-1.14 §3.2.5)."""
+        self.pinned(Wire.V114)
+        owner = FakePortOwner()
+        proto, transport = self.port(owner)
+        proto.dataReceived(self.codec.encode(KEY))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
+        self.assertEqual(owner.accepted, [])
+
+    def test_pinned_112_takes_a_bearer_request_for_the_ip_probe(self) -> None:
+        """What a 1.14 client meets at a 1.12 server (SPEC-1.14 §3.2.5)."""
+        self.pinned(Wire.V112)
+        owner = FakePortOwner()
+        proto, transport = self.port(owner)
+        proto.dataReceived(v114.build_request(KEY))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"))
+        self.assertTrue(transport.value().endswith(PEER.encode() + b"\n"))
+        self.assertEqual(owner.requests, [])
+
+    def test_first_pool_connection_is_the_control(self) -> None:
+        owner = FakePortOwner(Admission.POOL)
+        owner.as_control = True
+        proto, transport = self.port(owner)
+        self.assertIs(proto.machine.state, PortState.CONTROL)
+        self.assertEqual(transport.value(), b"\x00\x00\x00\x00")
+        self.assertEqual(owner.controls, [proto.machine])
+        proto.dataReceived(b"signal line\n")
+        self.assertEqual(owner.channel.data, [b"signal line\n"])
 
 
 class NewcomerTests(_PortCase):
@@ -472,9 +562,9 @@ class QuicStreamTests(unittest.TestCase):
             self.ok = ok
             self.adopted: list[Any] = []
 
-        def adopt(self, conn: Any) -> bool:
+        def adopt(self, conn: Any) -> Adopted:
             self.adopted.append(conn)
-            return self.ok
+            return Adopted.POOLED if self.ok else Adopted.REFUSED
 
     def test_adopted_and_first_byte_dropped(self) -> None:
         runner = self.Runner(True)

@@ -127,8 +127,8 @@ class _Api:
             self.assertEqual(inst["url"], f"client://127.0.0.1:0/127.0.0.1:9?log={master.config.log}&mode=1")
             self.assertEqual(
                 inst["config"],
-                "client://127.0.0.1:0/127.0.0.1:9?dial=auto&dns=5m0s&log=info&min=64&mode=1"
-                "&notcp=0&noudp=0&proxy=0&rate=0&read=0s&slot=65536",
+                "client://127.0.0.1:0/127.0.0.1:9?block=0&dial=auto&dns=5m0s&log=info&min=64&mode=1"
+                "&notcp=0&noudp=0&proxy=0&rate=0&read=0s&slot=65536&sni=none",
             )
             code, got, _ = await self.api.call("GET", "/instances/" + inst["id"])
             self.assertEqual(code, 200)

@@ -59,7 +59,8 @@ class EndToEndTests(unittest.TestCase):
                 "POST", "/instances", {"url": f"server://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=1{query}"}
             )
             self.assertEqual(code, 201, srv)
-            self.assertIn("&quic=1&" if query else "&quic=0&", srv["config"])
+            # SPEC-1.14 §8: type= in place of quic=; a URL's own quic= is kept.
+            self.assertIn("&quic=1&" if query else "&type=0", srv["config"])
             code, cli, _ = await api.call(
                 "POST", "/instances", {"url": f"client://127.0.0.1:{tunnel}/127.0.0.1:{target}?mode=2&min=4"}
             )

@@ -77,7 +77,7 @@ class ProcessTests(unittest.TestCase):
             started = [ln for ln in proc.text().splitlines() if "Client started:" in ln]
             self.assertEqual(len(started), 1)
             self.assertRegex(started[0], LINE + re.escape("Client started: client://"))
-            self.assertIn(f"/127.0.0.1:{self.target}?dns=5m0s&min=64&mode=1&quic=0", started[0])
+            self.assertIn(f"/127.0.0.1:{self.target}?dns=5m0s&sni=none&min=64&mode=1&dial=auto", started[0])
             # twistd's own lines follow the NodePass format too.
             for ln in proc.text().splitlines():
                 if ln.strip() and not ln.startswith((" ", "\t", "Traceback")):

@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from nodepass.wire import codec
 from nodepass.wire.codec import Codec
+from nodepass.wire.dialect import V112Dialect
 from nodepass.wire.control import ControlChannel
 from nodepass.base.logs import NodeLog
 from nodepass.net.tls import ServerCredentials, client_context_factory, fingerprint, generate_self_signed
@@ -203,7 +204,7 @@ class ControlChannelTimerTests(unittest.TestCase):
         self.checks = []
         self.key = Codec("61741aaf")
         ch = ControlChannel(
-            self.transport, self.key, self.clock, 5.0, NodeLog("none"),
+            self.transport, V112Dialect(self.key), self.clock, 5.0, NodeLog("none"),
             handler=self.signals.append, on_pong=self.pongs.append, on_broken=self.broken.append,
             before_ping=lambda: self.checks.append(1),
         )

@@ -17,13 +17,15 @@ from tests.test_process import LINE, Echo, echo_through
 
 class TunnelProcessTests(unittest.TestCase):
     def test_server_and_client_processes(self):
-        return self._processes("tls=1", "&mode=1&quic=0", 4 << 20)
+        """The 1.14 generation (both ends on wire=auto settle on it)."""
+        return self._processes("tls=1", "&mode=1&type=0", 4 << 20, "TLS certificate fingerprint verified: ")
 
     def test_server_and_client_processes_quic_pool(self):
-        """The same over a QUIC pool (``quic=1``): UDP tunnel port too."""
-        return self._processes("quic=1", "&mode=1&quic=1", 2 << 20)
+        """The same over a QUIC pool (``quic=1``): UDP tunnel port too.  A
+        quic=1 server speaks 1.12 only: the client falls back to it."""
+        return self._processes("quic=1", "&mode=1&quic=1", 2 << 20, "TLS cert verified: ")
 
-    def _processes(self, query: str, started: str, size: int):
+    def _processes(self, query: str, started: str, size: int, verified: str):
         echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
         target = echo.getHost().port
@@ -38,7 +40,7 @@ class TunnelProcessTests(unittest.TestCase):
         async def go():
             await server.wait_for(r"Server started: server://")
             await client.wait_for(r"Client started: client://")
-            await client.wait_for(r"TLS cert verified: sha256:")
+            await client.wait_for(verified + "sha256:")
             payload, got = await echo_through(entry, size)
             self.assertEqual(hashlib.sha256(got).hexdigest(), hashlib.sha256(payload).hexdigest())
             u = UDPClient()
@@ -49,8 +51,9 @@ class TunnelProcessTests(unittest.TestCase):
                 self.assertEqual(await nxt, b"through the tunnel")
             finally:
                 await port.stopListening()
-            fp = server.text().split("TLS cert verified: ")[1].split()[0]
-            self.assertIn(f"TLS cert verified: {fp}", client.text())
+            await server.wait_for(verified + "sha256:")
+            fp = server.text().split(verified)[1].split()[0]
+            self.assertIn(verified + fp, client.text())
             self.assertRegex(server.text(), re.compile(LINE + r"Server started: server://[0-9a-f]{8}@127\.0\.0\.1:", re.M))
             self.assertIn(started, server.text())
             for proc, word in ((client, "Client"), (server, "Server")):

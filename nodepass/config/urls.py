@@ -414,11 +414,19 @@ class TunnelConfig:
         return frozenset(p for p in BlockedProtocol if str(p.value) in self.block)
 
     @property
+    def effective_wire(self) -> Wire:
+        """``wire`` as the instance applies it: a server with ``quic=1``
+        (the 1.12 QUIC pool; 1.14 dropped ``quic=``) serves 1.12 only."""
+        if self.wire is Wire.AUTO and self.is_server and self.quic == PoolType.QUIC:
+            return Wire.V112
+        return self.wire
+
+    @property
     def speaks_112_lines(self) -> bool:
         """Whether the start line and the master's ``config`` follow 1.12
         (``quic=``) rather than 1.14 (``type=``, ``sni=``, ``block=``): for
         an instance pinned to 1.12 and for URLs that use ``quic=``."""
-        return self.wire is Wire.V112 or "quic" in self.given
+        return self.effective_wire is Wire.V112 or "quic" in self.given
 
     def _base(self, with_key: bool) -> str:
         userinfo = f"{quote(self.tunnel_key, safe='')}@" if with_key else ""
@@ -427,6 +435,7 @@ class TunnelConfig:
     def start_url(self, mode: Optional[int] = None) -> str:
         """The URL printed in the ``Server started:`` line: the key always
         shown, parameters in NodePass's fixed order."""
+        keys: tuple[str, ...]
         if self.speaks_112_lines:
             keys = SERVER_START_KEYS if self.is_server else CLIENT_START_KEYS
         else:

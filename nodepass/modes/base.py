@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.internet.defer import Deferred
 
+from nodepass.base.kinds import Wire
 from nodepass.base.logs import NodeLog
 from nodepass.base.stats import InstanceStats
 from nodepass.config.urls import TunnelConfig, Tunables
@@ -19,6 +20,15 @@ from nodepass.relay.core import TokenBucket
 
 class TunnelError(Exception):
     """A fatal error of a running tunnel: the service restarts after cooldown."""
+
+
+@attrs.define
+class WireMemo:
+    """What a client learnt about its server's generation, kept by the
+    service across restarts of one instance (a new runner each time)."""
+
+    generation: Optional[Wire] = None
+    announced: Optional[Wire] = None
 
 
 @attrs.define
@@ -35,6 +45,7 @@ class InstanceContext:
     stats: InstanceStats
     limiter: Optional[TokenBucket]
     report: Callable[[int, int], None]  # (ping_ms, pool) -> emit CHECK_POINT
+    memo: WireMemo = attrs.field(factory=WireMemo)
 
 
 class Runner(abc.ABC):
@@ -58,6 +69,10 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     async def start(self) -> None:
         """Bring the mode up; raise to report a start failure."""
+
+    def after_start(self) -> None:
+        """Runs once the service has logged the start (or restart) line:
+        lines that Go prints after it (``Pending tunnel handshake...``)."""
 
     @abc.abstractmethod
     async def stop(self) -> None:

@@ -1,11 +1,19 @@
 """Client dual-end mode (``client://`` with ``mode=2``, or ``mode=0`` when
-the tunnel address does not bind locally; SPEC §2-§4).
+the tunnel address does not bind locally; SPEC §2-§4, SPEC-1.14 §3-§4).
 
-The client dials the server's tunnel address, sends its key, learns the
-pool type, pool maximum, flow and TLS code from the answer, then keeps a
-pool of pre-opened connections to the same address.  A lost or silent
-control connection is a fatal error: the service logs ``Client error:``,
-cools down and tries again, for as long as the server stays away.
+The client dials the server's tunnel address and shakes hands in one of two
+generations: 1.12 (its key line; the answer ``np://…`` arrives on the same
+connection, which then carries the control channel) or 1.14 (an HTTP
+``GET /`` with a Bearer token; the JSON answer closes that connection and
+the first pool connection, ID ``00000000``, carries the control channel).
+``wire=auto`` (the default) tries 1.14 first and falls back to 1.12 when
+the server answers like a 1.12 server; the choice is kept across restarts
+of the instance and revised when the server's answer shows the other
+generation.  Either way the client learns the pool type, pool maximum,
+flow and TLS code, then keeps a pool of pre-opened connections to the same
+address.  A lost or silent control connection is a fatal error: the
+service logs ``Client error:``, cools down and tries again, for as long as
+the server stays away.
 """
 
 from __future__ import annotations
@@ -15,19 +23,24 @@ from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from nodepass.base.errors import error_text
-from nodepass.base.kinds import ClientMode, Role, TLSCode
+from nodepass.base.kinds import ClientMode, PoolType, Role, TLSCode, Wire
+from nodepass.config.urls import POOL_TYPE_NAMES
+from nodepass.wire import v114
 from nodepass.wire.codec import Signal, TunnelInfo
+from nodepass.wire.control import ControlChannel
 from nodepass.net.dialer import DNSCache, ResolveError
 from nodepass.modes.base import InstanceContext, TunnelError
-from nodepass.modes.control_client import ClientControlProtocol, HandshakeSettings
+from nodepass.modes.control_client import ClientControlProtocol, HandshakeSettings, Server114
+from nodepass.modes.handshake114 import HandshakeProtocol, Server112, handshake_uses_tls
 from nodepass.pools.tcp import ClientPool
 from nodepass.net.tls import (
     ResumingClient,
+    handshake_tls_options,
     TLSVerificationFailed,
     client_context_factory,
     explain_verification_failure,
@@ -148,16 +161,128 @@ class ClientRunner(DualEndRunner):
         self._lost_fps: dict[str, str] = {}
         self._verify_seen = False
         self.quic_client: Optional[QuicPoolClient] = None  # with quic=1
+        self.control_conn: Optional[ClientPoolConn] = None  # 1.14: the 00000000 pool connection
 
     async def start(self) -> None:
         ctx = self.ctx
         cfg = ctx.config
-        reactor = ctx.reactor
-        dns = DNSCache(cfg.dns, reactor)
+        dns = DNSCache(cfg.dns, ctx.reactor)
         try:
             self.server_ip = server_ip = await dns.resolve(cfg.tunnel.host)
         except ResolveError as e:
             raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {e}") from None
+        memo = ctx.memo
+        first = cfg.wire if cfg.wire is not Wire.AUTO else (memo.generation or Wire.V114)
+        try:
+            if first is Wire.V114:
+                await self._start_114(server_ip)
+            else:
+                await self._start_112(server_ip)
+        except Server112:
+            if cfg.wire is not Wire.AUTO:
+                raise TunnelError(
+                    f"the server at {cfg.tunnel} speaks the 1.12 generation, but this client has wire=1.14"
+                ) from None
+            ctx.log.info("Server at %s speaks the 1.12 generation: falling back to 1.12", cfg.tunnel)
+            memo.generation = Wire.V112
+            await self._start_112(server_ip)
+        except Server114:
+            if cfg.wire is not Wire.AUTO:
+                raise TunnelError(
+                    f"the server at {cfg.tunnel} speaks the 1.14 generation, but this client has wire=1.12"
+                ) from None
+            ctx.log.info("Server at %s speaks the 1.14 generation: switching to 1.14", cfg.tunnel)
+            memo.generation = Wire.V114
+            await self._start_114(server_ip)
+        memo.generation = self.generation
+        if memo.announced is not self.generation:
+            memo.announced = self.generation
+            ctx.log.info("Tunnel generation: %s", self.generation)
+
+    # -- 1.14 (SPEC-1.14 §3.2-§3.5) -------------------------------------------
+    async def _start_114(self, server_ip: str) -> None:
+        ctx = self.ctx
+        cfg = ctx.config
+        reactor = ctx.reactor
+        ctx.log.info("Pending tunnel handshake...")
+        started = reactor.seconds()
+        proto = HandshakeProtocol(
+            v114.build_request(cfg.tunnel_key, cfg.server_name), reactor, ctx.tunables.handshake_timeout, str(cfg.tunnel)
+        )
+        try:
+            await self._connect(proto, server_ip, tls=handshake_uses_tls(cfg.tunnel.port))
+        except Exception as e:  # noqa: BLE001
+            raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {error_text(e)}") from None
+        config = await proto.result
+        ctx.log.info("Loading tunnel config: %s", config.log_fields())
+        if config.pool_type != "0":
+            try:
+                name = POOL_TYPE_NAMES[PoolType(int(config.pool_type))] + " pool"
+            except ValueError:
+                name = "an unknown pool type"
+            raise TunnelError(
+                f"the server asked for pool type {config.pool_type} ({name}), which is not available yet "
+                "in this client (only type=0, the TCP pool)"
+            )
+        self.generation = Wire.V114
+        self.flow, self.tls_code, self.pool_type = config.flow, config.tls, PoolType.TCP
+        ctx.log.info("Getting tunnel pool ready...")
+        t = ctx.tunables
+        self.pool = pool = ClientPool(
+            self._dial_pool,
+            cfg.min,
+            config.max,
+            reactor,
+            ctx.log,
+            min_interval=t.min_pool_interval,
+            max_interval=t.max_pool_interval,
+            on_dial_error=self._pool_dial_error,
+        )
+        pool.start()
+        wait = t.handshake_timeout + t.pool_get_timeout
+        try:
+            _, conn = await pool.outgoing_get(CONTROL_ID, wait)
+        except Exception as e:  # noqa: BLE001
+            raise TunnelError(f"setControlConn: handshake timeout: no control connection within {wait:g}s ({e})") from None
+        control = self.make_control(conn.transport)
+        conn.attach(_ControlSink(control))
+        if conn.lost:
+            raise TunnelError("control connection lost right after the handshake")
+        control.start()
+        self.control_conn = conn
+        self.control_up_114(started)
+        if self.is_entry:
+            self.bind_entry()
+
+    def own_view(self, conn: Any) -> str:
+        """The server's certificate as presented on ``conn``, else on the
+        control connection (in 1.14 a TLS pool connection too)."""
+        if conn is None:
+            conn = self.control_conn
+        return peer_certificate_fingerprint(conn.transport) if conn is not None else ""
+
+    async def _connect(self, proto: Protocol, server_ip: str, tls: bool = False) -> Any:
+        """Dial the server's tunnel address for ``proto``; fires once it is
+        connected (after its ``connectionMade``).  An address literal needs
+        no resolving: TCP6ClientEndpoint connects an IPv6 literal at once,
+        TCP4ClientEndpoint an IPv4 one.  ``tls``: HTTPS verified against the
+        system roots with the tunnel host's name (the port-443 rule)."""
+        reactor = self.ctx.reactor
+        port, timeout = self.ctx.config.tunnel.port, self.ctx.tunables.tcp_dial_timeout
+        endpoint_type = TCP6ClientEndpoint if ":" in server_ip else TCP4ClientEndpoint
+        endpoint: Any = endpoint_type(reactor, server_ip, port, timeout=timeout)
+        if tls:
+            endpoint = wrapClientTLS(handshake_tls_options(self.ctx.config.tunnel.host), endpoint)
+        # A Factory provides IProtocolFactory (zope's @implementer, which
+        # mypy cannot see without the mypy-zope plugin).
+        return await endpoint.connect(_Given(proto))
+
+    # -- 1.12 (SPEC §3.2) -------------------------------------------------------
+    async def _start_112(self, server_ip: str) -> None:
+        ctx = self.ctx
+        cfg = ctx.config
+        reactor = ctx.reactor
+        self.generation = Wire.V112
         proto = ClientControlProtocol(self, HandshakeSettings(
             clock=reactor,
             log=ctx.log,
@@ -169,7 +294,7 @@ class ClientRunner(DualEndRunner):
         self.control_proto = proto
         machine = proto.machine
         try:
-            await self._connect_control(proto, server_ip)
+            await self._connect(proto, server_ip)
         except Exception as e:  # noqa: BLE001
             raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {error_text(e)}") from None
         info, rest = await machine.answer
@@ -234,24 +359,15 @@ class ClientRunner(DualEndRunner):
             max_conns=connections_for(info.max),
         )
 
-    def _connect_control(self, proto: ClientControlProtocol, server_ip: str) -> Deferred[Any]:
-        """Dial the server's tunnel address for the control connection;
-        fires once ``proto`` is connected (after its ``connectionMade``).
-        An address literal needs no resolving: TCP6ClientEndpoint connects
-        an IPv6 literal at once, TCP4ClientEndpoint an IPv4 one."""
-        reactor = self.ctx.reactor
-        port, timeout = self.ctx.config.tunnel.port, self.ctx.tunables.tcp_dial_timeout
-        endpoint_type = TCP6ClientEndpoint if ":" in server_ip else TCP4ClientEndpoint
-        endpoint = endpoint_type(reactor, server_ip, port, timeout=timeout)
-        # A Factory provides IProtocolFactory (zope's @implementer, which
-        # mypy cannot see without the mypy-zope plugin).
-        return endpoint.connect(_Given(proto))  # type: ignore[arg-type]
-
     def _tls_ctx(self) -> Optional[ResumingClient]:
         if not self.tls_code:
             return None
         if self._tls_creator is None:
-            self._tls_creator = ResumingClient(client_context_factory(self.tls_code, self.ctx.config.tunnel.host))
+            # tls=2 verifies the server's name: the tunnel host in 1.12, the
+            # sni value in 1.14 (SPEC-1.14 §4.6).
+            cfg = self.ctx.config
+            name = cfg.server_name if self.generation is Wire.V114 else cfg.tunnel.host
+            self._tls_creator = ResumingClient(client_context_factory(self.tls_code, name))
         return self._tls_creator
 
     def _dial_pool(self) -> Deferred[ClientPoolConn]:
@@ -280,7 +396,7 @@ class ClientRunner(DualEndRunner):
         if tls_ctx is not None:
             if tls_ctx.session is None:
                 d.addCallback(_remember_session, tls_ctx)
-            if not self._verify_seen:
+            if not self._verify_seen and self.generation is Wire.V112:
                 d.addCallback(self._watch_for_verify)
         return d
 
@@ -361,6 +477,8 @@ class ClientRunner(DualEndRunner):
             ctx.log.debug("Pool connection failed: %s", text)
 
     def entry_wait(self) -> Optional[Deferred[None]]:
+        if self.generation is Wire.V114:
+            return super().entry_wait()
         gate = self._verify_gate
         if gate is None or gate.called:
             return None
@@ -385,7 +503,7 @@ class ClientRunner(DualEndRunner):
         if gate is not None and not gate.called:
             gate.callback(None)
 
-    async def on_verify(self, sig: Signal) -> None:
+    async def on_verify_112(self, sig: Signal) -> None:
         try:
             await self._verify_conn(sig)
         finally:
@@ -422,6 +540,26 @@ class ClientRunner(DualEndRunner):
             await self.quic_client.close()
         if self.control_proto is not None:
             self.control_proto.machine.close()
+
+
+#: The pool ID of the 1.14 control connection (SPEC-1.14 §3.3).
+CONTROL_ID = "00000000"
+
+
+class _ControlSink:
+    """Routes the 1.14 control connection's bytes (a pool connection, so a
+    :class:`PoolEnd`) to the control channel."""
+
+    def __init__(self, channel: ControlChannel):
+        self.channel = channel
+
+    def forward(self, _end: PoolEnd, data: bytes | memoryview) -> None:
+        self.channel.data_received(bytes(data))
+
+    def end_lost(self, end: PoolEnd) -> None:
+        reason = end.lost_reason
+        why = reason.getErrorMessage() if reason is not None else ""
+        self.channel.connection_lost("control connection lost: " + (why or "closed"))
 
 
 def _remember_session(conn: ClientPoolConn, creator: ResumingClient) -> ClientPoolConn:

@@ -48,6 +48,11 @@ class HandshakeRefused(TunnelError):
     without answering: how NodePass servers refuse a key (SPEC §3.2)."""
 
 
+class Server114(TunnelError):
+    """The server answered our key line with an HTTP status line: a 1.14
+    server refusing a 1.12 handshake (SPEC-1.14 §3.2.5)."""
+
+
 class KeyMismatch(TunnelError):
     """The server answered, but the answer does not decode with our key."""
 
@@ -152,6 +157,12 @@ class ClientControlMachine(TableMachine[ClientState, ClientInput]):
         if not lines:
             return
         rest = b"\n".join(lines[1:]) + (b"\n" if len(lines) > 1 else b"") + self._lines.rest()
+        if lines[0].startswith(b"HTTP/1."):
+            self._fire(ClientInput.FAILED, Server114(
+                f"tunnelHandshake: the server at {self.settings.server} answered with HTTP: "
+                "it speaks the 1.14 generation"
+            ))
+            return
         try:
             info = codec.parse_handshake_config(self.settings.codec.decode(lines[0]))
         except CodecError as e:

@@ -18,14 +18,17 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from nodepass.base.kinds import Flow, PoolType, Role, TLSCode
+from nodepass.base.kinds import Flow, PoolType, Role, TLSCode, Wire
 from nodepass.wire import codec
 from nodepass.wire.codec import Codec, Signal, split_origin
+from nodepass.wire.dialect import dialect
 from nodepass.config.urls import join_host_port
-from nodepass.wire.control import ControlChannel
+from nodepass.wire.control import FLUSH, ControlChannel
 from nodepass.net.dialer import TargetGroup
 from nodepass.modes.base import InstanceContext, Runner, TunnelError
+from nodepass.modes.verify import FingerprintExchange, VerifyGate
 from nodepass.pools.tcp import IdlePool
+from nodepass.relay.block import Blocked, Decision, ScreenedEnd, refuse
 from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
 from nodepass.relay import splice, tls_fast
 from nodepass.relay.udp import DropReport, TargetUDP, UDPSession, UDPSessionListener, open_target_udp
@@ -83,8 +86,9 @@ class PoolEnd(RelayEnd):
             self.gate.resume("splice")
 
 
-class EntryTCP(RelayEnd):
-    """A user connection at the entry's target address."""
+class EntryTCP(ScreenedEnd):
+    """A user connection at the entry's target address (the server's with
+    flow ``-``, the client's with flow ``+``)."""
 
     def __init__(self, runner: "DualEndRunner"):
         super().__init__()
@@ -100,7 +104,24 @@ class EntryTCP(RelayEnd):
             )
             self.transport.abortConnection()
             return
-        r.entry_tcp(self)
+        blocked = r.ctx.config.blocked
+        if blocked:
+            # block= (SPEC-1.14 §5.1): after the slot check, before a pool
+            # connection is taken.
+            self.screen(blocked, r.ctx.reactor).addCallback(self._judged)
+        else:
+            r.entry_tcp(self)
+
+    def _judged(self, decision: Decision) -> None:
+        r = self.runner
+        if self.lost or r.stopping:
+            r.ctx.stats.release_tcp()
+            if not self.lost:
+                self.transport.loseConnection()
+        elif isinstance(decision, Blocked):
+            refuse(self, decision, r.ctx.stats, r.ctx.log, "commonTCPLoop")
+        else:
+            r.entry_tcp(self)
 
 
 class _EntryFactory(Factory):
@@ -207,6 +228,11 @@ class DualEndRunner(Runner):
         self.pool_type = PoolType.TCP
         self.pool: Optional[IdlePool] = None
         self.control: Optional[ControlChannel] = None
+        #: The wire generation of this run, settled by the handshake.
+        self.generation = Wire.V112
+        #: The 1.14 entry gate (SPEC-1.14 §3.5), on the entry side with TLS.
+        self.gate: Optional[VerifyGate] = None
+        self.exchange: Optional[FingerprintExchange] = None
         self.stopping = False
         self.targets = TargetGroup(
             cfg.targets, ctx.reactor, ctx.log, dns_ttl=cfg.dns, dial=cfg.dial, timeout=ctx.tunables.tcp_dial_timeout
@@ -291,14 +317,14 @@ class DualEndRunner(Runner):
 
     # -- control ----------------------------------------------------------
     def make_control(self, transport: Any, working: bool = True) -> ControlChannel:
-        """The control channel on ``transport``; ``working=False`` for a
-        peer that has yet to show it speaks our key (see
-        :class:`~nodepass.control.ControlChannel`)."""
+        """The control channel on ``transport``, in the dialect of
+        ``self.generation``; ``working=False`` for a peer that has yet to
+        show it speaks our key (see :class:`~nodepass.control.ControlChannel`)."""
         ctx = self.ctx
         _no_delay(transport)
         channel = ControlChannel(
             transport,
-            self.codec,
+            dialect(self.generation, self.codec),
             ctx.reactor,
             ctx.tunables.report_interval,
             ctx.log,
@@ -307,6 +333,7 @@ class DualEndRunner(Runner):
             on_broken=lambda reason: self.control_broken(channel, reason),
             before_ping=self.check_pool,
             working=working,
+            ping_at_once=self.generation is Wire.V114,
         )
         self.control = channel
         return channel
@@ -319,7 +346,7 @@ class DualEndRunner(Runner):
         if pool is not None and pool.needs_flush():
             self.ctx.log.warn("Pool errors (%d) exceed half the idle connections (%d), flushing", pool.errors, pool.idle_count())
             if self.control is not None:  # it is: the control channel runs this check
-                self.control.send(codec.simple(codec.FLUSH))
+                self.control.send(FLUSH)
             pool.flush()
 
     def control_broken(self, channel: ControlChannel, reason: str) -> None:
@@ -357,8 +384,54 @@ class DualEndRunner(Runner):
         self.launching -= 1
 
     async def on_verify(self, sig: Signal) -> None:
+        if self.generation is Wire.V114:
+            if self.exchange is not None:
+                self.exchange.received(sig)
+            else:
+                self.ctx.log.debug("TLS verify signal ignored: tls=0")
+            return
+        await self.on_verify_112(sig)
+
+    async def on_verify_112(self, sig: Signal) -> None:
         """Overridden by the client (the side without the certificate)."""
         self.ctx.log.debug("TLS verify signal ignored on this side")
+
+    # -- 1.14: the control connection is the first pool connection ----------
+    def control_up_114(self, started: float) -> None:
+        """The ``00000000`` connection carries the control channel (SPEC-1.14
+        §3.3): say so, and start the fingerprint exchange with TLS."""
+        ctx = self.ctx
+        ms = int(round((ctx.reactor.seconds() - started) * 1000))
+        ctx.log.info("Marking tunnel handshake as complete in %dms", ms)
+        if not self.tls_code:
+            if self.gate is not None:
+                self.gate.open()
+            return
+        t = ctx.tunables
+        if self.is_entry and self.gate is None:
+            self.gate = VerifyGate(ctx.reactor)
+        self.exchange = FingerprintExchange(
+            self, ctx.log, ctx.reactor, t.pool_get_timeout, self.verify_deadline(), self.gate if self.is_entry else None
+        )
+        self.exchange.start()
+
+    def verify_deadline(self) -> float:
+        """How long the entry side waits for the peer's verify signal: a
+        Go peer sends it at a report-interval tick, 1st or later, and then
+        needs up to NP_POOL_GET_TIMEOUT for the connection it names."""
+        t = self.ctx.tunables
+        return 3 * t.report_interval + t.pool_get_timeout
+
+    def own_view(self, conn: Any) -> str:
+        """See :class:`~nodepass.modes.verify.ExchangeOwner`."""
+        raise NotImplementedError
+
+    def send_signal(self, sig: Signal) -> bool:
+        control = self.control
+        if control is None or control.broken:
+            return False
+        control.send(sig)
+        return True
 
     # -- TCP --------------------------------------------------------------
     def _splice(self, target: RelayEnd, tunnel: RelayEnd) -> None:
@@ -401,10 +474,12 @@ class DualEndRunner(Runner):
             later.append(ctx.reactor.callLater(splice.DELAY, splice.try_splice, relay))
 
     def entry_wait(self) -> Optional[Deferred[None]]:
-        """Hook: a Deferred to wait on before the entry takes pool
-        connections, or None (the client waits for the TLS verify signal so
-        both ends do not grab the same connection)."""
-        return None
+        """A Deferred to wait on before the entry takes pool connections, or
+        None: the 1.14 gate until the peer's fingerprint checked out."""
+        gate = self.gate
+        if gate is None or gate.opened:
+            return None
+        return gate.wait(self.verify_deadline())
 
     # The per-connection paths below are callback style, not coroutines:
     # they run once per relayed connection and an idle pool connection is
@@ -438,7 +513,7 @@ class DualEndRunner(Runner):
                 user.transport.loseConnection()
             self.ctx.stats.release_tcp()
             return
-        control.send(codec.tcp_launch(addr_text(user.transport.getPeer()), pool_id))
+        control.send(Signal(codec.TCP_LAUNCH, addr_text(user.transport.getPeer()), pool_id))
         self._splice(user, conn)
 
     def exit_tcp(self, origin: str, pool_id: str) -> Deferred[Any]:
@@ -496,7 +571,7 @@ class DualEndRunner(Runner):
             conn.transport.loseConnection()
             raise TunnelError("UDP session ended before launch")
         origin = addr_text(session.addr)
-        self.control.send(codec.udp_launch(origin, pool_id))
+        self.control.send(Signal(codec.UDP_LAUNCH, origin, pool_id))
         ctx.log.debug("UDP launch %s via pool %s", origin, pool_id)
         return _UDPOverPool(conn, session, ctx.tunables.udp_data_buf_size)
 
@@ -553,6 +628,10 @@ class DualEndRunner(Runner):
     async def stop_common(self) -> None:
         self.stopping = True
         self.udp_dropped.close()
+        if self.exchange is not None:
+            self.exchange.stop()
+        if self.gate is not None:
+            self.gate.close("tunnel stopped")
         ds = self._unbind_entry()
         if self.control is not None:
             self.control.stop()

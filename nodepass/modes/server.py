@@ -1,13 +1,21 @@
-"""Server mode (``server://``, SPEC §2-§4).
+"""Server mode (``server://``, SPEC §2-§4, SPEC-1.14 §3-§4).
 
 One TCP listener on the tunnel address carries everything that arrives
-there: the client's handshake (which then becomes the control channel),
-"what is my IP" HTTP probes, and -- after the handshake, only from the
-control connection's IP -- pool connections, which get TLS (``tls>=1``) and
-a random 4-byte ID.  Anything else (wrong keys, garbage, half-open sockets)
-is logged and closed without disturbing a running tunnel.  Each of those
-connections runs the state machine of :mod:`nodepass.modes.tunnel_port`;
-:class:`ServerRunner` is its :class:`~nodepass.modes.tunnel_port.PortOwner`.
+there, for both wire generations (``wire=auto``, the default; ``wire=1.12``
+or ``wire=1.14`` serves one only):
+
+* 1.12: the client's key line, whose connection then carries the control
+  channel, and "what is my IP" HTTP probes;
+* 1.14: the client's ``GET /`` with ``Authorization: Bearer``, answered with
+  the tunnel config in JSON and closed; the first pool connection after it
+  (ID ``00000000``) carries the control channel;
+* after either handshake, only from the handshake's IP, pool connections,
+  which get TLS (``tls>=1``) and a random 4-byte ID.
+
+Anything else (wrong keys, garbage, half-open sockets) is logged and closed
+without disturbing a running tunnel.  Each of those connections runs the
+state machine of :mod:`nodepass.modes.tunnel_port`; :class:`ServerRunner`
+is its :class:`~nodepass.modes.tunnel_port.PortOwner`.
 """
 
 from __future__ import annotations
@@ -17,14 +25,26 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 
-from nodepass.base.kinds import Flow, PoolType, Role, ServerMode, TLSCode
-from nodepass.wire import codec
+from nodepass.base.kinds import Flow, PoolType, Role, ServerMode, TLSCode, Wire
+from nodepass.wire import codec, v114
+from nodepass.wire.codec import Signal
 from nodepass.wire.control import ControlChannel
 from nodepass.pools.tcp import ServerPool
-from nodepass.net.tls import ServerCredentials
+from nodepass.net.tls import ServerCredentials, host_certificate_fingerprint
 from nodepass.modes.base import InstanceContext
 from nodepass.modes.dualend import DualEndRunner, PoolEnd, addr_text
-from nodepass.modes.tunnel_port import Admission, PortSettings, PortState, TunnelPortMachine, TunnelPortProtocol
+from nodepass.modes.tunnel_port import (
+    Admission,
+    Adopted,
+    PortSettings,
+    PortState,
+    TunnelPortMachine,
+    TunnelPortProtocol,
+)
+from nodepass.modes.verify import VerifyGate
+
+#: The pool ID of the 1.14 control connection (SPEC-1.14 §3.3).
+CONTROL_ID = b"\x00\x00\x00\x00"
 
 if TYPE_CHECKING:
     from nodepass.pools.quic import QuicPoolServer
@@ -43,7 +63,7 @@ class QuicPoolStream(PoolEnd):
     def dataReceived(self, data: bytes | memoryview) -> None:
         if self.state is PortState.NEW:
             self.state = PortState.POOLED
-            if not self.runner.adopt(self):
+            if self.runner.adopt(self) is not Adopted.POOLED:
                 self.state = PortState.CLOSED
                 self.transport.loseConnection()
                 return
@@ -91,6 +111,9 @@ class ServerRunner(DualEndRunner):
         self._verify_timer: Any = None  # IDelayedCall
         self.quic_port: Any = None  # IListeningPort
         self.quic_server: Optional[QuicPoolServer] = None  # with quic=1
+        # 1.14: answered, waiting for the first pool connection (the control).
+        self._answered_at: Optional[float] = None
+        self._control_timer: Any = None  # IDelayedCall
 
     @property
     def tunnel_port_number(self) -> int:
@@ -121,12 +144,17 @@ class ServerRunner(DualEndRunner):
                 self.flow, self.mode = Flow.FORWARD, ServerMode.FORWARD
             else:
                 self.flow, self.mode = Flow.REVERSE, ServerMode.REVERSE
+        if self.tls_code and self.flow is Flow.REVERSE and cfg.effective_wire is not Wire.V112:
+            # Users who arrive before a 1.14 client verified wait here; a
+            # 1.12 handshake opens it at once (1.12 has no entry gate).
+            self.gate = VerifyGate(ctx.reactor)
         settings = PortSettings(
             clock=ctx.reactor,
             log=ctx.log,
             codec=self.codec,
             handshake_timeout=ctx.tunables.handshake_timeout,
             pool_get_timeout=ctx.tunables.pool_get_timeout,
+            wire=cfg.effective_wire,
         )
         try:
             self.tunnel_port = ctx.reactor.listenTCP(
@@ -146,6 +174,10 @@ class ServerRunner(DualEndRunner):
         getattr(ctx.log, level)(line)
         if self.tls_code:
             ctx.log.debug("TLS certificate: %s", creds.fingerprint)
+
+    def after_start(self) -> None:
+        if self.ctx.config.effective_wire is not Wire.V112:
+            self.ctx.log.info("Pending tunnel handshake...")
 
     def _listen_quic(self, creds: ServerCredentials) -> None:
         """The tunnel's UDP port for the QUIC pool (same number as the TCP
@@ -178,6 +210,7 @@ class ServerRunner(DualEndRunner):
         self.port_conns.add(port)
         pool = self.pool
         if self.control_ip is None or peer_host != self.control_ip or self.quic or pool is None:
+            # (QUIC pools are 1.12 only: a 1.14 run sets a TCP pool type.)
             return Admission.NEWCOMER
         if pool.idle_count() >= pool.max:
             self.ctx.log.debug("Pool full (%d), closing pool connection from %s", pool.max, port.peer)
@@ -191,14 +224,22 @@ class ServerRunner(DualEndRunner):
         assert self.creds is not None  # made in start(), before listening
         return self.creds.context_factory()
 
-    def adopt(self, conn: PoolEnd) -> bool:
+    def adopt(self, conn: PoolEnd) -> Adopted:
         """Register a pool connection (TCP, or a QUIC stream): the pool
-        writes its ID.  False when stopping or the pool will not take it."""
+        writes its ID.  With 1.14 the first one after the handshake is the
+        control connection instead: ID ``00000000``, not pooled."""
         pool = self.pool
-        if self.stopping or pool is None or pool.register(conn) is None:
-            return False
+        if self.stopping or pool is None:
+            return Adopted.REFUSED
+        if self._answered_at is not None and self.control is None:
+            self._cancel_control_timer()
+            conn.transport.write(CONTROL_ID)
+            conn.pool_id = CONTROL_ID.hex()
+            return Adopted.CONTROL
+        if pool.register(conn) is None:
+            return Adopted.REFUSED
         self.pool_ready()
-        return True
+        return Adopted.POOLED
 
     def is_idle(self, conn: PoolEnd) -> bool:
         return self.pool is not None and self.pool.holds(conn.pool_id, conn)
@@ -208,7 +249,69 @@ class ServerRunner(DualEndRunner):
             self.pool.discard(conn.pool_id, conn)
 
     def tunnel_taken(self) -> bool:
-        return self.control is not None
+        return self.control is not None or self._answered_at is not None
+
+    # -- 1.14 handshake (SPEC-1.14 §3.2) ---------------------------------------
+    def accept_request(self, port: TunnelPortMachine) -> bool:
+        """A valid 1.14 request: answer with the tunnel config, then serve
+        pool connections from the requester's IP; the first one becomes the
+        control channel within NP_HANDSHAKE_TIMEOUT."""
+        if self.tunnel_taken():
+            return False
+        ctx = self.ctx
+        cfg = ctx.config
+        self.generation = Wire.V114
+        self.pool_type = cfg.type
+        self.control_ip = port.conn.peer_host
+        self.control_peer = port.peer
+        for other in list(self.port_conns):
+            if other is not port:
+                other.rival_won()
+        assert self.flow is not None  # decided in start(), before listening
+        config = v114.TunnelConfig(self.flow, cfg.max, self.tls_code, str(int(self.pool_type)))
+        port.conn.write(v114.build_answer(config, v114.http_date(ctx.reactor.seconds())))
+        ctx.log.info("Sending tunnel config: %s", config.log_fields())
+        ctx.log.info("Getting tunnel pool ready...")
+        self._answered_at = ctx.reactor.seconds()
+        self._control_timer = ctx.reactor.callLater(ctx.tunables.handshake_timeout, self._no_control)
+        return True
+
+    def _cancel_control_timer(self) -> None:
+        timer, self._control_timer = self._control_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _no_control(self) -> None:
+        """No pool connection came after our answer (Go: ``setControlConn:
+        handshake timeout``, and a restart).  The tunnel never depended on
+        that client: forget it and wait for the next handshake."""
+        self._control_timer = None
+        if self.control is not None or self.stopping:
+            return
+        self.ctx.log.warn(
+            "setControlConn: handshake timeout: no pool connection from %s within %gs; waiting for a new handshake",
+            self.control_peer, self.ctx.tunables.handshake_timeout,
+        )
+        self._answered_at = None
+        self._forget_client()
+
+    def pool_control(self, port: TunnelPortMachine) -> ControlChannel:
+        """The 1.14 control connection is here (its ID written)."""
+        started = self._answered_at
+        assert started is not None  # adopt() made it the control connection
+        self.control_peer = port.peer
+        channel = self.make_control(port.transport)
+        channel.start()
+        self.control_up_114(started)
+        return channel
+
+    def own_view(self, conn: Any) -> str:
+        """Our certificate as presented on ``conn`` (what a reload put there),
+        else the current one."""
+        fp = host_certificate_fingerprint(conn.transport) if conn is not None else ""
+        if not fp and self.creds is not None:
+            fp = self.creds.fingerprint
+        return fp
 
     def accept_control(self, port: TunnelPortMachine) -> ControlChannel:
         """A handshake line that decodes to our key: answer it, and make
@@ -223,6 +326,10 @@ class ServerRunner(DualEndRunner):
         a refused stranger (:meth:`_drop_candidate`), not a fatal error."""
         ctx = self.ctx
         transport = port.transport
+        self.generation = Wire.V112
+        self.pool_type = PoolType(ctx.config.quic)
+        if self.gate is not None:
+            self.gate.open()  # 1.12 has no entry gate
         self.control_ip = transport.getPeer().host
         self.control_peer = port.peer
         for other in list(self.port_conns):
@@ -258,9 +365,14 @@ class ServerRunner(DualEndRunner):
             "a client whose tunnel key differs from ours but has the same length)",
             self.control_peer, reason,
         )
+        self._forget_client()
+
+    def _forget_client(self) -> None:
         self.control = None
         self.control_ip = None
         self.control_peer = ""
+        self.generation = Wire.V112
+        self.pool_type = PoolType(self.ctx.config.quic)
         for port in list(self.port_conns):
             port.candidate_dropped()
 
@@ -271,7 +383,7 @@ class ServerRunner(DualEndRunner):
         control = self.control
         if control is not None and not control.working:
             control.mark_working()
-        if self._verified or not self.tls_code:
+        if self._verified or not self.tls_code or self.generation is not Wire.V112:
             return
         self._verified = True
         defer.ensureDeferred(self._send_verify()).addErrback(
@@ -285,7 +397,7 @@ class ServerRunner(DualEndRunner):
         if self.control is None or self.control.broken:
             conn.transport.loseConnection()
             return
-        self.control.send(codec.verify(self.control_peer, pool_id))
+        self.control.send(Signal(codec.VERIFY, self.control_peer, pool_id))
         ctx.log.info("TLS cert verified: %s", self.creds.fingerprint)
         # The client closes it once it has logged the fingerprint; close it
         # ourselves if it does not.
@@ -302,6 +414,7 @@ class ServerRunner(DualEndRunner):
 
     async def stop(self) -> None:
         self.stopping = True
+        self._cancel_control_timer()
         ds = []
         if self.tunnel_port is not None:
             ds.append(defer.maybeDeferred(self.tunnel_port.stopListening))

@@ -2,10 +2,11 @@
 
 The client listens on its tunnel address and relays every accepted TCP
 connection and every UDP session straight to the target group.  Each TCP
-connection takes a slot, is held unread while the target is dialled (round
-robin with failover), gets the PROXY v1 line when ``proxy=1``, and is then
-spliced to the target with the instance's rate limiter and ``read`` idle
-timeout.  UDP sessions come from :mod:`nodepass.relay.udp` with a connected
+connection takes a slot, is screened when ``block=`` is set (SPEC-1.14
+§5.1, :mod:`nodepass.relay.block`), is held unread while the target is
+dialled (round robin with failover), gets the PROXY v1 line when
+``proxy=1``, and is then spliced to the target with the instance's rate
+limiter and ``read`` idle timeout.  UDP sessions come from :mod:`nodepass.relay.udp` with a connected
 UDP socket to the next target as their backend.  Host names (tunnel address,
 targets) are resolved in the reactor's thread pool, never on the reactor
 thread that every instance of a master shares.
@@ -28,10 +29,12 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from nodepass.base.errors import error_text
+from nodepass.base.kinds import BlockedProtocol
 from nodepass.config.urls import Address, TunnelConfig, is_ip_literal
 from nodepass.modes.base import InstanceContext, Runner, TunnelError
 from nodepass.net.dialer import ResolveError, TargetGroup
 from nodepass.net.resolve import getaddrinfo, prefer_ipv4
+from nodepass.relay.block import Blocked, Decision, ScreenedEnd, refuse
 from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
 from nodepass.relay.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
@@ -70,8 +73,9 @@ async def tunnel_address_binds(config: TunnelConfig, reactor: Any) -> bool:
         sock.close()
 
 
-class _UserEnd(RelayEnd):
-    """An accepted user connection; hands itself to the runner."""
+class _UserEnd(ScreenedEnd):
+    """An accepted user connection (screened when ``block=`` is set);
+    hands itself to the runner."""
 
     runner: "SingleEndRunner"
 
@@ -229,6 +233,29 @@ class SingleEndRunner(Runner):
             return
         user.hold()
         user.transport.bufferSize = self._buffer_size
+        blocked = self.ctx.config.blocked
+        if blocked:
+            self._screen(user, blocked)
+        else:
+            self._dial(user)
+
+    def _screen(self, user: _UserEnd, blocked: frozenset[BlockedProtocol]) -> None:
+        """``block=`` (SPEC-1.14 §5.1): judge the user's first bytes after
+        the slot check and before the target is dialled."""
+
+        def judged(decision: Decision) -> None:
+            if user.lost or self._stopping:
+                self.ctx.stats.release_tcp()
+                if not user.lost:
+                    user.transport.loseConnection()
+            elif isinstance(decision, Blocked):
+                refuse(user, decision, self.ctx.stats, self.ctx.log, "singleTCPLoop")
+            else:
+                self._dial(user)
+
+        user.screen(blocked, self.ctx.reactor).addCallback(judged)
+
+    def _dial(self, user: _UserEnd) -> None:
         d = self.group.dial(self._target_factory)
         self._dials.add(d)
         d.addBoth(self._dialled, user, d)

@@ -1,24 +1,29 @@
-"""A connection on the server's tunnel port (SPEC §3.2, §4), as a state
-machine.
+"""A connection on the server's tunnel port (SPEC §3.2, §4; SPEC-1.14
+§3.2, §3.3), as a state machine.
 
-Everything that reaches the tunnel port's TCP listener is one of: a
-client's handshake, which then carries the control channel; a "what is my
-IP" HTTP probe; a pool connection of the connected client (TLS first when
-``tls>=1``); or a stranger to turn away.  Which one is decided by who
-connects and what it sends, so each connection runs
-:class:`TunnelPortMachine`, whose moves are::
+Everything that reaches the tunnel port's TCP listener is one of: a 1.12
+client's handshake, which then carries the control channel; a 1.14
+client's HTTP handshake request, answered and closed; a "what is my IP"
+HTTP probe; a pool connection of the connected client (TLS first when
+``tls>=1``; with 1.14 the first one becomes the control channel); or a
+stranger to turn away.  Which one is decided by who connects and what it
+sends (the generation by the first bytes: :func:`nodepass.wire.v114.sniff`),
+so each connection runs :class:`TunnelPortMachine`, whose moves are::
 
-    NEW       --NEWCOMER------> SNIFFING  handshake timer
-    NEW       --POOL_PEER-----> POOLED    the pool writes the ID
-    NEW       --POOL_PEER_TLS-> POOL_TLS  startTLS, handshake timer
-    NEW       --POOL_FULL-----> CLOSED
-    SNIFFING  --KEY_ACCEPTED--> CONTROL   answered; the channel is on probation
-    SNIFFING  --HTTP_PROBE, DENIED, TIMEOUT, RIVAL_WON--> CLOSED
-    POOL_TLS  --TLS_DONE------> POOLED
-    POOL_TLS  --TIMEOUT, CANDIDATE_DROPPED--> CLOSED
-    POOLED    --STRAY---------> SNIFFING  bytes no launch claims: judged anew
-    POOLED    --POOL_REFUSED--> CLOSED
-    any       --LOST----------> CLOSED    (SHUTDOWN closes or aborts, in place)
+    NEW        --NEWCOMER------> SNIFFING    handshake timer
+    NEW        --POOL_PEER-----> POOLED      the pool writes the ID
+    NEW        --POOL_PEER_TLS-> POOL_TLS    startTLS, handshake timer
+    NEW        --POOL_FULL-----> CLOSED
+    SNIFFING   --KEY_ACCEPTED--> CONTROL     1.12: answered; the channel is on probation
+    SNIFFING   --REQUEST_114---> HTTP_114    1.14: reading the request head
+    SNIFFING   --HTTP_PROBE, DENIED, TIMEOUT, RIVAL_WON--> CLOSED
+    HTTP_114   --ANSWERED, DENIED, TIMEOUT, RIVAL_WON--> CLOSED
+    POOL_TLS   --TLS_DONE------> POOLED
+    POOL_TLS   --TIMEOUT, CANDIDATE_DROPPED--> CLOSED
+    POOLED     --CONTROL_READY-> CONTROL     1.14: the first pool connection, ID 00000000
+    POOLED     --STRAY---------> SNIFFING    bytes no launch claims: judged anew
+    POOLED     --POOL_REFUSED--> CLOSED
+    any        --LOST----------> CLOSED      (SHUTDOWN closes or aborts, in place)
 
 :class:`TunnelPortProtocol` is the thin Twisted side: it turns Twisted's
 callbacks into inputs and performs the machine's I/O.  Once a pool
@@ -42,12 +47,12 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nodepass.base.kinds import Flow
+from nodepass.base.kinds import Flow, Wire
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
 from nodepass.modes.dualend import PoolEnd, addr_text
 from nodepass.modes.machine import Table, TableMachine
-from nodepass.wire import codec
+from nodepass.wire import codec, v114
 from nodepass.wire.codec import Codec, CodecError
 from nodepass.wire.control import ControlChannel
 
@@ -59,6 +64,7 @@ class PortState(Enum):
     NEW = "new"  # accepted; Twisted has not called connectionMade yet
     SNIFFING = "sniffing"  # a newcomer: its first bytes decide, within NP_HANDSHAKE_TIMEOUT
     POOL_TLS = "pool-tls"  # from the client's IP: TLS handshake under way (same time limit)
+    HTTP_114 = "http-1.14"  # a 1.14 handshake request: its head is being read
     POOLED = "pooled"  # a pool connection with its ID: idle in the pool, or a relay end
     CONTROL = "control"  # the tunnel's control channel
     CLOSED = "closed"  # answered, refused or lost: nothing left to decide
@@ -77,6 +83,9 @@ class PortInput(Enum):
     # What the machine made of the bytes.
     HTTP_PROBE = auto()  # the first bytes are an HTTP request
     KEY_ACCEPTED = auto()  # the first line decodes to our key and no client holds the tunnel
+    REQUEST_114 = auto()  # the first bytes are a 1.14 handshake request (or must be: wire=1.14)
+    ANSWERED = auto()  # the 1.14 request was answered (200 or an error status)
+    CONTROL_READY = auto()  # 1.14: the runner made this pool connection the control channel
     DENIED = auto()  # a key line refused, or no line at all
     STRAY = auto()  # bytes on an idle pool connection that no launch claims
     POOL_REFUSED = auto()  # the pool would not take the connection
@@ -94,6 +103,14 @@ class Admission(Enum):
     POOL = auto()  # the client's pool connection (tls=0)
     POOL_TLS = auto()  # the client's pool connection, TLS first
     POOL_FULL = auto()  # the client's, but the pool already holds max idle connections
+
+
+class Adopted(Enum):
+    """What the runner made of a pool connection it was handed."""
+
+    POOLED = auto()  # idle in the pool, its random ID written
+    CONTROL = auto()  # 1.14: ID 00000000 written, it carries the control channel
+    REFUSED = auto()  # stopping, pool full or a duplicate ID
 
 
 _S, _I = PortState, PortInput  # short names for the table
@@ -116,6 +133,8 @@ class PortSettings:
     codec: Codec
     handshake_timeout: float
     pool_get_timeout: float
+    #: Which generations the port serves (``wire=``): AUTO tells them apart.
+    wire: Wire = Wire.AUTO
 
 
 class PortOwner(Protocol):
@@ -139,9 +158,16 @@ class PortOwner(Protocol):
     def tls_context(self) -> Any:
         """The server context factory for a pool connection's ``startTLS``."""
 
-    def adopt(self, conn: PoolEnd) -> bool:
-        """Put a pool connection in the pool (it writes the ID); False when
-        the pool will not take it."""
+    def adopt(self, conn: PoolEnd) -> Adopted:
+        """Put a pool connection in the pool (it writes the ID), or make it
+        the 1.14 control connection."""
+
+    def pool_control(self, port: TunnelPortMachine) -> ControlChannel:
+        """The control channel on the 1.14 control connection ``port``."""
+
+    def accept_request(self, port: TunnelPortMachine) -> bool:
+        """A valid 1.14 handshake request: answer it (True), or False when a
+        client already holds the tunnel (closed without an answer)."""
 
     def is_idle(self, conn: PoolEnd) -> bool:
         """Whether ``conn`` sits idle in the pool: no launch took it."""
@@ -217,7 +243,10 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
         self._start_timer(self.settings.handshake_timeout, PortInput.TIMEOUT)
 
     def _register(self) -> None:
-        if not self.owner.adopt(self.conn):
+        adopted = self.owner.adopt(self.conn)
+        if adopted is Adopted.CONTROL:
+            self._fire(PortInput.CONTROL_READY)
+        elif adopted is Adopted.REFUSED:
             self._fire(PortInput.POOL_REFUSED)
 
     def _close(self) -> None:
@@ -230,10 +259,21 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
         self.conn.keep(data)
 
     def _sniff(self, data: bytes) -> None:
-        """Collect a newcomer's first bytes until they are an HTTP request
-        (byte 4 a space) or a whole key line."""
+        """Collect a newcomer's first bytes until they are a 1.14 request,
+        another HTTP request (byte 4 a space) or a whole key line."""
         buf = self._buf + data
         self._buf = buf
+        wire = self.settings.wire
+        if wire is Wire.V114:
+            self._fire(PortInput.REQUEST_114)
+            return
+        if wire is Wire.AUTO:
+            generation = v114.sniff(buf)
+            if generation is v114.Generation.V114:
+                self._fire(PortInput.REQUEST_114)
+                return
+            if generation is v114.Generation.NEED_MORE and buf.startswith(b"GET "):
+                return  # a GET's headers decide
         if len(buf) >= 4 and buf[3:4] == b" ":
             if b"\r\n\r\n" in buf or b"\n\n" in buf or len(buf) > MAX_PROBE:
                 self._fire(PortInput.HTTP_PROBE, buf[:3])
@@ -296,6 +336,41 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
         what = "GET" if method == b"GET" else "with another method"
         self.settings.log.debug("HTTP probe %s from %s answered", what, self.conn.peer)
         self.conn.close()
+
+    # -- 1.14 ----------------------------------------------------------------
+    def _read_request(self, data: bytes = b"") -> None:
+        """Read a 1.14 request head (SPEC-1.14 §3.2.3) and answer it."""
+        self._buf += data
+        got = v114.parse_request(self._buf, self.settings.codec.key)
+        if got is v114.NEED_MORE:
+            if not self.timer_running:
+                self._start_timer(self.settings.handshake_timeout, PortInput.TIMEOUT)
+            return
+        head = self._buf
+        self._buf = b""
+        if isinstance(got, v114.Refusal):
+            self._fire(PortInput.ANSWERED, got, head.startswith(b"HEAD "))
+        else:
+            self._fire(PortInput.ANSWERED, None, False)
+
+    def _answer(self, refusal: Optional[v114.Refusal], head_only: bool) -> None:
+        if refusal is not None:
+            # Go logs nothing here; we say who was turned away and why.
+            self.settings.log.warn(
+                "Tunnel access denied: %s (1.14 handshake answered %d %s)", self.conn.peer, refusal.status, refusal.reason
+            )
+            self.conn.write(refusal.answer(v114.http_date(), with_body=not head_only))
+            self.conn.close()
+            return
+        if not self.owner.accept_request(self):
+            self.settings.log.warn("Tunnel access denied: %s (a client is already connected)", self.conn.peer)
+        self.conn.close()
+
+    def _request_timed_out(self) -> None:
+        self._deny("handshake timeout", False)
+
+    def _become_pool_control(self) -> None:
+        self.channel = self.owner.pool_control(self)
 
     def _become_control(self, rest: bytes) -> None:
         channel = self.channel = self.owner.accept_control(self)
@@ -361,6 +436,13 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
         (_S.SNIFFING, _I.DATA): (_S.SNIFFING, _sniff),
         (_S.SNIFFING, _I.HTTP_PROBE): (_S.CLOSED, _answer_probe),
         (_S.SNIFFING, _I.KEY_ACCEPTED): (_S.CONTROL, _become_control),
+        (_S.SNIFFING, _I.REQUEST_114): (_S.HTTP_114, _read_request),
+        (_S.HTTP_114, _I.DATA): (_S.HTTP_114, _read_request),
+        (_S.HTTP_114, _I.ANSWERED): (_S.CLOSED, _answer),
+        (_S.HTTP_114, _I.TIMEOUT): (_S.CLOSED, _request_timed_out),
+        (_S.HTTP_114, _I.RIVAL_WON): (_S.CLOSED, _close),
+        (_S.HTTP_114, _I.SHUTDOWN): (_S.HTTP_114, _abort),
+        (_S.HTTP_114, _I.LOST): (_S.CLOSED, _lost),
         (_S.SNIFFING, _I.DENIED): (_S.CLOSED, _deny),
         (_S.SNIFFING, _I.TIMEOUT): (_S.CLOSED, _handshake_timed_out),
         (_S.SNIFFING, _I.RIVAL_WON): (_S.CLOSED, _lost_to_rival),
@@ -373,6 +455,7 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
         (_S.POOL_TLS, _I.SHUTDOWN): (_S.POOL_TLS, _abort),
         (_S.POOL_TLS, _I.LOST): (_S.CLOSED, _lost),
         (_S.POOLED, _I.POOL_REFUSED): (_S.CLOSED, _close),
+        (_S.POOLED, _I.CONTROL_READY): (_S.CONTROL, _become_pool_control),
         (_S.POOLED, _I.DATA): (_S.POOLED, _pooled_data),
         (_S.POOLED, _I.TIMEOUT): (_S.POOLED, _unclaimed),
         (_S.POOLED, _I.STRAY): (_S.SNIFFING, _unpool),

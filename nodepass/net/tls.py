@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -257,6 +257,13 @@ class ServerCredentials:
 def _why(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     return text
+
+
+def handshake_tls_options(hostname: str) -> Any:
+    """HTTPS for a 1.14 handshake on port 443 (SPEC-1.14 §1): the system
+    roots (``SSL_CERT_FILE``/``SSL_CERT_DIR`` apply) and the tunnel host's
+    name, for a TLS-terminating proxy or CDN in front of the server."""
+    return ssl.optionsForClientTLS(hostname)
 
 
 def client_context_factory(tls_code: int, hostname: str, trust_roots=None):

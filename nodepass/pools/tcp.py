@@ -128,6 +128,15 @@ class IdlePool:
                 return defer.succeed((pool_id, conn))
         return self._wait(self._any, None, timeout)
 
+    def take(self, pool_id: str) -> Any:
+        """The idle connection named ``pool_id`` if it is here now, else
+        None; no wait and no error counted (a lenient look-up)."""
+        conn = self.idle.pop(pool_id, None)
+        if conn is None or getattr(conn, "lost", False):
+            return None
+        self._consumed()
+        return conn
+
     def outgoing_get(self, pool_id: str, timeout: float) -> Deferred[Any]:
         """The connection named ``pool_id``; waits up to ``timeout`` for it
         to arrive.  A miss counts as a pool error (SPEC §4)."""

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from nodepass.base.logs import NodeLog
 from nodepass.base.stats import Checkpoint, InstanceStats
 from nodepass.config.urls import TunnelConfig, Tunables
-from nodepass.modes.base import InstanceContext, Runner
+from nodepass.modes.base import InstanceContext, Runner, WireMemo
 from nodepass.modes.client import ClientRunner
 from nodepass.modes.server import ServerRunner
 from nodepass.modes.single import SingleEndRunner, tunnel_address_binds
@@ -64,6 +64,7 @@ class TunnelService(service.Service):
         self._stopping = False
         self._sleep: Optional[Deferred] = None
         self.started: Deferred = Deferred()  # fires once the first run is up (tests await it)
+        self.memo = WireMemo()  # the client's server generation, across restarts
 
     @property
     def name_word(self) -> str:
@@ -91,6 +92,7 @@ class TunnelService(service.Service):
             stats=self.stats,
             limiter=limiter,
             report=self._report,
+            memo=self.memo,
         )
 
     def startService(self) -> None:
@@ -121,6 +123,7 @@ class TunnelService(service.Service):
                     # told by the restart line before it.
                     announced = True
                     self.log.info("%s started: %s", word, self.config.start_url(runner.mode))
+                runner.after_start()
                 self._status("running", "")
                 if not self.started.called:
                     self.started.callback(runner)

@@ -107,6 +107,8 @@ class Signal:
     kind: str
     host: str = ""
     id: str = ""
+    #: The certificate fingerprint a 1.14 ``verify`` carries (1.12 sends none).
+    fp: str = ""
 
     def payload(self) -> str:
         if self.host or self.id:

@@ -21,9 +21,15 @@ from typing import Any, Callable, Optional
 from twisted.internet.task import LoopingCall
 
 from nodepass.wire import codec
-from nodepass.wire.codec import Codec, CodecError, Signal
+from nodepass.wire.codec import Signal
+from nodepass.wire.dialect import UNKNOWN_ACTION, Dialect, SignalError
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike, IdleTimer
+
+
+PING = Signal(codec.PING)
+PONG = Signal(codec.PONG)
+FLUSH = Signal(codec.FLUSH)
 
 
 class LineBuffer:
@@ -96,7 +102,7 @@ class ControlChannel:
     def __init__(
         self,
         transport: Any,
-        key: Codec,
+        dialect: Dialect,
         clock: ClockLike,
         interval: float,
         log: NodeLog,
@@ -106,9 +112,11 @@ class ControlChannel:
         before_ping: Optional[Callable[[], None]] = None,
         working: bool = True,
         on_working: Optional[Callable[[], None]] = None,
+        ping_at_once: bool = False,
     ):
         self.transport = transport
-        self.codec = key
+        self.dialect = dialect
+        self.ping_at_once = ping_at_once
         self.clock = clock
         self.interval = interval
         self.log = log
@@ -129,7 +137,8 @@ class ControlChannel:
         if self.interval > 0:
             self._loop = LoopingCall(self._tick)
             self._loop.clock = self.clock  # type: ignore[assignment]  # typed IReactorTime, a zope interface
-            self._loop.start(self.interval, now=False)
+            # 1.14 peers ping as soon as the channel exists (SPEC-1.14 §3.3).
+            self._loop.start(self.interval, now=self.ping_at_once)
             self._silence = IdleTimer(self.clock, 3 * self.interval, self._silent)
 
     def stop(self) -> None:
@@ -141,15 +150,17 @@ class ControlChannel:
         self._silence = None
 
     # -- outgoing ---------------------------------------------------------
-    def send(self, payload: str) -> None:
+    def send(self, sig: Signal) -> None:
+        """One signal, as one write (never interleaved with another)."""
         if self.broken or self.transport is None:
             return
-        self.log.debug("Tunnel signal -> : %s", payload)
-        self.transport.write(self.codec.encode(payload))
+        if self.log.enabled("debug"):
+            self.log.debug("Tunnel signal -> : %s", self.dialect.text(sig))
+        self.transport.write(self.dialect.line(sig))
 
     def ping(self) -> None:
         self.ping_sent = self.clock.seconds()
-        self.send(codec.simple(codec.PING))
+        self.send(PING)
 
     def _tick(self) -> None:
         if self.broken:
@@ -192,17 +203,18 @@ class ControlChannel:
         if not line.strip():
             return
         try:
-            sig = codec.parse_signal(self.codec.decode(line))
-        except CodecError as e:
+            sig = self.dialect.read(line)
+        except SignalError as e:
             # Never the line itself: it may be anything (SPEC §3.3 says skip).
-            self.log.warn("Undecodable control signal skipped: %s", e)
+            self.log.warn("%s", e.line)
             self.log.debug("Undecodable control line: %s", codec.describe(line))
             return
         if not self.working:
             self.mark_working()
-        self.log.debug("Tunnel signal <- : %s", sig.payload())
+        if self.log.enabled("debug"):
+            self.log.debug("Tunnel signal <- : %s", self.dialect.text(sig) if sig.kind != UNKNOWN_ACTION else "unknown action")
         if sig.kind == codec.PING:
-            self.send(codec.simple(codec.PONG))
+            self.send(PONG)
         elif sig.kind == codec.PONG:
             if self.ping_sent is not None:
                 ms = int(round((self.clock.seconds() - self.ping_sent) * 1000))

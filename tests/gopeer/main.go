@@ -479,6 +479,21 @@ func runServer(tunnel, key, target, entry, flow, tlsCode string, max int, useQUI
 			r := bufio.NewReader(c)
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))
 			line, err := r.ReadString('\n')
+			if err == nil && strings.HasPrefix(line, "GET ") {
+				// The 1.12 "what is my IP" probe (SPEC-1.14 §3.2.5 quotes the
+				// answer): what a 1.14 client meets at a 1.12 server.
+				for {
+					h, herr := r.ReadString('\n')
+					if herr != nil || h == "\r\n" || h == "\n" {
+						break
+					}
+				}
+				body := ip + "\n"
+				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+				say("PROBE %s", c.RemoteAddr())
+				c.Close()
+				continue
+			}
 			c.SetReadDeadline(time.Time{})
 			got, derr := p.codec.decode(line)
 			if err != nil || derr != nil || got != key {
