@@ -21,7 +21,9 @@ Ratios are computed within each round and the median over rounds is shown.
 
     python3 bench/bench_tunnel.py [--seconds 2] [--rounds 3] [--modes tls=0,tls=1] [--no-rss] [--json]
 
-``--modes quic=1`` measures the QUIC pool the same way.
+``--modes quic=1`` measures the QUIC pool the same way; ``--modes
+tls=0&wire=1.12,tls=0`` compares the 1.12 and 1.14 generations (a mode's
+``wire=`` pins both ends; without it both ends settle on 1.14).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class Tunnel:
         env = dict(os.environ, NP_REPORT_INTERVAL=report, PYTHONPATH=ROOT)
         server_url = f"server://127.0.0.1:{self.tunnel}/127.0.0.1:{self.entry}?mode=1&{query}&log=event"
         client_url = f"client://127.0.0.1:{self.tunnel}/127.0.0.1:{target}?mode=2&min={min_pool}&log=event"
+        # A mode naming a wire generation pins both ends to it (the default,
+        # auto at both ends, settles on 1.14).
+        client_url += "".join(f"&{p}" for p in query.split("&") if p.startswith("wire="))
         self.lines = {"server": [], "client": []}
         self.server = self._spawn("server", server_url, env)
         wait_listening(self.entry)

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, task
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial import unittest
 
 from nodepass.config.urls import Tunables, parse_url
@@ -495,6 +495,44 @@ class TLSVerifyTests(CAMixin, unittest.TestCase):
         server = await self.start_server(f"127.0.0.1:{tport}", "&tls=2&crt=/nonexistent.crt&key=/nonexistent.key")
         self.assertEqual(server.runner.tls_code, 1)
         self.assertTrue(self.logged("server", "falling back to tls=1"))
+
+
+class SNITests(CAMixin, unittest.TestCase):
+    """SPEC-1.14 §4.6: ``sni=`` names the server for tls=2 on an IP tunnel
+    host, and is the handshake's ``Host``."""
+
+    @d
+    async def test_sni_names_the_server_of_an_ip_tunnel_host(self):
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        server, client, entry, _ = await self.tunnel("+", f"&tls=2&crt={crt}&key={key}", client_query="&sni=localhost")
+        self.assertEqual(await echo_roundtrip(entry, b"named"), b"named")
+        self.assertIn("&sni=localhost&", client.config.start_url())
+
+    @d
+    async def test_without_sni_an_ip_host_verifies_the_name_none(self):
+        """The default ``none`` matches no certificate: refused, clearly."""
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        tport, _ = self.echo_targets()
+        await self.start_server(f"127.0.0.1:{free_port()}", f"&mode=1&tls=2&crt={crt}&key={key}")
+        await self.start_client(f"127.0.0.1:{tport}", wait=False)
+        await wait_for(lambda: self.logged("client", "TLS verification of the server"), timeout=10,
+                       what="refusal logged")
+
+    @d
+    async def test_sni_is_the_handshake_host(self):
+        from tests.helpers import listen_tcp
+
+        class Recorder(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.factory.got.append(data)
+
+        port, factory = listen_tcp(Recorder)
+        factory.got = []
+        self.addCleanup(port.stopListening)
+        self.tunnel_port = port.getHost().port
+        await self.start_client("127.0.0.1:9", "&sni=cdn.example", wait=False)
+        await wait_for(lambda: b"\r\n\r\n" in b"".join(factory.got), what="handshake request")
+        self.assertIn(b"\r\nHost: cdn.example\r\n", b"".join(factory.got))
 
 
 class TLSVerifyTests112(TLSVerifyTests):

@@ -349,3 +349,69 @@ class GarbageTests(unittest.TestCase):
         for data in (b"GET / HTTP/1.1\r\n" + b"a" * 1_000_000, b"A" * 1_000_000, b"[" * 100_000):
             self._all(data)
 
+
+
+class DialectTests(unittest.TestCase):
+    """The control channel's 1.14 dialect writes every §3.4 vector and
+    reads it back into the runner's signal kinds; the 1.12 dialect is
+    unchanged."""
+
+    def setUp(self) -> None:
+        from nodepass.wire.codec import Codec
+
+        self.key = Codec("secret")
+
+    def test_every_vector_both_ways(self) -> None:
+        from nodepass.wire import codec
+        from nodepass.wire.dialect import V114Dialect
+
+        dialect = V114Dialect(self.key)
+        kinds = {"ping": codec.PING, "pong": codec.PONG, "tcp": codec.TCP_LAUNCH, "udp": codec.UDP_LAUNCH,
+                 "verify": codec.VERIFY, "flush": codec.FLUSH}
+        for sig, _payload, line in SIGNALS:
+            ours = codec.Signal(kinds[str(sig.action)], sig.remote, sig.id, sig.fp)
+            self.assertEqual(dialect.line(ours), line + b"\n")
+            self.assertEqual(dialect.read(line), ours)
+
+    def test_unknown_action_and_errors(self) -> None:
+        from nodepass.wire.dialect import UNKNOWN_ACTION, SignalError, V114Dialect
+
+        dialect = V114Dialect(self.key)
+        self.assertEqual(dialect.read(Signal("later").line("secret").rstrip(b"\n")).kind, UNKNOWN_ACTION)
+        with self.assertRaises(SignalError) as e:
+            dialect.read(b"not base64!")
+        self.assertTrue(e.exception.line.startswith("commonQueue: decode signal failed: "))
+        bad_json = base64.b64encode(bytes(b ^ k for b, k in zip(b"{nope", b"secretsecret")))
+        with self.assertRaises(SignalError) as e:
+            dialect.read(bad_json)
+        self.assertTrue(e.exception.line.startswith("commonQueue: unmarshal signal failed: "))
+
+    def test_control_channel_pings_at_once_and_answers_in_json(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from nodepass.base.logs import NodeLog
+        from nodepass.wire.control import ControlChannel
+        from nodepass.wire.dialect import V114Dialect
+
+        clock, transport = Clock(), StringTransport()
+        lines: list[str] = []
+        log = NodeLog("debug")
+        log.listeners.append(lambda level, line: lines.append(line))
+        pongs: list[int] = []
+        channel = ControlChannel(
+            transport, V114Dialect(self.key), clock, 5.0, log,
+            handler=lambda s: None, on_pong=pongs.append, on_broken=lambda r: None, ping_at_once=True,
+        )
+        channel.start()
+        # SPEC-1.14 §3.3: the first ping as soon as the channel exists.
+        self.assertEqual(transport.value(), b"CEcCEREdHAtBSEcEGgsEUBg=\n")
+        transport.clear()
+        clock.advance(0.004)
+        channel.data_received(b"CEcCEREdHAtBSEcEGgsEUBg=\nCEcCEREdHAtBSEcEHAsEUBg=\n")  # §3.6: ping + pong
+        self.assertEqual(transport.value(), b"CEcCEREdHAtBSEcEHAsEUBg=\n")
+        self.assertEqual(pongs, [4])
+        channel.data_received(b"%%%\n")
+        self.assertTrue(any("commonQueue: decode signal failed" in ln for ln in lines))
+        self.assertFalse(channel.broken)
+        channel.stop()

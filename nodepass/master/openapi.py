@@ -98,7 +98,15 @@ def _schemas() -> dict[str, Any]:
                 },
                 "config": {
                     "type": "string",
-                    "description": "The URL with every default written out, query keys sorted.",
+                    "description": (
+                        "The URL with every default written out, query keys sorted.  As NodePass 1.14: "
+                        "a client's defaults include `sni` and `block`, a server's `type` and `block`; "
+                        "URLs that give `quic=` (or `wire=1.12`) keep the 1.12 defaults."
+                    ),
+                    "examples": [
+                        "server://127.0.0.1:10101/127.0.0.1:8080?block=0&dial=auto&dns=5m0s&log=info&max=1024"
+                        "&mode=0&notcp=0&noudp=0&proxy=0&rate=0&read=0s&slot=65536&type=0"
+                    ],
                 },
                 "restart": {"type": "boolean", "description": "Start this instance when the master starts."},
                 "meta": {"$ref": "#/components/schemas/Meta"},

@@ -425,9 +425,9 @@ class ClientRunner(DualEndRunner):
         server sent while they are still at hand."""
         if not is_verification_failure(failure):
             return failure
-        text = explain_verification_failure(
-            failure, self.ctx.config.tunnel.host, peer_certificate_chain(conn.transport)
-        )
+        cfg = self.ctx.config
+        name = cfg.server_name if self.generation is Wire.V114 else cfg.tunnel.host
+        text = explain_verification_failure(failure, name, peer_certificate_chain(conn.transport))
         raise TLSVerificationFailed(text)
 
     def _watch_for_verify(self, conn: ClientPoolConn) -> ClientPoolConn:

@@ -108,12 +108,14 @@ class EntryTCP(ScreenedEnd):
         if blocked:
             # block= (SPEC-1.14 §5.1): after the slot check, before a pool
             # connection is taken.
+            r.screening.add(self)
             self.screen(blocked, r.ctx.reactor).addCallback(self._judged)
         else:
             r.entry_tcp(self)
 
     def _judged(self, decision: Decision) -> None:
         r = self.runner
+        r.screening.discard(self)
         if self.lost or r.stopping:
             r.ctx.stats.release_tcp()
             if not self.lost:
@@ -242,6 +244,7 @@ class DualEndRunner(Runner):
         self.entry_udp_port: Any = None
         self.udp_listener: Optional[UDPSessionListener] = None
         self.relays: set[Relay] = set()
+        self.screening: set[EntryTCP] = set()  # users whose first bytes block= is judging
         self.udp_bridges: set[_PoolToTarget] = set()
         self.peer_label = ""
         self.launching = 0  # exit-side launches not yet spliced
@@ -649,5 +652,7 @@ class DualEndRunner(Runner):
         for bridge in list(self.udp_bridges):
             if bridge.target is not None:
                 bridge.target.close()
+        for user in list(self.screening):
+            user.transport.abortConnection()  # its detection timer ends with it
         if ds:
             await defer.DeferredList(ds)

@@ -130,6 +130,7 @@ class FingerprintExchange:
         self.pool_get_timeout = pool_get_timeout
         self.gate = gate
         self.sent = False
+        self.sent_id = ""  # the pool connection our own verify named (and closed)
         self.verified = False
         self._deadline: Any = None
         if gate is not None and deadline > 0:
@@ -180,6 +181,7 @@ class FingerprintExchange:
             if not fp:
                 self.owner.fail(f"incomingVerify: pool connection {pool_id} shows no TLS certificate")
                 return
+            self.sent_id = pool_id
             if self.owner.send_signal(Signal(codec.VERIFY, "", pool_id, fp)):
                 self.log.debug("TLS verify signal: cid %s -> %s", pool_id, "server" if not self._is_server else "client")
         finally:
@@ -203,7 +205,9 @@ class FingerprintExchange:
             if conn is not None:
                 if conn.transport is not None and not conn.lost:
                     conn.transport.loseConnection()
-            elif pool is not None and sig.id:
+            elif pool is not None and sig.id and sig.id != self.sent_id:
+                # (Both ends may name the same connection when both send at
+                # once: ours is closed already.)
                 self._close_later(pool, sig.id)
         if not self._is_server:
             self._send_soon()  # a tls=2 client answers now

@@ -1,7 +1,9 @@
 """The NodePass 1.14 handshake and signals, sans I/O (SPEC-1.14 §3).
 
-Groundwork for the 1.14 generation: nothing here is wired into the peer
-yet.  Pure functions and small frozen attrs classes over bytes:
+Pure functions and small frozen attrs classes over bytes, used by the
+server's tunnel port (:mod:`nodepass.modes.tunnel_port`), the client's
+handshake (:mod:`nodepass.modes.handshake114`) and the control channel's
+1.14 dialect (:mod:`nodepass.wire.dialect`):
 
 * the client's ``GET /`` request with ``Authorization: Bearer TOKEN``
   (§3.2.2), where TOKEN is HMAC-SHA256 of an empty message under the tunnel
