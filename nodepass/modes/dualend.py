@@ -235,6 +235,7 @@ class DualEndRunner(Runner):
         #: The 1.14 entry gate (SPEC-1.14 §3.5), on the entry side with TLS.
         self.gate: Optional[VerifyGate] = None
         self.exchange: Optional[FingerprintExchange] = None
+        self.control_addr = ""  # ip:port of the control connection's far end
         self.stopping = False
         self.targets = TargetGroup(
             cfg.targets, ctx.reactor, ctx.log, dns_ttl=cfg.dns, dial=cfg.dial, timeout=ctx.tunables.tcp_dial_timeout
@@ -325,6 +326,10 @@ class DualEndRunner(Runner):
         show it speaks our key (see :class:`~nodepass.control.ControlChannel`)."""
         ctx = self.ctx
         _no_delay(transport)
+        try:
+            self.control_addr = addr_text(transport.getPeer())
+        except Exception:  # noqa: BLE001 - a transport already gone: no address to show
+            self.control_addr = ""
         channel = ControlChannel(
             transport,
             dialect(self.generation, self.codec),
@@ -354,6 +359,8 @@ class DualEndRunner(Runner):
 
     def control_broken(self, channel: ControlChannel, reason: str) -> None:
         """``channel`` is lost or silent: fatal for the run (SPEC §7)."""
+        if self.generation is Wire.V114 and channel is self.control:
+            self.ctx.log.debug("Control connection closed: %s", self.control_addr)
         if not self.stopping and channel is self.control:
             self.fail(reason)
 
@@ -414,7 +421,8 @@ class DualEndRunner(Runner):
         if self.is_entry and self.gate is None:
             self.gate = VerifyGate(ctx.reactor)
         self.exchange = FingerprintExchange(
-            self, ctx.log, ctx.reactor, t.pool_get_timeout, self.verify_deadline(), self.gate if self.is_entry else None
+            self, ctx.log, ctx.reactor, t.pool_get_timeout, self.verify_deadline(),
+            self.gate if self.is_entry else None, self.control_addr,
         )
         self.exchange.start()
 

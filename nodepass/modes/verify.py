@@ -123,8 +123,10 @@ class FingerprintExchange:
         pool_get_timeout: float,
         deadline: float,
         gate: Optional[VerifyGate],
+        peer: str = "",
     ):
         self.owner = owner
+        self.peer = peer  # the control connection's far end, for debug lines
         self.log = log
         self.clock = clock
         self.pool_get_timeout = pool_get_timeout
@@ -183,7 +185,7 @@ class FingerprintExchange:
                 return
             self.sent_id = pool_id
             if self.owner.send_signal(Signal(codec.VERIFY, "", pool_id, fp)):
-                self.log.debug("TLS verify signal: cid %s -> %s", pool_id, "server" if not self._is_server else "client")
+                self.log.debug("TLS verify signal: cid %s -> %s", pool_id, self.peer)
         finally:
             if conn.transport is not None and not conn.lost:
                 conn.transport.loseConnection()
@@ -194,7 +196,7 @@ class FingerprintExchange:
     # -- theirs -----------------------------------------------------------
     def received(self, sig: Signal) -> None:
         """The peer's ``verify`` signal."""
-        self.log.debug("TLS verify signal: cid %s <- %s", sig.id, "client" if self._is_server else "server")
+        self.log.debug("TLS verify signal: cid %s <- %s", sig.id, self.peer)
         pool = self.owner.pool
         conn = pool.take(sig.id) if pool is not None and sig.id else None
         mine = self.owner.own_view(conn) if conn is not None else ""
