@@ -207,12 +207,16 @@ class TunnelURLTests(unittest.TestCase):
         self.assertEqual((cfg.sni, cfg.block, cfg.wire), ("", "0", Wire.AUTO))
         self.assertEqual(len(cfg.warnings), 3)
         self.assertIn("wire must be auto, 1.12 or 1.14", " ".join(cfg.warnings))
-        for pool_type in ("1", "2", "3"):
+        for pool_type in ("2", "3"):
             with self.assertRaises(URLError) as e:
                 parse_url(f"server://:10101/127.0.0.1:80?type={pool_type}")
             self.assertIn("not available yet", str(e.exception))
         # Pinned to 1.12, type= means nothing (as quic= means nothing to 1.14).
         self.assertEqual(parse_url("server://:10101/127.0.0.1:80?type=2&wire=1.12").quic, 0)
+        # QUIC (and HTTP/2) pools always encrypt (SPEC-1.14 §1).
+        quic = parse_url("server://:10101/127.0.0.1:80?type=1")
+        self.assertEqual((quic.type, quic.tls), (1, 1))
+        self.assertIn("type=1 requires TLS, using tls=1", quic.warnings)
         # A client learns the pool type from the server.
         self.assertNotIn("type", parse_url("client://h:1/t:2?type=1").given)
 

@@ -249,6 +249,33 @@ class QuicServerTests(TunnelMixin, unittest.TestCase):
         self.assertEqual(await echo_roundtrip(entry, b"two"), b"two")
 
 
+class Quic114FlowTests(TunnelMixin, unittest.TestCase):
+    """The 1.14 QUIC pool (``type=1``, SPEC-1.14 §4.3): one QUIC connection
+    with ``max`` streams, the first stream the control channel (ID
+    00000000), JSON signals and the verify exchange over streams."""
+
+    async def _both(self, flow: str, query: str = "") -> None:
+        server, client = await self.carries_tcp_and_udp(flow, f"&type=1&max=64{query}", size=200_000)
+        self.assertEqual((server.runner.generation, client.runner.generation), ("1.14", "1.14"))
+        self.assertTrue(server.runner.quic and client.runner.quic)
+        self.assertTrue(self.logged("server", "Sending tunnel config: FLOW=%s|MAX=64|TLS=1|TYPE=1" % flow))
+        self.assertTrue(self.logged("server", "TLS code-1: RAM cert with TLS 1.3 for stream pool"))
+        self.assertEqual(len(client.runner.quic_client.sessions), 1)  # exactly one connection
+        # the control channel is a stream, as every pool entry
+        self.assertTrue(getattr(client.runner.control.transport, "quic_stream", False))
+        idle = list(server.runner.pool.idle.values())
+        self.assertTrue(idle)
+        self.assertTrue(all(getattr(c.transport, "quic_stream", False) for c in idle))
+
+    @d
+    async def test_reverse(self):
+        await self._both("-")
+
+    @d
+    async def test_forward_tls0_raised_to_tls1(self):
+        await self._both("+", "&tls=0")
+
+
 class QuicTLSVerifyTests(CAMixin, unittest.TestCase):
     """tls=2 over QUIC: chain and host name checked by the client."""
 
@@ -266,3 +293,15 @@ class QuicTLSVerifyTests(CAMixin, unittest.TestCase):
     @d
     async def test_wrong_host_name_refused(self):
         await self.wrong_host_name_refused("&quic=1")
+
+    @d
+    async def test_tls2_verified_114(self):
+        """type=1, tls=2: the client verifies the ``sni`` name."""
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        server, client, entry, _ = await self.tunnel(
+            "-", f"&type=1&tls=2&crt={crt}&key={key}", client_query="&sni=localhost"
+        )
+        self.assertEqual((client.runner.tls_code, client.runner.generation), (2, "1.14"))
+        self.assertEqual(await echo_roundtrip(entry, b"y" * 5000), b"y" * 5000)
+        await wait_for(lambda: self.logged("server", "TLS certificate fingerprint verified: sha256:"),
+                       what="server verify line")

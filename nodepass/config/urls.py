@@ -324,6 +324,9 @@ _VALIDATORS: dict[str, Callable[[str], object]] = {
 }
 
 
+#: 1.14 pool types this peer cannot run yet (refused at parse time).
+UNAVAILABLE_POOL_TYPES = frozenset({PoolType.WEBSOCKET, PoolType.HTTP2})
+
 POOL_TYPE_NAMES = {
     PoolType.TCP: "TCP",
     PoolType.QUIC: "QUIC",
@@ -589,7 +592,7 @@ def parse_url(text: str) -> InstanceConfig:
         values.pop("min", None)
         given.discard("min")
         pool_type = values.get("type", PoolType.TCP)
-        if pool_type is not PoolType.TCP and values.get("wire") is not Wire.V112:
+        if pool_type in UNAVAILABLE_POOL_TYPES and values.get("wire") is not Wire.V112:
             raise URLError(
                 f"invalid URL {shown(text)}: type={int(pool_type)} ({POOL_TYPE_NAMES[pool_type]} pool of the 1.14 "
                 "generation) is not available yet; use type=0 (TCP pool), or quic=1 for the 1.12 QUIC pool"
@@ -597,6 +600,11 @@ def parse_url(text: str) -> InstanceConfig:
     if scheme is Role.SERVER and values.get("quic") == PoolType.QUIC and values.get("tls", TLSCode.NONE) == TLSCode.NONE:
         values["tls"] = TLSCode.RAM_CERT
         warnings.append("quic=1 requires TLS, using tls=1")
+    stream_pool = values.get("type") in (PoolType.QUIC, PoolType.HTTP2) and values.get("wire") is not Wire.V112
+    if scheme is Role.SERVER and stream_pool and values.get("tls", TLSCode.NONE) == TLSCode.NONE:
+        # SPEC-1.14 §1: QUIC and HTTP/2 pools always encrypt.
+        values["tls"] = TLSCode.RAM_CERT
+        warnings.append(f"type={int(values['type'])} requires TLS, using tls=1")
     for target in targets:
         if target.port == address.port and (is_loopback(target.host) or is_unspecified(address.host)):
             raise URLError(

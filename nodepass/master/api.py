@@ -50,6 +50,7 @@ from nodepass.master.errors import (
     URLConflict,
 )
 from nodepass.master.identity import API_KEY_ID
+from nodepass.master.metrics import CONTENT_TYPE, MasterMetrics
 from nodepass.master.records import MAX_TEXT, PEER_FIELDS, json_utf8
 from nodepass.master.site import CORS, MAX_BODY
 
@@ -222,6 +223,19 @@ def _cors(request: Request) -> None:
         request.setHeader(name, value)
 
 
+def _credential(request: Request, bearer: bool) -> Optional[bytes]:
+    """The key a request presents: its ``X-API-Key``, or, where ``bearer``
+    allows it and there is no ``X-API-Key``, the token of ``Authorization:
+    Bearer <key>`` (what Prometheus's ``authorization`` block sends; it
+    cannot send custom headers from a secret file).  Any other
+    ``Authorization`` scheme presents nothing."""
+    key = request.getHeader(b"x-api-key")
+    if key or not bearer:
+        return key
+    scheme, _, token = (request.getHeader(b"authorization") or b"").strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else None
+
+
 def _allow(handlers: Mapping[str, Handler]) -> bytes:
     """The ``Allow`` header of a route: its methods, HEAD with GET, OPTIONS."""
     methods = set(handlers) | {"OPTIONS"}
@@ -260,23 +274,26 @@ class MasterAPI:
 
     def __init__(self, master: Master) -> None:
         self.master = master
+        self.metrics = MasterMetrics(master, self.app.url_map)
 
     def resource(self) -> IResource:
         """The resource to serve at the root of the master's Site."""
         base = self.master.config.prefix.rstrip("/") + "/v1"
-        return IResource(MasterRoot(self.app.resource(), _Elsewhere().app.resource(), base))
+        return IResource(MasterRoot(self.app.resource(), _Elsewhere().app.resource(), base, self.metrics))
 
     async def _serve(
         self,
         request: Request,
         handlers: Mapping[str, Handler],
         public: bool = False,
+        bearer: bool = False,
         fallback: Optional[Handler] = None,
         **kwargs: str,
     ) -> Any:
         """Answer with ``handlers`` by method (``fallback`` for any other,
         405 when there is none): CORS headers on everything, OPTIONS
-        without a key, the key before anything else unless ``public``."""
+        without a key, the key before anything else unless ``public``
+        (also as a Bearer token if ``bearer``)."""
         _cors(request)
         method = request.method.decode("ascii", "replace")
         if method == "OPTIONS":
@@ -284,7 +301,7 @@ class MasterAPI:
             return b""
         try:
             if not public:
-                self.master.authenticate(request.getHeader(b"x-api-key"))
+                self.master.authenticate(_credential(request, bearer))
             handler = handlers.get("GET" if method == "HEAD" else method, fallback)
             if handler is None:
                 request.setHeader(b"allow", _allow(handlers))
@@ -402,6 +419,17 @@ class MasterAPI:
             raise InvalidTarget("Target address required")
         return _json(request, 200, await self.master.tcping(raw))
 
+    # -- metrics -------------------------------------------------------------
+
+    @app.route("/metrics", strict_slashes=False)
+    async def metrics_route(self, request: Request) -> Any:
+        return await self._serve(request, {"GET": self.scrape}, bearer=True)
+
+    async def scrape(self, request: Request) -> bytes:
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        return self.metrics.exposition()
+
     # -- documentation (public) -------------------------------------------
 
     @app.route("/openapi.json", strict_slashes=False)
@@ -477,20 +505,25 @@ class MasterRoot(Resource):
 
     isLeaf = True
 
-    def __init__(self, api: KleinResource, elsewhere: KleinResource, base: str) -> None:
+    def __init__(
+        self, api: KleinResource, elsewhere: KleinResource, base: str, metrics: Optional[MasterMetrics] = None
+    ) -> None:
         super().__init__()
         self.api = api
         self.elsewhere = elsewhere
         self.base = base.encode("utf-8")
+        self.metrics = metrics
 
     def render(self, request: Any) -> Any:
+        rest = self._under_base(request.postpath)
+        if self.metrics is not None:  # every request, refused ones too
+            self.metrics.track(request, rest)
         try:
             b"/".join(request.prepath + request.postpath).decode("utf-8")
             request.getRequestHostname().decode("utf-8")
         except UnicodeDecodeError:
             _cors(request)
             return _error(request, 400, "Invalid request path: not UTF-8")
-        rest = self._under_base(request.postpath)
         if rest is None:
             return self.elsewhere.render(request)
         request.mount_origin = (list(request.prepath), list(request.postpath))

@@ -433,6 +433,43 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _json("TcpingResult", "The probe result."), **_errors("400", "401")},
             },
         },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["master"],
+                "summary": "Prometheus metrics of this master and its instances",
+                "description": (
+                    "The Prometheus text exposition format 0.0.4: per instance (labels `id`, "
+                    "`alias`, `type`) the traffic counters, connections, pool, ping and status "
+                    "of `GET /instances`; per master the instances by status, process CPU and "
+                    "memory, event-stream subscribers, and API requests by route template "
+                    "(counter and latency histogram).  Besides `X-API-Key`, this route accepts "
+                    "the key as `Authorization: Bearer <key>` (what Prometheus's "
+                    "`authorization` block sends); `X-API-Key` wins when both are present.  "
+                    "See docs/monitoring.md for every metric."
+                ),
+                "security": [{"ApiKey": []}, {"BearerKey": []}],
+                "responses": {
+                    "200": {
+                        "description": "The metrics.",
+                        "content": {
+                            "text/plain; version=0.0.4": {
+                                "schema": {"type": "string"},
+                                "examples": {
+                                    "instance": {
+                                        "value": (
+                                            "nodepass_instance_rx_bytes_total{id=\"1a2b3c4d\",alias=\"web\","
+                                            "type=\"server\",protocol=\"tcp\"} 20000.0\n"
+                                        )
+                                    }
+                                },
+                            }
+                        },
+                    },
+                    **_errors("401"),
+                },
+            },
+        },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
@@ -479,7 +516,8 @@ def openapi_document(prefix: str) -> dict[str, Any]:
             "description": (
                 "Manage NodePass tunnel instances (server:// and client://) on this "
                 "master.  Every route except `/openapi.json` and `/docs` needs the API "
-                "key in the `X-API-Key` header; the master prints it at start.  Every "
+                "key in the `X-API-Key` header (`/metrics` also takes it as a Bearer "
+                "token); the master prints it at start.  Every "
                 "response carries CORS headers and `OPTIONS` answers 200 on every path.  "
                 "A method a path does not list answers 405 `Method not allowed` with an "
                 "`Allow` header (methods are case-sensitive: `get` is not `GET`); a path "
@@ -501,6 +539,11 @@ def openapi_document(prefix: str) -> dict[str, Any]:
         "components": {
             "securitySchemes": {
                 "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "BearerKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The API key as a Bearer token (`Authorization: Bearer <key>`); `/metrics` only.",
+                },
             },
             "schemas": _schemas(),
             "responses": responses,

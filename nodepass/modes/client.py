@@ -32,7 +32,6 @@ from nodepass.base.kinds import ClientMode, PoolType, Role, TLSCode, Wire
 from nodepass.config.urls import POOL_TYPE_NAMES
 from nodepass.wire import v114
 from nodepass.wire.codec import Signal, TunnelInfo
-from nodepass.wire.control import ControlChannel
 from nodepass.net.dialer import DNSCache, ResolveError
 from nodepass.modes.base import InstanceContext, TunnelError
 from nodepass.modes.control_client import ClientControlProtocol, HandshakeSettings, Server114
@@ -48,7 +47,7 @@ from nodepass.net.tls import (
     peer_certificate_chain,
     peer_certificate_fingerprint,
 )
-from nodepass.modes.dualend import DualEndRunner, PoolEnd, addr_text
+from nodepass.modes.dualend import ControlSink, DualEndRunner, PoolEnd, addr_text
 
 if TYPE_CHECKING:
     from nodepass.pools.quic import QuicPoolClient
@@ -215,17 +214,22 @@ class ClientRunner(DualEndRunner):
             raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {error_text(e)}") from None
         config = await proto.result
         ctx.log.info("Loading tunnel config: %s", config.log_fields())
-        if config.pool_type != "0":
+        available = {"0": PoolType.TCP, "1": PoolType.QUIC}
+        if config.pool_type not in available:
             try:
                 name = POOL_TYPE_NAMES[PoolType(int(config.pool_type))] + " pool"
             except ValueError:
                 name = "an unknown pool type"
             raise TunnelError(
                 f"the server asked for pool type {config.pool_type} ({name}), which is not available yet "
-                "in this client (only type=0, the TCP pool)"
+                "in this client (type=0, the TCP pool, and type=1, the QUIC pool, are)"
             )
         self.generation = Wire.V114
-        self.flow, self.tls_code, self.pool_type = config.flow, config.tls, PoolType.TCP
+        self.flow, self.tls_code, self.pool_type = config.flow, config.tls, available[config.pool_type]
+        if self.quic:
+            # QUIC always encrypts (SPEC-1.14 §1): a tls 0 answer means 1.
+            self.tls_code = max(TLSCode.RAM_CERT, config.tls)
+            self._open_quic(server_ip, config.max, one_connection=True)
         ctx.log.info("Getting tunnel pool ready...")
         t = ctx.tunables
         self.pool = pool = ClientPool(
@@ -245,7 +249,7 @@ class ClientRunner(DualEndRunner):
         except Exception as e:  # noqa: BLE001
             raise TunnelError(f"setControlConn: handshake timeout: no control connection within {wait:g}s ({e})") from None
         control = self.make_control(conn.transport)
-        conn.attach(_ControlSink(control))
+        conn.attach(ControlSink(control))
         if conn.lost:
             raise TunnelError("control connection lost right after the handshake")
         control.start()
@@ -313,7 +317,7 @@ class ClientRunner(DualEndRunner):
             # QUIC always encrypts: a server announcing tls 0 is treated as 1.
             self.tls_code = max(TLSCode.RAM_CERT, info.tls_code)
             try:
-                self._open_quic(server_ip, info)
+                self._open_quic(server_ip, info.max)
             except Exception:
                 machine.close()
                 raise
@@ -344,19 +348,28 @@ class ClientRunner(DualEndRunner):
         if rest:
             control.data_received(rest)
 
-    def _open_quic(self, server_ip: str, info: TunnelInfo) -> None:
+    def _open_quic(self, server_ip: str, max_pool: int, one_connection: bool = False) -> None:
+        """The QUIC pool connections: 1.12 spreads the pool over one per 128
+        streams (as Go 1.12); 1.14 uses exactly one, re-dialled when it dies,
+        with no SNI unless tls=2, which verifies the ``sni`` name
+        (SPEC-1.14 §4.3, §4.6)."""
         # Imported here: aioquic is only loaded by tunnels that use QUIC.
         from nodepass.pools.quic import QuicPoolClient, connections_for
 
         ctx = self.ctx
+        cfg = ctx.config
+        if one_connection:
+            name = cfg.server_name if self.tls_code == TLSCode.CERT_FILES else ""
+        else:
+            name = cfg.tunnel.host
         self.quic_client = QuicPoolClient(
             ctx.reactor,
             ctx.log,
-            (server_ip, ctx.config.tunnel.port),
+            (server_ip, cfg.tunnel.port),
             self.tls_code,
-            ctx.config.tunnel.host,
+            name,
             ctx.tunables.report_interval,
-            max_conns=connections_for(info.max),
+            max_conns=1 if one_connection else connections_for(max_pool),
         )
 
     def _tls_ctx(self) -> Optional[ResumingClient]:
@@ -544,22 +557,6 @@ class ClientRunner(DualEndRunner):
 
 #: The pool ID of the 1.14 control connection (SPEC-1.14 §3.3).
 CONTROL_ID = "00000000"
-
-
-class _ControlSink:
-    """Routes the 1.14 control connection's bytes (a pool connection, so a
-    :class:`PoolEnd`) to the control channel."""
-
-    def __init__(self, channel: ControlChannel):
-        self.channel = channel
-
-    def forward(self, _end: PoolEnd, data: bytes | memoryview) -> None:
-        self.channel.data_received(bytes(data))
-
-    def end_lost(self, end: PoolEnd) -> None:
-        reason = end.lost_reason
-        why = reason.getErrorMessage() if reason is not None else ""
-        self.channel.connection_lost("control connection lost: " + (why or "closed"))
 
 
 def _remember_session(conn: ClientPoolConn, creator: ResumingClient) -> ClientPoolConn:

@@ -86,6 +86,23 @@ class PoolEnd(RelayEnd):
             self.gate.resume("splice")
 
 
+class ControlSink:
+    """Routes the bytes of a 1.14 control connection that is a pool
+    connection (a :class:`PoolEnd`: the client's, or a stream of a stream
+    pool on the server) to its control channel."""
+
+    def __init__(self, channel: ControlChannel):
+        self.channel = channel
+
+    def forward(self, _end: RelayEnd, data: bytes | memoryview) -> None:
+        self.channel.data_received(bytes(data))
+
+    def end_lost(self, end: RelayEnd) -> None:
+        reason = end.lost_reason
+        why = reason.getErrorMessage() if reason is not None else ""
+        self.channel.connection_lost("control connection lost: " + (why or "closed"))
+
+
 class EntryTCP(ScreenedEnd):
     """A user connection at the entry's target address (the server's with
     flow ``-``, the client's with flow ``+``)."""

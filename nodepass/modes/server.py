@@ -32,7 +32,7 @@ from nodepass.wire.control import ControlChannel
 from nodepass.pools.tcp import ServerPool
 from nodepass.net.tls import ServerCredentials, host_certificate_fingerprint
 from nodepass.modes.base import InstanceContext
-from nodepass.modes.dualend import DualEndRunner, PoolEnd, addr_text
+from nodepass.modes.dualend import ControlSink, DualEndRunner, PoolEnd, addr_text
 from nodepass.modes.tunnel_port import (
     Admission,
     Adopted,
@@ -63,7 +63,7 @@ class QuicPoolStream(PoolEnd):
     def dataReceived(self, data: bytes | memoryview) -> None:
         if self.state is PortState.NEW:
             self.state = PortState.POOLED
-            if self.runner.adopt(self) is not Adopted.POOLED:
+            if self.runner.adopt(self) is Adopted.REFUSED:
                 self.state = PortState.CLOSED
                 self.transport.loseConnection()
                 return
@@ -163,14 +163,16 @@ class ServerRunner(DualEndRunner):
         except Exception:
             await defer.DeferredList(self._unbind_entry())
             raise
-        if self.quic:
+        # A QUIC pool: 1.12's (quic=1, which serves 1.12 only) or 1.14's (type=1).
+        quic_114 = cfg.type is PoolType.QUIC and cfg.effective_wire is not Wire.V112
+        if self.quic or quic_114:
             try:
-                self._listen_quic(creds)
+                self._listen_quic(creds, peer_streams=cfg.max if quic_114 else None)
             except Exception:
                 await defer.DeferredList(self._unbind_entry() + [defer.maybeDeferred(self.tunnel_port.stopListening)])
                 self.tunnel_port = None
                 raise
-        level, line = creds.code_line(quic=self.quic)
+        level, line = creds.code_line(quic=self.quic, stream_pool=quic_114)
         getattr(ctx.log, level)(line)
         if self.tls_code:
             ctx.log.debug("TLS certificate: %s", creds.fingerprint)
@@ -179,11 +181,13 @@ class ServerRunner(DualEndRunner):
         if self.ctx.config.effective_wire is not Wire.V112:
             self.ctx.log.info("Pending tunnel handshake...")
 
-    def _listen_quic(self, creds: ServerCredentials) -> None:
+    def _listen_quic(self, creds: ServerCredentials, peer_streams: Optional[int] = None) -> None:
         """The tunnel's UDP port for the QUIC pool (same number as the TCP
-        port); it answers only the control connection's IP."""
+        port); it answers only the control connection's IP.  A 1.14 client
+        gets ``max`` streams on its one connection, a 1.12 client 128 on
+        each of several (SPEC-1.14 §4.3)."""
         # Imported here: aioquic is only loaded by tunnels that use QUIC.
-        from nodepass.pools.quic import QuicPoolServer
+        from nodepass.pools.quic import MAX_STREAMS_PER_CONN, QuicPoolServer
 
         ctx = self.ctx
         self.quic_server = QuicPoolServer(
@@ -193,6 +197,7 @@ class ServerRunner(DualEndRunner):
             lambda: self.control_ip,
             self._quic_stream,
             ctx.tunables.report_interval,
+            peer_streams=peer_streams or MAX_STREAMS_PER_CONN,
         )
         self.quic_port = ctx.reactor.listenUDP(
             self.tunnel_port_number, self.quic_server, interface=ctx.config.tunnel.host, maxPacketSize=65535
@@ -235,6 +240,14 @@ class ServerRunner(DualEndRunner):
             self._cancel_control_timer()
             conn.transport.write(CONTROL_ID)
             conn.pool_id = CONTROL_ID.hex()
+            if not isinstance(conn, TunnelPortProtocol):
+                # A stream of a stream pool (QUIC): no tunnel-port machine
+                # to carry the channel; the stream's bytes go to it.
+                channel = self.make_control(conn.transport)
+                conn.attach(ControlSink(channel))
+                self.control_peer = addr_text(conn.transport.getPeer())
+                channel.start()
+                self.control_up_114(self._answered_at)
             return Adopted.CONTROL
         if pool.register(conn) is None:
             return Adopted.REFUSED

@@ -197,14 +197,16 @@ class ServerCredentials:
     def cert_pem(self) -> bytes:
         return self._cert_pem
 
-    def code_line(self, quic: bool = False) -> tuple[str, str]:
+    def code_line(self, quic: bool = False, stream_pool: bool = False) -> tuple[str, str]:
         """Go's start-up line for the effective TLS code, as ``(level,
         text)``: operators and dashboards read it (``TLS code-0:
-        unencrypted`` is a warning)."""
+        unencrypted`` is a warning).  ``quic``: the 1.12 QUIC pool;
+        ``stream_pool``: a 1.14 QUIC or HTTP/2 pool (SPEC-1.14 §7)."""
         if self.tls_code == 0:
             return UNENCRYPTED_LINE
         if self.tls_code == 1:
-            return "info", "TLS code-1: RAM cert with TLS 1.3" + (" for QUIC" if quic else "")
+            suffix = " for stream pool" if stream_pool else " for QUIC" if quic else ""
+            return "info", "TLS code-1: RAM cert with TLS 1.3" + suffix
         try:
             cert = x509.load_pem_x509_certificate(self._cert_pem)
             names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -98,11 +98,12 @@ class _Connection(quic_internals.SlidingWindowConnection):
 
     receive_window = STREAM_WINDOW
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, peer_streams: int = MAX_STREAMS_PER_CONN, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # Streams the peer may have open at once (the transport parameter
-        # initial_max_streams_bidi); raised by one as each finishes.
-        quic_internals.allow_peer_streams(self, MAX_STREAMS_PER_CONN)
+        # initial_max_streams_bidi); raised by one as each finishes.  1.12
+        # allows 128 per connection, 1.14 the pool's max (SPEC-1.14 §4.3).
+        quic_internals.allow_peer_streams(self, peer_streams)
 
 
 def _twisted_address(addr: tuple) -> Union[address.IPv4Address, address.IPv6Address]:
@@ -630,8 +631,10 @@ class QuicPoolServer(QuicPort):
         allowed_ip: Callable[[], Optional[str]],
         on_stream: Callable[[QuicStreamTransport], None],
         keepalive: float,
+        peer_streams: int = MAX_STREAMS_PER_CONN,
     ):
         super().__init__(reactor, log)
+        self.peer_streams = peer_streams
         self.material = material
         self.allowed_ip = allowed_ip
         self.on_stream = on_stream
@@ -687,7 +690,9 @@ class QuicPoolServer(QuicPort):
         cfg.certificate = cert
         cfg.certificate_chain = list(chain)
         cfg.private_key = key
-        conn = _Connection(configuration=cfg, original_destination_connection_id=original_cid)
+        conn = _Connection(
+            configuration=cfg, original_destination_connection_id=original_cid, peer_streams=self.peer_streams
+        )
         session = QuicSession(
             conn, addr, self, self.reactor, self.keepalive, on_stream=self.on_stream, on_closed=self._closed
         )
