@@ -591,6 +591,14 @@ def parse_url(text: str) -> InstanceConfig:
     else:
         values.pop("min", None)
         given.discard("min")
+        if values.get("wire") is Wire.V114 and "quic" in values:
+            values.pop("quic")
+            given.discard("quic")
+            warnings.append("quic= is a 1.12 parameter, ignored with wire=1.14 (use type=1 for a QUIC pool)")
+        if values.get("wire") is Wire.V112 and "type" in values:
+            values.pop("type")
+            given.discard("type")
+            warnings.append("type= is a 1.14 parameter, ignored with wire=1.12 (use quic=1 for a QUIC pool)")
         pool_type = values.get("type", PoolType.TCP)
         if pool_type in UNAVAILABLE_POOL_TYPES and values.get("wire") is not Wire.V112:
             raise URLError(

@@ -205,11 +205,13 @@ class ClientRunner(DualEndRunner):
         reactor = ctx.reactor
         ctx.log.info("Pending tunnel handshake...")
         started = reactor.seconds()
+        https = handshake_uses_tls(cfg.tunnel.port)
         proto = HandshakeProtocol(
-            v114.build_request(cfg.tunnel_key, cfg.server_name), reactor, ctx.tunables.handshake_timeout, str(cfg.tunnel)
+            v114.build_request(cfg.tunnel_key, cfg.server_name), reactor, ctx.tunables.handshake_timeout,
+            str(cfg.tunnel), https=https,
         )
         try:
-            await self._connect(proto, server_ip, tls=handshake_uses_tls(cfg.tunnel.port))
+            await self._connect(proto, server_ip, tls=https)
         except Exception as e:  # noqa: BLE001
             raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {error_text(e)}") from None
         config = await proto.result

@@ -64,8 +64,9 @@ class HandshakeProtocol(Protocol):
 
     transport: Any
 
-    def __init__(self, request: bytes, clock: Any, timeout: float, server: str):
+    def __init__(self, request: bytes, clock: Any, timeout: float, server: str, https: bool = False):
         self.request = request
+        self.https = https
         self.clock = clock
         self.timeout = timeout
         self.server = server
@@ -88,7 +89,14 @@ class HandshakeProtocol(Protocol):
         if not self.result.called:
             if self._buf:
                 self._parse(eof=True)
-            if not self.result.called:
+            if not self.result.called and self.https:
+                self._fail(TunnelError(
+                    f"tunnelHandshake: the HTTPS handshake with {self.server} failed "
+                    f"({reason.getErrorMessage() or 'closed'}): on port 443 a 1.14 client speaks HTTPS, for a "
+                    "TLS-terminating proxy or CDN in front of the server; a NodePass server itself answers "
+                    "plain HTTP, so put it on another port or behind such a proxy"
+                ))
+            elif not self.result.called:
                 self._fail(TunnelError(
                     "tunnelHandshake: the server closed the connection without an answer "
                     "(another client holds the tunnel, or the server is restarting)"

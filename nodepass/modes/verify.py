@@ -211,8 +211,10 @@ class FingerprintExchange:
                 # (Both ends may name the same connection when both send at
                 # once: ours is closed already.)
                 self._close_later(pool, sig.id)
-        if not self._is_server:
-            self._send_soon()  # a tls=2 client answers now
+        if not self._is_server and sig.fp:
+            # A tls=2 client answers now.  Not after an empty one: a Go
+            # tls=2 server tears its tunnel down on any verify it receives.
+            self._send_soon()
 
     def _check(self, theirs: str, mine: str) -> None:
         tls2_client = not self._is_server and self.owner.tls_code == TLSCode.CERT_FILES
