@@ -47,15 +47,26 @@ class TLSRefusalTests(CAMixin, unittest.TestCase):
     async def test_host_name_mismatch_names_both_sides(self):
         crt, key = make_leaf(self.dir, self.ca, self.ca_key, "other.example")
         line = await self.refused(crt, key, "localhost")
-        self.assertIn("not valid for the host name localhost", line)
+        # 1.14: the sni= name, by default the tunnel host when it is a name.
+        self.assertIn("not valid for the name localhost that this client checks", line)
         self.assertIn("(it names: other.example)", line)
 
     @d
     async def test_ip_address_mismatch_names_both_sides(self):
+        """1.12 checks the tunnel host (the server is pinned to 1.12; the
+        client falls back)."""
         crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
-        line = await self.refused(crt, key, "127.0.0.1")
+        line = await self.refused(crt, key, "127.0.0.1", "&wire=1.12")
         self.assertIn("not valid for the IP address 127.0.0.1", line)
         self.assertIn("(it names: localhost)", line)
+
+    @d
+    async def test_114_ip_host_says_set_sni(self):
+        """1.14 checks the sni= name: ``none`` for an IP host without it."""
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        line = await self.refused(crt, key, "127.0.0.1")
+        self.assertIn("not valid for the name none that this client checks", line)
+        self.assertIn("(it names: localhost); set sni=", line)
 
     @d
     async def test_unknown_ca_says_set_ssl_cert_file(self):

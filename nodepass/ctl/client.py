@@ -6,6 +6,13 @@ JSON the master answered (``None`` for 204).  A non-2xx answer raises
 message; an unreachable master raises it too, with status 0, so scripts need
 one ``except``.
 
+Errors are diagnosed where a bare status or socket error would mislead: a
+404 from a route every master has means the URL's prefix is wrong (or it is
+no master), and a connection that fails the way a wrong scheme makes it fail
+(a TLS handshake a plain-HTTP master never answers, a TLS master closing on
+plain HTTP) is checked with one key-less request in the other scheme, so the
+message can say "use http://..." (``MasterAPIError.kind`` names these).
+
 ``events()`` returns an :class:`EventStream`: an async iterator over the
 Server-Sent Events of ``/events``, decoded to dicts ``{"type", "time",
 "instance", "logs"}`` (``instance`` is ``None`` in the final ``shutdown``
@@ -32,7 +39,9 @@ from urllib.parse import quote
 import treq
 from treq.client import HTTPClient
 from twisted.internet import defer, ssl
+from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -54,12 +63,20 @@ __all__ = ["MasterClient", "MasterAPIError", "EventStream", "KEY_INSTANCE"]
 
 class MasterAPIError(Exception):
     """The master answered with an error status (or could not be reached:
-    ``status`` 0)."""
+    ``status`` 0).
 
-    def __init__(self, status: int, message: str):
+    ``kind`` names the diagnoses a program may want to act on without
+    parsing ``message``: ``"no_api"`` (a 404 where a route must exist: the
+    URL's prefix is wrong, or it is not a master at all), ``"tls_mismatch"``
+    (``https://`` to a plain-HTTP master or the reverse), ``"timeout"``;
+    ``""`` otherwise.
+    """
+
+    def __init__(self, status: int, message: str, kind: str = ""):
         super().__init__(status, message)
         self.status = status
         self.message = message
+        self.kind = kind
 
     def __str__(self) -> str:
         if self.status:
@@ -87,6 +104,54 @@ class _CAFilePolicy:
         return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
 
 
+@implementer(IPolicyForHTTPS)
+class _HandshakeDeadline:
+    """Wraps a TLS policy so a handshake that has not finished after
+    ``seconds`` is given up: an ``https://`` URL aimed at a plain-HTTP
+    master otherwise waits for the whole request timeout, because the
+    master's HTTP parser keeps reading the ClientHello as the start of a
+    request line and never answers.  ``client`` is told (``_tls_stalled``)
+    so the error can say what happened, and keeps the timers so ``close()``
+    can cancel those still pending."""
+
+    def __init__(self, policy: Any, client: "MasterClient", seconds: float):
+        self._policy = policy
+        self._client = client
+        self._seconds = seconds
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> "_DeadlineCreator":
+        return _DeadlineCreator(self._policy.creatorForNetloc(hostname, port), self._client, self._seconds)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _DeadlineCreator:
+    """The connection creator of :class:`_HandshakeDeadline`."""
+
+    def __init__(self, creator: Any, client: "MasterClient", seconds: float):
+        self._creator = creator
+        self._client = client
+        self._seconds = seconds
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        connection = self._creator.clientConnectionForTLS(tlsProtocol)
+        client = self._client
+        calls = client._deadlines
+
+        def check() -> None:
+            calls.discard(call)
+            # ``get_peer_finished`` is None until the server's Finished
+            # message arrived: the handshake is not done.
+            if tlsProtocol.connected and connection.get_peer_finished() is None:
+                client._tls_stalled = True
+                transport = tlsProtocol.transport
+                if transport is not None:
+                    transport.abortConnection()
+
+        call = client._reactor.callLater(self._seconds, check)
+        calls.add(call)
+        return connection
+
+
 def _api_root(base_url: str) -> str:
     """``http://h:p/api`` and ``http://h:p/api/v1`` both mean the same
     master; callers may pass either."""
@@ -99,6 +164,56 @@ def _api_root(base_url: str) -> str:
     if not base.endswith("/v1"):
         base += "/v1"
     return base
+
+
+#: The master's 404 for an ID it does not know; any other 404 means no route.
+INSTANCE_NOT_FOUND = "Instance not found"
+
+#: Longest handshake wait before a TLS connection is given up as stalled.
+HANDSHAKE_DEADLINE = 10.0
+#: Longest wait of the one request that diagnoses a failed connection.
+PROBE_TIMEOUT = 5.0
+
+
+def _split_root(root: str) -> tuple[str, str, str]:
+    """``(scheme, netloc, path)`` of an API root made by :func:`_api_root`."""
+    scheme, rest = root.split("://", 1)
+    netloc, slash, path = rest.partition("/")
+    return scheme.lower(), netloc, slash + path
+
+
+def _no_api(root: str) -> MasterAPIError:
+    """The 404 of a route every master has: nothing NodePass-like answers at
+    this prefix.  The usual cause is a URL without the master's prefix
+    (``http://h:9090`` for ``http://h:9090/api``), so the message says where
+    the API normally lives."""
+    scheme, netloc, _ = _split_root(root)
+    return MasterAPIError(
+        404,
+        f"no NodePass API at {root}: is the prefix right? The API lives under PREFIX/v1 "
+        f"(/api/v1 by default: {scheme}://{netloc}/api)",
+        kind="no_api",
+    )
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and everything it wraps (``reasons`` of Twisted's
+    ``ResponseNeverReceived``/``ResponseFailed``, a failure's ``value``),
+    so a cause can be recognised however deep treq buried it."""
+    found: list[BaseException] = []
+    stack: list[Any] = [error]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Failure):
+            item = item.value
+        if not isinstance(item, BaseException) or any(item is seen for seen in found):
+            continue
+        found.append(item)
+        stack.extend(getattr(item, "reasons", None) or [])
+        value = getattr(item, "value", None)
+        if isinstance(value, BaseException):
+            stack.append(value)
+    return found
 
 
 def _error_message(body: bytes) -> str:
@@ -158,6 +273,12 @@ class MasterClient:
                 policy = _CAFilePolicy(f.read())
         else:
             policy = BrowserLikePolicyForHTTPS()
+        self._deadlines: set[Any] = set()  # IDelayedCall of _HandshakeDeadline
+        self._tls_stalled = False
+        # Half the request timeout at most, so that a stalled handshake is
+        # recognised as such before the request itself times out.
+        self._handshake_deadline = min(HANDSHAKE_DEADLINE, timeout / 2) if timeout else HANDSHAKE_DEADLINE
+        policy = _HandshakeDeadline(policy, self, self._handshake_deadline)
         self._own_pool = pool is None
         if pool is None:
             pool = HTTPConnectionPool(reactor, persistent=persistent)
@@ -179,6 +300,10 @@ class MasterClient:
             await stream.close()
         if self._own_pool:
             await self._pool.closeCachedConnections()
+        for call in list(self._deadlines):
+            if call.active():
+                call.cancel()
+        self._deadlines.clear()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -211,11 +336,78 @@ class MasterClient:
                 reactor=self._reactor,
             )
             content = await treq.content(response)
-        except defer.CancelledError:
-            raise MasterAPIError(0, f"no answer from {self.root} within {self.timeout}s") from None
         except Exception as e:
-            raise MasterAPIError(0, f"cannot reach master at {self.root}: {_reason(e)}") from None
+            raise await self._unreachable(e) from None
         return response.code, response.headers, content
+
+    async def _unreachable(self, error: BaseException) -> MasterAPIError:
+        """The status-0 error for a request that got no answer, diagnosed.
+
+        A wrong scheme is the usual mistake and fails in ways that say
+        nothing by themselves (a stalled or failed TLS handshake, a
+        connection closed without a word), so in those cases one request
+        without the API key goes out in the other scheme: if that one is
+        answered, the message says which scheme the master speaks.  A
+        refused connection, an unknown host or a certificate that failed
+        verification (the master does speak TLS) need no such probe."""
+        causes = _causes(error)
+        scheme, netloc, _ = _split_root(self.root)
+        stalled, self._tls_stalled = self._tls_stalled, False
+        timed_out = any(isinstance(c, (defer.CancelledError, defer.TimeoutError)) for c in causes)
+        if stalled and scheme == "https":
+            reason = f"TLS handshake not finished within {self._handshake_deadline:g}s"
+        elif timed_out:
+            reason = f"no answer within {self.timeout:g}s"
+        else:
+            reason = _reason(error)
+        message = f"cannot reach master at {self.root}: {reason}"
+        hopeless = any(isinstance(c, (net_error.ConnectionRefusedError, net_error.DNSLookupError)) for c in causes)
+        verify_failed = "certificate verify failed" in error_text(error)
+        if hopeless or verify_failed or (timed_out and scheme == "http" and not stalled):
+            return MasterAPIError(0, message, kind="timeout" if timed_out else "")
+        other = "http" if scheme == "https" else "https"
+        if await self._answers_in(other):
+            other_base = other + self.root[len(scheme) : -len("/v1")]
+            if scheme == "https":
+                hint = f"the master does not speak TLS at {netloc}: use {other_base}"
+            else:
+                hint = (
+                    f"the master speaks TLS at {netloc}: use {other_base} (a tls=1 master's "
+                    "self-signed certificate also needs verify=False / --insecure)"
+                )
+            return MasterAPIError(0, f"{hint}; {scheme}:// got: {reason}", kind="tls_mismatch")
+        return MasterAPIError(0, message, kind="timeout" if timed_out or stalled else "")
+
+    async def _answers_in(self, scheme: str) -> bool:
+        """Whether an HTTP answer -- any status -- comes back from the
+        master's host and port in ``scheme``.  Sent without the API key (over
+        plain HTTP it would travel in clear text) and without certificate
+        checks: only the scheme is in question."""
+        _, netloc, path = _split_root(self.root)
+        pool = HTTPConnectionPool(self._reactor, persistent=False)
+        agent = Agent(self._reactor, contextFactory=_NoVerifyPolicy(), pool=pool)
+        wait = min(self.timeout or PROBE_TIMEOUT, PROBE_TIMEOUT)
+        try:
+            response = await HTTPClient(cast(IAgent, agent)).request(
+                "GET", f"{scheme}://{netloc}{path}/info", allow_redirects=False, timeout=wait, reactor=self._reactor
+            )
+            await treq.content(response)
+            return True
+        except Exception:  # noqa: BLE001 - no answer is the answer
+            return False
+        finally:
+            await pool.closeCachedConnections()
+
+    def _refusal(self, code: int, content: bytes, path: str) -> MasterAPIError:
+        """The error for a non-2xx answer: the master's own ``error`` text,
+        except for a 404 of a route every master has (anything but an
+        instance it does not know), which means no API at this URL."""
+        message = _error_message(content)
+        if code == 404 and message != INSTANCE_NOT_FOUND:
+            unknown_id = path.startswith("/instances/") and "/" in path[len("/instances/"):]
+            if not unknown_id:
+                return _no_api(self.root)
+        return MasterAPIError(code, message)
 
     async def _call(
         self,
@@ -228,7 +420,7 @@ class MasterClient:
         body = None if payload is None else json.dumps(payload).encode("utf-8")
         code, _headers, content = await self.raw_request(method, path, body, params=params)
         if code not in expect:
-            raise MasterAPIError(code, _error_message(content))
+            raise self._refusal(code, content, path)
         if code == 204 or not content:
             return None
         try:
@@ -420,12 +612,14 @@ class EventStream:
         except Exception as e:
             self._done = True
             self._lost.callback(None)
-            raise MasterAPIError(0, f"cannot reach master at {client.root}: {_reason(e)}") from None
+            if self._closing:  # closed while connecting: nothing to diagnose
+                raise MasterAPIError(0, "event stream closed before it opened") from None
+            raise await client._unreachable(e) from None
         if response.code != 200:
             body = await treq.content(response)
             self._done = True
             self._lost.callback(None)
-            raise MasterAPIError(response.code, _error_message(body))
+            raise client._refusal(response.code, body, "/events")
         client._streams.add(self)
         response.deliverBody(_SSEProtocol(self))
         if self._closing and self._transport is not None:
@@ -456,7 +650,7 @@ class EventStream:
         try:
             return await d
         except defer.TimeoutError:
-            raise MasterAPIError(0, f"no event within {timeout}s") from None
+            raise MasterAPIError(0, f"no event within {timeout}s", kind="timeout") from None
 
     def _take(self) -> dict:
         event = self._queue.popleft()

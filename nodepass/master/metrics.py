@@ -11,7 +11,7 @@ Why it is built this way:
   copies nothing in advance: at each scrape it reads the records exactly as
   ``GET /instances`` serialises them (:meth:`InstanceRecord.to_json
   <nodepass.master.records.InstanceRecord.to_json>`), so a scrape and a
-  listing taken at the same moment agree to the byte, and there is no second
+  listing taken at the same moment agree exactly, and there is no second
   set of counters to keep in step (restarts, ``reset``, deletes).
 * **Only the API's own requests are counted as they happen**
   (:meth:`MasterMetrics.track`), with a *bounded* ``route`` label: the route

@@ -155,6 +155,7 @@ class MasterService(service.MultiService):
             self.config.log,
             self.tls_code,
         )
+        self._log_locations()
         self.domain.start_instances()
         self._loops = []
         for interval, fn in (
@@ -168,6 +169,18 @@ class MasterService(service.MultiService):
                     lambda f: self.log.error("Master periodic task failed: %s", f.getErrorMessage())
                 )
                 self._loops.append(loop)
+
+    def _log_locations(self) -> None:
+        """Where to point a browser and where the state lives, once at start:
+        the start line gives ``master://`` (what was asked for), not the
+        URLs a person opens, and the state file's path depends on the state
+        directory the process was given, which the start line does not
+        show.  ``base_url`` names 127.0.0.1 for a wildcard listener, which is
+        what works from the master's own host.  The API key stays in its own
+        start-up line only."""
+        self.log.info("Console: %s/", self.base_url)
+        self.log.info("API docs: %s/v1/docs", self.base_url)
+        self.log.info("State file: %s", self.store.path)
 
     async def _listen(self) -> None:
         cfg = self.config

@@ -161,6 +161,7 @@ class ClientRunner(DualEndRunner):
         self._verify_seen = False
         self.quic_client: Optional[QuicPoolClient] = None  # with quic=1
         self.control_conn: Optional[ClientPoolConn] = None  # 1.14: the 00000000 pool connection
+        self.handshake_proto: Optional[HandshakeProtocol] = None  # 1.14: the HTTP exchange
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -210,11 +211,14 @@ class ClientRunner(DualEndRunner):
             v114.build_request(cfg.tunnel_key, cfg.server_name), reactor, ctx.tunables.handshake_timeout,
             str(cfg.tunnel), https=https,
         )
+        self.handshake_proto = proto
         try:
             await self._connect(proto, server_ip, tls=https)
         except Exception as e:  # noqa: BLE001
             raise TunnelError(f"cannot reach the server at {cfg.tunnel}: {error_text(e)}") from None
         config = await proto.result
+        if self.stopping:
+            raise TunnelError("handshake abandoned: the client is stopping")
         ctx.log.info("Loading tunnel config: %s", config.log_fields())
         available = {"0": PoolType.TCP, "1": PoolType.QUIC}
         if config.pool_type not in available:
@@ -442,7 +446,9 @@ class ClientRunner(DualEndRunner):
             return failure
         cfg = self.ctx.config
         name = cfg.server_name if self.generation is Wire.V114 else cfg.tunnel.host
-        text = explain_verification_failure(failure, name, peer_certificate_chain(conn.transport))
+        text = explain_verification_failure(
+            failure, name, peer_certificate_chain(conn.transport), sni=self.generation is Wire.V114
+        )
         raise TLSVerificationFailed(text)
 
     def _watch_for_verify(self, conn: ClientPoolConn) -> ClientPoolConn:
@@ -545,6 +551,9 @@ class ClientRunner(DualEndRunner):
     async def stop(self) -> None:
         self.stopping = True
         self._open_gate()
+        hs = self.handshake_proto
+        if hs is not None and hs.transport is not None and not hs.result.called:
+            hs.transport.abortConnection()
         for conn in list(self._dialing):
             if conn.transport is not None:
                 conn.transport.abortConnection()

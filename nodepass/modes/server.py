@@ -308,6 +308,11 @@ class ServerRunner(DualEndRunner):
         self._answered_at = None
         self._forget_client()
 
+    def stream_host(self, port: TunnelPortMachine) -> Any:
+        """The WebSocket or HTTP/2 pool's protocol for a connection of the
+        tunnel port (SPEC-1.14 §4.4, §4.5)."""
+        raise NotImplementedError(f"pool type {int(self.pool_type)} is not available yet")
+
     def pool_control(self, port: TunnelPortMachine) -> ControlChannel:
         """The 1.14 control connection is here (its ID written)."""
         started = self._answered_at

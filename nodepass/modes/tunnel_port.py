@@ -14,6 +14,9 @@ so each connection runs :class:`TunnelPortMachine`, whose moves are::
     NEW        --POOL_PEER-----> POOLED      the pool writes the ID
     NEW        --POOL_PEER_TLS-> POOL_TLS    startTLS, handshake timer
     NEW        --POOL_FULL-----> CLOSED
+    NEW        --STREAM_HOST---> DELEGATED   1.14 WebSocket/HTTP-2 pool: its own protocol reads
+    NEW        --STREAM_HOST_TLS-> STREAM_TLS  the same, after startTLS (handshake timer)
+    STREAM_TLS --TLS_DONE------> DELEGATED
     SNIFFING   --KEY_ACCEPTED--> CONTROL     1.12: answered; the channel is on probation
     SNIFFING   --REQUEST_114---> HTTP_114    1.14: reading the request head
     SNIFFING   --HTTP_PROBE, DENIED, TIMEOUT, RIVAL_WON--> CLOSED
@@ -66,6 +69,8 @@ class PortState(Enum):
     POOL_TLS = "pool-tls"  # from the client's IP: TLS handshake under way (same time limit)
     HTTP_114 = "http-1.14"  # a 1.14 handshake request: its head is being read
     POOLED = "pooled"  # a pool connection with its ID: idle in the pool, or a relay end
+    STREAM_TLS = "stream-tls"  # a stream-pool connection: TLS handshake under way
+    DELEGATED = "delegated"  # a stream-pool connection: the pool transport's protocol reads it
     CONTROL = "control"  # the tunnel's control channel
     CLOSED = "closed"  # answered, refused or lost: nothing left to decide
 
@@ -76,6 +81,8 @@ class PortInput(Enum):
     POOL_PEER = auto()
     POOL_PEER_TLS = auto()
     POOL_FULL = auto()
+    STREAM_HOST = auto()
+    STREAM_HOST_TLS = auto()
     # Twisted's events.
     TLS_DONE = auto()  # the pool connection's TLS handshake completed
     DATA = auto()  # bytes no relay takes (yet)
@@ -103,6 +110,8 @@ class Admission(Enum):
     POOL = auto()  # the client's pool connection (tls=0)
     POOL_TLS = auto()  # the client's pool connection, TLS first
     POOL_FULL = auto()  # the client's, but the pool already holds max idle connections
+    STREAM_HOST = auto()  # a connection of a 1.14 stream pool (WebSocket, HTTP/2), plain
+    STREAM_HOST_TLS = auto()  # the same, TLS first
 
 
 class Adopted(Enum):
@@ -120,6 +129,8 @@ _ADMISSION_INPUT = {
     Admission.POOL: PortInput.POOL_PEER,
     Admission.POOL_TLS: PortInput.POOL_PEER_TLS,
     Admission.POOL_FULL: PortInput.POOL_FULL,
+    Admission.STREAM_HOST: PortInput.STREAM_HOST,
+    Admission.STREAM_HOST_TLS: PortInput.STREAM_HOST_TLS,
 }
 
 
@@ -169,6 +180,10 @@ class PortOwner(Protocol):
         """A valid 1.14 handshake request: answer it (True), or False when a
         client already holds the tunnel (closed without an answer)."""
 
+    def stream_host(self, port: TunnelPortMachine) -> Any:
+        """The protocol of the 1.14 stream pool (WebSocket upgrade, HTTP/2
+        connection) that reads this connection from now on."""
+
     def is_idle(self, conn: PoolEnd) -> bool:
         """Whether ``conn`` sits idle in the pool: no launch took it."""
 
@@ -185,7 +200,7 @@ class PortOwner(Protocol):
 class TunnelPortMachine(TableMachine[PortState, PortInput]):
     """The life of one tunnel-port connection; see the module docstring."""
 
-    __slots__ = ("conn", "owner", "settings", "channel", "_buf")
+    __slots__ = ("conn", "owner", "settings", "channel", "_buf", "delegate")
 
     def __init__(self, conn: TunnelPortProtocol, owner: PortOwner, settings: PortSettings):
         super().__init__(self.TABLE, PortState.NEW, settings.clock)
@@ -194,6 +209,7 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
         self.settings = settings
         self.channel: Optional[ControlChannel] = None  # once this is the control connection
         self._buf = b""
+        self.delegate: Any = None  # the stream pool's protocol, once DELEGATED
 
     # -- what the runner reads -------------------------------------------
     @property
@@ -369,6 +385,26 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
     def _request_timed_out(self) -> None:
         self._deny("handshake timeout", False)
 
+    # -- stream pools (WebSocket, HTTP/2) ------------------------------------
+    def _start_stream_tls(self) -> None:
+        self.conn.start_tls(self.owner.tls_context())
+        self._start_timer(self.settings.handshake_timeout, PortInput.TIMEOUT)
+
+    def _delegate(self) -> None:
+        early = self.conn.take_early()  # bytes that came with the end of TLS
+        self.conn.resume_reading()
+        proto = self.delegate = self.owner.stream_host(self)
+        proto.makeConnection(self.conn.transport)
+        if early:
+            proto.dataReceived(early)
+
+    def _to_delegate(self, data: bytes) -> None:
+        self.delegate.dataReceived(data)
+
+    def _delegate_lost(self, reason: Failure) -> None:
+        self.owner.forget(self)
+        self.delegate.connectionLost(reason)
+
     def _become_pool_control(self) -> None:
         self.channel = self.owner.pool_control(self)
 
@@ -456,6 +492,16 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
         (_S.POOL_TLS, _I.LOST): (_S.CLOSED, _lost),
         (_S.POOLED, _I.POOL_REFUSED): (_S.CLOSED, _close),
         (_S.POOLED, _I.CONTROL_READY): (_S.CONTROL, _become_pool_control),
+        (_S.NEW, _I.STREAM_HOST): (_S.DELEGATED, _delegate),
+        (_S.NEW, _I.STREAM_HOST_TLS): (_S.STREAM_TLS, _start_stream_tls),
+        (_S.STREAM_TLS, _I.TLS_DONE): (_S.DELEGATED, _delegate),
+        (_S.STREAM_TLS, _I.DATA): (_S.STREAM_TLS, _keep),
+        (_S.STREAM_TLS, _I.TIMEOUT): (_S.CLOSED, _tls_timed_out),
+        (_S.STREAM_TLS, _I.SHUTDOWN): (_S.STREAM_TLS, _abort),
+        (_S.STREAM_TLS, _I.LOST): (_S.CLOSED, _lost),
+        (_S.DELEGATED, _I.DATA): (_S.DELEGATED, _to_delegate),
+        (_S.DELEGATED, _I.SHUTDOWN): (_S.DELEGATED, _abort),
+        (_S.DELEGATED, _I.LOST): (_S.CLOSED, _delegate_lost),
         (_S.POOLED, _I.DATA): (_S.POOLED, _pooled_data),
         (_S.POOLED, _I.TIMEOUT): (_S.POOLED, _unclaimed),
         (_S.POOLED, _I.STRAY): (_S.SNIFFING, _unpool),

@@ -399,7 +399,7 @@ def _as_cryptography(cert) -> Optional[x509.Certificate]:
 _TRUST_HINT = "set SSL_CERT_FILE to the server's CA bundle (a PEM file) on this host, or run the server with tls=1"
 
 
-def explain_verification_failure(error: object, expected_host: str, chain=()) -> str:
+def explain_verification_failure(error: object, expected_host: str, chain=(), sni: bool = False) -> str:
     """Why a ``tls=2`` client refused the server's certificate, in words an
     operator can act on -- not a library's repr.
 
@@ -413,6 +413,14 @@ def explain_verification_failure(error: object, expected_host: str, chain=()) ->
     certs = [c for c in (_as_cryptography(x) for x in chain or ()) if c is not None]
     leaf = certs[0] if certs else None
     value = getattr(error, "value", error)
+    if _is_name_mismatch(value) and sni:
+        # 1.14 checks the sni= name (SPEC-1.14 §4.6), "none" for an IP host.
+        names = ", ".join(certificate_names(leaf)) if leaf is not None else "other names"
+        return (
+            f"the server certificate is not valid for the name {expected_host} that this client checks "
+            f"(it names: {names}); set sni= in the client URL to one of those names "
+            "(without sni= an IP tunnel host checks the name none)"
+        )
     if _is_name_mismatch(value):
         kind = "IP address" if _is_ip(expected_host) else "host name"
         names = ", ".join(certificate_names(leaf)) if leaf is not None else "other names"

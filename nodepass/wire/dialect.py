@@ -105,7 +105,13 @@ class V114Dialect:
         return Signal(_KINDS.get(got.action, UNKNOWN_ACTION), got.remote, got.id, got.fp)
 
     def text(self, sig: Signal) -> str:
-        return self._json(sig).payload().decode("utf-8")
+        """Never raises: a received ``verify`` may carry no (or a malformed)
+        fingerprint, which :meth:`line` refuses to send but a log shows."""
+        try:
+            return self._json(sig).payload().decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            action = _ACTIONS.get(sig.kind, UNKNOWN_ACTION)
+            return f"{{action {action}, id {sig.id!r}, fp {sig.fp!r}}}"
 
 
 def dialect(generation: Wire, key: Codec) -> Dialect:
