@@ -207,7 +207,7 @@ class TunnelURLTests(unittest.TestCase):
         self.assertEqual((cfg.sni, cfg.block, cfg.wire), ("", "0", Wire.AUTO))
         self.assertEqual(len(cfg.warnings), 3)
         self.assertIn("wire must be auto, 1.12 or 1.14", " ".join(cfg.warnings))
-        for pool_type in ("2", "3"):
+        for pool_type in ("3",):
             with self.assertRaises(URLError) as e:
                 parse_url(f"server://:10101/127.0.0.1:80?type={pool_type}")
             self.assertIn("not available yet", str(e.exception))

@@ -535,6 +535,50 @@ class SNITests(CAMixin, unittest.TestCase):
         self.assertIn(b"\r\nHost: cdn.example\r\n", b"".join(factory.got))
 
 
+class WebSocketPoolTests(CAMixin, unittest.TestCase):
+    """type=2 (SPEC-1.14 §4.4): both flows x TCP and UDP over WebSockets,
+    ws:// (tls=0) and wss:// (tls 1 and 2); datagram boundaries kept."""
+
+    async def _both(self, flow: str, query: str) -> None:
+        server, client = await self.carries_tcp_and_udp(flow, f"&type=2{query}", size=300_000)
+        self.assertEqual((server.runner.pool_type, client.runner.pool_type), (2, 2))
+        self.assertTrue(getattr(client.runner.control.transport, "websocket_stream", False))
+        idle = list(server.runner.pool.idle.values())
+        self.assertTrue(idle and all(getattr(c.transport, "websocket_stream", False) for c in idle))
+
+    @d
+    async def test_reverse_ws(self):
+        await self._both("-", "&tls=0")
+
+    @d
+    async def test_forward_wss(self):
+        await self._both("+", "&tls=1")
+
+    @d
+    async def test_wss_verified_tls2(self):
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        server, client, entry, _ = await self.tunnel("-", f"&type=2&tls=2&crt={crt}&key={key}", client_host="localhost")
+        self.assertEqual(await echo_roundtrip(entry, b"z" * 70000), b"z" * 70000)
+        await wait_for(lambda: self.logged("server", "TLS certificate fingerprint verified: sha256:"),
+                       what="server verify line")
+
+    @d
+    async def test_stranger_upgrade_refused(self):
+        """A WebSocket upgrade from another address without our token is
+        refused (Go would pool it and could hand it user traffic)."""
+        server, client, entry, _ = await self.tunnel("-", "&type=2&tls=0")
+        pooled = server.runner.pool.idle_count()
+        c = await _connect_from("127.0.0.2", self.tunnel_port)
+        c.transport.write(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nSec-Websocket-Key: OabYU+AjCv/nJYpuwpfMRA==\r\n"
+            b"Sec-Websocket-Version: 13\r\nUpgrade: websocket\r\n\r\n"
+        )
+        await c.lost
+        self.assertTrue(c.data().startswith(b"HTTP/1.1 403 Forbidden\r\n"), c.data()[:60])
+        self.assertLessEqual(server.runner.pool.idle_count(), max(pooled, 8))
+        self.assertEqual(await echo_roundtrip(entry, b"still"), b"still")
+
+
 class TLSVerifyTests112(TLSVerifyTests):
     """The same, both ends pinned to the 1.12 generation."""
 

@@ -325,7 +325,7 @@ _VALIDATORS: dict[str, Callable[[str], object]] = {
 
 
 #: 1.14 pool types this peer cannot run yet (refused at parse time).
-UNAVAILABLE_POOL_TYPES = frozenset({PoolType.WEBSOCKET, PoolType.HTTP2})
+UNAVAILABLE_POOL_TYPES = frozenset({PoolType.HTTP2})
 
 POOL_TYPE_NAMES = {
     PoolType.TCP: "TCP",

@@ -162,6 +162,7 @@ class ClientRunner(DualEndRunner):
         self.quic_client: Optional[QuicPoolClient] = None  # with quic=1
         self.control_conn: Optional[ClientPoolConn] = None  # 1.14: the 00000000 pool connection
         self.handshake_proto: Optional[HandshakeProtocol] = None  # 1.14: the HTTP exchange
+        self.ws_client: Any = None  # WebSocketPoolClient, with a WebSocket pool
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -220,7 +221,7 @@ class ClientRunner(DualEndRunner):
         if self.stopping:
             raise TunnelError("handshake abandoned: the client is stopping")
         ctx.log.info("Loading tunnel config: %s", config.log_fields())
-        available = {"0": PoolType.TCP, "1": PoolType.QUIC}
+        available = {"0": PoolType.TCP, "1": PoolType.QUIC, "2": PoolType.WEBSOCKET}
         if config.pool_type not in available:
             try:
                 name = POOL_TYPE_NAMES[PoolType(int(config.pool_type))] + " pool"
@@ -228,7 +229,7 @@ class ClientRunner(DualEndRunner):
                 name = "an unknown pool type"
             raise TunnelError(
                 f"the server asked for pool type {config.pool_type} ({name}), which is not available yet "
-                "in this client (type=0, the TCP pool, and type=1, the QUIC pool, are)"
+                "in this client (types 0, 1 and 2 are: TCP, QUIC and WebSocket pools)"
             )
         self.generation = Wire.V114
         self.flow, self.tls_code, self.pool_type = config.flow, config.tls, available[config.pool_type]
@@ -236,6 +237,8 @@ class ClientRunner(DualEndRunner):
             # QUIC always encrypts (SPEC-1.14 §1): a tls 0 answer means 1.
             self.tls_code = max(TLSCode.RAM_CERT, config.tls)
             self._open_quic(server_ip, config.max, one_connection=True)
+        elif self.pool_type is PoolType.WEBSOCKET:
+            self._open_websocket(server_ip)
         ctx.log.info("Getting tunnel pool ready...")
         t = ctx.tunables
         self.pool = pool = ClientPool(
@@ -255,12 +258,14 @@ class ClientRunner(DualEndRunner):
         except Exception as e:  # noqa: BLE001
             raise TunnelError(f"setControlConn: handshake timeout: no control connection within {wait:g}s ({e})") from None
         control = self.make_control(conn.transport)
+        self.control_conn = conn
+        # The exchange exists before the first bytes are read: they may hold
+        # the server's verify already.
+        self.control_up_114(started)
         conn.attach(ControlSink(control))
         if conn.lost:
             raise TunnelError("control connection lost right after the handshake")
         control.start()
-        self.control_conn = conn
-        self.control_up_114(started)
         if self.is_entry:
             self.bind_entry()
 
@@ -396,6 +401,8 @@ class ClientRunner(DualEndRunner):
         conn = ClientPoolConn(reactor.seconds())
         if self.quic:
             return self._dial_quic(conn)
+        if self.pool_type is PoolType.WEBSOCKET:
+            return self._dial_websocket(conn)
         factory = _PoolConnFactory(conn)
         timeout = self.ctx.tunables.tcp_dial_timeout
         tls_ctx = self._tls_ctx()
@@ -417,6 +424,40 @@ class ClientRunner(DualEndRunner):
                 d.addCallback(_remember_session, tls_ctx)
             if not self._verify_seen and self.generation is Wire.V112:
                 d.addCallback(self._watch_for_verify)
+        return d
+
+    def _open_websocket(self, server_ip: str) -> None:
+        """The WebSocket pool (SPEC-1.14 §4.4): ``ws://`` for tls 0,
+        ``wss://`` for tls 1 (unverified) and 2 (verified), and on port 443
+        always verified ``wss://``; ``Host`` and the TLS name are the tunnel
+        host, never ``sni`` (§4.6).  Our Bearer token rides along so that our
+        server accepts the upgrade from any address (a Go server ignores it)."""
+        from nodepass.pools.ws import WebSocketPoolClient
+
+        ctx = self.ctx
+        cfg = ctx.config
+        host = cfg.tunnel.host
+        tls: Any = None
+        if handshake_uses_tls(cfg.tunnel.port) and not self.tls_code:
+            tls = handshake_tls_options(host)
+        elif self.tls_code:
+            tls = client_context_factory(self.tls_code, host)
+        self.ws_client = WebSocketPoolClient(
+            ctx.reactor, ctx.log, server_ip, cfg.tunnel.port, host, tls,
+            connect_timeout=ctx.tunables.tcp_dial_timeout, bearer=v114.token(cfg.tunnel_key),
+        )
+
+    def _dial_websocket(self, conn: ClientPoolConn) -> Deferred[ClientPoolConn]:
+        """A new WebSocket: the upgrade, then the server's 4-byte ID as its
+        first message."""
+        assert self.ws_client is not None  # opened in start() with a WebSocket pool
+        dialing = self._dialing
+        dialing.add(conn)
+        d = self.ws_client.open_stream(conn)
+        d.addCallback(lambda _stream: conn.ready)
+        d.addBoth(_forget, dialing, conn)
+        if self.tls_code == TLSCode.CERT_FILES:
+            d.addErrback(self._explain_tls_failure, conn)
         return d
 
     def _dial_quic(self, conn: ClientPoolConn) -> Deferred[ClientPoolConn]:
@@ -562,6 +603,8 @@ class ClientRunner(DualEndRunner):
         await self.stop_common()
         if self.quic_client is not None:
             await self.quic_client.close()
+        if self.ws_client is not None:
+            self.ws_client.close()
         if self.control_proto is not None:
             self.control_proto.machine.close()
 

@@ -253,6 +253,7 @@ class DualEndRunner(Runner):
         self.gate: Optional[VerifyGate] = None
         self.exchange: Optional[FingerprintExchange] = None
         self.control_addr = ""  # ip:port of the control connection's far end
+        self._early_verify: Optional[Signal] = None
         self.stopping = False
         self.targets = TargetGroup(
             cfg.targets, ctx.reactor, ctx.log, dns_ttl=cfg.dns, dial=cfg.dial, timeout=ctx.tunables.tcp_dial_timeout
@@ -414,6 +415,10 @@ class DualEndRunner(Runner):
         if self.generation is Wire.V114:
             if self.exchange is not None:
                 self.exchange.received(sig)
+            elif self.tls_code:
+                # Read before the exchange exists (it came with the first
+                # bytes of the control connection): handled once it does.
+                self._early_verify = sig
             else:
                 self.ctx.log.debug("TLS verify signal ignored: tls=0")
             return
@@ -442,6 +447,9 @@ class DualEndRunner(Runner):
             self.gate if self.is_entry else None, self.control_addr,
         )
         self.exchange.start()
+        early, self._early_verify = self._early_verify, None
+        if early is not None:
+            self.exchange.received(early)
 
     def verify_deadline(self) -> float:
         """How long the entry side waits for the peer's verify signal: a
@@ -480,7 +488,9 @@ class DualEndRunner(Runner):
                 ctx.log.info("Exchange complete: %s", relay.outcome)
 
         # QUIC streams do their own TLS: only a TCP pool has a TLS transport.
-        pool_tls = self.tls_code and not self.quic
+        # Only a TCP pool connection is a TLS transport of its own (QUIC,
+        # WebSocket and HTTP/2 streams are transports over one).
+        pool_tls = self.tls_code and self.pool_type is PoolType.TCP
         fast = pool_tls and not os.environ.get("NP_NO_FAST_TLS")
         size = tls_fast.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
         for end in (target, tunnel):
@@ -495,7 +505,7 @@ class DualEndRunner(Runner):
         )
         self.relays.add(relay)
         relay.start()
-        if not self.tls_code and not self.quic and splice.AVAILABLE and not relay.closed:
+        if not self.tls_code and self.pool_type is PoolType.TCP and splice.AVAILABLE and not relay.closed:
             # Short exchanges are over before this fires (setting up two
             # pipes would cost them more than it saves); bulk transfers
             # move to splice(2) from here on.

@@ -20,6 +20,7 @@ is its :class:`~nodepass.modes.tunnel_port.PortOwner`.
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer
@@ -72,6 +73,20 @@ class QuicPoolStream(PoolEnd):
                 return
         if self.state is PortState.POOLED:
             PoolEnd.dataReceived(self, data)
+
+
+class StreamPoolEnd(PoolEnd):
+    """A WebSocket of the 1.14 WebSocket pool: once attached, the pool (or
+    the control channel) takes it and writes its ID as the first message."""
+
+    def __init__(self, runner: "ServerRunner"):
+        super().__init__()
+        self.runner = runner
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.runner.adopt(self) is Adopted.REFUSED:
+            self.transport.loseConnection()
 
 
 class _TunnelPortFactory(Factory):
@@ -207,6 +222,10 @@ class ServerRunner(DualEndRunner):
         # QuicPoolStream turns it away when stopping or the pool is full.
         transport.attach(QuicPoolStream(self))
 
+    def _ws_stream(self, transport: Any) -> None:
+        """An upgraded WebSocket: a pool connection, its ID written at once."""
+        transport.attach(StreamPoolEnd(self))
+
     # -- PortOwner: what tunnel-port connections ask --------------------------
     def admit(self, port: TunnelPortMachine, peer_host: str) -> Admission:
         """A new connection on the tunnel port.  After the handshake, the
@@ -214,8 +233,11 @@ class ServerRunner(DualEndRunner):
         -- over TCP only with a TCP pool; anyone else is a newcomer."""
         self.port_conns.add(port)
         pool = self.pool
+        if self.pool_type is PoolType.WEBSOCKET and self.generation is Wire.V114 and pool is not None:
+            # SPEC-1.14 §3.2.1: no IP restriction for a WebSocket pool; the
+            # upgrade is checked instead (see stream_host).
+            return Admission.STREAM_HOST_TLS if self.tls_code else Admission.STREAM_HOST
         if self.control_ip is None or peer_host != self.control_ip or self.quic or pool is None:
-            # (QUIC pools are 1.12 only: a 1.14 run sets a TCP pool type.)
             return Admission.NEWCOMER
         if pool.idle_count() >= pool.max:
             self.ctx.log.debug("Pool full (%d), closing pool connection from %s", pool.max, port.peer)
@@ -244,10 +266,10 @@ class ServerRunner(DualEndRunner):
                 # A stream of a stream pool (QUIC): no tunnel-port machine
                 # to carry the channel; the stream's bytes go to it.
                 channel = self.make_control(conn.transport)
-                conn.attach(ControlSink(channel))
                 self.control_peer = addr_text(conn.transport.getPeer())
-                channel.start()
                 self.control_up_114(self._answered_at)
+                conn.attach(ControlSink(channel))
+                channel.start()
             return Adopted.CONTROL
         if pool.register(conn) is None:
             return Adopted.REFUSED
@@ -309,9 +331,31 @@ class ServerRunner(DualEndRunner):
         self._forget_client()
 
     def stream_host(self, port: TunnelPortMachine) -> Any:
-        """The WebSocket or HTTP/2 pool's protocol for a connection of the
-        tunnel port (SPEC-1.14 §4.4, §4.5)."""
-        raise NotImplementedError(f"pool type {int(self.pool_type)} is not available yet")
+        """The WebSocket pool's protocol for a connection of the tunnel port
+        (SPEC-1.14 §4.4).
+
+        Go accepts any upgrade from anyone, so a stranger's connection can
+        become a pool connection and be handed user traffic.  Here an
+        upgrade is accepted from the handshake's IP, or from elsewhere
+        (a proxy, a CDN edge) when it carries the handshake's Bearer token,
+        which our client sends and a Go server ignores; others get ``403``."""
+        from nodepass.pools.ws import WebSocketUpgradeProtocol
+
+        ctx = self.ctx
+        pool = self.pool
+        assert pool is not None  # made in start()
+        token = "Bearer " + v114.token(ctx.config.tunnel_key)
+        from_client = port.conn.peer_host == self.control_ip
+
+        def authorize(headers: dict[str, list[str]]) -> bool:
+            if from_client:
+                return True
+            given = headers.get("authorization", [])
+            return len(given) == 1 and hmac.compare_digest(given[0].encode(), token.encode())
+
+        return WebSocketUpgradeProtocol(
+            ctx.reactor, ctx.log, self._ws_stream, lambda: pool.idle_count() >= pool.max, authorize=authorize
+        )
 
     def pool_control(self, port: TunnelPortMachine) -> ControlChannel:
         """The 1.14 control connection is here (its ID written)."""
