@@ -207,10 +207,10 @@ class TunnelURLTests(unittest.TestCase):
         self.assertEqual((cfg.sni, cfg.block, cfg.wire), ("", "0", Wire.AUTO))
         self.assertEqual(len(cfg.warnings), 3)
         self.assertIn("wire must be auto, 1.12 or 1.14", " ".join(cfg.warnings))
-        for pool_type in ("3",):
-            with self.assertRaises(URLError) as e:
-                parse_url(f"server://:10101/127.0.0.1:80?type={pool_type}")
-            self.assertIn("not available yet", str(e.exception))
+        self.assertEqual(parse_url("server://:10101/127.0.0.1:80?type=2").type, 2)
+        h2 = parse_url("server://:10101/127.0.0.1:80?type=3")
+        self.assertEqual((h2.type, h2.tls), (3, 1))  # HTTP/2 pools always encrypt
+        self.assertEqual(parse_url("server://:10101/127.0.0.1:80?type=4").type, 0)  # out of range: default
         # Pinned to 1.12, type= means nothing (as quic= means nothing to 1.14).
         self.assertEqual(parse_url("server://:10101/127.0.0.1:80?type=2&wire=1.12").quic, 0)
         # QUIC (and HTTP/2) pools always encrypt (SPEC-1.14 §1).

@@ -579,6 +579,63 @@ class WebSocketPoolTests(CAMixin, unittest.TestCase):
         self.assertEqual(await echo_roundtrip(entry, b"still"), b"still")
 
 
+class HTTP2PoolTests(CAMixin, unittest.TestCase):
+    """type=3 (SPEC-1.14 §4.5): both flows x TCP and UDP over streams of one
+    HTTP/2 connection (TLS with ALPN h2), closes both ways, tls=2 by sni."""
+
+    async def _both(self, flow: str, query: str) -> tuple[TunnelService, TunnelService]:
+        server, client = await self.carries_tcp_and_udp(flow, f"&type=3{query}", size=300_000)
+        self.assertEqual((server.runner.pool_type, client.runner.pool_type), (3, 3))
+        self.assertTrue(getattr(client.runner.control.transport, "h2_stream", False))
+        self.assertEqual(client.runner.h2_client.dials, 1)  # one connection carries every stream
+        self.assertTrue(self.logged("server", "TLS code-1: RAM cert with TLS 1.3 for stream pool"))
+        return server, client
+
+    @d
+    async def test_reverse_tls0_raised_to_tls1(self):
+        await self._both("-", "&tls=0")
+
+    @d
+    async def test_forward_many_concurrent_connections(self):
+        server, client = await self._both("+", "&tls=1")
+        entry = client.runner.entry_port
+        payloads = [os.urandom(50_000 + i) for i in range(16)]
+        got = await defer.gatherResults([defer.ensureDeferred(echo_roundtrip(entry, p)) for p in payloads])
+        self.assertEqual(got, payloads)
+        self.assertEqual(client.runner.h2_client.dials, 1)
+
+    @d
+    async def test_target_close_reaches_the_user(self):
+        """Unlike Go v1.14.0, a stream the server side closes ends for the
+        client's user too (flow +: the target hangs up)."""
+        from tests.helpers import listen_tcp
+
+        class HangUp(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"bye")
+                self.transport.loseConnection()
+
+        port, _ = listen_tcp(HangUp)
+        self.addCleanup(port.stopListening)
+        self.tunnel_port = free_port()
+        await self.start_server(f"127.0.0.1:{port.getHost().port}", "&mode=2&type=3")
+        entry = free_port()
+        await self.start_client(f"127.0.0.1:{entry}")
+        c = await connect(entry)
+        await c.lost
+        self.assertEqual(c.data(), b"bye")
+
+    @d
+    async def test_tls2_verified_by_sni(self):
+        crt, key = make_leaf(self.dir, self.ca, self.ca_key, "localhost")
+        server, client, entry, _ = await self.tunnel(
+            "-", f"&type=3&tls=2&crt={crt}&key={key}", client_query="&sni=localhost"
+        )
+        self.assertEqual(await echo_roundtrip(entry, b"q" * 70000), b"q" * 70000)
+        await wait_for(lambda: self.logged("server", "TLS certificate fingerprint verified: sha256:"),
+                       what="server verify line")
+
+
 class TLSVerifyTests112(TLSVerifyTests):
     """The same, both ends pinned to the 1.12 generation."""
 

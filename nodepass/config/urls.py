@@ -324,9 +324,6 @@ _VALIDATORS: dict[str, Callable[[str], object]] = {
 }
 
 
-#: 1.14 pool types this peer cannot run yet (refused at parse time).
-UNAVAILABLE_POOL_TYPES = frozenset({PoolType.HTTP2})
-
 POOL_TYPE_NAMES = {
     PoolType.TCP: "TCP",
     PoolType.QUIC: "QUIC",
@@ -599,12 +596,6 @@ def parse_url(text: str) -> InstanceConfig:
             values.pop("type")
             given.discard("type")
             warnings.append("type= is a 1.14 parameter, ignored with wire=1.12 (use quic=1 for a QUIC pool)")
-        pool_type = values.get("type", PoolType.TCP)
-        if pool_type in UNAVAILABLE_POOL_TYPES and values.get("wire") is not Wire.V112:
-            raise URLError(
-                f"invalid URL {shown(text)}: type={int(pool_type)} ({POOL_TYPE_NAMES[pool_type]} pool of the 1.14 "
-                "generation) is not available yet; use type=0 (TCP pool), or quic=1 for the 1.12 QUIC pool"
-            )
     if scheme is Role.SERVER and values.get("quic") == PoolType.QUIC and values.get("tls", TLSCode.NONE) == TLSCode.NONE:
         values["tls"] = TLSCode.RAM_CERT
         warnings.append("quic=1 requires TLS, using tls=1")

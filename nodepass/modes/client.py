@@ -163,6 +163,7 @@ class ClientRunner(DualEndRunner):
         self.control_conn: Optional[ClientPoolConn] = None  # 1.14: the 00000000 pool connection
         self.handshake_proto: Optional[HandshakeProtocol] = None  # 1.14: the HTTP exchange
         self.ws_client: Any = None  # WebSocketPoolClient, with a WebSocket pool
+        self.h2_client: Any = None  # H2PoolClient, with an HTTP/2 pool
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -221,7 +222,7 @@ class ClientRunner(DualEndRunner):
         if self.stopping:
             raise TunnelError("handshake abandoned: the client is stopping")
         ctx.log.info("Loading tunnel config: %s", config.log_fields())
-        available = {"0": PoolType.TCP, "1": PoolType.QUIC, "2": PoolType.WEBSOCKET}
+        available = {"0": PoolType.TCP, "1": PoolType.QUIC, "2": PoolType.WEBSOCKET, "3": PoolType.HTTP2}
         if config.pool_type not in available:
             try:
                 name = POOL_TYPE_NAMES[PoolType(int(config.pool_type))] + " pool"
@@ -229,7 +230,7 @@ class ClientRunner(DualEndRunner):
                 name = "an unknown pool type"
             raise TunnelError(
                 f"the server asked for pool type {config.pool_type} ({name}), which is not available yet "
-                "in this client (types 0, 1 and 2 are: TCP, QUIC and WebSocket pools)"
+                "in this client (types 0-3 are: TCP, QUIC, WebSocket and HTTP/2 pools)"
             )
         self.generation = Wire.V114
         self.flow, self.tls_code, self.pool_type = config.flow, config.tls, available[config.pool_type]
@@ -239,6 +240,9 @@ class ClientRunner(DualEndRunner):
             self._open_quic(server_ip, config.max, one_connection=True)
         elif self.pool_type is PoolType.WEBSOCKET:
             self._open_websocket(server_ip)
+        elif self.pool_type is PoolType.HTTP2:
+            self.tls_code = max(TLSCode.RAM_CERT, config.tls)  # HTTP/2 pools always encrypt
+            self._open_h2(server_ip)
         ctx.log.info("Getting tunnel pool ready...")
         t = ctx.tunables
         self.pool = pool = ClientPool(
@@ -403,6 +407,8 @@ class ClientRunner(DualEndRunner):
             return self._dial_quic(conn)
         if self.pool_type is PoolType.WEBSOCKET:
             return self._dial_websocket(conn)
+        if self.pool_type is PoolType.HTTP2:
+            return self._dial_stream(conn, self.h2_client)
         factory = _PoolConnFactory(conn)
         timeout = self.ctx.tunables.tcp_dial_timeout
         tls_ctx = self._tls_ctx()
@@ -446,6 +452,30 @@ class ClientRunner(DualEndRunner):
             ctx.reactor, ctx.log, server_ip, cfg.tunnel.port, host, tls,
             connect_timeout=ctx.tunables.tcp_dial_timeout, bearer=v114.token(cfg.tunnel_key),
         )
+
+    def _open_h2(self, server_ip: str) -> None:
+        """The HTTP/2 pool (SPEC-1.14 §4.5): one TLS connection with ALPN
+        h2, a stream per pool connection; ``:authority`` and (tls=2) the
+        verified name are the ``sni`` value, tls=1 sends no SNI (§4.6)."""
+        from nodepass.pools.h2pool import H2PoolClient, h2_client_context
+
+        ctx = self.ctx
+        cfg = ctx.config
+        self.h2_client = H2PoolClient(
+            ctx.reactor, ctx.log, server_ip, cfg.tunnel.port, cfg.server_name,
+            h2_client_context(self.tls_code, cfg.server_name), ctx.tunables.report_interval,
+            ctx.tunables.tcp_dial_timeout,
+        )
+
+    def _dial_stream(self, conn: ClientPoolConn, client: Any) -> Deferred[ClientPoolConn]:
+        """A new pool stream of a stream pool (HTTP/2): the client writes
+        what opening it takes, then the server's 4-byte ID arrives."""
+        dialing = self._dialing
+        dialing.add(conn)
+        d = client.open_stream(conn)
+        d.addCallback(lambda _stream: conn.ready)
+        d.addBoth(_forget, dialing, conn)
+        return d
 
     def _dial_websocket(self, conn: ClientPoolConn) -> Deferred[ClientPoolConn]:
         """A new WebSocket: the upgrade, then the server's 4-byte ID as its
@@ -605,6 +635,8 @@ class ClientRunner(DualEndRunner):
             await self.quic_client.close()
         if self.ws_client is not None:
             self.ws_client.close()
+        if self.h2_client is not None:
+            await self.h2_client.close()
         if self.control_proto is not None:
             self.control_proto.machine.close()
 

@@ -180,6 +180,7 @@ class ServerRunner(DualEndRunner):
             raise
         # A QUIC pool: 1.12's (quic=1, which serves 1.12 only) or 1.14's (type=1).
         quic_114 = cfg.type is PoolType.QUIC and cfg.effective_wire is not Wire.V112
+        stream_pool = cfg.type in (PoolType.QUIC, PoolType.HTTP2) and cfg.effective_wire is not Wire.V112
         if self.quic or quic_114:
             try:
                 self._listen_quic(creds, peer_streams=cfg.max if quic_114 else None)
@@ -187,7 +188,7 @@ class ServerRunner(DualEndRunner):
                 await defer.DeferredList(self._unbind_entry() + [defer.maybeDeferred(self.tunnel_port.stopListening)])
                 self.tunnel_port = None
                 raise
-        level, line = creds.code_line(quic=self.quic, stream_pool=quic_114)
+        level, line = creds.code_line(quic=self.quic, stream_pool=stream_pool)
         getattr(ctx.log, level)(line)
         if self.tls_code:
             ctx.log.debug("TLS certificate: %s", creds.fingerprint)
@@ -223,7 +224,8 @@ class ServerRunner(DualEndRunner):
         transport.attach(QuicPoolStream(self))
 
     def _ws_stream(self, transport: Any) -> None:
-        """An upgraded WebSocket: a pool connection, its ID written at once."""
+        """An upgraded WebSocket or an accepted HTTP/2 stream: a pool
+        connection, its ID written at once."""
         transport.attach(StreamPoolEnd(self))
 
     # -- PortOwner: what tunnel-port connections ask --------------------------
@@ -233,9 +235,10 @@ class ServerRunner(DualEndRunner):
         -- over TCP only with a TCP pool; anyone else is a newcomer."""
         self.port_conns.add(port)
         pool = self.pool
-        if self.pool_type is PoolType.WEBSOCKET and self.generation is Wire.V114 and pool is not None:
-            # SPEC-1.14 §3.2.1: no IP restriction for a WebSocket pool; the
-            # upgrade is checked instead (see stream_host).
+        if self.stream_pool and pool is not None:
+            # SPEC-1.14 §3.2.1: WebSocket and HTTP/2 pool connections are
+            # checked by their own protocol (an upgrade's token, each
+            # HTTP/2 request's source IP), not on connect.
             return Admission.STREAM_HOST_TLS if self.tls_code else Admission.STREAM_HOST
         if self.control_ip is None or peer_host != self.control_ip or self.quic or pool is None:
             return Admission.NEWCOMER
@@ -247,8 +250,18 @@ class ServerRunner(DualEndRunner):
     def forget(self, port: TunnelPortMachine) -> None:
         self.port_conns.discard(port)
 
+    @property
+    def stream_pool(self) -> bool:
+        """Whether this 1.14 run's pool connections are WebSockets or
+        HTTP/2 connections on the tunnel port."""
+        return self.generation is Wire.V114 and self.pool_type in (PoolType.WEBSOCKET, PoolType.HTTP2)
+
     def tls_context(self) -> Any:
         assert self.creds is not None  # made in start(), before listening
+        if self.generation is Wire.V114 and self.pool_type is PoolType.HTTP2:
+            from nodepass.pools.h2pool import h2_server_context
+
+            return h2_server_context(self.creds.context_factory())  # ALPN h2
         return self.creds.context_factory()
 
     def adopt(self, conn: PoolEnd) -> Adopted:
@@ -331,8 +344,8 @@ class ServerRunner(DualEndRunner):
         self._forget_client()
 
     def stream_host(self, port: TunnelPortMachine) -> Any:
-        """The WebSocket pool's protocol for a connection of the tunnel port
-        (SPEC-1.14 §4.4).
+        """The WebSocket (SPEC-1.14 §4.4) or HTTP/2 (§4.5) pool's protocol
+        for a connection of the tunnel port.
 
         Go accepts any upgrade from anyone, so a stranger's connection can
         become a pool connection and be handed user traffic.  Here an
@@ -344,6 +357,14 @@ class ServerRunner(DualEndRunner):
         ctx = self.ctx
         pool = self.pool
         assert pool is not None  # made in start()
+        if self.pool_type is PoolType.HTTP2:
+            from nodepass.pools.h2pool import H2PoolServerProtocol
+
+            # SPEC-1.14 §4.5: each request is checked for the handshake's IP.
+            return H2PoolServerProtocol(
+                ctx.reactor, ctx.log, self._ws_stream, lambda: pool.idle_count() >= pool.max,
+                lambda ip: ip == self.control_ip, ctx.config.max, ctx.tunables.report_interval,
+            )
         token = "Bearer " + v114.token(ctx.config.tunnel_key)
         from_client = port.conn.peer_host == self.control_ip
 

@@ -53,6 +53,7 @@ from zope.interface import implementer
 from nodepass.base.kinds import Flow, Wire
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
+from nodepass.compat.twisted_internals import tls_layer
 from nodepass.modes.dualend import PoolEnd, addr_text
 from nodepass.modes.machine import Table, TableMachine
 from nodepass.wire import codec, v114
@@ -394,7 +395,10 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
         early = self.conn.take_early()  # bytes that came with the end of TLS
         self.conn.resume_reading()
         proto = self.delegate = self.owner.stream_host(self)
-        proto.makeConnection(self.conn.transport)
+        # Over TLS the stream pool talks to the TLS layer itself, as it would
+        # under listenSSL (it reads ALPN and the certificates there).
+        transport = self.conn.transport
+        proto.makeConnection(tls_layer(transport) or transport)
         if early:
             proto.dataReceived(early)
 
