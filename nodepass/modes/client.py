@@ -433,10 +433,10 @@ class ClientRunner(DualEndRunner):
         return d
 
     def _open_websocket(self, server_ip: str) -> None:
-        """The WebSocket pool (SPEC-1.14 §4.4): ``ws://`` for tls 0,
-        ``wss://`` for tls 1 (unverified) and 2 (verified), and on port 443
-        always verified ``wss://``; ``Host`` and the TLS name are the tunnel
-        host, never ``sni`` (§4.6).  Our Bearer token rides along so that our
+        """The WebSocket pool (SPEC-1.14 §4.4): ``ws://`` for tls 0 (on port
+        443 verified ``wss://`` instead, §1), ``wss://`` for tls 1
+        (unverified) and 2 (verified); ``Host`` and the verified name are the
+        tunnel host, never ``sni`` (§4.6).  Our Bearer token rides along so that our
         server accepts the upgrade from any address (a Go server ignores it)."""
         from nodepass.pools.ws import WebSocketPoolClient
 
@@ -517,8 +517,11 @@ class ClientRunner(DualEndRunner):
             return failure
         cfg = self.ctx.config
         name = cfg.server_name if self.generation is Wire.V114 else cfg.tunnel.host
+        by_sni = self.generation is Wire.V114 and self.pool_type is not PoolType.WEBSOCKET
+        if not by_sni:
+            name = cfg.tunnel.host  # 1.12, and the WebSocket pool (§4.6)
         text = explain_verification_failure(
-            failure, name, peer_certificate_chain(conn.transport), sni=self.generation is Wire.V114
+            failure, name, peer_certificate_chain(conn.transport), sni=by_sni
         )
         raise TLSVerificationFailed(text)
 

@@ -372,7 +372,13 @@ class ServerRunner(DualEndRunner):
             if from_client:
                 return True
             given = headers.get("authorization", [])
-            return len(given) == 1 and hmac.compare_digest(given[0].encode(), token.encode())
+            if len(given) == 1 and hmac.compare_digest(given[0].encode(), token.encode()):
+                return True
+            ctx.log.warn(
+                "Tunnel access denied: %s (WebSocket upgrade from an address other than the handshake's, "
+                "without the tunnel's token)", port.peer,
+            )
+            return False
 
         return WebSocketUpgradeProtocol(
             ctx.reactor, ctx.log, self._ws_stream, lambda: pool.idle_count() >= pool.max, authorize=authorize

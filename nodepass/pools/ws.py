@@ -598,7 +598,8 @@ class WebSocketUpgradeProtocol(Protocol):
     answers ``101`` and hands the new :class:`WebSocketStreamTransport` to
     ``on_stream``, which attaches the pool end (writes the ID, etc.).
 
-    Any path is accepted; there is no Origin or client-IP check (§4.4).
+    Any path is accepted and there is no Origin check (§4.4); ``authorize``,
+    when given, decides who may join (the server passes a token-or-IP rule).
     """
 
     #: The accepted TCP connection (or its TLS transport).
