@@ -29,7 +29,7 @@ from nodepass.modes.base import InstanceContext, Runner, TunnelError
 from nodepass.modes.verify import FingerprintExchange, VerifyGate
 from nodepass.pools.tcp import IdlePool
 from nodepass.relay.block import Blocked, Decision, ScreenedEnd, refuse
-from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
+from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, no_delay, peer_text, proxy_v1_header
 from nodepass.relay import splice, tls_fast
 from nodepass.relay.udp import DropReport, TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
@@ -49,19 +49,6 @@ def _big_reads(transport: Any, size: int = RELAY_BUFFER_SIZE) -> None:
             transport.bufferSize = size
         transport = getattr(transport, "transport", None)
 
-
-def _no_delay(transport: Any) -> None:
-    """TCP_NODELAY, as Go sets on every TCP connection: without it small
-    writes (signals, request/answer traffic) wait for delayed ACKs."""
-    while transport is not None:
-        set_nd = getattr(transport, "setTcpNoDelay", None)
-        if set_nd is not None:
-            try:
-                set_nd(True)
-            except OSError:
-                pass
-            return
-        transport = getattr(transport, "transport", None)
 
 
 class PoolEnd(RelayEnd):
@@ -343,7 +330,7 @@ class DualEndRunner(Runner):
         ``self.generation``; ``working=False`` for a peer that has yet to
         show it speaks our key (see :class:`~nodepass.control.ControlChannel`)."""
         ctx = self.ctx
-        _no_delay(transport)
+        no_delay(transport)
         try:
             self.control_addr = addr_text(transport.getPeer())
         except Exception:  # noqa: BLE001 - a transport already gone: no address to show
@@ -495,7 +482,7 @@ class DualEndRunner(Runner):
         size = tls_fast.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
         for end in (target, tunnel):
             _big_reads(end.transport, size)
-            _no_delay(end.transport)
+            no_delay(end.transport)
         if pool_tls:
             tls_fast.release_on_tls_shutdown(tunnel)
             if fast:

@@ -55,6 +55,7 @@ from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
 from nodepass.compat.twisted_internals import tls_layer
 from nodepass.modes.dualend import PoolEnd, addr_text
+from nodepass.relay.core import no_delay
 from nodepass.modes.machine import Table, TableMachine
 from nodepass.wire import codec, v114
 from nodepass.wire.codec import Codec, CodecError
@@ -537,6 +538,7 @@ class TunnelPortProtocol(PoolEnd):
         super().connectionMade()
         peer = self.transport.getPeer()
         self.peer, self.peer_host = addr_text(peer), peer.host
+        no_delay(self.transport)  # as Go: every tunnel-port connection
         self.machine.connected()
 
     def handshakeCompleted(self) -> None:

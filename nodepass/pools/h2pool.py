@@ -83,6 +83,7 @@ from zope.interface import implementer
 
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import Call, ClockLike, IdleTimer
+from nodepass.relay.core import no_delay
 from nodepass.net.tls import (
     TLS13_SUITES,
     TLSVerificationFailed,
@@ -519,6 +520,7 @@ class _H2Connection(Protocol):
 
     # -- set-up ---------------------------------------------------------------------
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # frames are small and interactive: no Nagle
         self._decide(final=False)
 
     def handshakeCompleted(self) -> None:

@@ -66,6 +66,7 @@ from zope.interface import implementer
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
 from nodepass.compat.twisted_internals import tls_layer
+from nodepass.relay.core import no_delay
 
 #: RFC 6455 §1.3: appended to the client's key before hashing.
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -834,6 +835,7 @@ class WebSocketClientUpgradeProtocol(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        no_delay(self.transport)  # one frame per write: no Nagle
         self.transport.write(upgrade_request(self.host, self.key, self.bearer))
 
     def dataReceived(self, data: bytes) -> None:

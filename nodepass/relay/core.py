@@ -199,6 +199,22 @@ class RelayEnd(Protocol):
             cb(reason)
 
 
+def no_delay(transport: Any) -> None:
+    """TCP_NODELAY, as Go sets on every TCP connection: without it small
+    writes (signals, request/answer traffic, HTTP/2 and WebSocket frames)
+    wait for delayed ACKs.  Walks down wrapping transports (TLS) to the TCP
+    one."""
+    while transport is not None:
+        set_nd = getattr(transport, "setTcpNoDelay", None)
+        if set_nd is not None:
+            try:
+                set_nd(True)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+
+
 def proxy_v1_header(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     """PROXY protocol v1 line (SPEC §5): ``PROXY TCP4|TCP6 SRC DST SPORT DPORT``.
     Mixed families are written as TCP6 with IPv4-mapped addresses, which
