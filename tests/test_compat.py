@@ -318,3 +318,31 @@ class AioquicInternalsTests(InternalsCase):
         self.assertTrue(first)
         self.assertFalse(aioquic_internals.claim(stream))
         self.assertFalse(aioquic_internals.receive_finished(stream))
+
+
+class WsprotoInternalsTests(InternalsCase):
+    import wsproto as _wsproto
+    import websockets as _websockets
+
+    library = "wsproto/websockets"
+    version = f"{_wsproto.__version__}/{_websockets.__version__}"
+    module = "wsproto_internals"
+
+    def test_masker_class_and_c_mask(self) -> None:
+        import os
+
+        from wsproto import frame_protocol
+
+        from nodepass.compat import wsproto_internals
+
+        self.need(wsproto_internals._apply_mask is not None, "websockets.speedups.apply_mask (the C function) is missing")
+        self.need("XorMaskerSimple" in frame_protocol.FrameDecoder.process_buffer.__code__.co_names
+                  or "XorMaskerSimple" in frame_protocol.FrameDecoder.parse_header.__code__.co_names,
+                  "wsproto's FrameDecoder no longer builds its masker by the name XorMaskerSimple")
+        self.need("XorMaskerSimple" in frame_protocol.FrameProtocol._serialize_frame.__code__.co_names,
+                  "wsproto's _serialize_frame no longer builds its masker by the name XorMaskerSimple")
+        key = os.urandom(4)
+        ours, theirs = wsproto_internals.FastXorMasker(key), wsproto_internals._Simple(key)
+        for size in (0, 1, 3, 4, 5, 1000, 65536, 7):  # pieces of one message: the key rotates
+            data = bytearray(os.urandom(size))
+            self.need(ours.process(data) == theirs.process(data), f"masking differs from wsproto's for {size} bytes")

@@ -65,8 +65,12 @@ from zope.interface import implementer
 
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
+from nodepass.compat import wsproto_internals
 from nodepass.compat.twisted_internals import tls_layer
 from nodepass.relay.core import no_delay
+
+# Masking in C: two thirds of this pool's CPU otherwise (docs/benchmarks.md).
+wsproto_internals.install()
 
 #: RFC 6455 §1.3: appended to the client's key before hashing.
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
