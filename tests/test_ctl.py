@@ -732,12 +732,11 @@ class InProcessCommandTests(unittest.TestCase):
         self.assertEqual((code, out, err), (0, f"{iid}: no tags\n", ""))
         code, out, _ = await self.ctl("tags", iid, "env=prod")
         self.assertEqual((code, self.master.records[iid].meta["tags"]), (0, {"env": "prod"}))
-        # This master, as Go's, reads an empty tag map as "no change": the
-        # command says so instead of pretending.
+        # An empty map means "no change" (as to Go's master); --clear sends
+        # an explicit null, which empties the map.
         code, out, err = await self.ctl("tags", iid, "--clear")
-        self.assertEqual((code, out), (1, ""))
-        self.assertIn(f"{iid}: tags not cleared", err)
-        self.assertEqual(self.master.records[iid].meta["tags"], {"env": "prod"})
+        self.assertEqual((code, err), (0, ""), err)
+        self.assertEqual(self.master.records[iid].meta["tags"], {})
 
     # -- top ----------------------------------------------------------------
 

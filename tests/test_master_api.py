@@ -223,6 +223,10 @@ class _Api:
             # tags {} keeps the tags; peer fields given replace theirs
             code, got, _ = await self.api.call("PATCH", path, {"meta": {"peer": {"alias": "far", "sid": ""}, "tags": {}}})
             self.assertEqual(got["meta"], {"peer": {"sid": "", "type": "1", "alias": "far"}, "tags": {"a": "b"}})
+            # an explicit null empties the tags (beyond Go); the peer stays
+            code, got, _ = await self.api.call("PATCH", path, {"meta": {"tags": None}})
+            self.assertEqual((code, got["meta"]), (200, {"peer": {"sid": "", "type": "1", "alias": "far"}, "tags": {}}))
+            code, got, _ = await self.api.call("PATCH", path, {"meta": {"tags": {"a": "b"}}})
             # a 400 applies nothing, even the valid parts
             for body in (
                 {"alias": "changed", "meta": {"tags": {"k": "v" * 257}}},

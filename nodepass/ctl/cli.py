@@ -642,11 +642,11 @@ async def _tags(client: MasterClient, args: argparse.Namespace) -> dict:
         if not args.pairs:
             raise UsageError("give KEY=VALUE pairs, or --clear to remove every tag")
         return await client.set_tags(args.id, parse_tags(args.pairs))
-    result = await client.set_tags(args.id, {})
+    result = await client.clear_tags(args.id)
     if result.get("meta", {}).get("tags"):
         raise CommandFailed(
-            f"{args.id}: tags not cleared: this master treats an empty tag map as 'no change' "
-            "(as Go's master does), so its API cannot remove the last tag"
+            f"{args.id}: tags not cleared: this master keeps tags on an explicit null "
+            "(Go's master cannot remove the last tag)"
         )
     return result
 

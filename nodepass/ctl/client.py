@@ -488,6 +488,11 @@ class MasterClient:
     async def set_tags(self, instance_id: str, tags: dict) -> dict:
         return await self.set_meta(instance_id, tags=tags)
 
+    async def clear_tags(self, instance_id: str) -> dict:
+        """Remove every tag: ``"tags": null`` (an empty map means "no
+        change" to this master, as to Go's)."""
+        return await self.patch_instance(instance_id, meta={"tags": None})
+
     async def put_url(self, instance_id: str, url: str) -> dict:
         """Replace the instance's URL and restart it."""
         return await self._call("PUT", _instance_path(instance_id), {"url": url})

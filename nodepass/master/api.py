@@ -136,6 +136,10 @@ def _meta(value: object) -> Optional[dict]:
         if name not in ("peer", "tags"):
             raise InvalidRequest(f"Invalid meta: unknown field {name}")
     out: dict = {"peer": None, "tags": None}
+    if "tags" in value and value["tags"] is None:
+        # An explicit null empties the tag map; ``{}`` keeps it, as Go's
+        # master does, so there would be no way to remove the last tag.
+        out["clear_tags"] = True
     peer = value.get("peer")
     if peer is not None:
         if not isinstance(peer, dict):

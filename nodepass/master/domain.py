@@ -343,11 +343,14 @@ def apply_meta(rec: InstanceRecord, meta: dict) -> None:
     """``peer`` fields present replace theirs (``{}`` keeps all); a
     non-empty ``tags`` replaces the whole tag map, ``{}`` keeps it (the Go
     master's documented behaviour: dashboards send ``"tags": {}`` when they
-    only mean to change the peer).  ``meta`` is already validated."""
+    only mean to change the peer); an explicit ``"tags": null`` (beyond Go)
+    empties it.  ``meta`` is already validated."""
     new = _copy_meta(rec.meta)
     peer = meta.get("peer")
     if peer:
         new["peer"].update(peer)
     if meta.get("tags"):
         new["tags"] = dict(meta["tags"])
+    elif meta.get("clear_tags"):
+        new["tags"] = {}
     rec.meta = new
