@@ -55,7 +55,13 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "properties": {
                 "peer": {"$ref": "#/components/schemas/Peer"},
-                "tags": {"$ref": "#/components/schemas/Tags"},
+                "tags": {
+                    "description": (
+                        "A non-empty map replaces the tags; `{}` keeps them (as Go's master); "
+                        "`null` removes every tag."
+                    ),
+                    "oneOf": [{"$ref": "#/components/schemas/Tags"}, {"type": "null"}],
+                },
             },
             "additionalProperties": False,
         },
