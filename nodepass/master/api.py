@@ -38,6 +38,7 @@ from werkzeug.exceptions import NotFound
 
 from nodepass.base.logs import escape_controls
 from nodepass.config.urls import text_problem
+from nodepass.master.console import Console, where_things_are
 from nodepass.master.domain import ACTIONS, Master
 from nodepass.master.errors import (
     InstanceNotFound,
@@ -283,7 +284,8 @@ class MasterAPI:
     def resource(self) -> IResource:
         """The resource to serve at the root of the master's Site."""
         base = self.master.config.prefix.rstrip("/") + "/v1"
-        return IResource(MasterRoot(self.app.resource(), _Elsewhere().app.resource(), base, self.metrics))
+        console = Console(self.master.config.prefix)
+        return IResource(MasterRoot(self.app.resource(), _Elsewhere().app.resource(), base, self.metrics, console))
 
     async def _serve(
         self,
@@ -469,6 +471,10 @@ class MasterAPI:
 
     @app.route("/", branch=True, strict_slashes=False)
     def anything_else(self, request: Request) -> bytes:
+        if request.postpath == [b""] and request.method != b"OPTIONS":
+            # {prefix}/v1 itself: still no route, but say where things are.
+            _cors(request)
+            return _error(request, 404, where_things_are(self.master.config.prefix))
         return _nothing_here(request)
 
     @app.handle_errors(NotFound)
@@ -496,7 +502,8 @@ class _Elsewhere:
 class MasterRoot(Resource):
     """The root of a master's Site: refuses paths that are not UTF-8, then
     hands paths under ``base`` (``{prefix}/v1``) to the API app, as if it
-    were mounted there, and any other path to the catch-all.
+    were mounted there, the web console's paths to ``console``, and any
+    other path to the catch-all.
 
     "Under ``base``" is decided on the path exactly as Klein and werkzeug
     match it from Twisted's decoded segments (``%2F`` is a slash there and
@@ -510,13 +517,19 @@ class MasterRoot(Resource):
     isLeaf = True
 
     def __init__(
-        self, api: KleinResource, elsewhere: KleinResource, base: str, metrics: Optional[MasterMetrics] = None
+        self,
+        api: KleinResource,
+        elsewhere: KleinResource,
+        base: str,
+        metrics: Optional[MasterMetrics] = None,
+        console: Optional[Console] = None,
     ) -> None:
         super().__init__()
         self.api = api
         self.elsewhere = elsewhere
         self.base = base.encode("utf-8")
         self.metrics = metrics
+        self.console = console
 
     def render(self, request: Any) -> Any:
         rest = self._under_base(request.postpath)
@@ -529,7 +542,8 @@ class MasterRoot(Resource):
             _cors(request)
             return _error(request, 400, "Invalid request path: not UTF-8")
         if rest is None:
-            return self.elsewhere.render(request)
+            page = self.console.render(request) if self.console is not None else None
+            return page if page is not None else self.elsewhere.render(request)
         request.mount_origin = (list(request.prepath), list(request.postpath))
         request.prepath = request.prepath + self.base.split(b"/")[1:]
         request.postpath = rest[1:].split(b"/")
