@@ -30,15 +30,20 @@ export function detailView(ctx, id) {
   }
 
   // -- actions
+  // Buttons whose own action is under way stay disabled whatever sync() says.
+  const inFlight = new Set();
   async function act(action, button) {
     button.disabled = true;
+    inFlight.add(button);
     try {
       store.known(await api.call("PATCH", path, {action}));
       toast(`${action}: done`);
     } catch (e) {
       toast(`${action} failed: ${e.message}`, "error");
     } finally {
+      inFlight.delete(button);
       button.disabled = false;
+      sync();
     }
   }
   const actionButtons = ["start", "stop", "restart"].map((action) => {
@@ -60,12 +65,14 @@ export function detailView(ctx, id) {
       return;
     }
     deleteButton.disabled = true;
+    inFlight.add(deleteButton);
     try {
       await api.call("DELETE", path);
       toast(`Instance ${id} deleted`);
       navigate("#/instances");
     } catch (e) {
       toast(`Delete failed: ${e.message}`, "error");
+      inFlight.delete(deleteButton);
       deleteButton.disabled = false;
     }
   });
@@ -270,8 +277,13 @@ export function detailView(ctx, id) {
       restartInput.checked = !!inst.restart;
     }
     replace(tagsShown, tagChips(inst.meta?.tags));
-    actionButtons[0].disabled = inst.status === "running";
-    actionButtons[1].disabled = inst.status === "stopped";
+    // Known now (also after a reload straight onto this page): every action
+    // is possible again, except one still under way.
+    actionButtons[0].disabled = inFlight.has(actionButtons[0]) || inst.status === "running";
+    actionButtons[1].disabled = inFlight.has(actionButtons[1]) || inst.status === "stopped";
+    for (const b of [actionButtons[2], resetButton, deleteButton]) {
+      b.disabled = inFlight.has(b);
+    }
     drawChart();
   }
   const tagsShown = h("div", {class: "chips"});
