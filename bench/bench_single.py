@@ -40,7 +40,8 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 1 << 20
 ME = psutil.Process()
-# e.g. NP_BENCH_PROFILE="-m cProfile -o /tmp/np.prof" to profile the forwarder
+# e.g. NP_BENCH_PROFILE="-m cProfile -o /tmp/np-{name}.prof" to profile the
+# forwarder ({name}: "single" and its port, so each process has its own file)
 PROFILE = os.environ.get("NP_BENCH_PROFILE", "").split()
 
 
@@ -235,7 +236,8 @@ def start_nodepass(target: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     url = f"client://127.0.0.1:{port}/127.0.0.1:{target}?mode=1&log=warn"
     proc = subprocess.Popen(
-        [sys.executable, *PROFILE, "-m", "nodepass.cli", url], cwd=ROOT, stdout=subprocess.DEVNULL
+        [sys.executable, *(a.replace("{name}", f"single{port}") for a in PROFILE), "-m", "nodepass.cli", url],
+        cwd=ROOT, stdout=subprocess.DEVNULL,
     )
     pin(proc.pid, 1)
     wait_listening(port)

@@ -79,7 +79,7 @@ class Tunnel:
 
     def _spawn(self, name: str, url: str, env: dict) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [sys.executable, *PROFILE, "-m", "nodepass.cli", url],
+            [sys.executable, *(a.replace("{name}", f"{name}{self.entry}") for a in PROFILE), "-m", "nodepass.cli", url],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         threading.Thread(target=self._collect, args=(name, proc), daemon=True).start()

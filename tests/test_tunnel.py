@@ -20,7 +20,7 @@ from twisted.trial import unittest
 from nodepass.config.urls import Tunables, parse_url
 from nodepass.service.instance import TunnelService
 from nodepass.base.logs import NodeLog
-from nodepass.pools.tcp import ClientPool, adjust_capacity, adjust_interval
+from nodepass.pools.tcp import REFILL_DELAY, ClientPool, adjust_capacity, adjust_interval
 from tests.helpers import (
     Client,
     HashingClient,
@@ -273,6 +273,39 @@ def _udp_free(port: int) -> bool:
         s.close()
 
 
+def _foreign_session(cctx):
+    """A TLS 1.3 session (with its ticket) of the client context ``cctx``
+    with another server: one no tunnel server can resume."""
+    from OpenSSL import SSL
+
+    from nodepass.net.tls import _server_options, generate_self_signed
+
+    sctx = _server_options(*generate_self_signed("localhost")).getContext()
+    c = SSL.Connection(cctx, None)
+    c.set_connect_state()
+    srv = SSL.Connection(sctx, None)
+    srv.set_accept_state()
+
+    def pump(a, b) -> None:
+        try:
+            b.bio_write(a.bio_read(65536))
+        except SSL.WantReadError:
+            pass
+
+    for _ in range(10):
+        for conn in (c, srv):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+        pump(c, srv)
+        pump(srv, c)
+    srv.send(b"x")  # the tickets go out with it
+    pump(srv, c)
+    c.recv(16)
+    return c.get_session()
+
+
 async def echo_roundtrip(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
     c = await connect(port)
     c.transport.write(payload)
@@ -330,6 +363,37 @@ class FlowTests(TunnelMixin, unittest.TestCase):
         self.assertEqual(client.stats.tcp_rx, len(payload))
         await close(c)
         await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+
+    @d
+    async def test_sessions_resume_under_load_and_after_a_ticket_is_refused(self):
+        """Under load (many short connections, every used pool connection
+        replaced) the replacements resume; and when the server stops
+        taking the remembered ticket (expired, or another server), the
+        client keeps the session of the next full handshake instead of
+        paying a full handshake for every pool connection from then on."""
+        from nodepass.compat.openssl_internals import session_reused
+
+        server, client, entry, _ = await self.tunnel("-", "&tls=1")
+        pool = client.runner.pool
+        for _ in range(4):
+            got = await defer.gatherResults([defer.ensureDeferred(echo_roundtrip(entry, b"x%d" % i)) for i in range(20)])
+            self.assertEqual(len(got), 20)
+        await wait_for(lambda: pool.idle_count() >= 8, what="pool refilled")
+        reused = [session_reused(c.transport.getHandle()) for c in pool.idle.values()]
+        self.assertGreaterEqual(sum(reused), len(reused) - 1, reused)
+        # A ticket this server cannot resume (another server's session).
+        creator = client.runner._tls_creator
+        stale = _foreign_session(creator.inner.getContext())
+        self.assertIsNotNone(stale)
+        creator.session = stale
+        for i in range(3):
+            self.assertEqual(await echo_roundtrip(entry, b"y%d" % i), b"y%d" % i)
+        await wait_for(lambda: creator.session is not stale, what="a fresh session kept")
+        for i in range(12):
+            self.assertEqual(await echo_roundtrip(entry, b"z%d" % i), b"z%d" % i)
+        await wait_for(lambda: pool.idle_count() >= 8, what="pool refilled")
+        reused = [session_reused(c.transport.getHandle()) for c in pool.idle.values()]
+        self.assertGreater(sum(reused), len(reused) // 2, reused)
 
     @d
     async def test_large_transfer_sha256_plain(self):
@@ -903,6 +967,9 @@ class PoolSizingTests(unittest.TestCase):
         before = len(dials)
         for _ in range(3):
             pool.incoming_get(1)
+        # Not on the launch's own turn: replaced together, right after.
+        self.assertEqual(len(dials), before)
+        clock.advance(REFILL_DELAY)
         self.assertEqual(len(dials), before + 3)  # one replacement per use
         self.assertEqual(pool.idle_count(), 4)  # never beyond capacity
         pool.close()

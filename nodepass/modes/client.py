@@ -36,6 +36,7 @@ from nodepass.net.dialer import DNSCache, ResolveError
 from nodepass.modes.base import InstanceContext, TunnelError
 from nodepass.modes.control_client import ClientControlProtocol, HandshakeSettings, Server114
 from nodepass.modes.handshake114 import HandshakeProtocol, Server112, handshake_uses_tls
+from nodepass.compat.openssl_internals import session_reused
 from nodepass.pools.tcp import ClientPool
 from nodepass.net.tls import (
     ResumingClient,
@@ -426,8 +427,7 @@ class ClientRunner(DualEndRunner):
         if self.tls_code == TLSCode.CERT_FILES:
             d.addErrback(self._explain_tls_failure, conn)
         if tls_ctx is not None:
-            if tls_ctx.session is None:
-                d.addCallback(_remember_session, tls_ctx)
+            d.addCallback(_remember_session, tls_ctx)
             if not self._verify_seen and self.generation is Wire.V112:
                 d.addCallback(self._watch_for_verify)
         return d
@@ -650,9 +650,13 @@ CONTROL_ID = "00000000"
 
 def _remember_session(conn: ClientPoolConn, creator: ResumingClient) -> ClientPoolConn:
     # The ID follows the server's session tickets, so the session is
-    # resumable by now.
-    if conn.transport is not None:
-        creator.remember(conn.transport)
+    # resumable by now.  Kept from the first full handshake, and again from
+    # any later one: when the server stops resuming ours (the ticket's two
+    # hours are up, the server restarted), every pool connection after it
+    # would otherwise pay a full handshake.
+    transport = conn.transport
+    if transport is not None and (creator.session is None or not session_reused(transport.getHandle())):
+        creator.remember(transport)
     return conn
 
 

@@ -10,8 +10,10 @@ waiting a little because the connection may still be on its way.
 * :class:`ClientPool` dials connections to the server and sizes itself
   adaptively within ``[min, MAX]``: capacity and the pause between refill
   rounds follow SPEC §4.  Beyond Go NodePass, every consumed connection is
-  replaced at once (one dial per consumption, never beyond capacity), so a
-  burst of new user connections is not throttled by the round timer.
+  replaced right away (one dial per consumption, never beyond capacity;
+  :data:`REFILL_DELAY` later, so not in the turn of the launch that took
+  it), so a burst of new user connections is not throttled by the round
+  timer.
 
 All timing goes through ``clock`` so tests can drive it with
 :class:`twisted.internet.task.Clock`.
@@ -28,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog
+from nodepass.compat.twisted_internals import is_plain_tcp, write_through
 
 
 class PoolTimeout(Exception):
@@ -221,10 +224,19 @@ class ServerPool(IdlePool):
         pool_id = raw.hex()
         if pool_id in self.idle or pool_id in self._by_id:
             return None
-        conn.transport.write(raw)
+        transport = conn.transport
+        if is_plain_tcp(transport):
+            write_through(transport, raw)  # now, not on the reactor's next turn
+        else:
+            transport.write(raw)
         if not self._offer(pool_id, conn):
             return None
         return pool_id
+
+
+#: How long after a pool connection is used its replacement is dialled
+#: (see ``ClientPool._consumed``).
+REFILL_DELAY = 0.002
 
 
 def adjust_capacity(capacity: int, created: int, lo: int, hi: int) -> int:
@@ -284,6 +296,8 @@ class ClientPool(IdlePool):
         self._round_call = None
         self._in_round = False
         self.created = 0  # successful dials since the last round ended
+        self._owed = 0  # used connections not yet replaced
+        self._refill_call: Any = None
 
     def start(self) -> None:
         self._schedule(0)
@@ -344,9 +358,24 @@ class ClientPool(IdlePool):
         self._schedule(self.interval)
 
     def _consumed(self) -> None:
-        # Beyond Go: replace a used connection at once, never exceeding
+        # Beyond Go: replace a used connection right away, never exceeding
         # capacity (idle + in flight), so there is no connection storm.
-        if not self.closed and len(self.idle) + self.inflight < self.capacity:
+        # Not in the same turn of the reactor: the connection was taken for
+        # a launch whose target dial and first bytes come first (its
+        # replacement's dial, and the server's accept of it, would delay
+        # them); uses close together are replaced together.
+        if self.closed:
+            return
+        self._owed += 1
+        if self._refill_call is None:
+            self._refill_call = self.clock.callLater(REFILL_DELAY, self._refill)
+
+    def _refill(self) -> None:
+        self._refill_call = None
+        owed, self._owed = self._owed, 0
+        if self.closed:
+            return
+        for _ in range(min(owed, self.capacity - len(self.idle) - self.inflight)):
             self._dial_one()
 
     def _lost_idle(self) -> None:
@@ -356,4 +385,7 @@ class ClientPool(IdlePool):
         if self._round_call is not None and self._round_call.active():
             self._round_call.cancel()
         self._round_call = None
+        if self._refill_call is not None and self._refill_call.active():
+            self._refill_call.cancel()
+        self._refill_call = None
         super().close()
