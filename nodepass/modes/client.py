@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, TypeVar
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from nodepass.base.errors import error_text
@@ -32,7 +32,7 @@ from nodepass.base.kinds import ClientMode, PoolType, Role, TLSCode, Wire
 from nodepass.config.urls import POOL_TYPE_NAMES
 from nodepass.wire import v114
 from nodepass.wire.codec import Signal, TunnelInfo
-from nodepass.net.dialer import DNSCache, ResolveError
+from nodepass.net.dialer import DNSCache, OneProtocolFactory, ResolveError
 from nodepass.modes.base import InstanceContext, TunnelError
 from nodepass.modes.control_client import ClientControlProtocol, HandshakeSettings, Server114
 from nodepass.modes.handshake114 import HandshakeProtocol, Server112, handshake_uses_tls
@@ -100,41 +100,10 @@ class ClientPoolConn(PoolEnd):
             self.ready.errback(reason)
         PoolEnd.connectionLost(self, reason)
 
-
-class _PoolConnFactory(ClientFactory):
-    """Connects one :class:`ClientPoolConn`; a failed dial fails its
-    ``ready``.
-
-    Pool connections keep this factory rather than an endpoint: one is
-    dialled for every relayed connection, and an endpoint would add its
-    wrapping factory, wrapping protocol and Deferred to each of them (and
-    a call per chunk wherever the relay does not bypass the protocol)."""
-
-    noisy = False
-
-    def __init__(self, conn: ClientPoolConn):
-        self.conn = conn
-
-    def buildProtocol(self, addr: Any) -> ClientPoolConn:
-        return self.conn
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        if not self.conn.ready.called:
-            self.conn.ready.errback(reason)
-
-
-class _Given(Factory):
-    """The factory of one given protocol, for an endpoint's ``connect``:
-    :func:`~twisted.internet.endpoints.connectProtocol` without its
-    "Starting factory" log line (its factory is noisy)."""
-
-    noisy = False
-
-    def __init__(self, proto: Protocol):
-        self.proto = proto
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self.proto
+    def dial_failed(self, reason: Failure) -> None:
+        """The TCP dial failed: so does ``ready``."""
+        if not self.ready.called:
+            self.ready.errback(reason)
 
 
 class ClientRunner(DualEndRunner):
@@ -235,27 +204,18 @@ class ClientRunner(DualEndRunner):
             )
         self.generation = Wire.V114
         self.flow, self.tls_code, self.pool_type = config.flow, config.tls, available[config.pool_type]
-        if self.quic:
-            # QUIC always encrypts (SPEC-1.14 §1): a tls 0 answer means 1.
+        if self.pool_type in (PoolType.QUIC, PoolType.HTTP2):
+            # QUIC and HTTP/2 pools always encrypt (SPEC-1.14 §1): tls 0 means 1.
             self.tls_code = max(TLSCode.RAM_CERT, config.tls)
+        if self.quic:
             self._open_quic(server_ip, config.max, one_connection=True)
         elif self.pool_type is PoolType.WEBSOCKET:
             self._open_websocket(server_ip)
         elif self.pool_type is PoolType.HTTP2:
-            self.tls_code = max(TLSCode.RAM_CERT, config.tls)  # HTTP/2 pools always encrypt
             self._open_h2(server_ip)
         ctx.log.info("Getting tunnel pool ready...")
         t = ctx.tunables
-        self.pool = pool = ClientPool(
-            self._dial_pool,
-            cfg.min,
-            config.max,
-            reactor,
-            ctx.log,
-            min_interval=t.min_pool_interval,
-            max_interval=t.max_pool_interval,
-            on_dial_error=self._pool_dial_error,
-        )
+        pool = self._make_pool(config.max)
         pool.start()
         wait = t.handshake_timeout + t.pool_get_timeout
         try:
@@ -273,6 +233,22 @@ class ClientRunner(DualEndRunner):
         control.start()
         if self.is_entry:
             self.bind_entry()
+
+    def _make_pool(self, max_pool: int) -> ClientPool:
+        """The client's pool, sized within ``[min, max_pool]`` (SPEC §4)."""
+        ctx = self.ctx
+        t = ctx.tunables
+        self.pool = ClientPool(
+            self._dial_pool,
+            ctx.config.min,
+            max_pool,
+            ctx.reactor,
+            ctx.log,
+            min_interval=t.min_pool_interval,
+            max_interval=t.max_pool_interval,
+            on_dial_error=self._pool_dial_error,
+        )
+        return self.pool
 
     def own_view(self, conn: Any) -> str:
         """The server's certificate as presented on ``conn``, else on the
@@ -293,9 +269,7 @@ class ClientRunner(DualEndRunner):
         endpoint: Any = endpoint_type(reactor, server_ip, port, timeout=timeout)
         if tls:
             endpoint = wrapClientTLS(handshake_tls_options(self.ctx.config.tunnel.host), endpoint)
-        # A Factory provides IProtocolFactory (zope's @implementer, which
-        # mypy cannot see without the mypy-zope plugin).
-        return await endpoint.connect(_Given(proto))
+        return await endpoint.connect(OneProtocolFactory(proto))
 
     # -- 1.12 (SPEC §3.2) -------------------------------------------------------
     async def _start_112(self, server_ip: str) -> None:
@@ -345,17 +319,7 @@ class ClientRunner(DualEndRunner):
             except Exception:
                 machine.close()
                 raise
-        t = ctx.tunables
-        self.pool = pool = ClientPool(
-            self._dial_pool,
-            cfg.min,
-            info.max,
-            reactor,
-            ctx.log,
-            min_interval=t.min_pool_interval,
-            max_interval=t.max_pool_interval,
-            on_dial_error=self._pool_dial_error,
-        )
+        pool = self._make_pool(info.max)
         control = self.make_control(proto.transport)
         control.start()
         if not machine.channel_ready(control) or proto.transport is None:
@@ -407,10 +371,10 @@ class ClientRunner(DualEndRunner):
         if self.quic:
             return self._dial_quic(conn)
         if self.pool_type is PoolType.WEBSOCKET:
-            return self._dial_websocket(conn)
+            return self._dial_stream(conn, self.ws_client)
         if self.pool_type is PoolType.HTTP2:
             return self._dial_stream(conn, self.h2_client)
-        factory = _PoolConnFactory(conn)
+        factory = OneProtocolFactory(conn, conn.dial_failed)
         timeout = self.ctx.tunables.tcp_dial_timeout
         tls_ctx = self._tls_ctx()
         ip, port = self.server_ip, self.ctx.config.tunnel.port
@@ -468,25 +432,16 @@ class ClientRunner(DualEndRunner):
         )
 
     def _dial_stream(self, conn: ClientPoolConn, client: Any) -> Deferred[ClientPoolConn]:
-        """A new pool stream of a stream pool (HTTP/2): the client writes
-        what opening it takes, then the server's 4-byte ID arrives."""
+        """A new pool connection of a WebSocket or HTTP/2 pool: ``client``
+        opens it (the upgrade; the stream's HEADERS and byte), then the
+        server's 4-byte ID arrives as its first bytes."""
         dialing = self._dialing
         dialing.add(conn)
         d = client.open_stream(conn)
         d.addCallback(lambda _stream: conn.ready)
         d.addBoth(_forget, dialing, conn)
-        return d
-
-    def _dial_websocket(self, conn: ClientPoolConn) -> Deferred[ClientPoolConn]:
-        """A new WebSocket: the upgrade, then the server's 4-byte ID as its
-        first message."""
-        assert self.ws_client is not None  # opened in start() with a WebSocket pool
-        dialing = self._dialing
-        dialing.add(conn)
-        d = self.ws_client.open_stream(conn)
-        d.addCallback(lambda _stream: conn.ready)
-        d.addBoth(_forget, dialing, conn)
-        if self.tls_code == TLSCode.CERT_FILES:
+        if self.tls_code == TLSCode.CERT_FILES and self.pool_type is PoolType.WEBSOCKET:
+            # (The HTTP/2 pool explains a refused certificate itself.)
             d.addErrback(self._explain_tls_failure, conn)
         return d
 

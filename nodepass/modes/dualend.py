@@ -10,6 +10,7 @@ their kind of pool.
 
 from __future__ import annotations
 
+import abc
 import os
 from typing import Any, Optional
 
@@ -240,7 +241,6 @@ class DualEndRunner(Runner):
         self.gate: Optional[VerifyGate] = None
         self.exchange: Optional[FingerprintExchange] = None
         self.control_addr = ""  # ip:port of the control connection's far end
-        self._early_verify: Optional[Signal] = None
         self.stopping = False
         self.targets = TargetGroup(
             cfg.targets, ctx.reactor, ctx.log, dns_ttl=cfg.dns, dial=cfg.dial, timeout=ctx.tunables.tcp_dial_timeout
@@ -400,12 +400,10 @@ class DualEndRunner(Runner):
 
     async def on_verify(self, sig: Signal) -> None:
         if self.generation is Wire.V114:
+            # The exchange exists before the control connection's first
+            # bytes are read (control_up_114), whenever there is TLS.
             if self.exchange is not None:
                 self.exchange.received(sig)
-            elif self.tls_code:
-                # Read before the exchange exists (it came with the first
-                # bytes of the control connection): handled once it does.
-                self._early_verify = sig
             else:
                 self.ctx.log.debug("TLS verify signal ignored: tls=0")
             return
@@ -434,9 +432,6 @@ class DualEndRunner(Runner):
             self.gate if self.is_entry else None, self.control_addr,
         )
         self.exchange.start()
-        early, self._early_verify = self._early_verify, None
-        if early is not None:
-            self.exchange.received(early)
 
     def verify_deadline(self) -> float:
         """How long the entry side waits for the peer's verify signal: a
@@ -445,9 +440,10 @@ class DualEndRunner(Runner):
         t = self.ctx.tunables
         return 3 * t.report_interval + t.pool_get_timeout
 
+    @abc.abstractmethod
     def own_view(self, conn: Any) -> str:
-        """See :class:`~nodepass.modes.verify.ExchangeOwner`."""
-        raise NotImplementedError
+        """See :class:`~nodepass.modes.verify.ExchangeOwner` (the server's
+        certificate, or the one the client was shown)."""
 
     def send_signal(self, sig: Signal) -> bool:
         control = self.control

@@ -276,11 +276,10 @@ class ServerRunner(DualEndRunner):
             conn.transport.write(CONTROL_ID)
             conn.pool_id = CONTROL_ID.hex()
             if not isinstance(conn, TunnelPortProtocol):
-                # A stream of a stream pool (QUIC): no tunnel-port machine
-                # to carry the channel; the stream's bytes go to it.
-                channel = self.make_control(conn.transport)
-                self.control_peer = addr_text(conn.transport.getPeer())
-                self.control_up_114(self._answered_at)
+                # A stream of a stream pool (QUIC, WebSocket, HTTP/2): no
+                # tunnel-port machine to carry the channel; the stream's
+                # bytes go to it.
+                channel = self._control_114(conn.transport, addr_text(conn.transport.getPeer()))
                 conn.attach(ControlSink(channel))
                 channel.start()
             return Adopted.CONTROL
@@ -386,11 +385,18 @@ class ServerRunner(DualEndRunner):
 
     def pool_control(self, port: TunnelPortMachine) -> ControlChannel:
         """The 1.14 control connection is here (its ID written)."""
+        channel = self._control_114(port.transport, port.peer)
+        channel.start()
+        return channel
+
+    def _control_114(self, transport: Any, peer: str) -> ControlChannel:
+        """The control channel on the first pool connection after our
+        answer, and the fingerprint exchange, made before any of its bytes
+        are read (they may hold the client's verify already)."""
         started = self._answered_at
         assert started is not None  # adopt() made it the control connection
-        self.control_peer = port.peer
-        channel = self.make_control(port.transport)
-        channel.start()
+        self.control_peer = peer
+        channel = self.make_control(transport)
         self.control_up_114(started)
         return channel
 

@@ -549,6 +549,12 @@ class TunnelPortProtocol(PoolEnd):
         if relay is not None:
             relay.forward(self, data)  # a relay end: the per-chunk path
             return
+        delegate = self.machine.delegate
+        if delegate is not None:
+            # A stream-pool connection (DELEGATED): every WebSocket or
+            # HTTP/2 chunk goes straight to its protocol, past the table.
+            delegate.dataReceived(data)
+            return
         self.machine.data(bytes(data))  # bytes already, unless a relay ran
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

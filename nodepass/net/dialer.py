@@ -10,12 +10,36 @@ from twisted.internet import defer
 from twisted.internet import error as terror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog
 from nodepass.config.urls import Address, is_ip_literal, is_unspecified
 from nodepass.net.resolve import getaddrinfo, prefer_ipv4
+
+
+class OneProtocolFactory(ClientFactory):
+    """The factory of one given protocol, for one ``connectTCP``/``connectSSL``
+    (or an endpoint's ``connect``): ``failed(reason)`` runs when the dial
+    fails.
+
+    Pool connections are dialled with it rather than through an endpoint:
+    one is dialled for every relayed connection, and an endpoint would add
+    its wrapping factory, wrapping protocol and Deferred to each of them.
+    Not noisy: no "Starting factory" line per dial."""
+
+    noisy = False
+
+    def __init__(self, proto: Any, failed: Optional[Callable[[Failure], None]] = None):
+        self.proto = proto
+        self.failed = failed
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.proto
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if self.failed is not None:
+            self.failed(reason)
 
 
 class AllTargetsFailed(Exception):

@@ -76,13 +76,14 @@ from twisted.internet.interfaces import (
     IPushProducer,
     ITransport,
 )
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import TLSVersion
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import Call, ClockLike, IdleTimer
+from nodepass.net.dialer import OneProtocolFactory
 from nodepass.relay.core import no_delay
 from nodepass.net.tls import (
     TLS13_SUITES,
@@ -542,6 +543,8 @@ class _H2Connection(Protocol):
         self._close(H2PoolError(f"HTTP/2 pool connection without ALPN h2 (negotiated: {what})"), goaway=False)
 
     def _make_h2(self) -> H2Connection:
+        """The h2 state machine of this side, with its settings: made by
+        the client and server subclasses, which is all they differ in here."""
         raise NotImplementedError
 
     def _start(self) -> None:
@@ -1410,19 +1413,6 @@ class H2ClientProtocol(_H2Connection):
             self.gone.callback(None)
 
 
-class _DialFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, proto: H2ClientProtocol):
-        self.proto = proto
-
-    def buildProtocol(self, addr: Any) -> H2ClientProtocol:
-        return self.proto
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.proto.dial_failed(reason)
-
-
 class H2PoolClient:
     """The client's one HTTP/2 connection to the server's tunnel port, and
     the pool streams on it.
@@ -1476,7 +1466,7 @@ class H2PoolClient:
         self._open.append(proto)
         proto.gone.addBoth(self._gone, proto)
         self._connectors[proto] = self.reactor.connectSSL(
-            self.ip, self.port, _DialFactory(proto), self.tls_context_factory, timeout=self.connect_timeout
+            self.ip, self.port, OneProtocolFactory(proto, proto.dial_failed), self.tls_context_factory, timeout=self.connect_timeout
         )
         if self.connect_timeout > 0:
             # connectSSL's timeout covers TCP only; this one the TLS handshake too.

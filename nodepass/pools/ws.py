@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterator, Optional
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
@@ -67,6 +67,7 @@ from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
 from nodepass.compat import wsproto_internals
 from nodepass.compat.twisted_internals import tls_layer
+from nodepass.net.dialer import OneProtocolFactory
 from nodepass.relay.core import no_delay
 
 # Masking in C: two thirds of this pool's CPU otherwise (docs/benchmarks.md).
@@ -837,6 +838,11 @@ class WebSocketClientUpgradeProtocol(Protocol):
         self._failed = False
         self._lost = False
 
+    def dial_failed(self, reason: Failure) -> None:
+        """The TCP (or TLS) dial failed before ``connectionMade``."""
+        if not self.done.called:
+            self.done.errback(reason)
+
     def connectionMade(self) -> None:
         assert self.transport is not None
         no_delay(self.transport)  # one frame per write: no Nagle
@@ -937,20 +943,6 @@ def _is_tls_error(reason: Failure) -> bool:
     return type(reason.value).__module__.startswith("OpenSSL")
 
 
-class _DialFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, proto: WebSocketClientUpgradeProtocol):
-        self.proto = proto
-
-    def buildProtocol(self, addr: Any) -> WebSocketClientUpgradeProtocol:
-        return self.proto
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        if not self.proto.done.called:
-            self.proto.done.errback(reason)
-
-
 class WebSocketPoolClient:
     """Dials the client's WebSocket pool connections (SPEC-1.14 §4.4).
 
@@ -1000,7 +992,7 @@ class WebSocketPoolClient:
         if self.closed:
             return defer.fail(WebSocketError("WebSocket pool closed"))
         proto = WebSocketClientUpgradeProtocol(self.reactor, self.host, attach_to=protocol, key=key, bearer=self.bearer)
-        factory = _DialFactory(proto)
+        factory = OneProtocolFactory(proto, proto.dial_failed)
         if self.tls is not None:
             connector = self.reactor.connectSSL(self.ip, self.port, factory, self.tls, timeout=self.connect_timeout)
         else:
