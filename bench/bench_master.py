@@ -20,6 +20,16 @@ process (pinned to the other core) measures:
 
     python3 bench/bench_master.py [--seconds 5] [--instances 100]
         [--subscribers 50] [--json]
+
+With ``--workers N`` it compares instead, in one run with rounds
+interleaved, a master running its instances in its own process
+(``workers=0``) with one running them in ``N`` worker processes: the
+aggregate throughput of two ``tls=1`` dual-end tunnels (both ends
+instances of the master) run flat out, ``GET /instances`` latency while
+they run, and the memory of the master with 100 single-end instances
+summed over all its processes:
+
+    python3 bench/bench_master.py --workers 2 [--rounds 2] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -70,15 +80,16 @@ def percentile(values: list[float], p: float) -> float:
 class Master:
     """A master subprocess; learns its API key from the log."""
 
-    def __init__(self, state_dir: str):
+    def __init__(self, state_dir: str, workers: int = 0, pinned: bool = True):
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nodepass.cli", "--state-dir", state_dir,
-             f"master://127.0.0.1:{self.port}/api?log=info"],
+             f"master://127.0.0.1:{self.port}/api?log=info&workers={workers}"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-        pin(self.proc.pid, 0)
+        if pinned:
+            pin(self.proc.pid, 0)
         self.key = ""
         deadline = time.monotonic() + 20
         assert self.proc.stdout is not None
@@ -117,6 +128,29 @@ class Master:
 
     def rss(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss
+
+    def processes(self) -> list[psutil.Process]:
+        """The master and its worker processes."""
+        me = psutil.Process(self.proc.pid)
+        return [me, *me.children(recursive=True)]
+
+    def memory(self) -> dict:
+        """RSS and PSS summed over the master and its workers, in MB (RSS
+        counts the shared libraries once per process; PSS splits them)."""
+        rss = pss = 0
+        procs = self.processes()
+        for p in procs:
+            info = p.memory_full_info()
+            rss += info.rss
+            pss += info.pss
+        return {"processes": len(procs), "rss_mb": rss / 2**20, "pss_mb": pss / 2**20}
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.processes():
+            t = p.cpu_times()
+            total += t.user + t.system
+        return total
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -350,6 +384,188 @@ async def sse_fanout(master: Master, instance_id: str, subscribers: int, one_by_
 # -- main ---------------------------------------------------------------------------
 
 
+# -- worker processes (issue 13 part 2) ------------------------------------------
+
+SOURCE = r"""
+import socket, sys, threading
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("127.0.0.1", 0))
+sock.listen(64)
+print(sock.getsockname()[1], flush=True)
+buf = memoryview(bytes(1 << 20))
+def send(conn):
+    try:
+        while True:
+            conn.sendall(buf)
+    except OSError:
+        conn.close()
+while True:
+    conn, _ = sock.accept()
+    threading.Thread(target=send, args=(conn,), daemon=True).start()
+"""
+
+DOWNLOAD = r"""
+import socket, sys, time
+port, warm, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+s = socket.create_connection(("127.0.0.1", port))
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+start = time.monotonic()
+while time.monotonic() < start + warm:
+    if not s.recv_into(view):
+        raise SystemExit("closed during warm-up")
+n = 0
+t0 = time.monotonic()
+while time.monotonic() < t0 + seconds:
+    got = s.recv_into(view)
+    if not got:
+        break
+    n += got
+print(n / (time.monotonic() - t0), flush=True)
+"""
+
+
+def _tls_tunnels(master: Master, source_port: int, count: int, tls: int) -> list[int]:
+    """``count`` dual-end tunnels (server and client both instances of
+    ``master``) to ``source_port``; returns their entry ports once each
+    carries bytes."""
+    entries = []
+    for i in range(count):
+        tunnel, entry = free_port(), free_port()
+        for url in (
+            f"server://127.0.0.1:{tunnel}/127.0.0.1:{source_port}?tls={tls}&mode=2&log=warn",
+            f"client://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=2&log=warn",
+        ):
+            status, body = master.request("POST", "/instances", {"url": url, "alias": f"bulk{i}"})
+            if status != 201:
+                raise RuntimeError(f"create failed: {status} {body[:200]!r}")
+        entries.append(entry)
+    for entry in entries:
+        wait_listening(entry, 20)
+        deadline = time.monotonic() + 20
+        while True:  # the pool may still be filling: until a byte comes through
+            try:
+                with socket.create_connection(("127.0.0.1", entry), timeout=2) as probe:
+                    if probe.recv(1):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no bytes through the tunnel at {entry}")
+            time.sleep(0.2)
+    return entries
+
+
+def _bulk(entries: list[int], warm: float, seconds: float) -> float:
+    """Aggregate bytes/s of one download per entry, all at once, each in
+    its own process (no GIL shared with the load)."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", DOWNLOAD, str(port), str(warm), str(seconds)], stdout=subprocess.PIPE, text=True)
+        for port in entries
+    ]
+    total = 0.0
+    for p in procs:
+        out, _ = p.communicate(timeout=warm + seconds + 30)
+        total += float(out.strip())
+    return total
+
+
+def workers_round(workers: int, args: argparse.Namespace) -> dict:
+    """One master with ``workers``: two tls=1 bulk tunnels flat out, alone
+    and with ``GET /instances`` load beside them."""
+    source = subprocess.Popen([sys.executable, "-c", SOURCE], stdout=subprocess.PIPE, text=True)
+    state_dir = tempfile.mkdtemp(prefix="np-bench-workers-")
+    master = Master(state_dir, workers=workers, pinned=False)
+    try:
+        assert source.stdout is not None
+        source_port = int(source.stdout.readline())
+        entries = _tls_tunnels(master, source_port, 2, 1)
+        cpu0 = master.cpu_seconds()
+        t0 = time.monotonic()
+        rate = _bulk(entries, 1.0, args.seconds)
+        cpu = (master.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+        idle_api = http_load(master.port, "/api/v1/instances", master.key, min(args.seconds, 3), args.connections)
+        # Bulk and API load together: the API's latency while the tunnels run.
+        procs = [
+            subprocess.Popen([sys.executable, "-c", DOWNLOAD, str(port), "1", str(args.seconds + 2)], stdout=subprocess.PIPE, text=True)
+            for port in entries
+        ]
+        time.sleep(1.5)
+        loaded_api = http_load(master.port, "/api/v1/instances", master.key, args.seconds, args.connections)
+        during = sum(float(p.communicate(timeout=args.seconds + 40)[0].strip()) for p in procs)
+        return {
+            "workers": workers,
+            "bulk_mb_s": rate / 1e6,
+            "cpu_cores": cpu,
+            "api_idle": idle_api,
+            "api_loaded": loaded_api,
+            "bulk_with_api_mb_s": during / 1e6,
+            "memory": master.memory(),
+        }
+    finally:
+        master.stop()
+        source.kill()
+        source.wait()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def memory_round(workers: int, instances: int, target_port: int) -> dict:
+    """RSS and PSS of a master with ``workers`` and ``instances`` running
+    single-end instances, summed over all its processes."""
+    state_dir = tempfile.mkdtemp(prefix="np-bench-workers-")
+    master = Master(state_dir, workers=workers, pinned=False)
+    try:
+        time.sleep(1.0)
+        empty = master.memory()
+        for i in range(instances):
+            status, body = master.request(
+                "POST", "/instances", {"url": f"client://127.0.0.1:0/127.0.0.1:{target_port}?mode=1&log=warn", "alias": f"m{i}"}
+            )
+            if status != 201:
+                raise RuntimeError(f"create failed: {status} {body[:200]!r}")
+        time.sleep(6.0)  # every instance past its first CHECK_POINT
+        status, body = master.request("GET", "/instances")
+        running = sum(1 for inst in json.loads(body) if inst["status"] == "running")
+        return {"workers": workers, "empty": empty, "full": master.memory(), "running": running}
+    finally:
+        master.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def compare_workers(args: argparse.Namespace) -> int:
+    """``--workers``: single-process mode against worker processes, rounds
+    interleaved; ratios within the run."""
+    modes = [0, args.workers]
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        for w in modes:
+            res = workers_round(w, args)
+            rounds.append(res)
+            print(
+                f"round {r + 1} workers={w}: 2 tls=1 tunnels {res['bulk_mb_s']:.0f} MB/s aggregate "
+                f"({res['cpu_cores']:.2f} cores in master+workers); GET /instances p99 idle "
+                f"{res['api_idle']['p99_ms']:.2f} ms, under bulk {res['api_loaded']['p99_ms']:.2f} ms "
+                f"({res['api_loaded']['rps']:.0f} req/s; bulk meanwhile {res['bulk_with_api_mb_s']:.0f} MB/s)",
+                flush=True,
+            )
+    target = AcceptAndClose()
+    memory = [memory_round(w, args.instances, target.port) for w in modes]
+    best = {w: max(x["bulk_mb_s"] for x in rounds if x["workers"] == w) for w in modes}
+    worst_p99 = {w: max(x["api_loaded"]["p99_ms"] for x in rounds if x["workers"] == w) for w in modes}
+    print(f"bulk, best of {args.rounds}: workers=0 {best[0]:.0f} MB/s, workers={args.workers} {best[args.workers]:.0f} MB/s "
+          f"-> {best[args.workers] / best[0]:.2f} x (target >= 1.5 x)")
+    print(f"GET /instances p99 under bulk, worst of {args.rounds}: workers=0 {worst_p99[0]:.2f} ms, "
+          f"workers={args.workers} {worst_p99[args.workers]:.2f} ms (target < 20 ms)")
+    for m in memory:
+        print(f"memory, workers={m['workers']}, {m['running']}/{args.instances} instances running: "
+              f"{m['full']['processes']} processes, RSS {m['empty']['rss_mb']:.1f} -> {m['full']['rss_mb']:.1f} MB, "
+              f"PSS {m['empty']['pss_mb']:.1f} -> {m['full']['pss_mb']:.1f} MB (target: <= 150 MB)")
+    if args.json:
+        print(json.dumps({"rounds": rounds, "memory": memory}, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each HTTP load run")
@@ -357,7 +573,12 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=100)
     ap.add_argument("--subscribers", type=int, default=50)
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="instead: compare workers=0 with workers=N (bulk tls=1 tunnels, API latency, memory)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the --workers comparison")
     args = ap.parse_args()
+    if args.workers:
+        return compare_workers(args)
     pin(os.getpid(), 1)
     results: dict = {"cpus": os.cpu_count()}
     target = AcceptAndClose()

@@ -11,6 +11,7 @@ import re
 import ssl as stdlib_ssl
 from typing import Optional
 
+import attrs
 import treq
 from twisted.internet import defer, reactor, ssl, task
 from twisted.logger import globalLogPublisher
@@ -48,6 +49,14 @@ class TrustOne:
         return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self.root)
 
 
+def in_process(config):
+    """``config`` with its instances in the test's own reactor
+    (``workers=0``): most master tests look at the running
+    :class:`~nodepass.service.instance.TunnelService` objects; the worker
+    processes have their own tests (``tests/test_workers.py``)."""
+    return attrs.evolve(config, workers=0)
+
+
 async def start_master(
     case,
     query: str = "",
@@ -59,6 +68,8 @@ async def start_master(
     """A started master on 127.0.0.1:0, stopped at test cleanup."""
     url = f"master://127.0.0.1:0{prefix}" + (f"?{query}" if query else "")
     config = parse_url(url)
+    if "workers=" not in query:
+        config = in_process(config)
     svc = MasterService(config, state_dir or case.mktemp(), tunables=tunables, log=log or NodeLog(config.log))
     svc.startService()
     await svc.ready

@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from nodepass.base.logs import NodeLog
+from tests.master_helpers import in_process
 from nodepass.config.urls import Tunables, parse_url
 from nodepass.ctl import cli
 from nodepass.ctl.client import KEY_INSTANCE, MasterAPIError, MasterClient
@@ -25,7 +26,7 @@ TUNABLES = Tunables(report_interval=0.2, service_cooldown=0.2, shutdown_timeout=
 
 
 async def start_master(test: unittest.TestCase, url: str = "master://127.0.0.1:0") -> MasterService:
-    svc = MasterService(parse_url(url), test.mktemp(), tunables=TUNABLES)
+    svc = MasterService(in_process(parse_url(url)), test.mktemp(), tunables=TUNABLES)
     svc.startService()
     await svc.ready
     test.addCleanup(svc.stopService)

@@ -191,10 +191,11 @@ class MasterTLSCodeLineTests(unittest.TestCase):
 
     async def _lines(self, query: str) -> list[str]:
         from nodepass.config.urls import parse_url
+        from tests.master_helpers import in_process
         from nodepass.base.logs import NodeLog
         from nodepass.master.service import MasterService
 
-        config = parse_url(f"master://127.0.0.1:0/api?log=info{query}")
+        config = in_process(parse_url(f"master://127.0.0.1:0/api?log=info{query}"))
         log = NodeLog("info")
         lines: list[str] = []
         log.listeners.append(lambda level, line: lines.append(line))
@@ -224,7 +225,7 @@ class MasterLogEventTests(unittest.TestCase):
 
     @d
     async def test_exchange_lines_in_sse_log_events(self):
-        from tests.master_helpers import Api, SSEClient, start_master
+        from tests.master_helpers import in_process, Api, SSEClient, start_master
         from tests.test_master_state import echo_server, send_through
         from tests.helpers import free_port
 

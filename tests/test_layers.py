@@ -18,10 +18,11 @@ from tests.procs import REPO
 
 #: Layer of each top-level part of the package; higher imports lower.
 LAYERS = {
-    "nodepass.cli": 9,  # the ``nodepass`` command
-    "nodepass.tap": 8,  # twistd options and the service tree
-    "nodepass.ctl": 8,  # the master's client library and ``nodepassctl``
-    "nodepass.master": 7,  # REST API, SSE, durable state
+    "nodepass.cli": 10,  # the ``nodepass`` command
+    "nodepass.tap": 9,  # twistd options and the service tree
+    "nodepass.ctl": 9,  # the master's client library and ``nodepassctl``
+    "nodepass.master": 8,  # REST API, SSE, durable state
+    "nodepass.workers": 7,  # the master's worker processes and the program they run
     "nodepass.service": 6,  # one tunnel instance as a Twisted service
     "nodepass.modes": 5,  # single-end, dual-end server and client
     "nodepass.pools": 4,  # pool transports: TCP, QUIC

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from nodepass.master.identity import API_KEY_ID
 
-from tests.master_helpers import Api, start_master, wait_for
+from tests.master_helpers import in_process, Api, start_master, wait_for
 
 FIELDS = {
     "id", "alias", "type", "status", "url", "config", "restart", "meta",
@@ -525,7 +525,7 @@ class StartTests(unittest.TestCase):
             log = NodeLog("info")
             log.listeners.append(lambda level, line: lines.append((level, line)))
             url = f"master://127.0.0.1:{held.getHost().port}"
-            svc = MasterService(parse_url(url), self.mktemp(), tunables=FAST, log=log)
+            svc = MasterService(in_process(parse_url(url)), self.mktemp(), tunables=FAST, log=log)
             svc.startService()
             with self.assertRaises(CannotListenError):
                 await svc.ready

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from nodepass.base.kinds import Status
 from nodepass.base.logs import NodeLog
+from tests.master_helpers import in_process
 from nodepass.config.urls import Tunables, parse_url
 from nodepass.master.domain import Master
 from nodepass.master.errors import (
@@ -140,7 +141,7 @@ def make_master(case, state_dir=None) -> tuple[Master, RecordingHub, list[str]]:
     lines: list[str] = []
     log.listeners.append(lambda level, line: lines.append(line))
     hub = RecordingHub(log)
-    config = parse_url("master://127.0.0.1:0/api?log=info")
+    config = in_process(parse_url("master://127.0.0.1:0/api?log=info"))
     master = Master(config, state_dir or case.mktemp(), parent, QUIET, reactor, log, hub)
     master.load()
     case.addCleanup(lambda: ensureDeferred(master.stop()))

@@ -21,7 +21,7 @@ from nodepass.master.identity import API_KEY_ID
 from nodepass.master.service import MasterService
 from nodepass.master.store import StateStore
 
-from tests.master_helpers import FAST, Api, start_master, wait_for
+from tests.master_helpers import in_process, FAST, Api, start_master, wait_for
 from tests.helpers import free_port
 from tests.procs import child_env, spawn
 
@@ -134,7 +134,7 @@ class RestartTests(unittest.TestCase):
             lines = []
             log = NodeLog("info")
             log.listeners.append(lambda level, line: lines.append((level, line)))
-            again = MasterService(parse_url("master://127.0.0.1:0"), state_dir, tunables=FAST, log=log)
+            again = MasterService(in_process(parse_url("master://127.0.0.1:0")), state_dir, tunables=FAST, log=log)
             again.startService()
             self.addCleanup(again.stopService)
             await again.ready
@@ -153,7 +153,7 @@ class RestartTests(unittest.TestCase):
             os.makedirs(state_dir)
             with open(os.path.join(state_dir, "nodepass.json"), "w") as f:
                 f.write("not json")
-            svc = MasterService(parse_url("master://127.0.0.1:0"), state_dir, tunables=FAST, log=NodeLog("none"))
+            svc = MasterService(in_process(parse_url("master://127.0.0.1:0")), state_dir, tunables=FAST, log=NodeLog("none"))
             svc.startService()
             with self.assertRaises(RuntimeError):
                 await svc.ready
@@ -238,7 +238,7 @@ class CrashTests(unittest.TestCase):
             await defer.DeferredList(workers)
             self.assertGreaterEqual(len(created), 12)
 
-            restored = MasterService(parse_url("master://127.0.0.1:0?log=none"), state_dir, tunables=FAST, log=NodeLog("none"))
+            restored = MasterService(in_process(parse_url("master://127.0.0.1:0?log=none")), state_dir, tunables=FAST, log=NodeLog("none"))
             restored.startService()
             self.addCleanup(restored.stopService)
             await restored.ready

@@ -16,6 +16,7 @@ from swagger_ui_bundle import swagger_ui_path
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from tests.master_helpers import in_process
 from nodepass.config.urls import Tunables, parse_url
 from nodepass.ctl.client import MasterClient
 from nodepass.master.api import MasterAPI, MasterRoot
@@ -114,7 +115,7 @@ class DocsPageTests(unittest.TestCase):
 
 
 async def _start_master(test, url="master://127.0.0.1:0"):
-    svc = MasterService(parse_url(url), test.mktemp(), tunables=TUNABLES)
+    svc = MasterService(in_process(parse_url(url)), test.mktemp(), tunables=TUNABLES)
     svc.startService()
     await svc.ready
     test.addCleanup(svc.stopService)

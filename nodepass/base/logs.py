@@ -143,6 +143,28 @@ class NodeLog:
             for listener in list(self.listeners):
                 listener(level.upper(), line)
 
+    def replay(self, level: str, message: str, when: float) -> None:
+        """A line another process wrote (an instance in a worker process):
+        it passed that instance's filter there, so it is emitted as is,
+        with its own time, to the same observers and listeners as a line
+        of this process."""
+        word = level.lower()
+        if word not in _TW_LEVEL:
+            word = "info"
+        message = escape_controls(message if isinstance(message, str) else str(message))
+        self._logger.emit(
+            _TW_LEVEL[word],
+            "{np_text}",
+            np_text=message,
+            np_level=word.upper(),
+            np_instance=self.instance_id,
+            log_time=when,
+        )
+        if self.listeners:
+            line = format_line(word, message, when)
+            for listener in list(self.listeners):
+                listener(word.upper(), line)
+
     def debug(self, message: str, *args) -> None:
         self._emit("debug", message, args)
 

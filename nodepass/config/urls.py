@@ -321,6 +321,27 @@ _VALIDATORS: dict[str, Callable[[str], object]] = {
     "proxy": _int_param("proxy", 0, 1),
     "notcp": _int_param("notcp", 0, 1),
     "noudp": _int_param("noudp", 0, 1),
+    "workers": _int_param("workers", 0, 256),
+}
+
+
+def default_workers() -> int:
+    """The master's ``workers`` when the URL gives none: one worker process
+    per core this process may run on (``sched_getaffinity``, so a master
+    pinned by ``taskset`` or a container's CPU set uses what it was given)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+#: The master's own parameters beyond ``log``/``tls``/``crt``/``key``.
+_MASTER_DEFAULTS: dict[str, object] = {
+    "log": "info",
+    "tls": TLSCode.NONE,
+    "crt": "",
+    "key": "",
+    "workers": "the number of cores",
 }
 
 
@@ -481,6 +502,9 @@ class MasterConfig:
     errors: tuple[str, ...] = ()
     raw: str = ""
     role: Role = Role.MASTER
+    #: Worker processes that run the instances; 0 runs them in the
+    #: master's own reactor (see ``nodepass.workers``).
+    workers: int = attrs.field(factory=default_workers)
 
     @property
     def title(self) -> str:
@@ -490,7 +514,9 @@ class MasterConfig:
 InstanceConfig = Union[TunnelConfig, MasterConfig]
 
 
-def _parse_query(query: str, allowed: tuple[str, ...]) -> tuple[dict, set, list, list]:
+def _parse_query(
+    query: str, allowed: tuple[str, ...], defaults: Mapping[str, object] = _TUNNEL_DEFAULTS
+) -> tuple[dict, set, list, list]:
     """Typed values, the names given, warnings (values replaced by their
     defaults) and errors (replacements the operator must not miss: an
     invalid ``tls`` silently giving plaintext)."""
@@ -509,7 +535,7 @@ def _parse_query(query: str, allowed: tuple[str, ...]) -> tuple[dict, set, list,
         try:
             values[name] = _VALIDATORS[name](raw)
         except ValueError as e:
-            default = _TUNNEL_DEFAULTS[name]
+            default = defaults[name]
             fallback = _param_text(name, default) if default != "" else '""'
             if name == "tls":
                 errors.append(f"Invalid tls={shown(raw)} ({e}), using tls={fallback}: traffic is NOT encrypted")
@@ -554,7 +580,7 @@ def parse_url(text: str) -> InstanceConfig:
         raise URLError(f"invalid URL {shown(text)}: {e}") from None
 
     if scheme is Role.MASTER:
-        values, given, warnings, errors = _parse_query(parts.query, ("log", "tls", "crt", "key"))
+        values, given, warnings, errors = _parse_query(parts.query, tuple(_MASTER_DEFAULTS), _MASTER_DEFAULTS)
         prefix = parts.path.rstrip("/") or "/api"
         if not prefix.startswith("/"):
             prefix = "/" + prefix

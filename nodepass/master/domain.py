@@ -31,7 +31,7 @@ from nodepass.master import sysinfo
 from nodepass.master.errors import InstanceNotFound, InvalidRequest, StateNotSaved, URLConflict
 from nodepass.master.events import EventHub
 from nodepass.master.identity import MasterIdentity
-from nodepass.master.lifecycle import Supervisor
+from nodepass.master.lifecycle import Supervisor, make_host
 from nodepass.master.probe import TCPing
 from nodepass.master.records import InstanceRecord, instance_url, new_instance_id
 from nodepass.master.state import MasterState
@@ -70,7 +70,16 @@ class Master:
         #: A placeholder until :meth:`load` (no request is served before).
         self.identity = MasterIdentity(api_key="", master_id="")
         self.records: dict[str, InstanceRecord] = {}
-        self.supervisor = Supervisor(parent, self.records, hub, tunables, reactor, log, on_report=self._counters_moved)
+        self.supervisor = Supervisor(
+            parent,
+            self.records,
+            hub,
+            tunables,
+            reactor,
+            log,
+            on_report=self._counters_moved,
+            host=make_host(config.workers, parent, tunables, reactor, log),
+        )
         self.prober = TCPing(reactor, tunables.tcp_dial_timeout)
         #: The TLS code the API is served with, for ``/info``: the service
         #: sets it once listening (a ``tls=2`` master whose files do not
@@ -94,6 +103,7 @@ class Master:
 
     def start_instances(self) -> None:
         """Start every instance whose policy says so (``restart``)."""
+        self.supervisor.host.open()
         for rec in list(self.records.values()):
             if rec.restart:
                 self.supervisor.start(rec)
@@ -229,7 +239,7 @@ class Master:
             self._save()
             self.supervisor.start(rec)
         elif action == "reset":
-            rec.reset_counters()
+            self.supervisor.reset_counters(rec)
             self._save()
             self.supervisor.publish("update", rec)
         else:  # validated by the caller; kept for safety

@@ -13,12 +13,18 @@ The rules, as dashboards know them from Go:
 
 The supervisor changes records and publishes events; it never writes the
 state file (the domain decides when a change is durable).
+
+Where a run happens is a *host*'s business: :class:`LocalHost` runs each
+instance as a service in the master's own reactor (``workers=0``), and
+:class:`~nodepass.workers.pool.WorkerPool` runs it in a worker process.
+Either way the supervisor sees the same things -- a run with a ``log``,
+``stats`` and checkpoint and status listeners -- and applies the same rules.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, Union
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -27,14 +33,78 @@ from twisted.internet.defer import ensureDeferred
 from nodepass.base.kinds import Status
 from nodepass.base.logs import NodeLog
 from nodepass.base.stats import Checkpoint
-from nodepass.config.urls import Tunables
+from nodepass.config.urls import Tunables, TunnelConfig
 from nodepass.master.events import EventHub
 from nodepass.master.records import InstanceRecord
 from nodepass.service.instance import TunnelService
+from nodepass.workers.pool import RemoteRun, WorkerPool
+
+#: One run of an instance, in this process or in a worker.
+Run = Union[TunnelService, RemoteRun]
 
 #: Substrings of an instance's log line that put it in ``error`` (Go's master
 #: parses its children's output for them).
 ERROR_MARKERS = ("Server error:", "Client error:")
+
+
+class Host(Protocol):
+    """Where runs happen (see the module docstring)."""
+
+    def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def create(self, rid: str, config: TunnelConfig, stats: Any, log: NodeLog, lost: Callable[[str], None]) -> Any: ...
+
+    def begin(self, run: Any) -> None: ...
+
+    async def halt(self, run: Any) -> None: ...
+
+    def reset_traffic(self, run: Any) -> None: ...
+
+
+class LocalHost:
+    """Instances as child services of the master, in its reactor: the run
+    shares the record's stats, so there is nothing to copy back."""
+
+    def __init__(self, parent: service.MultiService, tunables: Tunables, reactor: Any) -> None:
+        self.parent = parent
+        self.tunables = tunables
+        self.reactor = reactor
+
+    def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def create(self, rid: str, config: TunnelConfig, stats: Any, log: NodeLog, lost: Callable[[str], None]) -> TunnelService:
+        return TunnelService(config, tunables=self.tunables, reactor=self.reactor, log=log, stats=stats)
+
+    def begin(self, run: TunnelService) -> None:
+        run.setServiceParent(self.parent)
+
+    async def halt(self, svc: TunnelService) -> None:
+        if svc.parent is self.parent:
+            if self.parent.running:
+                d = svc.disownServiceParent()
+            else:
+                d = svc.stopService() if svc.running else None
+                svc.disownServiceParent()
+            if d is not None:
+                await d
+        elif svc.running:
+            await svc.stopService()
+
+    def reset_traffic(self, run: TunnelService) -> None:
+        pass  # the run counts into the record's own stats
+
+
+def make_host(workers: int, parent: service.MultiService, tunables: Tunables, reactor: Any, log: NodeLog) -> Host:
+    """The host a master with ``workers`` worker processes uses."""
+    if workers > 0:
+        return WorkerPool(workers, reactor, log, tunables)
+    return LocalHost(parent, tunables, reactor)
 
 
 class Supervisor:
@@ -53,15 +123,17 @@ class Supervisor:
         reactor: Any,  # IReactorTime and what the tunnels need (mypy sees no zope interfaces)
         log: NodeLog,
         on_report: Callable[[], None],
+        host: Host | None = None,
     ) -> None:
         self.parent = parent
+        self.host: Host = host if host is not None else LocalHost(parent, tunables, reactor)
         self.records = records
         self.hub = hub
         self.tunables = tunables
         self.reactor = reactor
         self.log = log
         self.on_report = on_report
-        self.instances: dict[str, TunnelService] = {}
+        self.instances: dict[str, Run] = {}
         self._watchdogs: dict[str, task.LoopingCall] = {}
 
     def publish(self, kind: str, rec: InstanceRecord) -> None:
@@ -77,7 +149,7 @@ class Supervisor:
         if rec.id in self.instances:
             return
         log = NodeLog(rec.config.log, instance_id=rec.id)
-        svc = TunnelService(rec.config, tunables=self.tunables, reactor=self.reactor, log=log, stats=rec.stats)
+        svc = self.host.create(rec.id, rec.config, rec.stats, log, lost=lambda why: self._on_lost(rec, svc, why))
         log.listeners.append(partial(self._on_log, rec, svc))
         svc.checkpoint_listeners.append(partial(self._on_checkpoint, rec, svc))
         svc.status_listeners.append(partial(self._on_status, rec, svc))
@@ -87,7 +159,7 @@ class Supervisor:
         # for its first client stays running (see _watch).
         rec.last_report = None
         self._arm_watchdog(rec)
-        svc.setServiceParent(self.parent)
+        self.host.begin(svc)
         self.publish("update", rec)
 
     async def stop(self, rec: InstanceRecord, publish: bool = True) -> None:
@@ -96,16 +168,7 @@ class Supervisor:
         svc = self.instances.pop(rec.id, None)
         self._disarm_watchdog(rec)
         if svc is not None:
-            if svc.parent is self.parent:
-                if self.parent.running:
-                    d = svc.disownServiceParent()
-                else:
-                    d = svc.stopService() if svc.running else None
-                    svc.disownServiceParent()
-                if d is not None:
-                    await d
-            elif svc.running:
-                await svc.stopService()
+            await self.host.halt(svc)
         rec.sync_counters()
         rec.status = Status.STOPPED
         rec.clear_figures()  # as Go: ping, pool, tcps, udps 0; byte counters kept
@@ -122,6 +185,15 @@ class Supervisor:
         """Stop every tunnel (the master is stopping: no events)."""
         running = [rec for rec in self.records.values() if rec.id in self.instances]
         await defer.gatherResults([ensureDeferred(self.stop(rec, publish=False)) for rec in running])
+        await self.host.close()
+
+    def reset_counters(self, rec: InstanceRecord) -> None:
+        """The API's ``reset``: zero the record's byte counters and the
+        running instance's."""
+        rec.reset_counters()
+        svc = self.instances.get(rec.id)
+        if svc is not None:
+            self.host.reset_traffic(svc)
 
     def failed(self) -> list[InstanceRecord]:
         """Running instances in ``error``: the ones a reload restarts."""
@@ -129,12 +201,25 @@ class Supervisor:
 
     # ------------------------------------------------------------------ what the tunnels say
 
-    def _is_current(self, rec: InstanceRecord, svc: TunnelService) -> bool:
+    def _on_lost(self, rec: InstanceRecord, svc: Run, why: str) -> None:
+        """The worker process running ``svc`` ended: the instance is in
+        ``error`` (an update says so) and starts again on a live worker."""
+        if not self._is_current(rec, svc):
+            return
+        self.instances.pop(rec.id, None)
+        self._disarm_watchdog(rec)
+        self.log.warn("Instance %s restarting: %s", rec.id, why)
+        rec.sync_counters()  # as far as its last CHECK_POINT
+        self._mark_error(rec)
+        self.publish("update", rec)
+        self.start(rec)
+
+    def _is_current(self, rec: InstanceRecord, svc: Run) -> bool:
         """Whether ``svc`` is still ``rec``'s run: a stopped or replaced run
         may still be speaking while it shuts down."""
         return self.instances.get(rec.id) is svc and self.records.get(rec.id) is rec
 
-    def _on_log(self, rec: InstanceRecord, svc: TunnelService, level: str, line: str) -> None:
+    def _on_log(self, rec: InstanceRecord, svc: Run, level: str, line: str) -> None:
         if level == "EVENT" and "CHECK_POINT|" in line:
             return  # becomes an update event instead
         if any(marker in line for marker in ERROR_MARKERS) and self._is_current(rec, svc):
@@ -153,7 +238,7 @@ class Supervisor:
         rec.clear_figures()
         return True
 
-    def _on_checkpoint(self, rec: InstanceRecord, svc: TunnelService, cp: Checkpoint) -> None:
+    def _on_checkpoint(self, rec: InstanceRecord, svc: Run, cp: Checkpoint) -> None:
         if not self._is_current(rec, svc):
             return
         rec.apply_checkpoint(cp)
@@ -162,7 +247,7 @@ class Supervisor:
         self.on_report()
         self.publish("update", rec)
 
-    def _on_status(self, rec: InstanceRecord, svc: TunnelService, status: str, message: str) -> None:
+    def _on_status(self, rec: InstanceRecord, svc: Run, status: str, message: str) -> None:
         """The tunnel's own lifecycle.  Only ``error`` matters here: it comes
         right after the ``Server error:``/``Client error:`` line, which has
         normally set the status already (the update is for an instance whose

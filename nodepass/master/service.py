@@ -1,11 +1,15 @@
 """The master (``master://``) as a Twisted service: a REST API, SSE and
-durable state in front of many tunnel instances, all in one reactor.
+durable state in front of many tunnel instances.
 
-Tree::
+Tree with ``workers=0`` (everything in one reactor)::
 
     MasterService (MultiService)
       ├── the HTTP(S) listener (owned directly: its bound port is needed)
       └── TunnelService per running instance (added on start, removed on stop)
+
+With ``workers=N`` (the default: one per core) the instances run in ``N``
+worker processes instead (:mod:`nodepass.workers`), and the master's
+reactor serves only the API, SSE and state.
 
 The parts, each in its own module:
 
@@ -41,7 +45,8 @@ from nodepass.master.events import EventHub
 from nodepass.master.records import InstanceRecord
 from nodepass.master.site import MasterSite
 from nodepass.master.store import StateStore
-from nodepass.service.instance import TunnelService
+from nodepass.master.lifecycle import Run
+from nodepass.workers.pool import WorkerPool
 
 if TYPE_CHECKING:
     from OpenSSL.SSL import Context
@@ -111,9 +116,18 @@ class MasterService(service.MultiService):
         return self.domain.records
 
     @property
-    def instances(self) -> dict[str, TunnelService]:
-        """The running tunnels by instance ID."""
+    def instances(self) -> dict[str, Run]:
+        """The running tunnels by instance ID (a
+        :class:`~nodepass.service.instance.TunnelService` each with
+        ``workers=0``, a :class:`~nodepass.workers.pool.RemoteRun` each in
+        worker processes)."""
         return self.domain.supervisor.instances
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes' IDs (none with ``workers=0``)."""
+        host = self.domain.supervisor.host
+        return host.pids() if isinstance(host, WorkerPool) else []
 
     @property
     def store(self) -> StateStore:
