@@ -186,7 +186,7 @@ class WorkerProcessTests(unittest.TestCase):
 
     @d
     async def test_sigterm_stops_every_worker(self):
-        proc = spawn(self, ["-m", "nodepass.cli", "master://127.0.0.1:0?log=info&workers=2", "--state-dir", self.mktemp()])
+        proc = spawn(self, ["-m", "nodepass.cli", "master://127.0.0.1:0?log=info&workers=2", "--state-dir", os.path.abspath(self.mktemp())])
         pids = await self._workers(proc)
         proc.signal(signal.SIGTERM)
         await proc.ended.addTimeout(20, reactor)
@@ -197,7 +197,7 @@ class WorkerProcessTests(unittest.TestCase):
     @d
     async def test_sigkill_of_the_master_ends_its_workers(self):
         """Workers notice the closed pipe: no orphan keeps ports or CPU."""
-        proc = spawn(self, ["-m", "nodepass.cli", "master://127.0.0.1:0?log=info&workers=2", "--state-dir", self.mktemp()])
+        proc = spawn(self, ["-m", "nodepass.cli", "master://127.0.0.1:0?log=info&workers=2", "--state-dir", os.path.abspath(self.mktemp())])
         pids = await self._workers(proc)
         proc.signal(signal.SIGKILL)
         await proc.ended.addTimeout(20, reactor)
