@@ -266,3 +266,25 @@ class WorkerBackOffTests(unittest.TestCase):
         # timeout (2 s here) + 3 s.
         self.assertLess(reactor.seconds() - started, 4.0, "the stop waited for a worker that never started")
         self.assertEqual(master.worker_pids, [])
+
+
+class FittingTests(unittest.TestCase):
+    """What a worker sends as log text always fits an AMP value."""
+
+    def test_any_text_fits(self):
+        from hypothesis import given, strategies as st
+
+        from nodepass.workers.commands import MAX_TEXT, fitting
+
+        @given(st.text(min_size=0, max_size=30000), st.integers(min_value=0, max_value=3))
+        def check(text, repeat):
+            text = text * (repeat + 1) + "\ud800"  # a lone surrogate too
+            out = fitting(text)
+            encoded = out.encode("utf-8")  # strict: what AMP does
+            self.assertLessEqual(len(encoded), MAX_TEXT + len(" [cut]"))
+            if len(text.encode("utf-8", "replace")) <= MAX_TEXT:
+                self.assertEqual(out, text.encode("utf-8", "replace").decode("utf-8"))
+            else:
+                self.assertTrue(out.endswith(" [cut]"))
+
+        check()

@@ -79,7 +79,7 @@ class WorkerProtocol(amp.AMP):
                     text = f"{text}\n{failure.getTraceback()}"
             except Exception:  # noqa: BLE001 - a log line must never raise
                 text = repr(event.get("log_format"))
-        self._tell(cmd.Log, instance=instance, level=level, text=str(text)[: cmd.MAX_TEXT], when=float(event.get("log_time") or 0.0))
+        self._tell(cmd.Log, instance=instance, level=level, text=cmd.fitting(str(text)), when=float(event.get("log_time") or 0.0))
 
     # -- what the master asks ----------------------------------------------------
 
@@ -122,7 +122,7 @@ class WorkerProtocol(amp.AMP):
 
     def _status(self, instance: str, svc: TunnelService, status: str, message: str) -> None:
         if self.services.get(instance) is svc:
-            self._tell(cmd.Status, instance=instance, status=status, message=message[: cmd.MAX_TEXT])
+            self._tell(cmd.Status, instance=instance, status=status, message=cmd.fitting(message))
 
     @cmd.Stop.responder
     async def stop(self, instance: str) -> dict:

@@ -21,6 +21,16 @@ from twisted.protocols import amp
 #: AMP values are at most 65,535 bytes; log text is cut below that.
 MAX_TEXT = 60000
 
+
+def fitting(text: str) -> str:
+    """``text`` as AMP can carry it: valid UTF-8 (a lone surrogate becomes
+    ``?``) of at most :data:`MAX_TEXT` bytes, longer text cut and marked.
+    A value AMP refuses would raise in the log observer and lose the line."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_TEXT:
+        return data.decode("utf-8")
+    return data[:MAX_TEXT].decode("utf-8", "ignore") + " [cut]"
+
 COUNTERS: list[tuple[bytes, amp.Argument]] = [
     (b"tcp_rx", amp.Integer()),
     (b"tcp_tx", amp.Integer()),

@@ -348,6 +348,10 @@ class WorkerPool:
         return RemoteRun(rid, config, stats, log, lost)
 
     def begin(self, run: RemoteRun) -> None:
+        if not self.workers:  # only while the master stops
+            run.log.error("%s", "no worker process to run the instance: the master is stopping")
+            run.status("error", "the master is stopping")
+            return
         worker = min(self.workers, key=lambda w: (w.load(), w.slot))
         run.worker = worker
         run.running = True
