@@ -21,6 +21,7 @@ from tests.helpers import free_port, wait_for
 from tests.master_helpers import Api, LogCapture, SSEClient, start_master
 from tests.procs import TWISTD, child_env, spawn
 from tests.test_master_state import echo_server, send_through
+from tests.test_metrics import scrape, value
 from tests.test_tunnel import d
 from nodepass.workers import pool
 
@@ -164,6 +165,14 @@ class WorkerMasterTests(unittest.TestCase):
             lambda: master.records[rid].tcprx >= 2 * len(payload), timeout=10, what="counters continuing after the restart"
         )
         self.assertRegex(self.capture.text(), rf"WARN  Worker \d \(pid {victim}\) ended: killed by signal 9")
+        samples = await scrape(api)
+        self.assertEqual(value(samples, "nodepass_worker_processes"), 2)
+        self.assertEqual(value(samples, "nodepass_worker_restarts_total"), 1)
+        slot = str(master.instances[rid].worker.slot)
+        self.assertEqual(value(samples, "nodepass_worker_instances", worker=slot), 1)
+        for w in ("1", "2"):
+            self.assertGreater(value(samples, "nodepass_worker_resident_memory_bytes", worker=w), 10_000_000)
+            self.assertGreater(value(samples, "nodepass_worker_cpu_seconds_total", worker=w), 0)
 
     @d
     async def test_stopped_master_leaves_no_worker(self):

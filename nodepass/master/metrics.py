@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from nodepass.base.kinds import Status
 from nodepass.base.logs import escape_controls
+from nodepass.workers.pool import WorkerPool
 
 if TYPE_CHECKING:
     from werkzeug.routing import Map
@@ -100,11 +101,13 @@ class MasterCollector:
     def __init__(self, master: Master) -> None:
         self.master = master
         self._process = psutil.Process()
+        self._workers_seen: dict[int, psutil.Process] = {}
 
     def collect(self) -> Iterator[Metric]:
         yield from self._instances()
         yield from self._master()
         yield from self._process_figures()
+        yield from self._workers()
 
     def _instances(self) -> Iterator[Metric]:
         rx = CounterMetricFamily(
@@ -192,6 +195,44 @@ class MasterCollector:
         yield GaugeMetricFamily(
             "process_resident_memory_bytes", "Resident memory of the master's process, bytes.", value=rss
         )
+
+
+    def _workers(self) -> Iterator[Metric]:
+        """The worker processes (``workers=N``): how many run, how often one
+        was replaced, and each one's instances, CPU and memory -- the
+        ``process_*`` figures cover the master's own process only."""
+        host = self.master.supervisor.host
+        if not isinstance(host, WorkerPool):
+            return
+        yield GaugeMetricFamily(
+            "nodepass_worker_processes", "Worker processes running the master's instances.", value=len(host.pids())
+        )
+        yield CounterMetricFamily(
+            "nodepass_worker_restarts", "Worker processes that ended unexpectedly and were replaced.", value=host.restarts
+        )
+        instances = GaugeMetricFamily("nodepass_worker_instances", "Instances running in each worker.", labels=["worker"])
+        cpu = CounterMetricFamily("nodepass_worker_cpu_seconds", "User and system CPU time of each worker process.", labels=["worker"])
+        rss = GaugeMetricFamily("nodepass_worker_resident_memory_bytes", "Resident memory of each worker process.", labels=["worker"])
+        for worker in host.workers:
+            label = [str(worker.slot)]
+            instances.add_metric(label, len(worker.runs))
+            if not worker.alive or worker.pid is None:
+                continue
+            try:
+                proc = self._workers_seen.get(worker.pid)
+                if proc is None:
+                    proc = self._workers_seen[worker.pid] = psutil.Process(worker.pid)
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    resident = proc.memory_info().rss
+            except (psutil.Error, OSError):
+                continue
+            cpu.add_metric(label, times.user + times.system)
+            rss.add_metric(label, resident)
+        alive = {w.pid for w in host.workers if w.alive}
+        for pid in [pid for pid in self._workers_seen if pid not in alive]:
+            del self._workers_seen[pid]
+        yield from (instances, cpu, rss)
 
 
 class MasterMetrics:

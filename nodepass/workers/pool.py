@@ -262,6 +262,8 @@ class WorkerPool:
         self.tunables = tunables
         self.workers: list[WorkerProcess] = []
         self.closing = False
+        #: Workers that ended unexpectedly and were replaced (a metric).
+        self.restarts = 0
         self._young_deaths: dict[int, int] = {}
         self._respawns: dict[int, Any] = {}
 
@@ -287,6 +289,7 @@ class WorkerPool:
             run.running = False
         if self.closing or worker not in self.workers:
             return
+        self.restarts += 1
         how = _how_it_ended(reason)
         lived = self.reactor.seconds() - worker.started_at
         young = self._young_deaths[worker.slot] = self._young_deaths.get(worker.slot, 0) + 1 if lived < YOUNG else 0
