@@ -96,6 +96,30 @@ class WorkerMasterTests(unittest.TestCase):
         self.assertRegex(log_event["logs"], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}  INFO  ")
 
     @d
+    async def test_placement_weighs_traffic(self):
+        """With one instance on each worker, a new one goes where less
+        traffic flows (by count alone it would tie and take worker 1)."""
+        master = await self._master(2)
+        api = Api(master, self)
+        target = await echo_server(self)
+        ids, entries = [], []
+        for _ in range(2):
+            entry = free_port()
+            code, inst, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1"})
+            ids.append(inst["id"])
+            entries.append(entry)
+            await self._up(inst["id"], "Client")
+        busy, quiet = (master.instances[i] for i in ids)
+        self.assertNotEqual(busy.worker.slot, quiet.worker.slot)
+        payload = os.urandom(4_000_000)
+        deadline = reactor.seconds() + 15
+        while busy.rate < 1_000_000:  # two reports with traffic between them
+            self.assertLess(reactor.seconds(), deadline, "no traffic rate reported for the busy instance")
+            self.assertEqual(await send_through(entries[0], payload), payload)
+        code, third, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{free_port()}/127.0.0.1:{target}?mode=1"})
+        self.assertEqual(master.instances[third["id"]].worker.slot, quiet.worker.slot)
+
+    @d
     async def test_reset_stop_start(self):
         """``reset`` zeroes the worker's counters too; ``stop`` keeps them and
         frees the port; ``start`` runs it again on a worker."""

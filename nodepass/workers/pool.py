@@ -65,7 +65,7 @@ class RemoteRun:
         self.status_listeners: list[Callable[[str, str], None]] = []
         self.worker: Optional[WorkerProcess] = None
         self.running = False
-        #: Bytes per second at the last two reports (placement weight).
+        #: Bytes per second between reports, smoothed (placement weight).
         self.rate = 0.0
         self._last: Optional[tuple[float, int]] = None
         #: Reports sent before a reset reached the worker carry the old
@@ -80,7 +80,10 @@ class RemoteRun:
         s.tcps, s.udps = cp.tcps, cp.udps
         total = cp.tcprx + cp.tcptx + cp.udprx + cp.udptx
         if self._last is not None and now > self._last[0]:
-            self.rate = max(0.0, (total - self._last[1]) / (now - self._last[0]))
+            # Smoothed (half the weight to the newest report), so one quiet
+            # report interval does not make a busy worker look idle.
+            latest = max(0.0, (total - self._last[1]) / (now - self._last[0]))
+            self.rate = (self.rate + latest) / 2
         self._last = (now, total)
         for listener in list(self.checkpoint_listeners):
             listener(cp)
