@@ -320,15 +320,208 @@ class AioquicInternalsTests(InternalsCase):
         self.assertFalse(aioquic_internals.receive_finished(stream))
 
 
-class WsprotoInternalsTests(InternalsCase):
-    import wsproto as _wsproto
+class TwistedTLSTransportTests(InternalsCase):
+    """The TLS-layer internals the WebSocket and HTTP/2 pools' fast TLS
+    path relies on (issue 12), beyond those of ``TwistedInternalsTests``."""
+
+    library, version, module = "Twisted", twisted.__version__, "twisted_internals"
+
+    def test_start_tls_layer_finds_its_connection(self) -> None:
+        """Given the TLS layer of a ``startTLS`` connection (what a stream
+        pool protocol gets as its transport), ``below_tls`` finds the TCP
+        connection through Twisted's ``_BypassTLS`` wrapper."""
+        import socket
+
+        from twisted.internet import _newtls, reactor, tcp
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.ssl import CertificateOptions
+
+        self.need_attr(_newtls, "_BypassTLS", None, "twisted.internet._newtls")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        conn = tcp.Connection(ours, Protocol(), reactor)
+        conn._tlsClientDefault = False
+        conn.startTLS(CertificateOptions())
+        tls = twisted_internals.tls_layer(conn)
+        self.need(tls is conn.protocol, "startTLS no longer makes the TLS layer the connection's protocol")
+        self.need(isinstance(tls.transport, _newtls._BypassTLS), "the TLS layer of startTLS no longer writes through _BypassTLS")
+        self.need(getattr(tls.transport, "_connection", None) is conn, "_BypassTLS no longer keeps the connection as _connection")
+        self.assertEqual(twisted_internals.below_tls(tls, tls), (conn, ours))
+        self.assertEqual(twisted_internals.below_tls(conn, tls), (conn, ours))
+
+    def test_buffered_tls_writes_are_flushed_before_the_fast_path(self) -> None:
+        """Twisted's default TLS transport holds small writes for a reactor
+        turn; installing the fast path sends them first, and its fallback
+        write does not hold (nothing can be reordered)."""
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.ssl import optionsForClientTLS
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols import tls as tls_module
+        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+        self.need_attr(tls_module, "BufferingTLSTransport", None, "twisted.protocols.tls")
+        factory = TLSMemoryBIOFactory(optionsForClientTLS("example.com"), True, Factory.forProtocol(Protocol))
+        tls = factory.buildProtocol(None)
+        self.need(isinstance(tls, tls_module.BufferingTLSTransport), "TLSMemoryBIOFactory no longer builds BufferingTLSTransport")
+        aggregator = self.need_attr(tls, "_aggregator", None, "BufferingTLSTransport")
+        self.need_attr(aggregator, "flush", callable, "BufferingTLSTransport._aggregator")
+        self.need_attr(aggregator, "_buffer", list, "BufferingTLSTransport._aggregator")
+        wire = StringTransport()
+        tls.makeConnection(wire)
+        tls.write(b"held")  # before the handshake: held by the aggregator (then by the TLS layer)
+        self.need(aggregator._buffer == [b"held"], "BufferingTLSTransport no longer holds small writes in _aggregator")
+        written: list[bytes] = []
+        slow_write, _, _ = twisted_internals.install_tls_data_path(tls, written.append, print)
+        self.assertEqual(aggregator._buffer, [])  # flushed into the TLS layer, ahead of anything else
+        self.assertEqual(tls._appSendBuffer, [b"held"])  # (no handshake yet: the TLS layer keeps it)
+        self.assertEqual(slow_write.__func__, TLSMemoryBIOProtocol.write)
+        tls.write(b"new")
+        tls.writeSequence([b"a", b"b"])  # through the new path too, not the aggregator
+        self.assertEqual(written, [b"new", b"ab"])
+        self.assertEqual(aggregator._buffer, [])
+
+    def test_write_parts_through_a_socket(self) -> None:
+        import socket
+
+        from twisted.internet import reactor, tcp
+        from twisted.internet.protocol import Protocol
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        self.need_attr(ours, "sendmsg", callable, "socket")
+        conn = tcp.Connection(ours, Protocol(), reactor)
+        conn.connected = True
+        twisted_internals.write_parts_through(conn, (b"head", memoryview(b"-payload")))
+        self.assertEqual(twisted_internals.queued_bytes(conn), 0)
+        self.assertEqual(theirs.recv(64), b"head-payload")
+        # What the socket does not take is queued, in order, as bytes.
+        ours.setblocking(False)
+        big = b"x" * (8 << 20)
+        twisted_internals.write_parts_through(conn, (b"H", memoryview(big)))
+        queued = twisted_internals.queued_bytes(conn)
+        self.assertGreater(queued, 0)
+        twisted_internals.write_parts_through(conn, (b"T", b"ail"))  # behind the queue, not through the socket
+        self.assertEqual(twisted_internals.queued_bytes(conn), queued + 4)
+        conn.stopWriting()  # (never let the reactor flush it)
+
+
+class H2InternalsTests(InternalsCase):
+    import h2 as _h2
+    import hyperframe as _hyperframe
+
+    library = "h2/hyperframe"
+    version = f"{_h2.__version__}/{_hyperframe.__version__}"
+    module = "h2_internals"
+
+    def test_frames_pass_through_prepare_for_sending(self) -> None:
+        from h2.connection import H2Connection
+
+        from nodepass.compat import h2_internals
+
+        hook = self.need_attr(H2Connection, "_prepare_for_sending", callable, "H2Connection")
+        self.need_parameters(hook, ("self", "frames"), "H2Connection._prepare_for_sending")
+        for name in ("send_data", "end_stream", "send_headers", "increment_flow_control_window", "reset_stream", "ping"):
+            method = getattr(H2Connection, name)
+            self.need("_prepare_for_sending" in method.__code__.co_names,
+                      f"H2Connection.{name} no longer queues its frames through _prepare_for_sending")
+        self.need("_data_to_send" in H2Connection.data_to_send.__code__.co_names,
+                  "H2Connection.data_to_send no longer reads _data_to_send")
+        self.need_attr(H2Connection, "clear_outbound_data_buffer", callable, "H2Connection")
+        self.assertTrue(issubclass(h2_internals.LeanH2Connection, H2Connection))
+
+    def test_lean_connection_sends_the_same_bytes(self) -> None:
+        """Everything a pool connection does, through h2's own connection
+        and through ours: the same bytes on the wire, in the same order."""
+        import os
+
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+        from h2.errors import ErrorCodes
+
+        from nodepass.compat import h2_internals
+
+        payloads = [b"\x00", b"ping\n", os.urandom(1023), os.urandom(1024), os.urandom(16384), os.urandom(32767),
+                    os.urandom(32768), os.urandom(300_000)]
+
+        def script(conn: Any, take: Any) -> list[bytes]:
+            out: list[bytes] = []
+            conn.initiate_connection()
+            conn.increment_flow_control_window(1 << 20)
+            out.append(take(conn))
+            for sid in (1, 3):
+                conn.send_headers(sid, [(":method", "POST"), (":path", "/stream"), (":scheme", "https"),
+                                        (":authority", "example")])
+                for data in payloads:
+                    conn.send_data(sid, memoryview(data) if len(data) > 1000 else data)
+                    if len(data) == 1024:
+                        conn.ping(b"12345678")
+                        out.append(take(conn))
+                conn.send_data(sid, b"y" * 2000, end_stream=True)
+                out.append(take(conn))
+            conn.send_headers(5, [(":method", "POST"), (":path", "/stream"), (":scheme", "https"), (":authority", "e")])
+            conn.send_data(5, b"z" * 4096, pad_length=7)
+            conn.reset_stream(5, ErrorCodes.CANCEL)
+            out.append(take(conn))
+            return out
+
+        from h2.settings import SettingCodes, Settings
+
+        config = dict(client_side=True, header_encoding="utf-8")
+        plain = H2Connection(H2Configuration(**config))
+        lean = h2_internals.LeanH2Connection(H2Configuration(**config))
+        for conn in (plain, lean):
+            # As if the peer allowed big frames and windows.
+            conn.remote_settings = Settings(client=False, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: 1 << 30})
+            conn.max_outbound_frame_size = 1 << 20
+            conn.outbound_flow_control_window = 1 << 30
+        want = script(plain, lambda c: c.data_to_send())
+        pieces: list[int] = []
+
+        def take(c: Any) -> bytes:
+            parts = c.output_parts()
+            pieces.append(len(parts))
+            return b"".join(parts)
+
+        got = script(lean, take)
+        self.need(got == want, "LeanH2Connection's frames differ from H2Connection's")
+        self.assertGreater(max(pieces), 4)  # large DATA frames came as pieces of their own
+        self.assertEqual(lean.output_parts(), [])
+        # data_to_send still returns everything, joined, and amounts work.
+        lean2 = h2_internals.LeanH2Connection(H2Configuration(**config))
+        plain2 = H2Connection(H2Configuration(**config))
+        for conn in (plain2, lean2):
+            conn.max_outbound_frame_size = 1 << 20
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "POST"), (":path", "/"), (":scheme", "https"), (":authority", "e")])
+            conn.send_data(1, b"w" * 5000)
+        whole = plain2.data_to_send()
+        self.assertEqual(lean2.data_to_send(10) + lean2.data_to_send(), whole)
+        lean2.send_data(1, b"v" * 5000)
+        lean2.clear_outbound_data_buffer()
+        self.assertEqual(lean2.output_parts(), [])
+
+    def test_data_frame_repr_is_cheap(self) -> None:
+        from hyperframe.frame import DataFrame, Frame
+
+        from nodepass.compat import h2_internals
+
+        self.need_attr(Frame, "_body_repr", callable, "hyperframe Frame")
+        self.need("_body_repr" in Frame.__repr__.__code__.co_names, "hyperframe's Frame.__repr__ no longer calls _body_repr")
+        h2_internals.install()
+        frame = DataFrame(1, b"\xff" * (1 << 20))
+        text = repr(frame)
+        self.assertLess(len(text), 200)
+        self.assertIn("1048576 bytes", text)
+
+
+class WsprotoApplyMaskTests(InternalsCase):
     import websockets as _websockets
 
-    library = "wsproto/websockets"
-    version = f"{_wsproto.__version__}/{_websockets.__version__}"
-    module = "wsproto_internals"
+    library, version, module = "websockets", _websockets.__version__, "wsproto_internals"
 
-    def test_masker_class_and_c_mask(self) -> None:
+    def test_apply_mask_is_wsprotos_masking(self) -> None:
         import os
 
         from wsproto import frame_protocol
@@ -336,13 +529,128 @@ class WsprotoInternalsTests(InternalsCase):
         from nodepass.compat import wsproto_internals
 
         self.need(wsproto_internals._apply_mask is not None, "websockets.speedups.apply_mask (the C function) is missing")
-        self.need("XorMaskerSimple" in frame_protocol.FrameDecoder.process_buffer.__code__.co_names
-                  or "XorMaskerSimple" in frame_protocol.FrameDecoder.parse_header.__code__.co_names,
-                  "wsproto's FrameDecoder no longer builds its masker by the name XorMaskerSimple")
-        self.need("XorMaskerSimple" in frame_protocol.FrameProtocol._serialize_frame.__code__.co_names,
-                  "wsproto's _serialize_frame no longer builds its masker by the name XorMaskerSimple")
-        key = os.urandom(4)
-        ours, theirs = wsproto_internals.FastXorMasker(key), wsproto_internals._Simple(key)
-        for size in (0, 1, 3, 4, 5, 1000, 65536, 7):  # pieces of one message: the key rotates
-            data = bytearray(os.urandom(size))
-            self.need(ours.process(data) == theirs.process(data), f"masking differs from wsproto's for {size} bytes")
+        for size in (0, 1, 3, 4, 5, 1000, 65536, 7):
+            key, data = os.urandom(4), os.urandom(size)
+            want = bytes(frame_protocol.XorMaskerSimple(bytearray(key)).process(bytearray(data)))
+            self.need(wsproto_internals.apply_mask(data, key) == want, f"apply_mask differs from wsproto's for {size} bytes")
+            self.need(wsproto_internals.apply_mask(memoryview(data), key) == want, "apply_mask no longer takes views")
+
+
+class H2FrameBufferTests(InternalsCase):
+    import h2 as _h2
+    import hyperframe as _hyperframe
+
+    library = "h2/hyperframe"
+    version = f"{_h2.__version__}/{_hyperframe.__version__}"
+    module = "h2_internals"
+
+    def test_frame_buffer_internals(self) -> None:
+        from h2.connection import H2Connection
+        from h2.frame_buffer import FrameBuffer
+
+        buf = FrameBuffer(server=True)
+        for name in ("_data", "_preamble", "_preamble_len", "max_frame_size"):
+            self.need_attr(buf, name, None, "FrameBuffer")
+        self.need(isinstance(buf._data, bytearray), "FrameBuffer._data is no longer a bytearray")
+        for name in ("_validate_frame_length", "_update_header_buffer"):
+            self.need_attr(FrameBuffer, name, callable, "FrameBuffer")
+        self.need_parameters(FrameBuffer._update_header_buffer, ("self", "f"), "FrameBuffer._update_header_buffer")
+        self.need("incoming_buffer" in H2Connection.receive_data.__code__.co_names,
+                  "H2Connection.receive_data no longer reads frames from self.incoming_buffer")
+        self.need("FrameBuffer" in H2Connection.__init__.__code__.co_names,
+                  "H2Connection.__init__ no longer makes its incoming_buffer a FrameBuffer")
+
+    def _server_stream(self) -> tuple[bytes, bytes, bytes]:
+        """(client preface + request, server answer with many frames, a big
+        DATA frame) from plain h2 connections."""
+        import os
+
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+        from h2.settings import SettingCodes, Settings
+
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        client.send_headers(1, [(b":method", b"POST"), (b":path", b"/stream"), (b":scheme", b"https"),
+                                (b":authority", b"example")])
+        client.send_data(1, b"\x00")
+        request = client.data_to_send()
+        server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        server.local_settings = Settings(client=False, initial_values={SettingCodes.MAX_FRAME_SIZE: 1 << 20})
+        server.initiate_connection()
+        server.receive_data(request)
+        server.send_headers(1, [(b":status", b"200"), (b"x-long", b"v" * 300)])
+        for size, pad in ((4, None), (0, None), (700, 9), (1, 0), (300, None)):
+            server.send_data(1, os.urandom(size), pad_length=pad)
+        server.ping(b"pingpong")
+        server.increment_flow_control_window(1000)
+        server.increment_flow_control_window(500, 1)
+        answer = server.data_to_send()
+        server.remote_settings = Settings(client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        server.outbound_flow_control_window = 1 << 20
+        server.max_outbound_frame_size = 1 << 16
+        server.send_data(1, os.urandom(60_000), end_stream=True)
+        return request, answer, server.data_to_send()
+
+    def _client_pair(self) -> tuple[Any, Any]:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        from nodepass.compat import h2_internals
+
+        pair = []
+        for cls in (H2Connection, h2_internals.LeanH2Connection):
+            conn = cls(H2Configuration(client_side=True, header_encoding=None))
+            conn.max_inbound_frame_size = 1 << 16
+            conn.initiate_connection()
+            conn.send_headers(1, [(b":method", b"POST"), (b":path", b"/stream"), (b":scheme", b"https"),
+                                  (b":authority", b"example")])
+            conn.data_to_send()
+            pair.append(conn)
+        return pair[0], pair[1]
+
+    def test_lean_reader_splits_anywhere_like_h2(self) -> None:
+        """The same bytes, cut anywhere (and given as views of a buffer that
+        is overwritten afterwards): the same events as h2's own reader."""
+        _, answer, big = self._server_stream()
+        wire = answer + big
+        cuts = list(range(0, len(answer) + 12)) + [len(answer) + 5000, len(wire) - 1, len(wire)]
+        for cut in cuts:
+            plain, lean = self._client_pair()
+            want, got = [], []
+            for piece in (wire[:cut], wire[cut:]):
+                want += plain.receive_data(piece)
+                scratch = bytearray(piece)
+                got += lean.receive_data(memoryview(scratch))
+                scratch[:] = b"\xee" * len(scratch)  # (the fast path reuses its buffer)
+            self.need([repr(e) for e in got] == [repr(e) for e in want], f"LeanFrameBuffer's events differ (cut {cut})")
+            self.assertEqual(lean.data_to_send(), plain.data_to_send())
+        # One byte at a time.
+        plain, lean = self._client_pair()
+        want, got = [], []
+        for i in range(len(answer)):
+            want += plain.receive_data(answer[i : i + 1])
+            got += lean.receive_data(answer[i : i + 1])
+        self.assertEqual([repr(e) for e in got], [repr(e) for e in want])
+
+    def test_lean_server_reads_the_preface_and_refuses_like_h2(self) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+        from h2.exceptions import FrameTooLargeError, ProtocolError
+
+        from nodepass.compat import h2_internals
+
+        request, _, _ = self._server_stream()
+        for cut in range(len(request) + 1):
+            plain = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            lean = h2_internals.LeanH2Connection(H2Configuration(client_side=False, header_encoding=None))
+            want = plain.receive_data(request[:cut]) + plain.receive_data(request[cut:])
+            got = lean.receive_data(request[:cut]) + lean.receive_data(request[cut:])
+            self.assertEqual([repr(e) for e in got], [repr(e) for e in want], cut)
+        # A frame over the limit: the same error, and the bytes are let go.
+        lean = h2_internals.LeanH2Connection(H2Configuration(client_side=False, header_encoding=None))
+        lean.receive_data(request)
+        oversize = (20000).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + b"z" * 20000
+        with self.assertRaises((FrameTooLargeError, ProtocolError)):
+            lean.receive_data(memoryview(bytearray(oversize)))
+        self.assertIsNone(lean.incoming_buffer._np_view)

@@ -755,6 +755,269 @@ class ClientBytesTests(unittest.TestCase):
         self.assertTrue(self.results[0].check(WebSocketHandshakeError))
 
 
+# -- the frame reader ----------------------------------------------------------------
+
+
+def any_frame(opcode: int, payload: bytes, key: Optional[bytes] = None, fin: bool = True, first: int = 0) -> bytes:
+    """A frame of any length (the shortest length form), masked with
+    ``key`` when given; ``first`` ORs bits (RSV) into the first byte."""
+    size = len(payload)
+    bit = 0x80 if key is not None else 0
+    head = bytes([(0x80 if fin else 0) | first | opcode])
+    if size <= 125:
+        head += bytes([bit | size])
+    elif size <= 0xFFFF:
+        head += bytes([bit | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", size)
+    if key is None:
+        return head + payload
+    return head + key + unmask(key, payload)
+
+
+class FrameReaderTests(unittest.TestCase):
+    """The pool's own data-frame reader (``WebSocketStreamTransport.feed``):
+    frames split across reads at every byte, both directions (masked to the
+    server, plain to the client), control frames between data frames,
+    refused headers, closes in the middle of a frame, and a reader that
+    pauses in the middle of one.  Every delivered piece belongs to one
+    frame, and the bytes are exactly the payloads."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def stream(self, client: bool) -> tuple[WebSocketStreamTransport, Recorder, StringTransport]:
+        wire = StringTransport()
+        stream = WebSocketStreamTransport(wire, client=client, clock=self.clock)
+        rec = Recorder()
+        stream.attach(rec)
+        return stream, rec, wire
+
+    def mixed(self, client: bool) -> tuple[bytes, list[bytes], bytes]:
+        """Frames as the peer of a ``client``-side stream sends them: data
+        of every length form, an empty frame, a ping, and a message in
+        three fragments with a pong between; returns the bytes, the
+        payloads, and the pong our side answers the ping with."""
+        key = None if client else b"\x9a\x0b\xc3\x7d"
+        payloads = [b"a", bytes(range(126)) * 2, b"", b"x" * 125, os.urandom(300)]
+        data = b"".join(any_frame(2, p, key) for p in payloads)
+        data += any_frame(9, b"beat", key)
+        data += any_frame(2, b"frag1", key, fin=False) + any_frame(10, b"", key)
+        data += any_frame(0, b"frag-two", key, fin=False) + any_frame(0, b"3", key)
+        payloads += [b"frag1", b"frag-two", b"3"]
+        return data, [p for p in payloads if p], b"beat"
+
+    def check_delivery(self, rec: Recorder, payloads: list[bytes]) -> None:
+        """Pieces never span two frames: they regroup into the payloads."""
+        got: list[bytes] = []
+        want = list(payloads)
+        piece = b""
+        for chunk in rec.chunks:
+            piece += chunk
+            self.assertTrue(want[0].startswith(piece), (piece, want[0]))
+            if piece == want[0]:
+                got.append(piece)
+                want.pop(0)
+                piece = b""
+        self.assertEqual(got, payloads)
+
+    def pong_of(self, wire: StringTransport, client: bool) -> bytes:
+        out = wire.value()
+        if client:
+            self.assertEqual(out[:2], b"\x8a\x84")
+            return unmask(out[2:6], out[6:10])
+        self.assertEqual(out[:2], b"\x8a\x04")
+        return out[2:6]
+
+    def every_split(self, client: bool) -> None:
+        data, payloads, ping = self.mixed(client)
+        for cut in range(len(data) + 1):
+            stream, rec, wire = self.stream(client)
+            stream.feed(data[:cut])
+            stream.feed(memoryview(data)[cut:])  # (a view, as the fast paths hand over)
+            self.check_delivery(rec, payloads)
+            self.assertEqual(self.pong_of(wire, client), ping, cut)
+            self.assertIsNone(rec.reason)
+
+    def test_server_reads_masked_frames_split_anywhere(self) -> None:
+        self.every_split(client=False)
+
+    def test_client_reads_plain_frames_split_anywhere(self) -> None:
+        self.every_split(client=True)
+
+    def test_one_byte_at_a_time_and_in_three_pieces(self) -> None:
+        for client in (False, True):
+            data, payloads, ping = self.mixed(client)
+            stream, rec, wire = self.stream(client)
+            for i in range(len(data)):
+                stream.feed(data[i : i + 1])
+            self.check_delivery(rec, payloads)
+            self.assertEqual(self.pong_of(wire, client), ping)
+            for a in range(0, len(data), 37):
+                for b in range(a, len(data), 53):
+                    stream, rec, wire = self.stream(client)
+                    for piece in (data[:a], data[a:b], data[b:]):
+                        stream.feed(piece)
+                    self.check_delivery(rec, payloads)
+
+    def test_large_frames_split_around_their_headers(self) -> None:
+        """64-bit lengths; every cut in and near the headers, and the mask
+        key's rotation across cuts that are not a multiple of 4."""
+        key = b"\x01\x80\xfe\x33"
+        big, bigger = os.urandom(70000), os.urandom(65536)
+        data = any_frame(2, big, key) + any_frame(2, bigger, key)
+        second = len(any_frame(2, big, key))
+        cuts = list(range(0, 20)) + list(range(second - 10, second + 20)) + [4099, 33333, 65537]
+        for cut in cuts:
+            stream, rec, wire = self.stream(client=False)
+            stream.feed(data[:cut])
+            stream.feed(data[cut:])
+            self.check_delivery(rec, [big, bigger])
+
+    def test_refused_headers_are_protocol_errors(self) -> None:
+        """RSV bits, reserved opcodes, a fragmented or oversized control
+        frame, lengths not in their shortest form, a 64-bit length with its
+        top bit set, the wrong masking: Close 1002, nothing delivered, and
+        nothing read after it."""
+        key = b"\x11\x22\x33\x44"
+        bad = [
+            any_frame(2, b"rsv", key, first=0x40),
+            any_frame(3, b"op3", key),
+            any_frame(0xB, b"opB", key),
+            any_frame(9, b"ping", key, fin=False),
+            b"\x89\xfe\x00\x7e" + key + b"p" * 126,  # a ping of 126 bytes
+            b"\x82\xfe\x00\x05" + key + b"short",  # 16 bits for 5 bytes
+            b"\x82\xff" + struct.pack("!Q", 1000) + key,  # 64 bits for 1000 bytes
+            b"\x82\xff" + struct.pack("!Q", 1 << 63) + key,  # top bit set
+            b"\x82\xff" + struct.pack("!Q", (1 << 64) - 1) + key,
+            any_frame(2, b"unmasked"),
+        ]
+        for frame in bad:
+            for pieces in ([frame], [frame[:1], frame[1:]], [frame[:3], frame[3:]]):
+                stream, rec, wire = self.stream(client=False)
+                for piece in pieces:
+                    stream.feed(piece + b"" if piece is not pieces[-1] else piece + any_frame(2, b"after", key))
+                self.assertEqual(wire.value(), bytes.fromhex("880203ea"), frame)
+                self.assertEqual(rec.chunks, [], frame)
+                stream.feed(any_frame(2, b"later", key) + any_frame(8, b"\x03\xe8", key))
+                self.assertEqual(rec.chunks, [], frame)
+                self.clock.advance(2 * CLOSE_TIMEOUT)  # no Close answer is read: the timers close it
+                self.assertTrue(wire.disconnecting)
+                stream.underlying_lost(Failure(error.ConnectionLost()))
+                assert rec.reason is not None
+                self.assertTrue(rec.reason.check(error.ConnectionLost), frame)
+                self.assertIn("protocol error", rec.reason.getErrorMessage())
+
+    def test_continuations_out_of_order_are_protocol_errors(self) -> None:
+        key = b"\x11\x22\x33\x44"
+        for data, words in (
+            (any_frame(0, b"orphan", key), "unexpected CONTINUATION"),
+            (any_frame(2, b"one", key, fin=False) + any_frame(2, b"two", key), "expected CONTINUATION"),
+            (any_frame(2, b"one", key, fin=False) + any_frame(1, b"two", key), "expected CONTINUATION"),
+        ):
+            stream, rec, wire = self.stream(client=False)
+            stream.feed(data)
+            self.assertEqual(wire.value(), bytes.fromhex("880203ea"))
+            self.assertEqual(b"".join(rec.chunks), b"" if words.startswith("unexpected") else b"one")
+            self.clock.advance(2 * CLOSE_TIMEOUT)
+            stream.underlying_lost(Failure(error.ConnectionLost()))
+            assert rec.reason is not None
+            self.assertIn(words, rec.reason.getErrorMessage())
+
+    def test_text_message_in_fragments_is_refused_and_skipped(self) -> None:
+        """A text message (1003) is skipped, fragments too; the peer's Close
+        after it is still read and ends the connection."""
+        key = b"\x05\x06\x07\x08"
+        stream, rec, wire = self.stream(client=False)
+        data = any_frame(1, b"t" * 200, key, fin=False) + any_frame(0, b"u", key) + any_frame(2, b"bin", key)
+        stream.feed(data + any_frame(8, b"\x03\xeb", key))
+        self.assertEqual(wire.value(), bytes.fromhex("880203eb"))
+        self.assertEqual(rec.chunks, [])
+        self.assertTrue(wire.disconnecting)  # the close handshake is done
+
+    def test_control_frames_split_and_between_data(self) -> None:
+        """A ping split inside its header and its payload, between two
+        pieces of one data frame's read; a close with a reason."""
+        key = b"\xaa\xbb\xcc\xdd"
+        stream, rec, wire = self.stream(client=False)
+        ping = any_frame(9, b"0123456789", key)
+        stream.feed(any_frame(2, b"before", key) + ping[:1])
+        stream.feed(ping[1:7])
+        self.assertEqual(wire.value(), b"")
+        stream.feed(ping[7:] + any_frame(2, b"after", key))
+        self.assertEqual(wire.value(), b"\x8a\x0a0123456789")
+        self.assertEqual(rec.chunks, [b"before", b"after"])
+        wire.clear()
+        close = any_frame(8, b"\x03\xe8bye", key)
+        stream.feed(close[:5])
+        stream.feed(close[5:])
+        self.assertEqual(wire.value(), b"\x88\x05\x03\xe8bye")  # echoed, as wsproto answers
+        self.assertEqual(stream.peer_close_code, 1000)
+        self.assertTrue(wire.disconnecting)
+
+    def test_connection_lost_in_the_middle_of_a_frame(self) -> None:
+        for client in (False, True):
+            key = None if client else b"\x01\x02\x03\x04"
+            stream, rec, wire = self.stream(client)
+            frame = any_frame(2, b"z" * 1000, key)
+            stream.feed(frame[:600])
+            stream.underlying_lost(Failure(error.ConnectionLost("gone")))
+            self.assertEqual(b"".join(rec.chunks), b"z" * (600 - len(frame) + 1000))
+            assert rec.reason is not None
+            self.assertTrue(rec.reason.check(error.ConnectionLost))
+            stream.feed(frame[600:])  # late bytes: nothing happens
+            self.assertEqual(len(b"".join(rec.chunks)), 600 - len(frame) + 1000)
+
+    def test_our_close_in_the_middle_of_a_peer_frame(self) -> None:
+        """We close while a peer frame is half read: the rest of it and what
+        follows are discarded, the peer's Close completes the handshake."""
+        key = b"\x01\x02\x03\x04"
+        stream, rec, wire = self.stream(client=False)
+        frame = any_frame(2, b"q" * 500, key)
+        stream.feed(frame[:100])
+        stream.loseConnection()
+        self.assertEqual(wire.value(), bytes.fromhex("880203e8"))
+        stream.feed(frame[100:] + any_frame(2, b"more", key) + any_frame(8, b"\x03\xe8", key))
+        self.assertEqual(b"".join(rec.chunks), b"q" * (100 - 8))
+        self.assertTrue(wire.disconnecting)
+        stream.underlying_lost(Failure(error.ConnectionDone()))
+        assert rec.reason is not None
+        self.assertTrue(rec.reason.check(error.ConnectionDone))
+
+    def test_pause_in_the_middle_of_a_frame(self) -> None:
+        """A reader that pauses inside a read: the socket is paused, the rest
+        of the read waits (the mask key rotated right), and arrives on
+        resume; bytes fed meanwhile come after it."""
+        key = b"\x10\x20\x30\x40"
+        payload = os.urandom(1001)
+        frame = any_frame(2, payload, key) + any_frame(2, b"next", key)
+        stream, rec, wire = self.stream(client=False)
+        orig = rec.dataReceived
+
+        def pause_once(data: bytes) -> None:
+            orig(data)
+            if len(rec.chunks) == 1:
+                stream.pauseProducing()
+
+        rec.dataReceived = pause_once  # type: ignore[method-assign]
+        stream.feed(frame[:503])
+        self.assertEqual(rec.chunks, [payload[: 503 - 8]])
+        self.assertEqual(wire.producerState, "paused")
+        stream.feed(frame[503:700])  # (one read already under way)
+        stream.feed(frame[700:])
+        self.assertEqual(len(rec.chunks), 1)
+        stream.resumeProducing()
+        self.assertEqual(wire.producerState, "producing")
+        self.check_delivery(rec, [payload, b"next"])
+
+    def test_empty_frames_and_control_frames_only(self) -> None:
+        stream, rec, wire = self.stream(client=True)
+        stream.feed(any_frame(2, b"") * 3 + any_frame(10, b"pong") + any_frame(9, b""))
+        self.assertEqual(rec.chunks, [])
+        self.assertEqual(wire.value()[:2], b"\x8a\x80")  # an empty masked pong
+        self.assertIsNone(rec.reason)
+
+
 # -- end to end ------------------------------------------------------------------------
 
 
@@ -931,6 +1194,34 @@ class EndToEnd(unittest.TestCase):
             data = await proto.wait_bytes(4 + len(b"ping %d" % i))
             self.assertEqual(data[4:], b"ping %d" % i)
         self.assertEqual(len(server.streams), 50)
+
+    async def test_frames_take_the_fast_paths(self) -> None:
+        """Both ends read and write frames on the socket itself (``ws://``)
+        or through the fast TLS data path (``wss://``), and a message and
+        a 3 MiB transfer go through it intact."""
+        server = self.serve(HashingClient)
+        stream, proto = await self.open(server, HashingClient())
+        far = await self.server_side(server)
+        want = "tls" if self.tls else "plain"
+        self.assertEqual((stream.fast_path, server.streams[0].fast_path), (want, want))
+        # The kernel's receive buffer is fixed (no autotuning to tens of MiB
+        # behind a stalled stream): Linux reports twice what was set.
+        import socket
+
+        from nodepass.compat.twisted_internals import below_tls, tls_layer
+        from nodepass.pools.ws import SOCKET_RECEIVE_BUFFER
+
+        for s in (stream, server.streams[0]):
+            layer = tls_layer(s.underlying)
+            conn = below_tls(s.underlying, layer)[0] if layer is not None else s.underlying
+            size = conn.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            self.assertIn(size, (SOCKET_RECEIVE_BUFFER, 2 * SOCKET_RECEIVE_BUFFER))
+        payload = os.urandom(3 * MiB)
+        for i in range(0, len(payload), 256 * 1024):
+            stream.write(memoryview(payload)[i : i + 256 * 1024])
+        self.assertEqual(await far.wait_bytes(len(payload), timeout=60), hashlib.sha256(payload).hexdigest())
+        server.streams[0].write(b"back")
+        self.assertEqual(await proto.wait_bytes(4), hashlib.sha256(b"back").hexdigest())
 
     async def test_large_transfer_both_ways(self) -> None:
         """6 MiB each way at once, in relay-sized writes, checked by SHA-256."""
@@ -1182,6 +1473,27 @@ class EndToEndTLS(EndToEnd):
         await self.server_side(server)
         self.assertEqual(host_certificate_fingerprint(server.streams[0]), self.creds.fingerprint)
         self.assertIsNotNone(server.streams[0].getHandle().get_certificate())
+
+    async def test_later_connections_resume_the_tls_session(self) -> None:
+        """The first pool connection's TLS session is resumed by the next
+        ones (no certificate exchange: cheaper dials, as in the TCP pool),
+        and they still show the server's certificate."""
+        from nodepass.compat.openssl_internals import session_reused
+
+        assert self.creds is not None
+        server = self.serve(Client)
+        pool = self.pool(server)
+        first = await pool.open_stream(Client())
+        self.client_streams.append(first)
+        self.assertFalse(session_reused(first.getHandle()))
+        for _ in range(3):
+            stream = await pool.open_stream(Client())
+            self.client_streams.append(stream)
+            self.assertTrue(session_reused(stream.getHandle()))
+            self.assertEqual(peer_certificate_fingerprint(stream), self.creds.fingerprint)
+            self.assertEqual(stream.fast_path, "tls")
+        assert pool.tls is not None
+        self.assertIsNotNone(pool.tls.session)
 
     async def test_tls2_verifies_the_tunnel_host(self) -> None:
         """tls=2 verifies against the tunnel host (trusting the test CA)."""

@@ -5,6 +5,7 @@ says what each shortcut buys); those reaches live here and nowhere else, one
 module per library -- :mod:`~nodepass.compat.twisted_internals`,
 :mod:`~nodepass.compat.openssl_internals`,
 :mod:`~nodepass.compat.aioquic_internals`,
-:mod:`~nodepass.compat.wsproto_internals` -- so that an upgrade that moves
+:mod:`~nodepass.compat.wsproto_internals`,
+:mod:`~nodepass.compat.h2_internals` -- so that an upgrade that moves
 them breaks in one place, and ``tests/test_compat.py`` names the library
 and version that did it.  The package imports only third-party libraries."""

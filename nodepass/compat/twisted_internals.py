@@ -9,14 +9,18 @@ name here against the installed Twisted:
   it went out): when all are empty, the relay may ``send`` on the socket
   itself instead of waiting a reactor turn for Twisted's ``doWrite``;
 * the ``socket`` of a TCP connection (present until it is closed) or of a
-  UDP port;
+  UDP port (``send``, ``sendmsg`` and ``recv_into`` on it);
 * replacing a connection's ``doRead``/``doWrite``: the reactor calls the
   instance attribute; a replacement returns None, :data:`CONNECTION_DONE`
   or :data:`CONNECTION_LOST`, as Twisted's own do;
 * ``FileDescriptor.write`` called on a TCP connection that runs TLS
   (``startTLS``): it queues raw bytes under the TLS layer, where the
   connection's own ``write`` would encrypt them again;
-* ``tcp.Connection.TLS`` and ``.protocol`` after ``startTLS``;
+* ``tcp.Connection.TLS`` and ``.protocol`` after ``startTLS``, and the
+  connection behind the TLS layer's transport then (``_newtls._BypassTLS``
+  and its ``_connection``);
+* ``BufferingTLSTransport._aggregator`` (its ``flush``), which holds small
+  writes for a reactor turn;
 * ``TLSMemoryBIOProtocol``'s state: ``_tlsConnection``, ``_handshakeDone``,
   ``_lostTLSConnection``, ``_appSendBuffer``, ``_aborted``, and its methods
   ``_flushReceiveBIO`` and ``_tlsShutdownFinished``, and its ``write`` and
@@ -38,9 +42,10 @@ from __future__ import annotations
 import sys
 from operator import attrgetter
 from types import FrameType, MethodType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet import main, tcp
+from twisted.internet._newtls import _BypassTLS
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
@@ -90,6 +95,30 @@ def write_through(transport: Any, data: Any) -> None:
             return
         data = data[sent:]
     transport.write(bytes(data))
+
+
+def write_parts_through(transport: Any, parts: Sequence[Any]) -> None:
+    """:func:`write_through` for several pieces (bytes or views that must
+    not outlive the call) that go out together, as one ``sendmsg`` when
+    Twisted holds nothing queued ahead of them."""
+    temp, offset, buffer = write_buffers(transport)
+    if not temp and offset == len(buffer) and transport.connected and not transport.disconnecting:
+        try:
+            sent = transport.socket.sendmsg(parts)
+        except OSError:
+            sent = 0  # EAGAIN, or an error Twisted's write path will report
+        if sent:
+            rest = []
+            for part in parts:
+                size = len(part)
+                if sent >= size:
+                    sent -= size
+                    continue
+                rest.append(part[sent:] if sent else part)
+                sent = 0
+            parts = rest
+    for part in parts:
+        transport.write(bytes(part))
 
 
 def write_under_tls(transport: Any) -> Callable[[bytes], None]:
@@ -163,7 +192,15 @@ def below_tls(transport: Any, tls: TLSMemoryBIOProtocol) -> tuple[Any, Any]:
     """``(connection, socket)``: the TCP connection under the TLS layer of
     ``transport`` (server side: the connection ``startTLS`` ran on; client
     side: the one ``connectSSL`` wrapped) and its socket (None if closed)."""
-    conn = transport if getattr(transport, "TLS", False) else tls.transport
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        # (A protocol wrapper: it would forward ``TLS`` to its protocol.)
+        conn = transport.transport
+    else:
+        conn = transport if getattr(transport, "TLS", False) else tls.transport
+    if isinstance(conn, _BypassTLS):
+        # The TLS layer of a startTLS connection, given as the transport:
+        # the wrapper it writes through forwards to the connection.
+        conn = conn._connection
     return conn, getattr(conn, "socket", None)
 
 
@@ -181,9 +218,17 @@ def install_tls_data_path(
     ``write`` and ``data_received``.  Returns what they fall back on:
     Twisted's own ``write`` and ``dataReceived``, and its "read what
     OpenSSL holds" step (which also handles close_notify and errors)."""
-    original = (tls.write, tls.dataReceived, tls._flushReceiveBIO)
+    # Twisted's default TLS transport (``BufferingTLSTransport``) holds small
+    # writes in an aggregator until the next reactor turn: what it holds
+    # goes out now, ahead of anything the new path writes, and the fallback
+    # is the unbuffered write under it, so that nothing is reordered.
+    aggregator = getattr(tls, "_aggregator", None)
+    if aggregator is not None:
+        aggregator.flush()
+    original = (MethodType(TLSMemoryBIOProtocol.write, tls), tls.dataReceived, tls._flushReceiveBIO)
     # Instance attributes shadow the methods for this connection only.
     setattr(tls, "write", write)
+    setattr(tls, "writeSequence", lambda seq: write(b"".join(seq)))
     setattr(tls, "dataReceived", data_received)
     return original
 

@@ -1,4 +1,4 @@
-"""wsproto's frame masking, done by websockets' C ``apply_mask``.
+"""WebSocket masking in C: websockets' ``apply_mask``.
 
 RFC 6455 makes a client mask every byte it sends with a fresh 4-byte key,
 and the server unmask them.  wsproto does this in Python (four strided
@@ -6,12 +6,12 @@ and the server unmask them.  wsproto does this in Python (four strided
 two thirds of the WebSocket pool's CPU and held its throughput near a
 quarter of the TCP pool's (docs/benchmarks.md, run Q).  The ``websockets``
 package ships the same operation in C (``websockets.speedups.apply_mask``,
-under 2 µs per 64 KiB).  :func:`install` replaces wsproto's masker class
-(``wsproto.frame_protocol.XorMaskerSimple``, looked up by name where frames
-are built and parsed) with a subclass that keeps its interface -- the key
-rotates between calls as a message arrives in pieces -- and uses the C
-function.  Both are library internals: ``tests/test_compat.py`` checks them
-against the installed versions and the result against wsproto's own.
+under 2 µs per 64 KiB).  The WebSocket pool writes and reads its data
+frames itself and calls :func:`apply_mask` on each; wsproto only sees
+control frames (125 bytes at most) and masks them its own way.
+``websockets.speedups`` is a private module of that package:
+``tests/test_compat.py`` checks it against the installed version and its
+result against wsproto's own masking.
 """
 
 from __future__ import annotations
@@ -29,25 +29,12 @@ except ImportError:  # pragma: no cover - websockets is a dependency
 _Simple = frame_protocol.XorMaskerSimple
 
 
-class FastXorMasker(_Simple):
-    """wsproto's masker with the XOR in C; same key rotation."""
+def apply_mask(data: Any, key: bytes) -> bytes:
+    """``data`` (bytes or a view) XORed with the 4-byte ``key`` repeated,
+    as new bytes: what masks a frame's payload and unmasks it again.  The
+    WebSocket pool's own data-frame path (``nodepass.pools.ws``) calls it
+    directly; wsproto's Python masker is the fallback."""
+    if _apply_mask is not None:
+        return _apply_mask(data, key)
+    return bytes(_Simple(bytearray(key)).process(bytearray(data)))  # pragma: no cover - websockets is a dependency
 
-    def process(self, data: Any) -> bytearray:
-        if not data:
-            return bytearray(data)
-        key = bytes(self._masking_key)
-        assert _apply_mask is not None  # installed only with it
-        out = bytearray(_apply_mask(data, key))
-        turn = len(data) % 4
-        if turn:
-            self._masking_key = key[turn:] + key[:turn]
-        return out
-
-
-def install() -> bool:
-    """Use :class:`FastXorMasker` for every WebSocket from now on; False
-    when the C function is not there (wsproto's own stays)."""
-    if _apply_mask is None:
-        return False
-    frame_protocol.XorMaskerSimple = FastXorMasker  # type: ignore[misc]
-    return True

@@ -19,6 +19,15 @@ is presented as an ordinary Twisted transport (:class:`H2StreamTransport`),
 as :mod:`nodepass.pools.quic` does for QUIC streams, so relays, pools and UDP
 bridges use it unchanged.
 
+The bulk path: the TLS connection runs the fast TLS data path
+(``nodepass.relay.tls_fast``: gathered records in, whole writes into
+OpenSSL) instead of Twisted's 16 KiB-at-a-time layer; DATA frames are up to
+:data:`MAX_DATA_FRAME` and leave as header and payload without being
+copied into h2's output buffer, received frames are parsed where the TLS
+path decrypted them (each body copied once), and h2 no longer formats every
+received frame for its trace log (``nodepass.compat.h2_internals``); the
+output of one write is flushed once.
+
 Flow control (what keeps memory bounded):
 
 * reading is a push producer: a stream's receive window is widened only for
@@ -57,6 +66,7 @@ Closing (SPEC-1.14 §4.5, the v1.14.0 close defect):
 from __future__ import annotations
 
 import email.utils
+import os
 from collections import deque
 from typing import Any, Callable, Optional, Union
 
@@ -83,6 +93,10 @@ from zope.interface import implementer
 
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import Call, ClockLike, IdleTimer
+from nodepass.compat import h2_internals
+from nodepass.compat.h2_internals import LeanH2Connection
+from nodepass.compat.twisted_internals import below_tls, tls_layer
+from nodepass.relay import tls_fast
 from nodepass.net.dialer import OneProtocolFactory
 from nodepass.relay.core import no_delay
 from nodepass.net.tls import (
@@ -93,6 +107,9 @@ from nodepass.net.tls import (
     is_verification_failure,
     peer_certificate_chain,
 )
+
+# Received DATA frames are not formatted for h2's trace log (see the module).
+h2_internals.install()
 
 #: The ALPN protocol both ends must agree on.
 ALPN = b"h2"
@@ -119,9 +136,10 @@ DEFAULT_WINDOW = 65535
 SEND_HIGH_WATER = 512 * 1024
 #: ... and below which it is resumed.
 SEND_LOW_WATER = 128 * 1024
-#: Largest DATA frame we send, whatever the peer allows: bigger frames save
-#: little (TLS records are 16 KiB) and make the peer buffer whole frames.
-MAX_DATA_FRAME = 64 * 1024
+#: Largest DATA frame we send, whatever the peer allows: h2's cost is per
+#: frame (a Go client allows 16 KiB, a Go server 1 MiB), and a receiver
+#: holds a frame whole before h2 parses it.
+MAX_DATA_FRAME = 256 * 1024
 
 #: A new server connection must have sent its preface (and SETTINGS) by
 #: then (Go's http2 server uses the same 10 s).
@@ -178,7 +196,15 @@ def _authority(name: str) -> bytes:
 
 
 def _http_date(seconds: float) -> bytes:
-    return email.utils.formatdate(seconds, usegmt=True).encode("ascii")
+    """The ``date`` header, made once per second."""
+    whole = int(seconds)
+    cached = _date_cache
+    if cached[0] != whole:
+        cached[:] = [whole, email.utils.formatdate(whole, usegmt=True).encode("ascii")]
+    return bytes(cached[1])
+
+
+_date_cache: list[Any] = [None, b""]
 
 
 # ---------------------------------------------------------------------------
@@ -506,7 +532,12 @@ class _H2Connection(Protocol):
         self.clock = clock
         self.log = log
         self.report_interval = report_interval
-        self.conn: Optional[H2Connection] = None
+        self.conn: Optional[LeanH2Connection] = None
+        #: Writes a list of pieces to the TLS transport (the fast TLS data
+        #: path's, once it is installed).
+        self._write_parts: Callable[[list[Any]], None] = self._write_joined
+        #: Whether the fast TLS data path carries this connection's bytes.
+        self.fast_tls = False
         self.streams: dict[int, H2StreamTransport] = {}
         #: Streams with queued bytes, oldest first.
         self._blocked: dict[int, H2StreamTransport] = {}
@@ -542,7 +573,7 @@ class _H2Connection(Protocol):
         what = proto.decode("ascii", "replace") if proto else "none"
         self._close(H2PoolError(f"HTTP/2 pool connection without ALPN h2 (negotiated: {what})"), goaway=False)
 
-    def _make_h2(self) -> H2Connection:
+    def _make_h2(self) -> LeanH2Connection:
         """The h2 state machine of this side, with its settings: made by
         the client and server subclasses, which is all they differ in here."""
         raise NotImplementedError
@@ -552,6 +583,17 @@ class _H2Connection(Protocol):
         self.conn = self._make_h2()
         transport = self.transport
         assert transport is not None
+        if not os.environ.get("NP_NO_FAST_TLS"):
+            # Whole chunks through OpenSSL, gathered records in (as a TLS
+            # pool connection's relay does): Twisted's TLS layer would hand
+            # h2 one 16 KiB record at a time.
+            tls = tls_layer(transport)
+            if tls is not None:
+                below_tls(transport, tls)[0].bufferSize = tls_fast.TLS_RELAY_BUFFER_SIZE
+                write_parts = tls_fast.install(transport, self.dataReceived)
+                if write_parts is not None:
+                    self._write_parts = write_parts
+                    self.fast_tls = True
         try:
             transport.registerProducer(self, True)
         except RuntimeError:  # another producer: no write backpressure
@@ -596,17 +638,20 @@ class _H2Connection(Protocol):
         conn, transport = self.conn, self.transport
         if conn is None or transport is None or self.transport_gone:
             return
-        data = conn.data_to_send()
-        if not data:
+        parts = conn.output_parts()
+        if not parts:
             return
         if self._write_paused:
-            self._paused_output += len(data)
+            self._paused_output += sum(map(len, parts))
             if self._paused_output > MAX_PAUSED_OUTPUT and not self.closed:
                 self.log.debug("HTTP/2 pool: the peer sends but does not read, dropping the connection")
-                transport.write(data)
+                self._write_parts(parts)
                 self._close(H2PoolError("HTTP/2 peer does not read"), goaway=False, abort=True)
                 return
-        transport.write(data)
+        self._write_parts(parts)
+
+    def _write_joined(self, parts: list[Any]) -> None:
+        self.transport.write(b"".join(parts))
 
     def _top_up(self) -> None:
         """Keep the connection window open (see the module docstring)."""
@@ -716,11 +761,12 @@ class _H2Connection(Protocol):
                     piece = view[sent : sent + n]
                 conn.send_data(t.stream_id, piece)
                 sent += n
-                self._flush()
         except ProtocolError:
             # The stream is closed under us (its reset is being processed):
             # nothing more goes out on it.
+            self._flush()
             return total
+        self._flush()
         return sent
 
     def _pump(self, t: H2StreamTransport) -> None:
@@ -745,9 +791,9 @@ class _H2Connection(Protocol):
                     queue[0] = view[n:]
                 t._send_size -= len(piece)
                 conn.send_data(t.stream_id, piece)
-                self._flush()
         except ProtocolError:
             t._drop_queue()
+        self._flush()
         if not queue:
             self._blocked.pop(t.stream_id, None)
         t._relieve()
@@ -987,8 +1033,8 @@ class H2PoolServerProtocol(_H2Connection):
         self.log.debug("HTTP/2 pool: connection from %s without ALPN h2, closing", self.peer_ip)
         super()._reject(proto)
 
-    def _make_h2(self) -> H2Connection:
-        conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    def _make_h2(self) -> LeanH2Connection:
+        conn = LeanH2Connection(H2Configuration(client_side=False, header_encoding=None))
         conn.local_settings = _local_settings(
             False,
             {
@@ -1226,8 +1272,8 @@ class H2ClientProtocol(_H2Connection):
         #: Fires (with None) once the TCP connection is gone, or the dial failed.
         self.gone: Deferred[None] = Deferred()
 
-    def _make_h2(self) -> H2Connection:
-        conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    def _make_h2(self) -> LeanH2Connection:
+        conn = LeanH2Connection(H2Configuration(client_side=True, header_encoding=None))
         conn.local_settings = _local_settings(
             True,
             {

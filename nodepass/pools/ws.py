@@ -18,15 +18,27 @@ accepted connection, :class:`WebSocketPoolClient` dials the client side.
 
 Why the pieces are split the way they are:
 
-* **Framing: wsproto** (``wsproto.connection.Connection``, its post-handshake
-  sans-I/O object).  It is maintained, typed, has no I/O of its own (so the
-  reactor drives it, as aioquic is driven in the QUIC pool), emits exactly
-  one frame per ``BytesMessage(message_finished=True)`` -- FIN set, opcode 2,
-  no size limit, a fresh ``os.urandom`` mask per frame on the client side and
-  none on the server side -- and hands received payloads over frame by
-  frame, in pieces as they arrive, without ever joining two messages.
-  Autobahn would also do, but it brings its own Twisted protocol classes and
-  buffering that would sit between the relay's producers and the socket.
+* **Control frames and the close handshake: wsproto**
+  (``wsproto.connection.Connection``, its post-handshake sans-I/O object).
+  It is maintained, typed and has no I/O of its own (so the reactor drives
+  it, as aioquic is driven in the QUIC pool); it answers pings, checks and
+  answers Close frames and keeps the close handshake's state, and names
+  what is wrong with a frame header we refuse.  Autobahn would also do, but
+  it brings its own Twisted protocol classes and buffering that would sit
+  between the relay's producers and the socket.
+* **Data frames: here.**  Every write is one binary frame, byte for byte as
+  wsproto would make it (FIN set, opcode 2, the shortest length form, a
+  fresh ``os.urandom`` mask per frame from a client, none from a server),
+  written as header and payload without joining them: on a plain socket in
+  one ``sendmsg``, under TLS through the fast TLS data path
+  (``nodepass.relay.tls_fast``, whole chunks into OpenSSL).  Received
+  frames are parsed here too (:meth:`WebSocketStreamTransport._consume`):
+  each binary payload is handed on as it arrives, unmasked by C code
+  (``websockets``' ``apply_mask``), piece by piece -- a piece never spans
+  two frames, so never two messages -- and the socket is read into one
+  shared buffer.  wsproto's own path parsed, copied and re-joined every
+  frame and was most of this pool's CPU (issue 12's profile); control
+  frames and refused headers still go to wsproto.
 * **The HTTP upgrade is written here, by hand.**  Go's client spells its
   headers ``Sec-Websocket-Key``/``Sec-Websocket-Version`` in a fixed order
   with ``User-Agent`` and ``Accept-Encoding``, and Go's server answers with a
@@ -37,8 +49,8 @@ Flow control, so that nothing buffers without bound:
 
 * reading: :meth:`WebSocketStreamTransport.pauseProducing` pauses the
   underlying TCP/TLS transport's reading, so the far writer stalls through
-  TCP; what was already read (at most one socket read) stays in wsproto's
-  buffer and is delivered on resume;
+  TCP; what was already read (at most one socket read) is kept
+  (:attr:`WebSocketStreamTransport._rest`) and delivered on resume;
 * writing: :meth:`WebSocketStreamTransport.registerProducer` registers the
   producer on the underlying transport, so its write buffer pauses our
   producer exactly as a plain TCP connection would.
@@ -52,7 +64,10 @@ import email.utils
 import hashlib
 import os
 import re
-from typing import Any, Callable, Iterator, Optional
+import socket
+import struct
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
@@ -60,18 +75,18 @@ from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import CloseConnection, Ping
 from zope.interface import implementer
 
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
-from nodepass.compat import wsproto_internals
-from nodepass.compat.twisted_internals import tls_layer
+from nodepass.compat.openssl_internals import session_reused
+from nodepass.compat.twisted_internals import below_tls, is_plain_tcp, read_into, tls_layer, write_parts_through
+from nodepass.compat.wsproto_internals import apply_mask
 from nodepass.net.dialer import OneProtocolFactory
+from nodepass.net.tls import ResumingClient
+from nodepass.relay import tls_fast
 from nodepass.relay.core import no_delay
-
-# Masking in C: two thirds of this pool's CPU otherwise (docs/benchmarks.md).
-wsproto_internals.install()
 
 #: RFC 6455 §1.3: appended to the client's key before hashing.
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -97,9 +112,50 @@ CLOSE_TIMEOUT = 5.0
 #: Close status codes (RFC 6455 §7.4.1).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_NO_STATUS = 1005
 CLOSE_INVALID_PAYLOAD = 1007
+
+#: Read size of a pool connection's plain TCP socket (over TLS: the TLS
+#: fast path's, ``tls_fast.TLS_RELAY_BUFFER_SIZE``), also its write
+#: buffer's high-water mark, as for relayed sockets.
+PLAIN_READ_SIZE = 256 * 1024
+#: Kernel receive buffer of a pool connection's socket (Linux doubles it):
+#: fixed, because with receive-buffer autotuning (up to
+#: ``net.ipv4.tcp_rmem``'s maximum, 32 MiB here) a reader as quick as this
+#: one lets the kernel hold tens of MiB for a stalled stream before the far
+#: writer feels it.  2 MiB still keeps a loopback or LAN pipe full.
+SOCKET_RECEIVE_BUFFER = 1024 * 1024
+
+# What the payload of the frame being read is for: delivered (binary
+# data), passed to wsproto (control frames), or skipped (a refused text
+# message).
+_DATA, _PASS, _SKIP = "data", "pass", "skip"
+_CONTROL = (0x8, 0x9, 0xA)
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
+# Plain sockets read into this one buffer (the reactor runs one read at a
+# time, and the frame reader copies what it keeps before it returns).
+_read_buffer = memoryview(bytearray(PLAIN_READ_SIZE))
+
+
+def _feed_view(stream: "WebSocketStreamTransport", data: memoryview) -> None:
+    stream.feed(data)
+
+
+def _bound_receive_buffer(transport: Any) -> None:
+    """A fixed kernel receive buffer (:data:`SOCKET_RECEIVE_BUFFER`) for the
+    TCP connection under a WebSocket."""
+    tls = tls_layer(transport)
+    conn = below_tls(transport, tls)[0] if tls is not None else transport
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RECEIVE_BUFFER)
+        except OSError:
+            pass
+
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
@@ -165,8 +221,16 @@ def accept_value(key: str) -> str:
 
 
 def http_date(seconds: float) -> str:
-    """An HTTP ``Date`` value (``Mon, 02 Jan 2006 15:04:05 GMT``)."""
-    return email.utils.formatdate(seconds, usegmt=True)
+    """An HTTP ``Date`` value (``Mon, 02 Jan 2006 15:04:05 GMT``), made
+    once per second (every pool connection's answer carries one)."""
+    whole = int(seconds)
+    cached = _date_cache
+    if cached[0] != whole:
+        cached[:] = [whole, email.utils.formatdate(whole, usegmt=True)]
+    return str(cached[1])
+
+
+_date_cache: list[Any] = [None, ""]
 
 
 def upgrade_request(host: str, key: str, bearer: str = "") -> bytes:
@@ -304,15 +368,32 @@ class WebSocketStreamTransport:
         self._producer_below = False  # self.producer is registered on the underlying transport
         self._processing = False
         self._again = False
-        self._events: Optional[Iterator[Any]] = None
+        # The frame reader (see _consume): received bytes not yet parsed or
+        # delivered (a partial header, or what came while the reader was
+        # paused), and where we are in the current frame.
+        self._rest = bytearray()
+        self._left = 0  # payload bytes of the current frame still to come
+        self._kind = _DATA  # what they are for
+        self._key: Optional[bytes] = None  # its masking key (the server reads masked frames)
+        self._key_turn = 0  # payload bytes of the frame unmasked so far, modulo 4
+        self._in_message = False  # a message's last frame (FIN) is still to come
+        self._text = False  # ... and it is a text message (refused, its frames discarded)
+        self._broken = False  # a protocol error: nothing more is parsed
+        self._mask_bit = 0x80 if client else 0
+        self._send_parts: Callable[[Sequence[Any]], None] = self._send_generic
+        #: How frames go to and from the socket: ``"plain"`` (straight, on a
+        #: TCP connection), ``"tls"`` (the fast TLS data path) or ``""``
+        #: (through the underlying transport, e.g. with NP_NO_FAST_TLS).
+        self.fast_path = ""
         self._closing = False  # a Close frame is sent or being answered: no more data either way
         self._tcp_closing = False  # the underlying transport is being closed
         self._lost = False
         self._reason: Optional[Exception] = None  # what connectionLost will report
         self._pending_loss: Optional[Failure] = None  # lost before attach()
         self._timer: Any = None
+        self._fast_paths()
         if trailing:
-            self._ws.receive_data(trailing)
+            self._rest += trailing
         self._update_reading()
 
     # -- wiring ---------------------------------------------------------------
@@ -330,12 +411,51 @@ class WebSocketStreamTransport:
         self._update_reading()
         self._process()
 
-    def feed(self, data: bytes) -> None:
-        """Bytes the underlying connection received."""
-        if self._lost or self._ws.state is ConnectionState.CLOSED:
+    def _fast_paths(self) -> None:
+        """Choose how frames are written and read: straight to and from the
+        socket of a plain TCP connection, through the fast TLS data path
+        (``nodepass.relay.tls_fast``) under a TLS one, else through the
+        underlying transport's ``write`` and its protocol's ``dataReceived``
+        (which calls :meth:`feed`)."""
+        underlying = self.underlying
+        _bound_receive_buffer(underlying)
+        if is_plain_tcp(underlying):
+            underlying.bufferSize = PLAIN_READ_SIZE
+            self._send_parts = partial(write_parts_through, underlying)
+            read_into(underlying, _read_buffer, _feed_view, self)
+            self.fast_path = "plain"
+            return
+        tls = tls_layer(underlying)
+        if tls is None or os.environ.get("NP_NO_FAST_TLS"):
+            return
+        below_tls(underlying, tls)[0].bufferSize = tls_fast.TLS_RELAY_BUFFER_SIZE
+        write_parts = tls_fast.install(underlying, self.feed)
+        if write_parts is not None:
+            self._send_parts = write_parts
+            self.fast_path = "tls"
+
+    def _send_generic(self, parts: Sequence[Any]) -> None:
+        self.underlying.write(b"".join(parts))
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Bytes the underlying connection received (a view is not kept:
+        what is not delivered at once is copied)."""
+        if self._lost or self._ws.state is ConnectionState.CLOSED or self._broken:
             return  # after the close handshake: nothing more is WebSocket
-        self._ws.receive_data(data)
-        self._process()
+        if self._rest or self._processing or not self._may_deliver():
+            self._rest += data
+            self._process()
+            return
+        # The usual case: parse and deliver straight from ``data``.
+        self._processing = True
+        try:
+            done = self._consume(data)
+            if done < len(data) and not self._lost and not self._broken:
+                self._rest += data[done:]
+        finally:
+            self._processing = False
+        if self._again:
+            self._process()
 
     def underlying_lost(self, reason: Failure) -> None:
         """The underlying connection ended: report it (once) upwards."""
@@ -363,8 +483,8 @@ class WebSocketStreamTransport:
         return self._closing or (self.protocol is not None and not self._held)
 
     def _process(self) -> None:
-        """Hand received events on, one frame piece at a time, for as long as
-        the reader is not paused.  Re-entrant calls (a reader that pauses and
+        """Parse and deliver what :attr:`_rest` holds, for as long as the
+        reader is not paused.  Re-entrant calls (a reader that pauses and
         resumes, or closes, from ``dataReceived``) only flag another round."""
         if self._processing:
             self._again = True
@@ -372,38 +492,155 @@ class WebSocketStreamTransport:
         self._processing = True
         try:
             again = True
-            while again and not self._lost and self._may_deliver():
+            while again and self._rest and not self._lost and not self._broken and self._may_deliver():
                 self._again = False
-                # One events() generator is kept while the reader is paused
-                # and resumed later, so no event is left inside a dropped one.
-                events = self._events
-                if events is None:
-                    events = self._events = self._ws.events()
-                for event in events:
-                    self._handle(event)
-                    if self._lost or not self._may_deliver():
-                        break
-                else:
-                    self._events = None  # drained: the next round starts a new one
-                again = self._again and self._may_deliver()
+                buf, self._rest = self._rest, bytearray()
+                with memoryview(buf) as view:
+                    done = self._consume(view)
+                    if done < len(buf) and not self._lost and not self._broken:
+                        # Bytes fed meanwhile (re-entrantly) come after these.
+                        self._rest = buf[done:] + self._rest
+                again = self._again
         finally:
             self._processing = False
 
+    def _consume(self, data: Any) -> int:
+        """Parse frames from ``data`` (bytes or a view) and hand data frames'
+        payloads on as they come, piece by piece (a piece never spans two
+        frames, so never two messages); control frames go to wsproto, which
+        answers pings and keeps the close handshake's state.  Returns how
+        much of ``data`` was used: the rest is a partial header, or waits
+        for a paused reader."""
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._lost or self._broken or self._ws.state is ConnectionState.CLOSED:
+                return end
+            left = self._left
+            if left:
+                take = left if left <= end - pos else end - pos
+                kind = self._kind
+                if kind is _DATA and not self._closing:
+                    if not self._may_deliver():
+                        return pos
+                    piece = data[pos : pos + take]
+                    key = self._key
+                    if key is not None:
+                        turn = self._key_turn
+                        piece = apply_mask(piece, key[turn:] + key[:turn] if turn else key)
+                        self._key_turn = (turn + take) & 3
+                    else:
+                        piece = bytes(piece)
+                    pos += take
+                    self._left = left - take
+                    self.protocol.dataReceived(piece)
+                elif kind is _PASS:
+                    self._left = left - take
+                    self._to_wsproto(bytes(data[pos : pos + take]))
+                    pos += take
+                else:  # skipped, or data after our Close
+                    pos += take
+                    self._left = left - take
+                continue
+            # A frame header.
+            if end - pos < 2:
+                return pos
+            if not self._may_deliver():
+                return pos
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            size = b1 & 0x7F
+            head = 2
+            if size == 126:
+                head = 4
+            elif size == 127:
+                head = 10
+            masked = b1 & 0x80
+            if masked:
+                head += 4
+            if end - pos < head:
+                return pos
+            opcode = b0 & 0x0F
+            if size == 126:
+                size = (data[pos + 2] << 8) | data[pos + 3]
+                minimal = size > 125
+            elif size == 127:
+                size = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                minimal = size > 0xFFFF and not size >> 63
+            else:
+                minimal = True
+            if (
+                b0 & 0x70
+                or masked != self._mask_bit ^ 0x80
+                or not minimal
+                or (opcode > 2 and (opcode not in _CONTROL or size > 125 or not b0 & 0x80))
+            ):
+                # Not a frame we may accept: wsproto names what is wrong.
+                self._to_wsproto(bytes(data[pos : pos + head]))
+                self._broken_frame("WebSocket frame header refused")
+                return end
+            pos += head
+            self._left = size
+            self._key = bytes(data[pos - 4 : pos]) if masked else None
+            self._key_turn = 0
+            if opcode in _CONTROL:
+                # Ping, pong or close: wsproto checks and handles it.
+                self._kind = _PASS
+                self._to_wsproto(bytes(data[pos - head : pos]))
+                continue
+            fin = b0 & 0x80
+            if opcode == 0:
+                if not self._in_message:
+                    self._protocol_error("unexpected CONTINUATION")
+                    return end
+            elif self._in_message:
+                self._protocol_error(f"expected CONTINUATION, got {opcode:#x}")
+                return end
+            else:
+                self._text = opcode == 1
+            self._in_message = not fin
+            if self._text:
+                # Go's pool reader accepts binary messages only: a text
+                # frame fails it, and it closes with 1003 (SPEC-1.14 §4.4).
+                self._kind = _SKIP
+                if not self._closing:
+                    self._fail(CLOSE_UNSUPPORTED_DATA, "WebSocket text frame (only binary messages are carried)")
+            else:
+                self._kind = _DATA
+        return end
+
+    def _to_wsproto(self, raw: bytes) -> None:
+        """Bytes of a control frame (or of a refused header) for wsproto;
+        then what it made of them."""
+        if raw:
+            self._ws.receive_data(raw)
+        for event in self._ws.events():
+            self._handle(event)
+            if self._lost:
+                return
+
+    def _protocol_error(self, why: str) -> None:
+        """A frame out of order (wsproto's message decoder would refuse it
+        too, with the same words): close with 1002."""
+        self._broken_frame(why)
+
+    def _broken_frame(self, why: str) -> None:
+        """Nothing after a frame we cannot parse is read as frames (wsproto
+        stops there too); the close handshake is under way."""
+        self._broken = True
+        self._rest = bytearray()
+        self._left = 0
+        if not self._closing:  # (wsproto has reported a refused header by now)
+            self._fail(CLOSE_PROTOCOL_ERROR, f"WebSocket protocol error: {why}")
+
     def _handle(self, event: Any) -> None:
-        if isinstance(event, BytesMessage):
-            if event.data and not self._closing:
-                self.protocol.dataReceived(bytes(event.data))
-        elif isinstance(event, TextMessage):
-            # Go's pool reader accepts binary messages only: a text frame
-            # fails it, and it closes with 1003 (SPEC-1.14 §4.4).
-            if not self._closing:
-                self._fail(CLOSE_UNSUPPORTED_DATA, "WebSocket text frame (only binary messages are carried)")
-        elif isinstance(event, Ping):
+        if isinstance(event, Ping):
             if self._ws.state is ConnectionState.OPEN:
-                self.underlying.write(self._ws.send(event.response()))
+                self._send_parts((self._ws.send(event.response()),))
         elif isinstance(event, CloseConnection):
             self._close_event(event)
-        # Pong: nothing to do (we send no pings).
+        # Pong: nothing to do (we send no pings).  Data frames never reach
+        # wsproto.
 
     def _close_event(self, event: CloseConnection) -> None:
         state = self._ws.state
@@ -424,7 +661,7 @@ class WebSocketStreamTransport:
                 self._reason = _peer_close_reason(event.code)
             self._closing = True
             self.disconnecting = True
-            self.underlying.write(self._ws.send(event.response()))
+            self._send_parts((self._ws.send(event.response()),))
         # Either way the close handshake is complete: the TCP/TLS
         # connection goes now (bounded, in case it does not finish).
         self._close_underlying()
@@ -442,7 +679,7 @@ class WebSocketStreamTransport:
         self._closing = True
         self.disconnecting = True
         if self._ws.state is ConnectionState.OPEN:
-            self.underlying.write(self._ws.send(CloseConnection(code=code)))
+            self._send_parts((self._ws.send(CloseConnection(code=code)),))
         self._update_reading()  # the peer's Close must be seen, paused or not
         self._arm_timer(self._close_timed_out)
         self._process()  # the answer may be buffered already
@@ -486,9 +723,26 @@ class WebSocketStreamTransport:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as one binary message in one frame (nothing for an
         empty write, as a TCP transport sends nothing)."""
-        if self._closing or self._lost or not data:
+        if self._closing or self._lost:
             return
-        self.underlying.write(self._ws.send(BytesMessage(data=data)))  # type: ignore[arg-type]
+        size = len(data)
+        if not size:
+            return
+        # wsproto's frame, byte for byte (FIN, opcode 2, the shortest
+        # length, a fresh os.urandom key from a client), built here so that
+        # the payload is masked once and never copied into a frame buffer.
+        bit = self._mask_bit
+        if size <= 125:
+            head = bytes((0x82, bit | size))
+        elif size <= 0xFFFF:
+            head = _HEAD16.pack(0x82, bit | 126, size)
+        else:
+            head = _HEAD64.pack(0x82, bit | 127, size)
+        if bit:
+            key = os.urandom(4)
+            self._send_parts((head + key, apply_mask(data, key)))
+        else:
+            self._send_parts((head, data))
 
     def writeSequence(self, seq: Any) -> None:
         """All of ``seq`` as one message: it is one write."""
@@ -973,7 +1227,10 @@ class WebSocketPoolClient:
         self.ip = ip
         self.port = port
         self.host = host
-        self.tls = tls
+        #: Each pool connection resumes the TLS session of an earlier one
+        #: (as the TCP pool's do): a full handshake's key exchange and
+        #: certificate signature cost more than the rest of a dial.
+        self.tls: Optional[ResumingClient] = ResumingClient(tls) if tls is not None else None
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.closed = False
@@ -1016,7 +1273,9 @@ class WebSocketPoolClient:
             self._dialling.pop(proto, None)
             if timer.active():
                 timer.cancel()
-            if isinstance(result, Failure):
+            if not isinstance(result, Failure):
+                self._remember_session(proto.transport)
+            else:
                 self.log.debug("WebSocket pool connection to %s:%d failed: %s", self.ip, self.port, result.getErrorMessage())
             return result
 
@@ -1028,6 +1287,20 @@ class WebSocketPoolClient:
         proto.done.addBoth(finished)
         proto.done.chainDeferred(outer)
         return outer
+
+    def _remember_session(self, transport: Any) -> None:
+        """Keep the TLS session of an upgraded connection for the next dials
+        (the server's session tickets came before its ``101``): from the
+        first full handshake, and again from any later one (the server
+        stopped resuming ours: its tickets expired, or it restarted)."""
+        creator = self.tls
+        if creator is None or transport is None:
+            return
+        tls = tls_layer(transport)
+        if tls is None:
+            return
+        if creator.session is None or not session_reused(tls.getHandle()):
+            creator.remember(tls)
 
     def close(self) -> None:
         """Drop the dials in progress; streams already open are the

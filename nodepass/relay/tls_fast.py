@@ -8,8 +8,11 @@ Two things the relay core does not know about TLS:
   relay's producer is let go when TLS ends.
 * :func:`fast_tls` -- a quicker data path for a spliced TLS pool connection
   (whole chunks into ``SSL_write``, gathered ``SSL_read`` records), with
-  Twisted's code still in charge of handshakes, shutdown and errors.
-  ``NP_NO_FAST_TLS=1`` keeps Twisted's path (callers check it).
+  Twisted's code still in charge of handshakes, shutdown and errors;
+  :func:`install` puts the same path under any TLS transport, for a
+  protocol that reads through it (the WebSocket pool's streams, the HTTP/2
+  pool's connections).  ``NP_NO_FAST_TLS=1`` keeps Twisted's path (callers
+  check it).
 
 Both work under the public APIs of Twisted's TLS layer and of pyOpenSSL
 (docs/benchmarks.md gives what the fast path buys: about a sixth of the CPU
@@ -19,7 +22,7 @@ per GB); what they touch lives in ``nodepass.compat.twisted_internals`` and
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from OpenSSL.SSL import WantReadError as SSLWantReadError
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -93,14 +96,42 @@ def fast_tls(end: RelayEnd) -> None:
     errors, buffered writes, a closing connection) goes back to Twisted's own
     code, which stays in charge of the TLS lifecycle.  Flow control is
     unchanged: ciphertext still goes through the underlying transport."""
-    global _tls_rbuf, _tls_wbuf, _tls_inbuf
-    tls = tls_layer(end.transport)
-    if tls is None:
+    if install(end.transport, end.dataReceived) is None:
         return
+    # ``write`` is done with a chunk when it returns (encrypted, or copied on
+    # the slow path), so the relay may hand it a view of its read buffer
+    # instead of a copy (``nodepass.relay.core._write_mode``).
+    end.transport.takes_views = True
+
+
+#: What :func:`install` gives back: ``write_parts(parts)`` encrypts each of
+#: ``parts`` (bytes or views, done with when it returns) and sends the
+#: ciphertext of all of them at once.
+WriteParts = Callable[[Sequence[Any]], None]
+
+
+def install(transport: Any, deliver: Callable[[Any], None]) -> Optional[WriteParts]:
+    """Put the fast TLS data path under ``transport`` (a TLS transport:
+    a ``TLSMemoryBIOProtocol``, or a TCP connection that ran ``startTLS``)
+    once its handshake is done; None (and nothing changed) when it is not
+    TLS, the handshake is not done, or pyOpenSSL's internals moved.
+
+    From then on ``transport.write`` encrypts a whole chunk in one
+    ``SSL_write``, and decrypted bytes go to ``deliver(data)`` -- a view of
+    a shared buffer that must not be kept past the call -- instead of the
+    TLS layer's protocol (a relay end, or a WebSocket or HTTP/2 connection
+    that reads through it).  Twisted stays in charge of close_notify,
+    errors and anything arriving while the path is blocked; those still
+    reach the TLS layer's protocol (whose ``dataReceived`` must then do
+    what ``deliver`` does)."""
+    global _tls_rbuf, _tls_wbuf, _tls_inbuf
+    tls = tls_layer(transport)
+    if tls is None:
+        return None
     conn = tls_connection_when_ready(tls)
     access = ossl.memory_bio_access(conn)
     if access is None:
-        return  # no handshake yet, or pyOpenSSL internals changed: keep Twisted's path
+        return None  # no handshake yet, or pyOpenSSL internals changed: keep Twisted's path
     ssl_ptr, out_bio, input_pending, set_into = access
     ffi, lib = ossl.ffi, ossl.lib
     if _tls_rbuf is None or _tls_inbuf is None:
@@ -115,7 +146,7 @@ def fast_tls(end: RelayEnd) -> None:
     # Twisted holds nothing for it (server side: the connection startTLS ran
     # on, whose own write() would encrypt again; client side: the transport
     # connectSSL wrapped).
-    sock_conn, sock = below_tls(end.transport, tls)
+    sock_conn, sock = below_tls(transport, tls)
     queue_raw = write_under_tls(sock_conn)
     ssl_write, ssl_read, bio_read = lib.SSL_write, lib.SSL_read, lib.BIO_read
     from_buffer, buffer, null = ffi.from_buffer, ffi.buffer, ffi.NULL
@@ -196,10 +227,9 @@ def fast_tls(end: RelayEnd) -> None:
                     break
                 got += n
         if got and not tls_aborted(tls):
-            # A view of the shared buffer: the relay sends or copies it
-            # before returning (RelayEnd only keeps data before a splice,
-            # and this path is installed at splice time).
-            end.dataReceived(memoryview(buffer(rbuf, got)))
+            # A view of the shared buffer: ``deliver`` sends or copies it
+            # before returning.
+            deliver(memoryview(buffer(rbuf, got)))
         # No more records: find out why through pyOpenSSL (want-read is the
         # normal case; close_notify and errors go to Twisted's handling).
         try:
@@ -211,10 +241,34 @@ def fast_tls(end: RelayEnd) -> None:
             return
         else:  # more records than the buffer held: the rest the slow way
             if not tls_aborted(tls):
-                end.dataReceived(record)
+                deliver(record)
             flush_receive()
             return
         drain()  # post-handshake messages may want an answer
+
+    def write_parts(parts: Sequence[Any]) -> None:
+        lost, waiting = tls_blockers(tls)
+        if tls.disconnecting or lost or waiting:
+            for part in parts:
+                slow_write(bytes(part))
+            return
+        for i, part in enumerate(parts):
+            n = len(part)
+            if not n:
+                continue
+            if n > 0x7FFFFFFF:
+                drain()
+                for later in parts[i:]:
+                    slow_write(bytes(later))
+                return
+            with from_buffer(part) as cdata:
+                done = ssl_write(ssl_ptr, cdata, n)
+            if done != n:
+                drain()
+                for later in parts[i:]:
+                    slow_write(bytes(later))
+                return
+        drain()
 
     recv_into: Any = getattr(sock, "recv_into", None)
 
@@ -224,7 +278,4 @@ def fast_tls(end: RelayEnd) -> None:
         # (``data_received`` is done with it, or has copied what OpenSSL
         # left, before it returns).
         read_into(sock_conn, _tls_inbuf, lambda _tls, chunk: data_received(chunk), tls)
-    # ``write`` is done with a chunk when it returns (encrypted, or copied on
-    # the slow path), so the relay may hand it a view of its read buffer
-    # instead of a copy (``nodepass.relay.core._write_mode``).
-    end.transport.takes_views = True
+    return write_parts
