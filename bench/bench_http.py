@@ -165,8 +165,10 @@ def one_at_a_time(port: int, tries: int) -> float:
     return statistics.median(samples)
 
 
-def _cpu(pids: list[int]) -> float:
-    return sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids)
+def _cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of the tunnel processes."""
+    times = [psutil.Process(p).cpu_times() for p in pids]
+    return sum(t.user for t in times), sum(t.system for t in times)
 
 
 def main() -> int:
@@ -210,16 +212,21 @@ def main() -> int:
             one_at_a_time(ports[p], 5)  # warm up: first connections, pools
         for rnd in range(args.rounds):
             for p in paths:
-                c0 = _cpu(pids[p])
+                u0, s0 = _cpu_split(pids[p])
                 rps, errors = wrk(ports[p], args.seconds, args.connections)
-                used = _cpu(pids[p]) - c0
+                u1, s1 = _cpu_split(pids[p])
+                used = (u1 - u0) + (s1 - s0)
                 p50 = one_at_a_time(ports[p], args.tries)
+                n = rps * args.seconds
                 got = {"req/s": rps, "errors": errors, "p50 ms": p50,
-                       "cpu us/req": used / (rps * args.seconds) * 1e6 if rps and pids[p] else 0.0}
+                       "cpu us/req": used / n * 1e6 if rps and pids[p] else 0.0,
+                       "user us/req": (u1 - u0) / n * 1e6 if rps and pids[p] else 0.0,
+                       "sys us/req": (s1 - s0) / n * 1e6 if rps and pids[p] else 0.0}
                 rows[p].append(got)
                 print(
                     f"round {rnd + 1} {p:8s} {rps:9,.0f} req/s  errors {errors}  p50 {p50:.3f} ms"
-                    + (f"  tunnel CPU {got['cpu us/req']:.0f} us/req" if pids[p] else ""),
+                    + (f"  tunnel CPU {got['cpu us/req']:.0f} us/req "
+                       f"(user {got['user us/req']:.0f}, system {got['sys us/req']:.0f})" if pids[p] else ""),
                     flush=True,
                 )
     finally:

@@ -576,7 +576,7 @@ class StopDuringDialTests(ForwarderMixin, unittest.TestCase):
         self.addCleanup(hole.close)
         fport = await self.start_forwarder(f"127.0.0.1:{hole.port}")
         c = await connect(fport)
-        await wait_for(lambda: self.service.stats.tcps == 1 and self.service.runner._dials, what="dial in flight")
+        await wait_for(lambda: self.service.stats.tcps == 1 and self.service.runner._dialing, what="dial in flight")
         started = time.monotonic()
         await self.service.stopService()
         self.assertLess(time.monotonic() - started, 2.0)

@@ -432,6 +432,59 @@ class FlowTests(TunnelMixin, unittest.TestCase):
         await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="both ends released")
 
     @d
+    async def test_lean_transports_and_splice_for_bulk(self):
+        """tls=0: the user, the target and the pool connections at both ends
+        are lean transports; a relay that outlives a short exchange moves
+        to splice(2) (one timer for all relays), and a short one is over
+        before it would."""
+        from nodepass.compat.twisted_fastpath import LeanConnection
+        from nodepass.relay import splice
+
+        server, client, entry, _ = await self.tunnel("-", "&tls=0")
+        self.assertEqual(await echo_roundtrip(entry, b"short"), b"short")  # over before DELAY
+        c = await connect(entry)
+        c.transport.write(b"first")
+        await c.wait_bytes(5)
+        await wait_for(lambda: len(server.runner.relays) == 1 and len(client.runner.relays) == 1, what="relays up")
+        (entry_relay,) = server.runner.relays
+        (exit_relay,) = client.runner.relays
+        for relay in (entry_relay, exit_relay):
+            for end in (relay.target, relay.tunnel):
+                self.assertIsInstance(end.transport, LeanConnection)
+        if splice.AVAILABLE and not os.environ.get("NP_NO_SPLICE"):
+            def spliced(relay) -> bool:
+                return all("doRead" in end.transport.__dict__ for end in (relay.target, relay.tunnel))
+
+            await wait_for(lambda: spliced(entry_relay) and spliced(exit_relay), what="relays moved to splice(2)")
+        payload = os.urandom(MiB)
+        c.transport.write(payload)
+        self.assertEqual(await c.wait_bytes(5 + len(payload)), b"first" + payload)
+        await close(c)
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+
+    @d
+    async def test_target_answers_and_closes_at_once(self):
+        """An exit target that answers and closes at once (HTTP with
+        ``Connection: close``): the user gets the whole answer, then EOF."""
+        from tests.helpers import listen_tcp
+
+        class Answer(Protocol):
+            def dataReceived(self, data):
+                self.transport.write(b"answer:" + data)
+                self.transport.loseConnection()
+
+        target, _ = listen_tcp(Answer)
+        self.addCleanup(target.stopListening)
+        entry = free_port()
+        server = await self.start_server(f"127.0.0.1:{entry}", "&mode=1")
+        client = await self.start_client(f"127.0.0.1:{target.getHost().port}")
+        for i in range(20):
+            c = await connect(entry)
+            c.transport.write(b"q%d" % i)
+            self.assertEqual(await c.lost, b"answer:q%d" % i)
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+
+    @d
     async def test_endless_download_closed_reverse(self):
         await self._endless_download_then_close("-")
 
@@ -972,6 +1025,24 @@ class PoolSizingTests(unittest.TestCase):
         clock.advance(REFILL_DELAY)
         self.assertEqual(len(dials), before + 3)  # one replacement per use
         self.assertEqual(pool.idle_count(), 4)  # never beyond capacity
+        pool.close()
+
+    def test_take_any_is_incoming_get_without_a_deferred(self):
+        clock = task.Clock()
+        pool, dials = self._pool(clock)
+        pool.start()
+        clock.advance(0)
+        before = len(dials)
+        got = pool.take_any()
+        self.assertIsNotNone(got)
+        pool_id, conn = got
+        self.assertEqual(conn.pool_id, pool_id)
+        self.assertEqual(pool.idle_count(), 3)
+        clock.advance(REFILL_DELAY)
+        self.assertEqual(len(dials), before + 1)  # replaced as any use is
+        while pool.take_any() is not None:
+            pass
+        self.assertIsNone(pool.take_any())
         pool.close()
 
     def test_waiters_time_out_and_count_errors(self):

@@ -37,6 +37,7 @@ from nodepass.modes.base import InstanceContext, TunnelError
 from nodepass.modes.control_client import ClientControlProtocol, HandshakeSettings, Server114
 from nodepass.modes.handshake114 import HandshakeProtocol, Server112, handshake_uses_tls
 from nodepass.compat.openssl_internals import session_reused
+from nodepass.compat.twisted_fastpath import lean_connect
 from nodepass.pools.tcp import ClientPool
 from nodepass.net.tls import (
     ResumingClient,
@@ -374,14 +375,17 @@ class ClientRunner(DualEndRunner):
             return self._dial_stream(conn, self.ws_client)
         if self.pool_type is PoolType.HTTP2:
             return self._dial_stream(conn, self.h2_client)
-        factory = OneProtocolFactory(conn, conn.dial_failed)
         timeout = self.ctx.tunables.tcp_dial_timeout
         tls_ctx = self._tls_ctx()
         ip, port = self.server_ip, self.ctx.config.tunnel.port
+        assert ip is not None  # resolved before the pool starts
         if tls_ctx is not None:
+            factory = OneProtocolFactory(conn, conn.dial_failed)
             conn.connector = reactor.connectSSL(ip, port, factory, tls_ctx, timeout=timeout)
         else:
-            conn.connector = reactor.connectTCP(ip, port, factory, timeout=timeout)
+            # A lean dial (nodepass.compat.twisted_fastpath): connected in
+            # this turn, one per relayed connection.
+            conn.connector = lean_connect(reactor, ip, port, conn, _connected, conn.dial_failed, timeout=timeout)
         dialing = self._dialing
         dialing.add(conn)
         # Each add*() returns this same Deferred (typed anew by Twisted's
@@ -587,7 +591,11 @@ class ClientRunner(DualEndRunner):
             if conn.transport is not None:
                 conn.transport.abortConnection()
             elif conn.connector is not None:
-                conn.connector.stopConnecting()
+                connector = conn.connector
+                if hasattr(connector, "stopConnecting"):
+                    connector.stopConnecting()
+                else:
+                    connector.cancel()  # a lean dial
         await self.stop_common()
         if self.quic_client is not None:
             await self.quic_client.close()
@@ -613,6 +621,10 @@ def _remember_session(conn: ClientPoolConn, creator: ResumingClient) -> ClientPo
     if transport is not None and (creator.session is None or not session_reused(transport.getHandle())):
         creator.remember(transport)
     return conn
+
+
+def _connected(_conn: ClientPoolConn) -> None:
+    """A lean pool dial connected: the connection reads its ID from here."""
 
 
 def _forget(result: _T, dialing: set[ClientPoolConn], conn: ClientPoolConn) -> _T:

@@ -25,6 +25,7 @@ from nodepass.wire.codec import Codec, Signal, split_origin
 from nodepass.wire.dialect import dialect
 from nodepass.config.urls import join_host_port
 from nodepass.wire.control import FLUSH, ControlChannel
+from nodepass.compat.twisted_fastpath import LeanConnection, lean_accepts
 from nodepass.net.dialer import TargetGroup
 from nodepass.modes.base import InstanceContext, Runner, TunnelError
 from nodepass.modes.verify import FingerprintExchange, VerifyGate
@@ -109,7 +110,7 @@ class EntryTCP(ScreenedEnd):
             )
             self.transport.abortConnection()
             return
-        blocked = r.ctx.config.blocked
+        blocked = r.blocked
         if blocked:
             # block= (SPEC-1.14 §5.1): after the slot check, before a pool
             # connection is taken.
@@ -154,6 +155,34 @@ class _TargetFactory(Factory):
 
 
 _TARGET_FACTORY = _TargetFactory()
+
+
+class _ExitLaunch:
+    """One TCP launch at the exit while its target is dialled: the
+    dialler's callbacks (no Deferred per launch)."""
+
+    __slots__ = ("runner", "origin", "conn")
+
+    def __init__(self, runner: "DualEndRunner", origin: str, conn: PoolEnd):
+        self.runner = runner
+        self.origin = origin
+        self.conn = conn
+
+    def dialled(self, target: RelayEnd) -> None:
+        runner = self.runner
+        runner.launching -= 1
+        try:
+            runner._exit_dialed(target, self.origin, self.conn)
+        except Exception:  # noqa: BLE001 - a launch's bug must not reach the dialler
+            runner.ctx.log.error("Exit for %s failed: %s", self.origin, Failure().getErrorMessage())
+
+    def failed(self, failure: Failure) -> None:
+        runner = self.runner
+        runner.launching -= 1
+        try:
+            runner._exit_dial_failed(failure, self.origin, self.conn)
+        except Exception:  # noqa: BLE001
+            runner.ctx.log.error("Exit for %s failed: %s", self.origin, Failure().getErrorMessage())
 
 
 class _UDPOverPool:
@@ -254,6 +283,11 @@ class DualEndRunner(Runner):
         self.udp_bridges: set[_PoolToTarget] = set()
         self.peer_label = ""
         self.launching = 0  # exit-side launches not yet spliced
+        #: ``block=`` (read once: every entry connection asks).
+        self.blocked = ctx.config.blocked
+        self._info = ctx.log.enabled("info")  # Go's per-connection lines
+        #: Moves relays to splice(2) once they outlive a short exchange.
+        self.splicer = splice.SpliceLater(ctx.reactor)
         # UDP launches the exit turns away at the slot limit: one summary
         # line per report interval, not one per launch.
         self.udp_dropped = DropReport(ctx.reactor, ctx.log, ctx.tunables.report_interval, "sessions")
@@ -292,6 +326,7 @@ class DualEndRunner(Runner):
         try:
             if not cfg.notcp:
                 self.entry_tcp_port = ctx.reactor.listenTCP(target.port, _EntryFactory(self), interface=host)
+                lean_accepts(self.entry_tcp_port)
             if not cfg.noudp:
                 port = target.port
                 if port == 0 and self.entry_tcp_port is not None:
@@ -382,7 +417,11 @@ class DualEndRunner(Runner):
                 log.error("Signal queue full (%d launches pending), dropping %s", self.launching, sig.host)
                 return
             self.launching += 1
-            d = self.exit_tcp(sig.host, sig.id) if tcp else ensureDeferred(self.exit_udp(sig.host, sig.id))
+            if tcp:
+                # Callback style: it counts the launch done itself.
+                self.exit_tcp(sig.host, sig.id)
+                return
+            d = ensureDeferred(self.exit_udp(sig.host, sig.id))
             d.addErrback(lambda f: log.error("Exit for %s failed: %s", sig.host, f.getErrorMessage()))
             d.addBoth(self._launched)
         elif kind == codec.VERIFY:
@@ -455,18 +494,15 @@ class DualEndRunner(Runner):
     # -- TCP --------------------------------------------------------------
     def _splice(self, target: RelayEnd, tunnel: RelayEnd) -> None:
         ctx = self.ctx
-        later: list[Any] = []  # the splice(2) call, an IDelayedCall
         # Go's per-connection INFO lines (dashboards show them, operators
         # grep them): the target-side peer, then the pool connection's.
-        exchange = ctx.log.enabled("info")
+        exchange = self._info
         if exchange:
             ctx.log.info("Starting exchange: %s <-> %s", peer_text(target.transport), peer_text(tunnel.transport))
 
         def closed() -> None:
             self.relays.discard(relay)
             ctx.stats.release_tcp()
-            if later and later[0].active():
-                later[0].cancel()
             if exchange:
                 ctx.log.info("Exchange complete: %s", relay.outcome)
 
@@ -477,8 +513,13 @@ class DualEndRunner(Runner):
         fast = pool_tls and not os.environ.get("NP_NO_FAST_TLS")
         size = tls_fast.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
         for end in (target, tunnel):
-            _big_reads(end.transport, size)
-            no_delay(end.transport)
+            t = end.transport
+            if type(t) is LeanConnection:
+                t.bufferSize = size
+                t.setTcpNoDelay(True)
+            else:
+                _big_reads(t, size)
+                no_delay(t)
         if pool_tls:
             tls_fast.release_on_tls_shutdown(tunnel)
             if fast:
@@ -492,7 +533,7 @@ class DualEndRunner(Runner):
             # Short exchanges are over before this fires (setting up two
             # pipes would cost them more than it saves); bulk transfers
             # move to splice(2) from here on.
-            later.append(ctx.reactor.callLater(splice.DELAY, splice.try_splice, relay))
+            self.splicer.add(relay)
 
     def entry_wait(self) -> Optional[Deferred[None]]:
         """A Deferred to wait on before the entry takes pool connections, or
@@ -513,6 +554,10 @@ class DualEndRunner(Runner):
         assert pool is not None  # made before the entry listens
         d: Deferred[Any]
         if wait is None:
+            got = pool.take_any()
+            if got is not None:  # the usual case: no Deferred
+                self._entry_got(got, user)
+                return
             d = pool.incoming_get(timeout)
         else:
             d = wait.addCallback(lambda _r: pool.incoming_get(timeout))
@@ -537,28 +582,42 @@ class DualEndRunner(Runner):
         control.send(Signal(codec.TCP_LAUNCH, addr_text(user.transport.getPeer()), pool_id))
         self._splice(user, conn)
 
-    def exit_tcp(self, origin: str, pool_id: str) -> Deferred[Any]:
+    def exit_tcp(self, origin: str, pool_id: str) -> None:
+        """A TCP launch: the pool connection named ``pool_id`` (at once if
+        it is here, else waited for), then the target dialled and the two
+        spliced.  The launch counts as done (``launching``) once the target
+        is connected or any step failed."""
         pool = self.pool
         assert pool is not None  # made before signals are read
+        conn = pool.take(pool_id)
+        if conn is not None:
+            try:
+                self._exit_got((pool_id, conn), origin)
+            except Exception:  # noqa: BLE001 - as the Deferred path's errback
+                self._exit_error(Failure(), origin)
+            return
         d = pool.outgoing_get(pool_id, self.ctx.tunables.pool_get_timeout)
         d.addCallbacks(self._exit_got, self._exit_missed, callbackArgs=(origin,), errbackArgs=(origin,))
-        return d
+        d.addErrback(self._exit_error, origin)
+
+    def _exit_error(self, failure: Failure, origin: str) -> None:
+        self.ctx.log.error("Exit for %s failed: %s", origin, failure.getErrorMessage())
+        self.launching -= 1
 
     def _exit_missed(self, failure: Failure, origin: str) -> None:
+        self.launching -= 1
         self.ctx.log.error("TCP launch %s: %s", origin, failure.getErrorMessage())
 
-    def _exit_got(self, got: tuple[str, PoolEnd], origin: str) -> Optional[Deferred[Any]]:
+    def _exit_got(self, got: tuple[str, PoolEnd], origin: str) -> None:
         ctx = self.ctx
         conn = got[1]
         if not ctx.stats.acquire_tcp():
+            self.launching -= 1
             ctx.log.error("TCP slot limit reached (%d), dropping %s", ctx.stats.slot_limit, origin)
             conn.transport.loseConnection()
-            return None
-        d = self.targets.dial(_TARGET_FACTORY)
-        d.addCallbacks(
-            self._exit_dialed, self._exit_dial_failed, callbackArgs=(origin, conn), errbackArgs=(origin, conn)
-        )
-        return d
+            return
+        launch = _ExitLaunch(self, origin, conn)
+        self.targets.connect(_TARGET_FACTORY, launch.dialled, launch.failed)
 
     def _exit_dial_failed(self, failure: Failure, origin: str, conn: PoolEnd) -> None:
         self.ctx.log.error("TCP %s: dial target failed: %s", origin, failure.getErrorMessage())
@@ -578,6 +637,11 @@ class DualEndRunner(Runner):
             if src is not None:
                 target.transport.write(proxy_v1_header(src, (peer.host, peer.port)))
         self._splice(target, conn)
+        t = conn.transport
+        if type(t) is LeanConnection and not t.TLS:
+            # The entry wrote the user's first bytes right behind the launch
+            # signal: they are most likely here already.
+            t.read_now()
 
     # -- UDP --------------------------------------------------------------
     async def _open_udp_backend(self, session: UDPSession) -> _UDPOverPool:
@@ -648,6 +712,7 @@ class DualEndRunner(Runner):
     # -- teardown ---------------------------------------------------------
     async def stop_common(self) -> None:
         self.stopping = True
+        self.splicer.stop()
         self.udp_dropped.close()
         if self.exchange is not None:
             self.exchange.stop()

@@ -32,6 +32,7 @@ from nodepass.wire.codec import Signal
 from nodepass.wire.control import ControlChannel
 from nodepass.pools.tcp import ServerPool
 from nodepass.net.tls import ServerCredentials, host_certificate_fingerprint
+from nodepass.compat.twisted_fastpath import lean_accepts
 from nodepass.modes.base import InstanceContext
 from nodepass.modes.dualend import ControlSink, DualEndRunner, PoolEnd, addr_text
 from nodepass.modes.tunnel_port import (
@@ -175,6 +176,9 @@ class ServerRunner(DualEndRunner):
             self.tunnel_port = ctx.reactor.listenTCP(
                 cfg.tunnel.port, _TunnelPortFactory(self, settings), backlog=1024, interface=cfg.tunnel.host
             )
+            # Pool connections arrive one per relayed connection: lean
+            # transports (nodepass.compat.twisted_fastpath).
+            lean_accepts(self.tunnel_port)
         except Exception:
             await defer.DeferredList(self._unbind_entry())
             raise

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from nodepass.base.errors import error_text
 from nodepass.base.kinds import BlockedProtocol
+from nodepass.compat.twisted_fastpath import lean_accepts
 from nodepass.config.urls import Address, TunnelConfig, is_ip_literal
 from nodepass.modes.base import InstanceContext, Runner, TunnelError
 from nodepass.net.dialer import ResolveError, TargetGroup
@@ -78,10 +79,19 @@ class _UserEnd(ScreenedEnd):
     hands itself to the runner."""
 
     runner: "SingleEndRunner"
+    #: The target dial in progress (a ``GroupDial``), while the runner holds
+    #: this end in its ``_dialing`` set.
+    dial: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.runner._accepted(self)
+
+    def target_ready(self, target: RelayEnd) -> None:
+        self.runner._dialled(target, self)
+
+    def target_failed(self, failure: Failure) -> None:
+        self.runner._dial_failed(failure, self)
 
 
 class _UserFactory(Factory):
@@ -131,7 +141,8 @@ class SingleEndRunner(Runner):
         self.tcp_port: Any = None  # IListeningPort
         self.udp_port: Any = None
         self._ends: set[RelayEnd] = set()
-        self._dials: set[Deferred] = set()
+        #: Users whose target is being dialled (each holds its dial).
+        self._dialing: set[_UserEnd] = set()
         self._udp_targets: set[TargetUDP] = set()
         self._loop: Optional[task.LoopingCall] = None
         self._ping: Optional[Deferred] = None
@@ -142,6 +153,10 @@ class SingleEndRunner(Runner):
         # smaller than RELAY_BUFFER_SIZE, which Python needs to keep the
         # per-chunk cost low, but a larger tunable makes them larger.
         self._buffer_size = max(ctx.tunables.tcp_data_buf_size, RELAY_BUFFER_SIZE)
+        # Read once: every connection asks.
+        self._blocked = cfg.blocked
+        self._proxy = cfg.proxy
+        self._info = ctx.log.enabled("info")  # Go's per-connection lines
 
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -154,6 +169,7 @@ class SingleEndRunner(Runner):
                 self.tcp_port = reactor.listenTCP(port, _UserFactory(self), backlog=LISTEN_BACKLOG, interface=host)
             except terror.CannotListenError as e:
                 raise TunnelError(f"cannot listen on TCP {cfg.tunnel}: {error_text(e)}") from None
+            lean_accepts(self.tcp_port)
         if not cfg.noudp:
             self.udp_listener = UDPSessionListener(
                 self._open_udp_backend,
@@ -196,8 +212,10 @@ class SingleEndRunner(Runner):
         waits.extend(t.released for t in self._udp_targets)
         if self.udp_listener is not None:
             self.udp_listener.close_all()
-        for d in list(self._dials):
-            d.cancel()
+        for user in list(self._dialing):
+            self._dialing.discard(user)
+            user.dial.cancel()
+            self.ctx.stats.release_tcp()
         for end in list(self._ends):
             if not end.lost and end.transport is not None:
                 lost: Deferred[None] = Deferred()
@@ -216,7 +234,7 @@ class SingleEndRunner(Runner):
     # -- TCP -------------------------------------------------------------
     def _track(self, end: RelayEnd) -> None:
         self._ends.add(end)
-        end.on_lost(lambda _reason: self._ends.discard(end))
+        end.owner = self._ends  # it leaves the set when lost
 
     def _accepted(self, user: _UserEnd) -> None:
         # Runs once per connection: callback style, no coroutine.
@@ -233,7 +251,7 @@ class SingleEndRunner(Runner):
             return
         user.hold()
         user.transport.bufferSize = self._buffer_size
-        blocked = self.ctx.config.blocked
+        blocked = self._blocked
         if blocked:
             self._screen(user, blocked)
         else:
@@ -256,32 +274,33 @@ class SingleEndRunner(Runner):
         user.screen(blocked, self.ctx.reactor).addCallback(judged)
 
     def _dial(self, user: _UserEnd) -> None:
-        d = self.group.dial(self._target_factory)
-        self._dials.add(d)
-        d.addBoth(self._dialled, user, d)
+        self._dialing.add(user)
+        dial = self.group.connect(self._target_factory, user.target_ready, user.target_failed)
+        if user in self._dialing:
+            user.dial = dial
 
-    def _dialled(self, result: Any, user: _UserEnd, d: Deferred) -> None:
-        self._dials.discard(d)
+    def _dial_failed(self, failure: Failure, user: _UserEnd) -> None:
+        self._dialing.discard(user)
+        user.dial = None
+        self.ctx.stats.release_tcp()
+        self.ctx.log.error("TCP connection from %s dropped: %s", _fmt(_peer(user.transport)), failure.getErrorMessage())
+        if not user.lost:
+            user.transport.loseConnection()
+
+    def _dialled(self, target: RelayEnd, user: _UserEnd) -> None:
+        self._dialing.discard(user)
+        user.dial = None
         ctx = self.ctx
         stats, log = ctx.stats, ctx.log
-        if isinstance(result, Failure):
-            stats.release_tcp()
-            if result.check(CancelledError):
-                return
-            log.error("TCP connection from %s dropped: %s", _fmt(_peer(user.transport)), result.getErrorMessage())
-            if not user.lost:
-                user.transport.loseConnection()
-            return
-        target: RelayEnd = result
         self._track(target)
         if user.lost or self._stopping:
             stats.release_tcp()
             target.transport.loseConnection()
             return
         target.transport.bufferSize = self._buffer_size
-        if ctx.config.proxy:
+        if self._proxy:
             target.transport.write(proxy_v1_header(_peer(user.transport), _peer(target.transport)))
-        if log.enabled("info"):
+        if self._info:
             # Go's per-connection INFO lines: the user, then the target.
             log.info("Starting exchange: %s <-> %s", peer_text(user.transport), peer_text(target.transport))
         relay = Relay(
@@ -299,7 +318,7 @@ class SingleEndRunner(Runner):
     def _relay_closed(self, relay: Relay) -> None:
         self.relays.discard(relay)
         self.ctx.stats.release_tcp()
-        if self.ctx.log.enabled("info"):
+        if self._info:
             self.ctx.log.info("Exchange complete: %s", relay.outcome)
 
     # -- UDP -------------------------------------------------------------

@@ -41,6 +41,7 @@ for why a table rather than ``automat``.
 
 from __future__ import annotations
 
+import weakref
 from enum import Enum, auto
 from typing import Any, ClassVar, Optional, Protocol
 
@@ -558,8 +559,13 @@ class TunnelPortProtocol(PoolEnd):
         self.machine.data(bytes(data))  # bytes already, unless a relay ran
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.machine.lost(reason)
+        machine = self.machine
+        machine.lost(reason)
         PoolEnd.connectionLost(self, reason)
+        # The machine (now CLOSED) keeps only a weak reference back: the
+        # pair is then freed by reference counting when the protocol goes,
+        # not left, one per pool connection, to the garbage collector.
+        machine.conn = weakref.proxy(self)
 
     # -- I/O for the machine ----------------------------------------------
     def write(self, data: bytes) -> None:

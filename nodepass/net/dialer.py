@@ -9,11 +9,12 @@ from typing import Any, Callable, Optional, Sequence
 from twisted.internet import defer
 from twisted.internet import error as terror
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog
+from nodepass.compat.twisted_fastpath import lean_connect
 from nodepass.config.urls import Address, is_ip_literal, is_unspecified
 from nodepass.net.resolve import getaddrinfo, prefer_ipv4
 
@@ -122,6 +123,8 @@ class TargetGroup:
         self.source = None if dial == "auto" else dial
         self.timeout = timeout
         self._next = 0
+        #: The address given to the factory for each (ip, port) dialled.
+        self._addresses: dict[tuple[str, int], Any] = {}
         # Literal IPs skip the DNS cache (and its coroutine) entirely.
         self._literal = frozenset(
             t.host for t in self.targets if is_ip_literal(t.host) and not is_unspecified(t.host)
@@ -132,106 +135,207 @@ class TargetGroup:
         self._next = i + 1
         return i
 
-    def _connect(self, ip: str, port: int, factory: Factory) -> Deferred[Any]:
-        """One TCP dial; fires with the connected protocol.  Cancelling it
-        stops the connection attempt (no socket left connecting) and fails
-        it with ``ConnectingCancelledError``.
+    def connect(
+        self,
+        factory: Factory,
+        done: Callable[[Any], None],
+        failed: Callable[[Failure], None],
+        on_fail: Optional[Callable[[Address, BaseException], None]] = None,
+        targets: Optional[Sequence[Address]] = None,
+    ) -> "GroupDial":
+        """Connect to the next target, failing over through all of them
+        (or through ``targets``, in order): ``done(protocol)`` once one is
+        connected (after the protocol's ``connectionMade``), else
+        ``failed(failure)`` with :class:`AllTargetsFailed` naming how many
+        failed.  Callback style (no Deferred) because it runs once per
+        relayed connection; either callback may run before this returns.
+        ``cancel()`` on the result stops the attempt in progress (then
+        neither runs)."""
+        return GroupDial(self, factory, done, failed, on_fail, targets)
 
-        The endpoint is given the caller's own factory, which is quiet and
-        built once: ``endpoints.connectProtocol`` makes a factory class per
-        call, and a noisy one (two log events per connection) -- measured at
-        about 1.5 times the CPU per dial (see "Dial path" in
-        docs/benchmarks.md)."""
-        bind = (self.source, 0) if self.source else None
-        kind = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
-        endpoint = kind(self.reactor, ip, port, timeout=self.timeout, bindAddress=bind)
-        return endpoint.connect(factory)  # type: ignore[arg-type]  # Factory provides IProtocolFactory; mypy cannot see zope's declarations
+    def dial(
+        self, factory: Factory, on_fail: Optional[Callable[[Address, BaseException], None]] = None
+    ) -> Deferred[Any]:
+        """:meth:`connect` as a Deferred; cancelling it stops the attempt in
+        progress (no failover) and fails it with ``CancelledError``."""
+        handle: list[GroupDial] = []
+        result: Deferred[Any] = Deferred(lambda _d: handle[0].cancel() if handle else None)
 
-    def _connect_ip(self, ip: str, port: int, factory: Factory) -> Deferred[Any]:
-        """:meth:`_connect` with the ``dial`` fallback (SPEC §1): when the
-        source address cannot be bound, log it once and dial automatically
-        from then on."""
-        if not self.source:
-            return self._connect(ip, port, factory)
+        def done(proto: Any) -> None:
+            if not result.called:
+                result.callback(proto)
+            else:  # cancelled meanwhile: nobody wants this connection
+                proto.transport.loseConnection()
 
-        def fallback(failure: Failure) -> Any:
-            if self.source and _bind_failure(failure.value):
-                self.log.error("Dial source %s unusable (%s), falling back to auto", self.source, failure.value)
-                self.source = None
-                return self._connect(ip, port, factory)
-            return failure
+        def failed(failure: Failure) -> None:
+            if not result.called:
+                result.errback(failure)
 
-        return self._connect(ip, port, factory).addErrback(fallback)
+        handle.append(self.connect(factory, done, failed, on_fail))
+        return result
 
     def dial_target(self, target: Address, factory: Factory) -> Deferred[Any]:
-        """Connect to one target (resolved through the DNS cache)."""
-        if target.host in self._literal:
-            return self._connect_ip(target.host, target.port, factory)
+        """Connect to one target (resolved through the DNS cache); fires
+        with the connected protocol, or fails with the connect error
+        (``CancelledError`` when cancelled)."""
+        handle: list[GroupDial] = []
+        result: Deferred[Any] = Deferred(lambda _d: handle[0].cancel() if handle else None)
 
-        async def resolve_and_connect() -> Any:
-            ip = await self.dns.resolve(target.host)
-            return await self._connect_ip(ip, target.port, factory)
+        def done(proto: Any) -> None:
+            if not result.called:
+                result.callback(proto)
+            else:
+                proto.transport.loseConnection()
 
-        return defer.ensureDeferred(resolve_and_connect())
+        def failed(failure: Failure) -> None:
+            if not result.called:
+                result.errback(failure)
+
+        handle.append(GroupDial(self, factory, done, failed, None, [target], single=True))
+        return result
 
     async def connect_one(self, target: Address, factory: Factory) -> Any:
         """:meth:`dial_target` as a coroutine; cancelled, it raises
         ``CancelledError`` (as :meth:`dial` fails)."""
         try:
             return await self.dial_target(target, factory)
-        except terror.ConnectingCancelledError:
+        except (terror.ConnectingCancelledError, CancelledError):
             raise CancelledError() from None
-
-    def dial(
-        self, factory: Factory, on_fail: Optional[Callable[[Address, BaseException], None]] = None
-    ) -> Deferred[Any]:
-        """Connect to the next target, failing over through all of them;
-        fires with the connected protocol or fails with
-        :class:`AllTargetsFailed` naming how many failed.  Callback style
-        (no coroutine) because it runs once per relayed connection;
-        cancelling it stops the attempt in progress."""
-        start = self.next_index()
-        n = len(self.targets)
-        current: list[Optional[Deferred]] = [None]
-        cancelled = [False]
-
-        def cancel(_d: Deferred) -> None:
-            cancelled[0] = True  # no failover from here on
-            if current[0] is not None:
-                current[0].cancel()
-
-        result: Deferred[Any] = Deferred(cancel)
-
-        def attempt(k: int) -> None:
-            target = self.targets[(start + k) % n]
-            d = current[0] = self.dial_target(target, factory)
-            d.addCallbacks(succeeded, failed, errbackArgs=(k, target))
-
-        def succeeded(proto: Any) -> None:
-            current[0] = None
-            if not result.called:
-                result.callback(proto)
-            else:  # cancelled meanwhile: nobody wants this connection
-                proto.transport.loseConnection()
-
-        def failed(failure: Failure, k: int, target: Address) -> None:
-            current[0] = None
-            if result.called or cancelled[0]:
-                return  # cancelled
-            if on_fail is not None:
-                on_fail(target, failure.value)
-            elif self.log.enabled("debug"):
-                self.log.debug("Dial %s failed: %s", target, failure.getErrorMessage())
-            if k + 1 < n:
-                attempt(k + 1)
-            else:
-                result.errback(AllTargetsFailed(f"all {n} target(s) failed, last error: {failure.getErrorMessage()}"))
-
-        attempt(0)
-        return result
 
     async def resolve_next(self) -> tuple[str, int, Address]:
         """Resolve the next target (round robin) for a UDP session."""
         target = self.targets[self.next_index()]
         ip = await self.dns.resolve(target.host)
         return ip, target.port, target
+
+
+class GroupDial:
+    """One dial through a :class:`TargetGroup` (see :meth:`TargetGroup.connect`).
+
+    Each target is dialled with :func:`lean_connect`: the connection is a
+    Twisted transport whose protocol comes from the caller's factory, made
+    in this reactor turn.  Host names go through the DNS cache first; the
+    ``dial`` source address falls back to automatic (SPEC §1) when it cannot
+    be bound, logged once."""
+
+    __slots__ = ("group", "factory", "done", "failed", "on_fail", "targets", "start", "k", "current", "over", "single")
+
+    def __init__(
+        self,
+        group: TargetGroup,
+        factory: Factory,
+        done: Callable[[Any], None],
+        failed: Callable[[Failure], None],
+        on_fail: Optional[Callable[[Address, BaseException], None]],
+        targets: Optional[Sequence[Address]] = None,
+        single: bool = False,
+    ):
+        self.group = group
+        self.factory = factory
+        self.done = done
+        self.failed = failed
+        self.on_fail = on_fail
+        self.single = single
+        if targets is None:
+            self.targets: Sequence[Address] = group.targets
+            self.start = group.next_index()
+        else:
+            self.targets = targets
+            self.start = 0
+        self.k = 0
+        #: The attempt in progress: a lean dial, or a DNS lookup's Deferred.
+        self.current: Any = None
+        self.over = False
+        self._attempt()
+
+    def cancel(self) -> None:
+        """Stop the attempt in progress; no failover, no callback."""
+        if self.over:
+            return
+        self.over = True
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
+
+    def _attempt(self) -> None:
+        targets = self.targets
+        target = targets[(self.start + self.k) % len(targets)]
+        group = self.group
+        if target.host in group._literal:
+            self._dial_ip(target.host, target.port)
+            return
+        d = defer.ensureDeferred(group.dns.resolve(target.host))
+        self.current = d
+        d.addCallbacks(self._resolved, self._one_failed, callbackArgs=(target.port,))
+
+    def _resolved(self, ip: str, port: int) -> None:
+        self.current = None
+        if not self.over:
+            self._dial_ip(ip, port)
+
+    def _dial_ip(self, ip: str, port: int) -> None:
+        group = self.group
+        key = (ip, port)
+        addr: Any = group._addresses.get(key)
+        if addr is None:
+            if len(group._addresses) >= 256:
+                group._addresses.clear()  # names that resolve anew: keep it small
+            addr = group._addresses[key] = IPv6Address("TCP", ip, port) if ":" in ip else IPv4Address("TCP", ip, port)
+        proto = self.factory.buildProtocol(addr)
+        if proto is None:
+            self._one_failed(Failure(terror.ConnectError(string="the factory built no protocol")))
+            return
+        source = group.source
+        handle = lean_connect(
+            group.reactor,
+            ip,
+            port,
+            proto,
+            self._connected,
+            lambda failure: self._ip_failed(failure, ip, port, source),
+            timeout=group.timeout,
+            bind=(source, 0) if source else None,
+        )
+        if handle is not None:
+            self.current = handle
+
+    def _ip_failed(self, failure: Failure, ip: str, port: int, source: Optional[str]) -> None:
+        group = self.group
+        if source and group.source == source and not self.over and _bind_failure(failure.value):
+            group.log.error("Dial source %s unusable (%s), falling back to auto", source, failure.value)
+            group.source = None
+            self.current = None
+            self._dial_ip(ip, port)
+            return
+        self._one_failed(failure)
+
+    def _connected(self, proto: Any) -> None:
+        self.current = None
+        if self.over:  # cancelled meanwhile: nobody wants this connection
+            proto.transport.loseConnection()
+            return
+        self.over = True
+        self.done(proto)
+
+    def _one_failed(self, failure: Failure) -> None:
+        self.current = None
+        if self.over:
+            return  # cancelled
+        if self.single:
+            self.over = True
+            self.failed(failure)
+            return
+        targets = self.targets
+        target = targets[(self.start + self.k) % len(targets)]
+        group = self.group
+        if self.on_fail is not None:
+            self.on_fail(target, failure.value)
+        elif group.log.enabled("debug"):
+            group.log.debug("Dial %s failed: %s", target, failure.getErrorMessage())
+        self.k += 1
+        if self.k < len(targets):
+            self._attempt()
+            return
+        self.over = True
+        n = len(targets)
+        self.failed(Failure(AllTargetsFailed(f"all {n} target(s) failed, last error: {failure.getErrorMessage()}")))

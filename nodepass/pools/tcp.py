@@ -131,6 +131,16 @@ class IdlePool:
                 return defer.succeed((pool_id, conn))
         return self._wait(self._any, None, timeout)
 
+    def take_any(self) -> Optional[tuple[str, Any]]:
+        """An idle connection as ``(id, conn)`` if there is one now, else
+        None (:meth:`incoming_get` without the Deferred or the wait)."""
+        while self.idle:
+            pool_id, conn = self.idle.popitem(last=False)
+            if not getattr(conn, "lost", False):
+                self._consumed()
+                return pool_id, conn
+        return None
+
     def take(self, pool_id: str) -> Any:
         """The idle connection named ``pool_id`` if it is here now, else
         None; no wait and no error counted (a lenient look-up)."""
@@ -208,6 +218,19 @@ class IdlePool:
                 w.d.errback(PoolClosed("pool closed"))
 
 
+_RANDOM = bytearray()
+
+
+def _random_id() -> bytes:
+    """Four random bytes, from ``os.urandom`` fetched a kilobyte at a time
+    (one system call per 256 pool IDs instead of one per ID)."""
+    if len(_RANDOM) < 4:
+        _RANDOM[:] = os.urandom(1024)
+    raw = bytes(_RANDOM[-4:])
+    del _RANDOM[-4:]
+    return raw
+
+
 class ServerPool(IdlePool):
     """Server side: accepted connections get a random ID written on them."""
 
@@ -220,7 +243,7 @@ class ServerPool(IdlePool):
         when the pool is full or the ID collides (the caller closes)."""
         if self.closed or len(self.idle) >= self.max:
             return None
-        raw = os.urandom(4)
+        raw = _random_id()
         pool_id = raw.hex()
         if pool_id in self.idle or pool_id in self._by_id:
             return None
@@ -311,7 +334,10 @@ class ClientPool(IdlePool):
 
     def _dial_one(self) -> Deferred:
         self.inflight += 1
-        d = defer.maybeDeferred(self.dial)
+        try:
+            d = self.dial()
+        except Exception:  # noqa: BLE001 - as maybeDeferred: a failed dial
+            d = defer.fail()
 
         def ok(conn: Any) -> bool:
             self.inflight -= 1

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from nodepass.base.stats import InstanceStats
 from nodepass.base.timers import ClockLike, IdleTimer
+from nodepass.compat.twisted_fastpath import LeanConnection, forget_handlers
 from nodepass.compat.twisted_internals import is_plain_tcp, read_into, write_through
 
 #: Read size and write-buffer high-water mark given to relayed TCP
@@ -57,7 +58,7 @@ def _read_buffer(size: int) -> memoryview:
 # path of ``nodepass.relay.tls_fast``, which encrypts a chunk before
 # returning, or a QUIC stream) is given the view of the shared read buffer as
 # is; anything else gets a copy.
-_COPY, _PLAIN, _VIEWS = "copy", "plain", "views"
+_COPY, _PLAIN, _VIEWS, _LEAN = "copy", "plain", "views", "lean"
 
 
 def _write_mode(transport: Any) -> str:
@@ -158,6 +159,9 @@ class RelayEnd(Protocol):
     relay: Optional[RelaySink] = None
     gate: Optional[PauseGate] = None
     lost_reason: Optional[Failure] = None
+    #: A set that holds the end while it is connected (a runner's open
+    #: ends): the end leaves it when lost, without a callback per end.
+    owner: Optional[set] = None
 
     def __init__(self) -> None:
         self._early: list[bytes] = []
@@ -192,8 +196,19 @@ class RelayEnd(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self.lost_reason = reason
-        if self.relay is not None:
-            self.relay.end_lost(self)
+        owner = self.owner
+        if owner is not None:
+            owner.discard(self)
+        relay = self.relay
+        if relay is not None:
+            # The end lets go of its relay (and a closed transport of the
+            # relay's read handler): no reference cycle is left for the
+            # garbage collector.
+            self.relay = _DISCARD
+            relay.end_lost(self)
+            transport = self.transport
+            if type(transport) is not LeanConnection:  # a lean one did it
+                forget_handlers(transport)
         callbacks, self._lost_callbacks = self._lost_callbacks, []
         for cb in callbacks:
             cb(reason)
@@ -309,7 +324,9 @@ class Relay:
             if timer is not None:
                 timer.last = self.clock.seconds()
             through = self._through_tunnel
-            if through is _PLAIN:
+            if through is _LEAN:
+                self.tunnel.transport.write(data)
+            elif through is _PLAIN:
                 write_through(self.tunnel.transport, data)
             elif through is _VIEWS:
                 self.tunnel.transport.write(data)
@@ -321,7 +338,9 @@ class Relay:
             if timer is not None:
                 timer.last = self.clock.seconds()
             through = self._through_target
-            if through is _PLAIN:
+            if through is _LEAN:
+                self.target.transport.write(data)
+            elif through is _PLAIN:
                 write_through(self.target.transport, data)
             elif through is _VIEWS:
                 self.target.transport.write(data)
@@ -357,21 +376,29 @@ class Relay:
             return
         a_gate, b_gate = a.gate, b.gate
         assert a_gate is not None and b_gate is not None, "splice of an unconnected end"
-        a.transport.registerProducer(b_gate, True)
-        b.transport.registerProducer(a_gate, True)
-        self._through_target = _write_mode(a.transport)
-        self._through_tunnel = _write_mode(b.transport)
-        for end, mode in ((a, self._through_target), (b, self._through_tunnel)):
-            if mode is _PLAIN:
-                # Read into the shared buffer, straight to ``forward``.
-                read_into(end.transport, _read_buffer(end.transport.bufferSize), self.forward, end)
+        ta, tb = a.transport, b.transport
+        ta.registerProducer(b_gate, True)
+        tb.registerProducer(a_gate, True)
+        forward = self.forward
+        modes = []
+        for end, t in ((a, ta), (b, tb)):
+            if type(t) is LeanConnection and not t.TLS:
+                # Read into the shared buffer, straight to ``forward``; its
+                # own ``write`` sends at once (and takes views).
+                mode = _LEAN
+                t.relay_reads(_read_buffer(t.bufferSize), forward, end)
+            else:
+                mode = _write_mode(t)
+                if mode is _PLAIN:
+                    read_into(t, _read_buffer(t.bufferSize), forward, end)
+            modes.append(mode)
+        self._through_target, self._through_tunnel = modes
         if self.idle > 0:
             self._idle_target = IdleTimer(self.clock, self.idle, self._idle_expired)
             self._idle_tunnel = IdleTimer(self.clock, self.idle, self._idle_expired)
         for end in (a, b):
-            early = end.take_early()
-            if early:
-                self.forward(end, early)
+            if end._early:
+                forward(end, end.take_early())
         a_gate.resume("splice")
         b_gate.resume("splice")
 
@@ -408,9 +435,12 @@ class Relay:
 def _outcome(reason: Optional[Failure]) -> str:
     """Go's text for how a relayed connection ended: ``EOF`` for a clean
     close, the error otherwise."""
-    if reason is None or reason.check(error.ConnectionDone):
+    if reason is None:
         return "EOF"
-    if reason.check(error.ConnectionLost):
+    value = reason.value  # isinstance: Failure.check compares class names
+    if isinstance(value, error.ConnectionDone):
+        return "EOF"
+    if isinstance(value, error.ConnectionLost):
         return "read: connection reset by peer"
     return reason.getErrorMessage()
 

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import Callable
+from collections import deque
+from typing import Any, Callable, Optional
+
+from twisted.python import log
 
 from nodepass.compat.twisted_internals import (
     CONNECTION_DONE,
@@ -176,3 +179,45 @@ def try_splice(relay: Relay) -> bool:
     a.on_lost(one_lost)
     b.on_lost(one_lost)
     return True
+
+
+class SpliceLater:
+    """Calls :func:`try_splice` on each relay :data:`DELAY` after it was
+    added, with one timer for all of them (not a delayed call per relayed
+    connection, which short exchanges would set up and cancel for
+    nothing).  Relays that are over by then are skipped."""
+
+    def __init__(self, clock: Any):
+        self.clock = clock
+        self._queue: deque[tuple[float, Relay]] = deque()
+        self._call: Optional[Any] = None
+        self._stopped = False
+
+    def add(self, relay: Relay) -> None:
+        if self._stopped:
+            return
+        self._queue.append((self.clock.seconds() + DELAY, relay))
+        if self._call is None:
+            self._call = self.clock.callLater(DELAY, self._run)
+
+    def _run(self) -> None:
+        self._call = None
+        now = self.clock.seconds()
+        queue = self._queue
+        while queue and queue[0][0] <= now:
+            relay = queue.popleft()[1]
+            if not relay.closed:
+                try:
+                    try_splice(relay)
+                except Exception:  # noqa: BLE001 - one relay must not stop the others'
+                    log.err(None, "switching a relay to splice(2)")
+        if queue:
+            self._call = self.clock.callLater(max(0.0, queue[0][0] - now), self._run)
+
+    def stop(self) -> None:
+        """Forget every relay and the timer (the runner stops)."""
+        self._stopped = True
+        self._queue.clear()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None

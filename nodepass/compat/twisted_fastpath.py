@@ -1,0 +1,649 @@
+"""Lean TCP transports: Twisted's ``tcp.Connection`` without its
+per-connection machinery, for the short connections a tunnel relays.
+
+A relayed request/answer connection costs far more in setting up and tearing
+down than in moving its bytes (docs/benchmarks.md, run R): Twisted builds a
+``tcp.Server`` per accepted socket (log strings, a read registration that
+the relay undoes at once), dials through a ``Connector`` and ``tcp.Client``
+that connect one reactor turn later, writes on the next turn after a write
+registration, and closes on the next turn after two more registration
+changes.  The transports here are still Twisted transports -- subclasses of
+``tcp.Connection`` registered with the reactor (``addReader``/``addWriter``),
+serving ordinary ``Protocol`` objects built by factories, with Twisted's
+producer/consumer flow control (``IPushProducer``, ``IConsumer``) and its own
+write buffer, ``doRead``, ``doWrite`` and ``connectionLost`` -- and differ
+only where that machinery costs and buys nothing:
+
+* :func:`lean_accepts`: a listening port (``reactor.listenTCP``) whose
+  accepted sockets become :class:`LeanConnection` transports;
+* :func:`lean_connect`: a dial that connects in the caller's turn (loopback
+  connections are established by the time ``connect`` returns; others wait
+  for writability with a timeout), with Twisted's connect errors;
+* a transport starts reading after its protocol's ``makeConnection`` unless
+  the protocol paused it (no register-then-unregister), and keeps track of
+  its read registration (a pause of a transport that is not reading costs
+  nothing);
+* it writes straight to its socket when nothing is queued (only the rest is
+  buffered, which still pauses the producer as Twisted's buffer does);
+* once a relay reads it (:meth:`LeanConnection.relay_reads`), it reads into
+  the relay's shared buffer; an accepted connection reads at once when its
+  relay is set up (a client's first bytes are usually there already), and
+  a short read of an answer is followed by one more ``recv``, which often
+  finds the peer's close in the same reactor turn;
+* ``loseConnection`` with nothing queued closes without a write
+  registration, after the code that asked is done: at the end of the lean
+  ``connectionLost`` that asked (one end of a relay went, so the relay
+  closes the other), else at the end of the reactor turn;
+* ``connectionLost`` closes the socket without ``shutdown`` first and, under
+  the epoll reactor, without unregistering it first (closing it does), and
+  drops the handlers a relay installed, so that no reference cycle is left
+  per connection for the garbage collector.
+
+This reaches below Twisted's API (it subclasses ``tcp.Connection`` and uses
+its buffers, ``tcp.Port``'s socket, factory and ``doRead``); it lives in
+``nodepass.compat`` for that reason, and ``tests/test_compat_fastpath.py``
+checks what it relies on against the installed Twisted.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import os
+import socket
+import struct
+from typing import Any, Callable, Optional
+
+from twisted.internet import address, error, main, tcp
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.python import failure, log
+
+try:
+    from twisted.internet.epollreactor import EPollReactor as _EPOLL
+except ImportError:  # no epoll on this platform
+    _EPOLL = None  # type: ignore[assignment, misc]
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+#: A socket created non-blocking (no ``ioctl`` after ``socket``).
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+_CONNECTION_DONE = failure.Failure(main.CONNECTION_DONE)
+
+#: A read this short, of an answer, is tried once more for the peer's close
+#: (bulk transfers read more at a time, and a second ``recv`` would mostly
+#: find nothing).
+_ANSWER_SIZE = 16384
+
+#: accept(2) errors that are not about one connection: Twisted's own
+#: ``doRead`` handles them (it keeps a spare descriptor for EMFILE).
+_ACCEPT_RETRY = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
+_IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK))
+
+
+class _Closer:
+    """Closes the connections whose ``loseConnection`` found nothing to
+    flush, once their caller's code is done: at the end of the lean
+    ``connectionLost`` that asked (the usual case: one end of a relay went,
+    so the relay closes the other), else at the end of the reactor turn
+    (one ``callLater(0)`` for all of a turn's closes).  Either way there is
+    no write registration per connection, and ``connectionLost`` never runs
+    inside ``loseConnection``, as with Twisted's own transports."""
+
+    __slots__ = ("reactor", "pending", "call", "depth")
+
+    def __init__(self, reactor: Any):
+        self.reactor = reactor
+        self.pending: list[LeanConnection] = []
+        self.call: Any = None
+        #: How many lean ``connectionLost`` calls are running (nested).
+        self.depth = 0
+
+    def add(self, conn: "LeanConnection") -> None:
+        self.pending.append(conn)
+        if self.call is None and not self.depth:
+            self.call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self.call = None
+        while self.pending:
+            pending, self.pending = self.pending, []
+            for conn in pending:
+                try:
+                    conn._lean_close_now()
+                except Exception:  # noqa: BLE001 - one protocol's bug must not keep the others open
+                    log.err(None, "closing a lean TCP connection")
+
+
+_CLOSERS: dict[int, _Closer] = {}
+
+
+def _closer(reactor: Any) -> _Closer:
+    closer = _CLOSERS.get(id(reactor))
+    if closer is None or closer.reactor is not reactor:
+        closer = _CLOSERS[id(reactor)] = _Closer(reactor)
+    return closer
+
+
+class LeanConnection(tcp.Connection):
+    """A TCP connection of an accepted or dialled socket (see the module
+    docstring).  ``peer`` is the socket address of the other end."""
+
+    # Typed loosely: the reactor is an epoll reactor (its private sets are
+    # used), the socket may be a ``_socket.socket``.
+    reactor: Any
+    socket: Any
+    protocol: Any
+    producer: Any
+
+    logstr = "LeanConnection"
+    _tlsClientDefault = False  # startTLS: the server side unless dialled
+    #: Reading was stopped (by a pause or a close) before it ever started.
+    _lean_no_read = False
+    #: In the closer's list: nothing is flushed by a write registration.
+    _lean_closing = False
+    #: The dial in progress (a :class:`_Dial`), until it connected or failed.
+    _lean_dial: Optional["_Dial"] = None
+
+    def __init__(self, sock: Any, protocol: Any, reactor: Any, peer: tuple, family: int):
+        # tcp.Connection.__init__, minus setblocking: the socket is
+        # non-blocking already.
+        self.reactor = reactor
+        self._tempDataBuffer = []
+        self._tempDataLen = 0
+        self.socket = sock
+        self.fileno = sock.fileno
+        self.protocol = protocol
+        self._lean_peer = peer
+        self._lean_family = family
+
+    # -- addresses -------------------------------------------------------
+    def _address(self, sockaddr: tuple) -> Any:
+        if self._lean_family == socket.AF_INET6:
+            return address.IPv6Address("TCP", *sockaddr)
+        return address.IPv4Address("TCP", sockaddr[0], sockaddr[1])
+
+    _lean_peer_address: Any = None
+    _lean_no_delay = False
+
+    def getPeer(self) -> Any:
+        peer = self._lean_peer_address
+        if peer is None:
+            peer = self._lean_peer_address = self._address(self._lean_peer)
+        return peer
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        if enabled and self._lean_no_delay:
+            return  # set already (a lean dial sets it)
+        tcp.Connection.setTcpNoDelay(self, enabled)
+        self._lean_no_delay = bool(enabled)
+
+    def getHost(self) -> Any:
+        return self._address(self.socket.getsockname())
+
+    def __repr__(self) -> str:
+        return f"<LeanConnection to {self._lean_peer!r}>"
+
+    # -- reading ---------------------------------------------------------
+    #: Registered with the reactor for reading, as far as this transport
+    #: knows (the reactor also lets go of it at end of stream).
+    _lean_reading = False
+    #: ``(deliver, source, view, size)`` once a relay reads this connection
+    #: (:meth:`relay_reads`).
+    _lean_sink: Optional[tuple] = None
+
+    def startReading(self) -> None:
+        self._lean_no_read = False
+        if not self._lean_reading:
+            self._lean_reading = True
+            self.reactor.addReader(self)
+
+    def stopReading(self) -> None:
+        self._lean_no_read = True
+        if self._lean_reading:
+            self._lean_reading = False
+            self.reactor.removeReader(self)
+
+    def _lean_start(self, protocol: Any, done: Optional[Callable[[Any], None]] = None, eager: bool = False) -> None:
+        """Connect ``protocol`` (then tell ``done``) and start reading,
+        unless it paused the transport or closed it meanwhile.
+
+        ``eager`` (an accepted connection): when a relay reads it by the
+        time its protocol is connected, read once now -- a client's first
+        bytes (a request) usually arrived before its connection was
+        accepted, and reading them here saves a turn of the reactor."""
+        self.connected = 1
+        protocol.makeConnection(self)
+        if done is not None:
+            done(protocol)
+        if self.connected and not self._lean_no_read and not self.disconnecting:
+            self.startReading()
+            if eager and self._lean_sink is not None:
+                self.read_now()
+
+    def read_now(self) -> None:
+        """Read once now, as if the reactor had found the connection
+        readable (a relay just started on bytes that are likely waiting:
+        a pool connection's first chunk comes right behind its launch
+        signal).  Nothing there costs one ``recv``."""
+        if self.connected and self._lean_reading and not self.disconnecting and "doRead" not in self.__dict__:
+            why = self.doRead()
+            if why is not None:
+                self._lean_read_failed(why)
+
+    def _lean_read_failed(self, why: Any) -> None:
+        """What the reactor does when a ``doRead`` returns ``why`` (end of
+        stream or an error): ``_disconnectSelectable``."""
+        self.stopReading()
+        if isinstance(why, error.ConnectionDone):
+            self.readConnectionLost(_CONNECTION_DONE)
+        else:
+            self.reactor.removeWriter(self)
+            self.connectionLost(failure.Failure(why))
+
+    def relay_reads(self, view: memoryview, deliver: Callable[[Any, memoryview], None], source: Any) -> None:
+        """From now on read into ``view`` (up to ``bufferSize``) and call
+        ``deliver(source, chunk)`` with a view of each chunk, which must not
+        be kept past the call (``nodepass.compat.twisted_internals.read_into``
+        for this transport, without a closure per connection)."""
+        self._lean_sink = (deliver, source, view, min(self.bufferSize, len(view)))
+
+    #: Something was written on the connection (so what it reads now is
+    #: an answer, which its peer may follow with a close at once).
+    _lean_wrote = False
+
+    def doRead(self) -> Any:
+        """Twisted's ``doRead`` until a relay reads the connection; then
+        read into the relay's buffer, and after a short read of an answer
+        (at most :data:`_ANSWER_SIZE`, on a connection written to before)
+        try once more: an answer is often followed by the peer's close,
+        which is then seen in the same reactor turn instead of the next."""
+        if self.disconnecting:
+            return None  # closing at the end of this turn (loseConnection)
+        sink = self._lean_sink
+        if sink is None:
+            return tcp.Connection.doRead(self)
+        deliver, source, view, size = sink
+        recv_into = self.socket.recv_into
+        try:
+            n = recv_into(view, size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        deliver(source, view[:n])
+        if n > _ANSWER_SIZE or not self._lean_wrote or not self._lean_reading or self.disconnecting or not self.connected:
+            return None
+        try:
+            n = recv_into(view, size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        deliver(source, view[:n])
+        return None
+
+    # -- writing ---------------------------------------------------------
+    def write(self, data: Any) -> None:
+        """Send at once when nothing is queued; queue only what the socket
+        did not take (Twisted's buffer, which pauses the producer).  Accepts
+        bytes or a memoryview (copied if any of it has to wait)."""
+        self._lean_wrote = True
+        if self.TLS:
+            tcp.Connection.write(self, data)
+            return
+        if not self._tempDataLen and not self.dataBuffer and self.connected and not self._writeDisconnected:
+            try:
+                sent = self.socket.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or an error Twisted's write path reports
+            if sent == len(data):
+                return
+            data = data[sent:]
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        FileDescriptor.write(self, data)
+
+    def loseConnection(self) -> None:
+        """With nothing queued and no paused producer to wait for, close at
+        the end of this turn (no write registration); otherwise Twisted's
+        own: flush, then close."""
+        if not self.connected or self.disconnecting:
+            return
+        if (
+            self._tempDataLen
+            or self.dataBuffer
+            or self._writeDisconnected
+            or self.TLS
+            or (self.producer is not None and (not self.streamingProducer or self.producerPaused))
+        ):
+            tcp.Connection.loseConnection(self)
+            return
+        self.disconnecting = 1
+        self._lean_closing = True
+        self._lean_no_read = True
+        if "doRead" in self.__dict__:
+            self.stopReading()  # a reader of its own (splice) would read on
+        # Else the socket stays registered until the closer closes it (which
+        # unregisters it); what it reads meanwhile is ignored (doRead).
+        _closer(self.reactor).add(self)
+
+    def unregisterProducer(self) -> None:
+        if self.TLS:
+            tcp.Connection.unregisterProducer(self)
+            return
+        self.producer = None
+        if self.connected and self.disconnecting and not self._lean_closing:
+            self.startWriting()
+
+    def _lean_close_now(self) -> None:
+        self._lean_closing = False
+        if not self.connected:
+            return  # lost meanwhile (a read error, an abort)
+        if self._tempDataLen or self.dataBuffer:
+            self.stopReading()
+            self.startWriting()  # written after loseConnection: flush first
+            return
+        self.connectionLost(_CONNECTION_DONE)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.TLS:
+            tcp.Connection.registerProducer(self, producer, streaming)
+            return
+        # FileDescriptor.registerProducer, in one call.
+        if self.producer is not None:
+            raise RuntimeError(f"Cannot register producer {producer}, because producer {self.producer} was never unregistered.")
+        if self.disconnected:
+            producer.stopProducing()
+        else:
+            self.producer = producer
+            self.streamingProducer = streaming
+            if not streaming:
+                producer.resumeProducing()
+
+    def readConnectionLost(self, reason: failure.Failure) -> None:
+        self._lean_reading = False  # the reactor let go of it
+        if IHalfCloseableProtocol.providedBy(self.protocol):
+            tcp.Connection.readConnectionLost(self, reason)
+        else:
+            self.connectionLost(reason)
+
+    def connectionLost(self, reason: failure.Failure) -> None:
+        """Twisted's ``tcp.Connection.connectionLost`` (producer stopped,
+        reactor let go, socket closed, protocol told), in fewer steps: the
+        socket is closed without ``shutdown`` first (Twisted's own comment
+        calls it unnecessary: the descriptor is ours alone) and, under the
+        epoll reactor, without unregistering it first (closing it does)."""
+        dial = self._lean_dial
+        if dial is not None:
+            # An error event while connecting (the reactor saw HUP/ERR).
+            dial.check()
+            return
+        d = self.__dict__
+        sock = d.get("socket")
+        if sock is None:
+            return  # lost already
+        closer = _closer(self.reactor)
+        closer.depth += 1
+        try:
+            self._lean_lost(d, sock, reason)
+        finally:
+            closer.depth -= 1
+        if not closer.depth and closer.pending and closer.call is None:
+            closer.flush()  # what this loss asked to close (the relay's other end)
+
+    def _lean_lost(self, d: dict, sock: Any, reason: failure.Failure) -> None:
+        self.disconnected = 1
+        self.connected = 0
+        producer = self.producer
+        if producer is not None:
+            producer.stopProducing()
+            self.producer = None
+        reactor = self.reactor
+        if _EPOLL is not None and isinstance(reactor, _EPOLL):
+            # The reactor's books only: closing the socket takes it out of
+            # the epoll set (the reactor may have let go of it already, at
+            # end of stream).
+            fd = sock.fileno()
+            selectables = reactor._selectables
+            if selectables.get(fd) is self:
+                del selectables[fd]
+                reactor._reads.discard(fd)
+                reactor._writes.discard(fd)
+        else:
+            self.reactor.removeReader(self)
+            self.reactor.removeWriter(self)
+        if reason.type is error.ConnectionAborted:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        sock.close()
+        protocol = self.protocol
+        del self.protocol, self.socket, self.fileno
+        self._lean_reading = False
+        d.pop("doRead", None)
+        d.pop("doWrite", None)
+        d.pop("_lean_sink", None)
+        protocol.connectionLost(reason)
+
+
+def forget_handlers(transport: Any) -> None:
+    """Drop the ``doRead``/``doWrite`` a relay installed on a closed TCP
+    connection (``nodepass.compat.twisted_internals.read_into`` and the
+    splice path): they hold the relay, which holds the connection, and such
+    a cycle would otherwise wait for the garbage collector -- per
+    connection, a collection's worth of work."""
+    d = getattr(transport, "__dict__", None)
+    if d is not None and "socket" not in d:
+        d.pop("doRead", None)
+        d.pop("doWrite", None)
+
+
+def _peer_tuple(addr: tuple) -> tuple:
+    if len(addr) == 4:  # IPv6: Twisted's numeric form (scope as a name)
+        host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+        return (host[0], *addr[1:])
+    return addr
+
+
+def lean_accepts(port: Any) -> bool:
+    """Have a listening ``tcp.Port`` (from ``reactor.listenTCP``) make a
+    :class:`LeanConnection` for every accepted socket, with a protocol from
+    its factory (``buildProtocol(address)``; None refuses the connection).
+    Returns False when the port cannot be taken over (then it keeps
+    Twisted's own transports).  Errors other than "nothing to accept" are
+    left to Twisted's own ``doRead`` (it handles EMFILE with a spare
+    descriptor)."""
+    if not isinstance(port, tcp.Port):
+        return False
+    lsock = getattr(port, "socket", None)
+    if lsock is None:
+        return False
+    accept = lsock._accept
+    family = lsock.family
+    make = _socket.socket
+    stream = socket.SOCK_STREAM
+    reactor: Any = port.reactor
+    factory: Any = port.factory
+    twisted_do_read = port.doRead
+    IPv4Address = address.IPv4Address
+    IPv6Address = address.IPv6Address
+    v6 = family == socket.AF_INET6
+    state = [64]
+
+    def doRead() -> None:
+        limit = state[0]
+        count = 0
+        while count < limit:
+            try:
+                fd, addr = accept()
+            except OSError as e:
+                if e.errno in _ACCEPT_RETRY:
+                    break
+                twisted_do_read()  # Twisted's own handling and logging
+                break
+            count += 1
+            try:
+                sock = make(family, stream, 0, fd)
+            except OSError:
+                os.close(fd)
+                continue
+            conn = None
+            try:
+                sock.setblocking(False)
+                if v6:
+                    addr = _peer_tuple(addr)
+                    protocol = factory.buildProtocol(IPv6Address("TCP", *addr))
+                else:
+                    protocol = factory.buildProtocol(IPv4Address("TCP", addr[0], addr[1]))
+                if protocol is None:
+                    sock.close()
+                    continue
+                conn = LeanConnection(sock, protocol, reactor, addr, family)
+                conn._lean_start(protocol, None, True)
+            except Exception:  # noqa: BLE001 - one connection's failure must not stop the listener
+                log.err(None, "accepting a TCP connection")
+                if conn is None:
+                    sock.close()  # no transport took it
+                else:
+                    conn.abortConnection()  # not left open, unread and unregistered
+        state[0] = limit + 20 if count == limit else max(16, count)
+
+    setattr(port, "doRead", doRead)  # this port only
+    return True
+
+
+class _Dial:
+    """One connection attempt of :func:`lean_connect`."""
+
+    __slots__ = ("conn", "protocol", "done", "failed", "timer", "addr", "over")
+
+    def __init__(self, conn: LeanConnection, protocol: Any, done: Callable[[Any], None], failed: Callable[[failure.Failure], None], addr: tuple):
+        self.conn = conn
+        self.protocol = protocol
+        self.done = done
+        self.failed = failed
+        self.timer: Any = None
+        self.addr = addr
+        self.over = False
+
+    def check(self) -> None:
+        """The socket became writable (or failed): connected, or why not."""
+        if self.over:
+            return
+        sock = self.conn.socket
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err:
+            err = sock.connect_ex(self.addr)
+            if err == errno.EISCONN:
+                err = 0
+            elif err in _IN_PROGRESS:
+                return  # not yet
+        self.conn.reactor.removeWriter(self.conn)
+        if err:
+            self._fail(error.getConnectError((err, os.strerror(err))))
+        else:
+            self._connected()
+
+    def _connected(self) -> None:
+        self.over = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        conn = self.conn
+        del conn.doWrite, conn.doRead
+        conn._lean_dial = None
+        conn._lean_start(self.protocol, self.done)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.over = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        conn = self.conn
+        conn._lean_dial = None
+        conn.reactor.removeWriter(conn)
+        try:
+            conn.socket.close()
+        except OSError:
+            pass
+        self.failed(failure.Failure(exc))
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if not self.over:
+            self._fail(error.TimeoutError())
+
+    def cancel(self) -> None:
+        """Stop the attempt: fails with ``ConnectingCancelledError``, as an
+        endpoint's cancelled ``connect`` does."""
+        if not self.over:
+            host, port = self.addr[0], self.addr[1]
+            kind = address.IPv6Address if self.conn._lean_family == socket.AF_INET6 else address.IPv4Address
+            self._fail(error.ConnectingCancelledError(kind("TCP", host, port)))
+
+
+def lean_connect(
+    reactor: Any,
+    ip: str,
+    port: int,
+    protocol: Any,
+    done: Callable[[Any], None],
+    failed: Callable[[failure.Failure], None],
+    timeout: float = 30.0,
+    bind: Optional[tuple[str, int]] = None,
+) -> Optional[_Dial]:
+    """Dial ``ip:port`` (an IP literal) for ``protocol``.  ``done(protocol)``
+    runs after the protocol's ``makeConnection``; ``failed(failure)`` with
+    Twisted's connect errors (``ConnectionRefusedError``, ``TimeoutError``
+    after ``timeout`` seconds, ``ConnectBindError`` for ``bind``,
+    ``ConnectingCancelledError`` once cancelled).  Either may run before
+    this returns (a loopback dial is usually over at once); then the result
+    is None, else a handle whose ``cancel()`` stops the attempt."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    addr: tuple
+    if family == socket.AF_INET6:
+        addr = tcp._resolveIPv6(ip, port)
+    else:
+        addr = (ip, port)
+    try:
+        sock = _socket.socket(family, _STREAM_NONBLOCK)
+    except OSError as e:
+        failed(failure.Failure(error.ConnectBindError(e.args[0], e.args[1])))
+        return None
+    try:
+        if not _STREAM_NONBLOCK & ~socket.SOCK_STREAM:
+            sock.setblocking(False)  # no SOCK_NONBLOCK on this platform
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if bind is not None:
+            bind_addr = tcp._resolveIPv6(bind[0], bind[1]) if ":" in bind[0] else bind
+            sock.bind(bind_addr)
+    except OSError as e:
+        sock.close()
+        failed(failure.Failure(error.ConnectBindError(e.args[0], e.args[1])))
+        return None
+    err = sock.connect_ex(addr)
+    if err in _IN_PROGRESS:
+        err = sock.connect_ex(addr)  # loopback: usually established by now
+        if err == errno.EISCONN:
+            err = 0
+    conn = LeanConnection(sock, protocol, reactor, addr, family)
+    conn._tlsClientDefault = True
+    conn._lean_no_delay = True
+    if not err:
+        conn._lean_start(protocol, done)
+        return None
+    if err not in _IN_PROGRESS:
+        sock.close()
+        failed(failure.Failure(error.getConnectError((err, os.strerror(err)))))
+        return None
+    dial = _Dial(conn, protocol, done, failed, addr)
+    conn._lean_dial = dial
+    conn.doWrite = conn.doRead = dial.check  # type: ignore[method-assign]
+    reactor.addWriter(conn)
+    if timeout:
+        dial.timer = reactor.callLater(timeout, dial.timed_out)
+    return dial
