@@ -34,6 +34,8 @@ from nodepass.net.tls import peer_certificate_fingerprint
 from nodepass.pools.ws import (
     CLOSE_TIMEOUT,
     HEADER_TIMEOUT,
+    Deadlines,
+    deadlines,
     WebSocketClientUpgradeProtocol,
     WebSocketHandshakeError,
     WebSocketHandshakeTimeout,
@@ -42,6 +44,7 @@ from nodepass.pools.ws import (
     WebSocketUpgradeError,
     WebSocketUpgradeProtocol,
     accept_value,
+    new_key,
     upgrade_request,
 )
 from nodepass.relay.core import Relay, RelayEnd
@@ -1462,6 +1465,25 @@ class EndToEnd(unittest.TestCase):
 class EndToEndTLS(EndToEnd):
     tls = True
 
+    async def test_close_starts_the_tls_shutdown_at_once(self) -> None:
+        """Closing sends our Close and starts the TLS shutdown in the same
+        turn (no wait for the peer's Close first); the peer still answers
+        the Close, and both ends see a clean close well before any timer."""
+        server = self.serve(Recorder)
+        stream, proto = await self.open(server, Recorder())
+        far = await self.server_side(server)
+        started = reactor.seconds()
+        server.streams[0].loseConnection()
+        tls = server.streams[0]._tls
+        assert tls is not None
+        self.assertTrue(tls.disconnecting)  # close_notify on its way, right behind the Close
+        await wait_for(lambda: far.reason is not None and proto.reason is not None)
+        self.assertLess(reactor.seconds() - started, CLOSE_TIMEOUT - 1)
+        self.assertTrue(far.reason.check(error.ConnectionDone))
+        self.assertTrue(proto.reason.check(error.ConnectionDone))
+        self.assertEqual(stream.peer_close_code, 1000)
+        self.assertEqual(server.streams[0].peer_close_code, 1000)  # the answer was read
+
     async def test_certificates_for_the_fingerprint_check(self) -> None:
         """The client reads the server's certificate from its stream (the
         ``verify`` fingerprint, SPEC-1.14 §3.5); the server its own."""
@@ -1530,3 +1552,165 @@ class EndToEndTLS(EndToEnd):
         with self.assertRaises(Exception) as cm:
             await wrong.open_stream(Client())
         self.assertNotIsInstance(cm.exception, WebSocketUpgradeError)
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        super().write(data)
+
+
+class LeanPathTests(unittest.TestCase):
+    """What the connection-rate work (issue 12) changed, byte for byte: the
+    101 and the ID in one write, the canonical request read in one match,
+    control frames handled without wsproto, timeouts behind one timer."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.seen: list[dict[str, list[str]]] = []
+        self.streams: list[WebSocketStreamTransport] = []
+
+    def serve(self, wire: StringTransport, write_id: bool = True) -> WebSocketUpgradeProtocol:
+        def on_stream(stream: WebSocketStreamTransport) -> None:
+            self.streams.append(stream)
+            stream.attach(Recorder())
+            if write_id:
+                stream.write(b"\x00\x00\x00\x00")
+
+        def authorize(headers: dict[str, list[str]]) -> bool:
+            self.seen.append(headers)
+            return True
+
+        proto = WebSocketUpgradeProtocol(self.clock, NodeLog("none"), on_stream, lambda: False, authorize=authorize)
+        proto.makeConnection(wire)
+        return proto
+
+    def test_101_and_the_id_go_in_one_write(self) -> None:
+        wire = CountingTransport()
+        self.serve(wire).dataReceived(GO_REQUEST)
+        self.assertEqual(wire.writes, [GO_ANSWER + bytes.fromhex("820400000000")])
+
+    def test_101_alone_when_nothing_is_written(self) -> None:
+        wire = CountingTransport()
+        self.serve(wire, write_id=False).dataReceived(GO_REQUEST)
+        self.assertEqual(wire.writes, [GO_ANSWER])
+        self.streams[0].write(b"x" * 20000)
+        self.assertEqual(wire.writes[1:], [b"\x82\x7e\x4e\x20" + b"x" * 20000])
+
+    def test_canonical_and_general_requests_decide_the_same(self) -> None:
+        """Go's request, ours with Authorization, and the same requests in
+        spellings the one-match path does not take (header case, spacing,
+        order): the same answer and the same headers for ``authorize``."""
+        ours = upgrade_request("tunnel.example", KEY, "tok")
+        variants = [
+            (GO_REQUEST, GO_REQUEST.replace(b"Upgrade: websocket", b"upgrade:   websocket")),
+            (ours, ours.replace(b"Authorization: Bearer tok", b"AUTHORIZATION:Bearer tok")),
+            (GO_REQUEST.replace(b"GET / ", b"GET /x?y=1 "), GO_REQUEST.replace(b"GET / ", b"GET /x?y=1 ").replace(
+                b"Accept-Encoding: gzip\r\n", b"").replace(b"Host:", b"Accept-Encoding: gzip\r\nHost:")),
+        ]
+        for fast, general in variants:
+            answers = []
+            for data in (fast, general):
+                wire = CountingTransport()
+                self.serve(wire).dataReceived(data)
+                answers.append(wire.value())
+            self.assertEqual(answers[0], answers[1])
+            self.assertTrue(answers[0].startswith(GO_ANSWER))
+            self.assertEqual(self.seen[-2], self.seen[-1])
+        self.assertEqual(self.seen[2]["authorization"], ["Bearer tok"])
+
+    def test_close_payloads_are_judged_as_wsproto_judges_them(self) -> None:
+        """Every kind of Close payload a peer may send: answered (echoed,
+        ``88 00`` for none) when wsproto accepts it, else closed with the
+        status wsproto names (1007, invalid UTF-8, refused with 1003 as Go
+        does)."""
+        from wsproto.connection import Connection, ConnectionType
+        from wsproto.events import CloseConnection
+
+        key = b"\x01\x02\x03\x04"
+        payloads = [b"", b"\x03", struct.pack("!H", 999), b"\x03\xe8", b"\x03\xe9bye", b"\x03\xec", b"\x03\xed",
+                    b"\x03\xee", b"\x03\xf7", b"\x0b\xb7", b"\x0b\xb8", b"\x13\x87ok", b"\x13\x88",
+                    b"\x03\xe8\xff\xfe", b"\x03\xf3"]
+        for payload in payloads:
+            frame = any_frame(8, payload, key)
+            probe = Connection(ConnectionType.SERVER)
+            probe.receive_data(frame)
+            event = next(e for e in probe.events() if isinstance(e, CloseConnection))
+            valid = probe.state.name == "REMOTE_CLOSING"
+            stream, rec, wire = FrameReaderTests.stream(self, client=False)  # type: ignore[arg-type]
+            stream.feed(frame)
+            if valid:
+                self.assertEqual(wire.value(), bytes(probe.send(event.response())), payload)
+                self.assertEqual(stream.peer_close_code, event.code, payload)
+            else:
+                code = 1003 if event.code == 1007 else event.code
+                self.assertEqual(wire.value(), b"\x88\x02" + struct.pack("!H", code), payload)
+                self.assertIsNone(stream.peer_close_code, payload)
+                self.assertIn(str(event.reason)[:20], str(stream._reason), payload)
+            self.assertTrue(wire.disconnecting or not valid, payload)
+
+    def test_client_masks_are_fresh_and_keys_unique(self) -> None:
+        stream, _rec, wire = FrameReaderTests.stream(self, client=True)  # type: ignore[arg-type]
+        masks = set()
+        for _ in range(300):
+            wire.clear()
+            stream.write(b"abcd")
+            frame = wire.value()
+            masks.add(frame[2:6])
+            self.assertEqual(unmask(frame[2:6], frame[6:]), b"abcd")
+        self.assertGreater(len(masks), 295)
+        keys = {new_key() for _ in range(300)}
+        self.assertEqual(len(keys), 300)
+        self.assertTrue(all(len(base64.b64decode(k)) == 16 for k in keys))
+
+    def test_deadlines_fire_each_entry_at_its_own_time(self) -> None:
+        clock = Clock()
+        due = Deadlines(clock, 5.0)
+        fired: list[str] = []
+        due.add("a", lambda: fired.append("a"))
+        clock.advance(1)
+        due.add("b", lambda: fired.append("b"))
+        due.add("c", lambda: fired.append("c"))
+        clock.advance(1)
+        due.discard("b")
+        due.add("a", lambda: fired.append("a2"))  # again: now after c
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # one timer for all
+        clock.advance(3)  # t=5: a's first deadline is gone
+        self.assertEqual(fired, [])
+        clock.advance(1)  # t=6: c
+        self.assertEqual(fired, ["c"])
+        clock.advance(0.99)
+        self.assertEqual(fired, ["c"])
+        clock.advance(0.01)  # t=7: a (added again at t=2)
+        self.assertEqual(fired, ["c", "a2"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_deadlines_hold_no_timer_when_empty(self) -> None:
+        clock = Clock()
+        due = Deadlines(clock, 5.0)
+        due.add("a", lambda: None)
+        due.discard("a")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertNotIn("a", due)
+
+    def test_deadlines_are_shared_per_clock_and_length(self) -> None:
+        """Streams and upgrades of one clock share one timer per length; a
+        new clock (a test's Clock, whose id may be an old one's) gets its
+        own."""
+        clock = Clock()
+        self.assertIs(deadlines(clock, 5.0), deadlines(clock, 5.0))
+        self.assertIsNot(deadlines(clock, 5.0), deadlines(clock, 10.0))
+        for _ in range(3):
+            other = Clock()
+            fired: list[int] = []
+            deadlines(other, 5.0).add("x", lambda: fired.append(1))
+            other.advance(5.0)
+            self.assertEqual(fired, [1])
+            del other
+

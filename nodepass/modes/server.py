@@ -130,6 +130,7 @@ class ServerRunner(DualEndRunner):
         # 1.14: answered, waiting for the first pool connection (the control).
         self._answered_at: Optional[float] = None
         self._control_timer: Any = None  # IDelayedCall
+        self._bearer_value: Optional[bytes] = None  # see _bearer()
 
     @property
     def tunnel_port_number(self) -> int:
@@ -346,6 +347,14 @@ class ServerRunner(DualEndRunner):
         self._answered_at = None
         self._forget_client()
 
+    def _bearer(self) -> bytes:
+        """The ``Authorization`` value that lets a WebSocket upgrade in from
+        an address other than the handshake's: computed once per run (an
+        HMAC), only when such an upgrade comes."""
+        if self._bearer_value is None:
+            self._bearer_value = ("Bearer " + v114.token(self.ctx.config.tunnel_key)).encode()
+        return self._bearer_value
+
     def stream_host(self, port: TunnelPortMachine) -> Any:
         """The WebSocket (SPEC-1.14 §4.4) or HTTP/2 (§4.5) pool's protocol
         for a connection of the tunnel port.
@@ -368,14 +377,13 @@ class ServerRunner(DualEndRunner):
                 ctx.reactor, ctx.log, self._ws_stream, lambda: pool.idle_count() >= pool.max,
                 lambda ip: ip == self.control_ip, ctx.config.max, ctx.tunables.report_interval,
             )
-        token = "Bearer " + v114.token(ctx.config.tunnel_key)
         from_client = port.conn.peer_host == self.control_ip
 
         def authorize(headers: dict[str, list[str]]) -> bool:
             if from_client:
                 return True
             given = headers.get("authorization", [])
-            if len(given) == 1 and hmac.compare_digest(given[0].encode(), token.encode()):
+            if len(given) == 1 and hmac.compare_digest(given[0].encode(), self._bearer()):
                 return True
             ctx.log.warn(
                 "Tunnel access denied: %s (WebSocket upgrade from an address other than the handshake's, "

@@ -18,32 +18,53 @@ accepted connection, :class:`WebSocketPoolClient` dials the client side.
 
 Why the pieces are split the way they are:
 
-* **Control frames and the close handshake: wsproto**
-  (``wsproto.connection.Connection``, its post-handshake sans-I/O object).
-  It is maintained, typed and has no I/O of its own (so the reactor drives
-  it, as aioquic is driven in the QUIC pool); it answers pings, checks and
-  answers Close frames and keeps the close handshake's state, and names
-  what is wrong with a frame header we refuse.  Autobahn would also do, but
-  it brings its own Twisted protocol classes and buffering that would sit
-  between the relay's producers and the socket.
+* **Control frames and the close handshake: here, as wsproto does them.**
+  Pings are answered, Close frames checked by wsproto's rules (status
+  codes, UTF-8 reason) and answered by echoing them, and the close
+  handshake's state is two flags -- no wsproto ``Connection`` per pool
+  connection: one is built only to name what is wrong with a frame header
+  we refuse (its words go into the error).  Pool connections are opened
+  and closed by the hundred per second (one per relayed connection), and
+  wsproto's objects and close round were a good part of what a WebSocket
+  pool connection cost over a TCP one (issue 12; ``tests/test_ws_pool.py``
+  checks every kind of Close payload against wsproto's verdict).
+  Autobahn would not do better: it brings its own Twisted protocol classes
+  and buffering that would sit between the relay's producers and the
+  socket.
 * **Data frames: here.**  Every write is one binary frame, byte for byte as
   wsproto would make it (FIN set, opcode 2, the shortest length form, a
-  fresh ``os.urandom`` mask per frame from a client, none from a server),
-  written as header and payload without joining them: on a plain socket in
-  one ``sendmsg``, under TLS through the fast TLS data path
-  (``nodepass.relay.tls_fast``, whole chunks into OpenSSL).  Received
-  frames are parsed here too (:meth:`WebSocketStreamTransport._consume`):
-  each binary payload is handed on as it arrives, unmasked by C code
-  (``websockets``' ``apply_mask``), piece by piece -- a piece never spans
-  two frames, so never two messages -- and the socket is read into one
-  shared buffer.  wsproto's own path parsed, copied and re-joined every
-  frame and was most of this pool's CPU (issue 12's profile); control
-  frames and refused headers still go to wsproto.
+  fresh ``os.urandom`` mask per frame from a client, none from a server);
+  a small frame is written as one piece, a large one as header and payload
+  without joining them: on a plain socket in one ``sendmsg``, under TLS
+  through the fast TLS data path (``nodepass.relay.tls_fast``, whole chunks
+  into OpenSSL).  Received frames are parsed here too
+  (:meth:`WebSocketStreamTransport._consume`): each binary payload is
+  handed on as it arrives, unmasked by C code (``websockets``'
+  ``apply_mask``), piece by piece -- a piece never spans two frames, so
+  never two messages -- and the socket is read into one shared buffer.
+  wsproto's own path parsed, copied and re-joined every frame and was most
+  of this pool's CPU (issue 12's profile).
 * **The HTTP upgrade is written here, by hand.**  Go's client spells its
   headers ``Sec-Websocket-Key``/``Sec-Websocket-Version`` in a fixed order
   with ``User-Agent`` and ``Accept-Encoding``, and Go's server answers with a
   fixed set (SPEC-1.14 §4.4).  wsproto's h11-based handshake (and autobahn's)
   cannot produce those bytes, and both request and answer are a dozen lines.
+  Go's (and our) exact request and answer are read with one regular
+  expression; anything else goes through the general header parser, which
+  decides the same.  The server's ``101`` leaves in one write with the
+  stream's first frame (the ID), and under TLS our client's request leaves
+  with its TLS Finished.
+
+What a pool connection costs per connection, besides its bytes:
+
+* closing under TLS: our Close frame and the TLS close_notify go out
+  together, and the peer's Close is still read (TLS reads on until the
+  peer's close_notify, which Go and we send after answering the Close):
+  the same flights as the TCP pool's close.  Without TLS we wait for the
+  peer's Close (at most :data:`CLOSE_TIMEOUT`), then close TCP;
+* timeouts (the upgrade's, the close's) that almost never fire are entries
+  of a :class:`Deadlines` (one ``DelayedCall`` for all of one length), not a
+  ``callLater`` and ``cancel`` each.
 
 Flow control, so that nothing buffers without bound:
 
@@ -66,22 +87,31 @@ import os
 import re
 import socket
 import struct
+import weakref
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, ITransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import CloseConnection, Ping
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection
+from wsproto.frame_protocol import CloseReason
 from zope.interface import implementer
 
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
 from nodepass.compat.openssl_internals import session_reused
-from nodepass.compat.twisted_internals import below_tls, is_plain_tcp, read_into, tls_layer, write_parts_through
+from nodepass.compat.twisted_internals import (
+    below_tls,
+    is_plain_tcp,
+    read_into,
+    tls_blockers,
+    tls_layer,
+    write_parts_through,
+)
 from nodepass.compat.wsproto_internals import apply_mask
 from nodepass.net.dialer import OneProtocolFactory
 from nodepass.net.tls import ResumingClient
@@ -121,6 +151,9 @@ CLOSE_INVALID_PAYLOAD = 1007
 #: fast path's, ``tls_fast.TLS_RELAY_BUFFER_SIZE``), also its write
 #: buffer's high-water mark, as for relayed sockets.
 PLAIN_READ_SIZE = 256 * 1024
+#: Frames with payloads up to this size are written as one piece, header
+#: and payload joined (a copy that costs less than a second TLS record).
+JOIN_SIZE = 16 * 1024
 #: Kernel receive buffer of a pool connection's socket (Linux doubles it):
 #: fixed, because with receive-buffer autotuning (up to
 #: ``net.ipv4.tcp_rmem``'s maximum, 32 MiB here) a reader as quick as this
@@ -129,12 +162,126 @@ PLAIN_READ_SIZE = 256 * 1024
 SOCKET_RECEIVE_BUFFER = 1024 * 1024
 
 # What the payload of the frame being read is for: delivered (binary
-# data), passed to wsproto (control frames), or skipped (a refused text
-# message).
-_DATA, _PASS, _SKIP = "data", "pass", "skip"
+# data), gathered for a control frame, or skipped (a refused text message).
+_DATA, _CTRL, _SKIP = "data", "ctrl", "skip"
 _CONTROL = (0x8, 0x9, 0xA)
+_OP_CLOSE, _OP_PING = 0x8, 0x9
+#: Close codes a peer may send (wsproto's and RFC 6455's rules): the
+#: registered ones other than the local-only 1005, 1006 and 1015, and
+#: 3000-4999.
+_REMOTE_CODES = frozenset(int(c) for c in CloseReason) - {1005, 1006, 1015}
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
+_CODE = struct.Struct("!H")
+#: Masking keys (4 bytes a frame from a client) and Sec-Websocket-Keys are
+#: cut from a pool of ``os.urandom`` bytes refilled this many at a time:
+#: one getrandom call per 256 frames instead of one per frame.
+_RANDOM_CHUNK = 1024
+_random_pool = b""
+_random_pos = 0
+
+
+def _random_bytes(n: int) -> bytes:
+    """``n`` bytes from ``os.urandom`` (drawn in chunks, each byte used once)."""
+    global _random_pool, _random_pos
+    pos = _random_pos
+    end = pos + n
+    if end > len(_random_pool):
+        _random_pool, pos, end = os.urandom(max(_RANDOM_CHUNK, n)), 0, n
+    _random_pos = end
+    return _random_pool[pos:end]
+
+
+def _forget_random() -> None:
+    """A forked child draws its own bytes, never its parent's."""
+    global _random_pool, _random_pos
+    _random_pool, _random_pos = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
+class Deadlines:
+    """Timeouts of one length on one clock behind one ``DelayedCall``.
+
+    Pool connections come and go by the hundred per second, each with a
+    timeout that almost never fires (the upgrade's, the close's); a
+    ``callLater`` and a ``cancel`` apiece keep Twisted's timer heap busy.
+    Here an entry is a dict item: as every entry waits the same time, the
+    oldest is due first, and one call, armed for it, fires each entry at
+    its own deadline.  The call is cancelled when the last entry goes, so
+    an idle clock holds nothing."""
+
+    def __init__(self, clock: Any, delay: float):
+        self._clock = weakref.ref(clock)
+        self.delay = delay
+        self._due: dict[Any, tuple[float, Callable[[], Any]]] = {}
+        self._call: Any = None
+
+    def add(self, key: Any, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` :attr:`delay` seconds from now, unless ``key`` is
+        discarded (or added again) first."""
+        clock = self._clock()
+        if clock is None:
+            return
+        due = self._due
+        due.pop(key, None)
+        due[key] = (clock.seconds() + self.delay, fn)
+        if self._call is None:
+            self._call = clock.callLater(self.delay, self._fire)
+
+    def discard(self, key: Any) -> None:
+        due = self._due
+        if due.pop(key, None) is not None and not due and self._call is not None:
+            call, self._call = self._call, None
+            call.cancel()
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._due
+
+    def _fire(self) -> None:
+        self._call = None
+        clock = self._clock()
+        if clock is None:
+            return
+        due = self._due
+        now = clock.seconds() + 1e-9  # (a float's rounding does not delay an entry)
+        while due:
+            key = next(iter(due))
+            when, fn = due[key]
+            if when > now:
+                if self._call is None:
+                    self._call = clock.callLater(when - clock.seconds(), self._fire)
+                return
+            del due[key]
+            fn()
+
+
+_deadline_sets: "weakref.WeakKeyDictionary[Any, dict[float, Deadlines]]" = weakref.WeakKeyDictionary()
+
+
+_recent_deadlines: dict[tuple[int, float], Deadlines] = {}
+
+
+def deadlines(clock: Any, delay: float) -> Deadlines:
+    """The :class:`Deadlines` of ``clock`` for timeouts of ``delay``."""
+    key = (id(clock), delay)
+    found = _recent_deadlines.get(key)
+    if found is not None and found._clock() is clock:
+        return found  # (the usual case: one reactor, a few delays)
+    try:
+        per_clock = _deadline_sets[clock]
+    except KeyError:
+        per_clock = _deadline_sets[clock] = {}
+    found = per_clock.get(delay)
+    if found is None:
+        found = per_clock[delay] = Deadlines(clock, delay)
+    if len(_recent_deadlines) > 64:
+        _recent_deadlines.clear()
+    _recent_deadlines[key] = found
+    return found
+
+
 # Plain sockets read into this one buffer (the reactor runs one read at a
 # time, and the frame reader copies what it keeps before it returns).
 _read_buffer = memoryview(bytearray(PLAIN_READ_SIZE))
@@ -144,11 +291,9 @@ def _feed_view(stream: "WebSocketStreamTransport", data: memoryview) -> None:
     stream.feed(data)
 
 
-def _bound_receive_buffer(transport: Any) -> None:
+def _bound_receive_buffer(conn: Any) -> None:
     """A fixed kernel receive buffer (:data:`SOCKET_RECEIVE_BUFFER`) for the
-    TCP connection under a WebSocket."""
-    tls = tls_layer(transport)
-    conn = below_tls(transport, tls)[0] if tls is not None else transport
+    TCP connection ``conn`` under a WebSocket."""
     sock = getattr(conn, "socket", None)
     if sock is not None:
         try:
@@ -165,6 +310,37 @@ _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
 _STATUS_LINE = re.compile(rb"^HTTP/\d\.\d (\d{3})(?: (.*))?$")
 #: Control characters other than tab, which may separate a header's value.
 _ANY_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+#: The upgrade request exactly as Go's client and ours write it (SPEC-1.14
+#: §4.4; ours adds Authorization), printable ASCII only: read with one match
+#: instead of line by line.  Anything else takes the general path, which
+#: decides the same for these requests.
+_CANONICAL_REQUEST = re.compile(
+    rb"GET ([!-~]+) HTTP/1\.1\r\n"
+    rb"Host: ([ -~]*)\r\n"
+    rb"User-Agent: ([ -~]*)\r\n"
+    rb"(?:Authorization: ([ -~]*)\r\n)?"
+    rb"Connection: Upgrade\r\n"
+    rb"Sec-Websocket-Key: ([A-Za-z0-9+/]{22}==)\r\n"
+    rb"Sec-Websocket-Version: 13\r\n"
+    rb"Upgrade: websocket\r\n"
+    rb"Accept-Encoding: gzip"
+)
+#: The headers of a canonical request whose values are fixed.
+_CANONICAL_FIELDS: dict[str, list[str]] = {
+    "connection": ["Upgrade"],
+    "sec-websocket-version": ["13"],
+    "upgrade": ["websocket"],
+    "accept-encoding": ["gzip"],
+}
+#: The ``101`` exactly as Go's server and ours write it.
+_CANONICAL_ANSWER = re.compile(
+    rb"HTTP/1\.1 101 Switching Protocols\r\n"
+    rb"Connection: Upgrade\r\n"
+    rb"Sec-Websocket-Accept: ([A-Za-z0-9+/]{27}=)\r\n"
+    rb"Upgrade: websocket\r\n"
+    rb"Date: [ -~]*"
+)
 
 _STATUS_TEXT = {
     101: "Switching Protocols",
@@ -210,7 +386,7 @@ class WebSocketHandshakeTimeout(WebSocketError):
 
 def new_key() -> str:
     """A fresh ``Sec-Websocket-Key``: 16 random bytes, base64."""
-    return base64.b64encode(os.urandom(16)).decode("ascii")
+    return base64.b64encode(_random_bytes(16)).decode("ascii")
 
 
 def accept_value(key: str) -> str:
@@ -339,8 +515,8 @@ class WebSocketStreamTransport:
     Until then reading is held, so early bytes wait in the socket.
     """
 
-    #: ``write`` copies what it is given before returning (wsproto builds the
-    #: frame at once), so a relay may hand it views of its read buffer.
+    #: ``write`` is done with what it is given when it returns (masked,
+    #: joined or sent), so a relay may hand it views of its read buffer.
     takes_views = True
     websocket_stream = True
 
@@ -351,6 +527,8 @@ class WebSocketStreamTransport:
         clock: ClockLike,
         trailing: bytes = b"",
         close_timeout: float = CLOSE_TIMEOUT,
+        head: bytes = b"",
+        hold: bool = True,
     ):
         self.underlying: Any = transport
         self.client = client
@@ -362,7 +540,12 @@ class WebSocketStreamTransport:
         self.producer: Any = None
         #: Close status the peer sent, once its Close frame arrived.
         self.peer_close_code: Optional[int] = None
-        self._ws = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
+        # The close handshake (RFC 6455 §7): open until either side's Close,
+        # finished when both were sent.
+        self._sent_close = False
+        self._got_close = False
+        self._ctrl_op = 0  # the opcode of the control frame being read ...
+        self._ctrl = bytearray()  # ... and its (unmasked) payload so far
         self._held = False  # our reader paused us
         self._reading_paused = False  # we paused the underlying transport
         self._producer_below = False  # self.producer is registered on the underlying transport
@@ -381,6 +564,15 @@ class WebSocketStreamTransport:
         self._broken = False  # a protocol error: nothing more is parsed
         self._mask_bit = 0x80 if client else 0
         self._send_parts: Callable[[Sequence[Any]], None] = self._send_generic
+        #: Bytes to go out ahead of the first frame (the server's ``101``, so
+        #: that it and the ID travel in one TLS record and one segment).
+        self._head = head
+        #: Under TLS our Close and close_notify go out together, and the peer's
+        #: Close is read until its close_notify (TLS keeps reading): no wait
+        #: of our own between the two (see :meth:`_start_close`).
+        self._close_with_tls = False
+        #: The TLS layer under us (None without TLS).
+        self._tls: Any = None
         #: How frames go to and from the socket: ``"plain"`` (straight, on a
         #: TCP connection), ``"tls"`` (the fast TLS data path) or ``""``
         #: (through the underlying transport, e.g. with NP_NO_FAST_TLS).
@@ -390,11 +582,17 @@ class WebSocketStreamTransport:
         self._lost = False
         self._reason: Optional[Exception] = None  # what connectionLost will report
         self._pending_loss: Optional[Failure] = None  # lost before attach()
-        self._timer: Any = None
+        self._timers = deadlines(clock, close_timeout)
         self._fast_paths()
+        if head:
+            self._send_real = self._send_parts
+            self._send_parts = self._send_with_head
         if trailing:
             self._rest += trailing
-        self._update_reading()
+        if hold:
+            # (Not when the maker attaches at once: a pause and a resume of
+            # the socket, two epoll_ctl calls, for nothing.)
+            self._update_reading()
 
     # -- wiring ---------------------------------------------------------------
     def attach(self, protocol: Any) -> None:
@@ -418,17 +616,23 @@ class WebSocketStreamTransport:
         underlying transport's ``write`` and its protocol's ``dataReceived``
         (which calls :meth:`feed`)."""
         underlying = self.underlying
-        _bound_receive_buffer(underlying)
         if is_plain_tcp(underlying):
+            _bound_receive_buffer(underlying)
             underlying.bufferSize = PLAIN_READ_SIZE
             self._send_parts = partial(write_parts_through, underlying)
             read_into(underlying, _read_buffer, _feed_view, self)
             self.fast_path = "plain"
             return
-        tls = tls_layer(underlying)
-        if tls is None or os.environ.get("NP_NO_FAST_TLS"):
+        tls = self._tls = tls_layer(underlying)
+        if tls is None:
+            _bound_receive_buffer(underlying)
             return
-        below_tls(underlying, tls)[0].bufferSize = tls_fast.TLS_RELAY_BUFFER_SIZE
+        self._close_with_tls = True
+        below = below_tls(underlying, tls)[0]
+        _bound_receive_buffer(below)
+        if os.environ.get("NP_NO_FAST_TLS"):
+            return
+        below.bufferSize = tls_fast.TLS_RELAY_BUFFER_SIZE
         write_parts = tls_fast.install(underlying, self.feed)
         if write_parts is not None:
             self._send_parts = write_parts
@@ -437,12 +641,27 @@ class WebSocketStreamTransport:
     def _send_generic(self, parts: Sequence[Any]) -> None:
         self.underlying.write(b"".join(parts))
 
+    def _send_with_head(self, parts: Sequence[Any]) -> None:
+        """The first send: :attr:`_head` goes with it (small frames joined
+        to it, so one TLS record carries both)."""
+        send = self._send_parts = self._send_real
+        head, self._head = self._head, b""
+        if sum(map(len, parts)) <= 4096:
+            send((b"".join((head, *parts)),))
+        else:
+            send((head, *parts))
+
+    def send_head(self) -> None:
+        """Send :attr:`_head` now if no frame has taken it yet."""
+        if self._head and not self._lost:
+            self._send_with_head(())
+
     def feed(self, data: bytes | memoryview) -> None:
         """Bytes the underlying connection received (a view is not kept:
         what is not delivered at once is copied)."""
-        if self._lost or self._ws.state is ConnectionState.CLOSED or self._broken:
+        if self._lost or self._broken or (self._got_close and self._sent_close):
             return  # after the close handshake: nothing more is WebSocket
-        if self._rest or self._processing or not self._may_deliver():
+        if self._rest or self._processing or not (self._closing or (self.protocol is not None and not self._held)):
             self._rest += data
             self._process()
             return
@@ -507,21 +726,21 @@ class WebSocketStreamTransport:
     def _consume(self, data: Any) -> int:
         """Parse frames from ``data`` (bytes or a view) and hand data frames'
         payloads on as they come, piece by piece (a piece never spans two
-        frames, so never two messages); control frames go to wsproto, which
-        answers pings and keeps the close handshake's state.  Returns how
+        frames, so never two messages); control frames are gathered and
+        handled whole (:meth:`_control`).  Returns how
         much of ``data`` was used: the rest is a partial header, or waits
         for a paused reader."""
         pos = 0
         end = len(data)
         while pos < end:
-            if self._lost or self._broken or self._ws.state is ConnectionState.CLOSED:
-                return end
+            if self._lost or self._broken or self._got_close:
+                return end  # (after the peer's Close nothing more is read)
             left = self._left
             if left:
                 take = left if left <= end - pos else end - pos
                 kind = self._kind
                 if kind is _DATA and not self._closing:
-                    if not self._may_deliver():
+                    if self._held or self.protocol is None:
                         return pos
                     piece = data[pos : pos + take]
                     key = self._key
@@ -534,10 +753,18 @@ class WebSocketStreamTransport:
                     pos += take
                     self._left = left - take
                     self.protocol.dataReceived(piece)
-                elif kind is _PASS:
-                    self._left = left - take
-                    self._to_wsproto(bytes(data[pos : pos + take]))
+                elif kind is _CTRL:
+                    piece = data[pos : pos + take]
+                    key = self._key
+                    if key is not None:
+                        turn = self._key_turn
+                        piece = apply_mask(piece, key[turn:] + key[:turn] if turn else key)
+                        self._key_turn = (turn + take) & 3
+                    self._ctrl += piece
                     pos += take
+                    self._left = left - take
+                    if left == take:
+                        self._control()
                 else:  # skipped, or data after our Close
                     pos += take
                     self._left = left - take
@@ -545,7 +772,7 @@ class WebSocketStreamTransport:
             # A frame header.
             if end - pos < 2:
                 return pos
-            if not self._may_deliver():
+            if not self._closing and (self._held or self.protocol is None):
                 return pos
             b0 = data[pos]
             b1 = data[pos + 1]
@@ -576,7 +803,7 @@ class WebSocketStreamTransport:
                 or (opcode > 2 and (opcode not in _CONTROL or size > 125 or not b0 & 0x80))
             ):
                 # Not a frame we may accept: wsproto names what is wrong.
-                self._to_wsproto(bytes(data[pos : pos + head]))
+                self._refused_header(bytes(data[pos : pos + head]))
                 self._broken_frame("WebSocket frame header refused")
                 return end
             pos += head
@@ -584,9 +811,13 @@ class WebSocketStreamTransport:
             self._key = bytes(data[pos - 4 : pos]) if masked else None
             self._key_turn = 0
             if opcode in _CONTROL:
-                # Ping, pong or close: wsproto checks and handles it.
-                self._kind = _PASS
-                self._to_wsproto(bytes(data[pos - head : pos]))
+                # Ping, pong or close: gathered (125 bytes at most), then
+                # handled whole.
+                self._kind = _CTRL
+                self._ctrl_op = opcode
+                self._ctrl = bytearray()
+                if not size:
+                    self._control()
                 continue
             fin = b0 & 0x80
             if opcode == 0:
@@ -609,14 +840,16 @@ class WebSocketStreamTransport:
                 self._kind = _DATA
         return end
 
-    def _to_wsproto(self, raw: bytes) -> None:
-        """Bytes of a control frame (or of a refused header) for wsproto;
-        then what it made of them."""
-        if raw:
-            self._ws.receive_data(raw)
-        for event in self._ws.events():
-            self._handle(event)
-            if self._lost:
+    def _refused_header(self, raw: bytes) -> None:
+        """A frame header we refuse: a throwaway wsproto connection (only
+        ever made on this error path) names what is wrong and the status."""
+        probe = Connection(ConnectionType.CLIENT if self.client else ConnectionType.SERVER)
+        probe.receive_data(raw)
+        for event in probe.events():
+            if isinstance(event, CloseConnection):
+                # Invalid UTF-8 (1007) is refused with 1003, as Go does.
+                code = CLOSE_UNSUPPORTED_DATA if event.code == CLOSE_INVALID_PAYLOAD else event.code
+                self._fail(code, f"WebSocket protocol error: {event.reason}")
                 return
 
     def _protocol_error(self, why: str) -> None:
@@ -630,38 +863,89 @@ class WebSocketStreamTransport:
         self._broken = True
         self._rest = bytearray()
         self._left = 0
-        if not self._closing:  # (wsproto has reported a refused header by now)
+        if not self._closing:  # (a refused header has been reported by now)
             self._fail(CLOSE_PROTOCOL_ERROR, f"WebSocket protocol error: {why}")
 
-    def _handle(self, event: Any) -> None:
-        if isinstance(event, Ping):
-            if self._ws.state is ConnectionState.OPEN:
-                self._send_parts((self._ws.send(event.response()),))
-        elif isinstance(event, CloseConnection):
-            self._close_event(event)
-        # Pong: nothing to do (we send no pings).  Data frames never reach
-        # wsproto.
+    # -- control frames (RFC 6455 §5.5), as wsproto handles them ------------------
+    def _control_frame(self, opcode: int, payload: bytes) -> bytes:
+        """A control frame (FIN set; masked with a fresh key from a client)."""
+        if self._mask_bit:
+            key = _random_bytes(4)
+            return bytes((0x80 | opcode, 0x80 | len(payload))) + key + apply_mask(payload, key)
+        return bytes((0x80 | opcode, len(payload))) + payload
 
-    def _close_event(self, event: CloseConnection) -> None:
-        state = self._ws.state
-        if state not in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
-            # wsproto reports a frame it cannot parse as a close event of
-            # its own, without a state change: a protocol error.  Invalid
-            # UTF-8 (1007) only comes from text payloads here, which Go
-            # refuses with 1003 whatever they hold.
-            code = event.code
-            if code == CLOSE_INVALID_PAYLOAD:
-                code = CLOSE_UNSUPPORTED_DATA
-            self._fail(code, f"WebSocket protocol error: {event.reason}")
+    def _close_frame(self, code: int, reason: bytes = b"") -> bytes:
+        """A Close frame: the status (none for 1005, "no status") and reason."""
+        if code == CLOSE_NO_STATUS:
+            return self._control_frame(_OP_CLOSE, b"")
+        return self._control_frame(_OP_CLOSE, _CODE.pack(code) + reason)
+
+    def _control(self) -> None:
+        """A whole control frame has been read (:attr:`_ctrl`): answer a
+        ping while open, check and answer a Close; a pong needs nothing (we
+        send no pings)."""
+        opcode, payload = self._ctrl_op, bytes(self._ctrl)
+        self._ctrl = bytearray()
+        if opcode == _OP_PING:
+            if not self._sent_close and not self._got_close:
+                self._send_parts((self._control_frame(0xA, payload),))
+        elif opcode == _OP_CLOSE:
+            self._peer_close(payload)
+
+    def _send_close(self, frame: bytes) -> None:
+        """Send our Close frame.  On the fast TLS path, when the TLS
+        shutdown follows at once, the frame is only encrypted here
+        (``SSL_write`` into the memory BIO, through the public
+        ``getHandle``): the shutdown's flush sends it with the close_notify,
+        one segment instead of two."""
+        if self.fast_path == "tls" and not self._head and not self._tcp_closing:
+            tls = self._tls
+            if tls is not None and not tls.disconnecting and not any(tls_blockers(tls)):
+                try:
+                    tls.getHandle().send(frame)
+                except Exception:  # noqa: BLE001 - pyOpenSSL refused: the ordinary path
+                    pass
+                else:
+                    return
+        self._send_parts((frame,))
+
+    def _peer_close(self, payload: bytes) -> None:
+        """The peer's Close, checked as wsproto checks it (a bad one is a
+        protocol error, closed with its status); a valid one is answered
+        (echoing status and reason, as wsproto and Go do) unless it answers
+        ours, and the TCP/TLS connection goes."""
+        size = len(payload)
+        code, reason, problem = CLOSE_NO_STATUS, b"", ""
+        if size == 1:
+            problem = "CLOSE with 1 byte payload"
+        elif size:
+            code, reason = (payload[0] << 8) | payload[1], payload[2:]
+            if code < 1000 or code > 4999:
+                problem = "CLOSE with invalid code"
+            elif code in (1005, 1006, 1015):
+                problem = "remote CLOSE with local-only reason"
+            elif code <= 2999 and code not in _REMOTE_CODES:
+                problem = "CLOSE with unknown reserved code"
+            elif reason:
+                try:
+                    reason.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    # (1007, refused with 1003 as Go does: see _refused_header)
+                    self._fail(CLOSE_UNSUPPORTED_DATA, f"WebSocket protocol error: Error decoding CLOSE reason: {e}")
+                    return
+        if problem:
+            self._fail(CLOSE_PROTOCOL_ERROR, f"WebSocket protocol error: {problem}")
             return
-        self.peer_close_code = event.code
-        if state is ConnectionState.REMOTE_CLOSING:
+        self.peer_close_code = code
+        self._got_close = True
+        if not self._sent_close:
             # The peer started the close: answer it and finish the connection.
             if self._reason is None:
-                self._reason = _peer_close_reason(event.code)
+                self._reason = _peer_close_reason(code)
             self._closing = True
             self.disconnecting = True
-            self._send_parts((self._ws.send(event.response()),))
+            self._sent_close = True
+            self._send_close(self._close_frame(code, reason))
         # Either way the close handshake is complete: the TCP/TLS
         # connection goes now (bounded, in case it does not finish).
         self._close_underlying()
@@ -675,17 +959,26 @@ class WebSocketStreamTransport:
 
     def _start_close(self, code: int) -> None:
         """Send our Close frame (after everything written before it) and
-        read on until the peer answers, at most :attr:`close_timeout`."""
+        read on until the peer answers.  Under TLS the TLS shutdown starts
+        right behind it (Twisted reads on until the peer's close_notify,
+        which comes after its Close), as the TCP pool's close_notify goes:
+        one flight less each way than waiting for the Close first; the
+        connection is aborted if it has not finished within
+        :attr:`close_timeout`.  Otherwise we wait for the peer's Close at
+        most :attr:`close_timeout`, then close."""
         self._closing = True
         self.disconnecting = True
-        if self._ws.state is ConnectionState.OPEN:
-            self._send_parts((self._ws.send(CloseConnection(code=code)),))
-        self._update_reading()  # the peer's Close must be seen, paused or not
-        self._arm_timer(self._close_timed_out)
+        if not self._sent_close and not self._got_close:
+            self._sent_close = True
+            self._send_close(self._close_frame(code))
+        if self._close_with_tls:
+            self._close_underlying()  # (reads on: the peer's Close must be seen)
+        else:
+            self._update_reading()  # the peer's Close must be seen, paused or not
+            self._arm_timer(self._close_timed_out)
         self._process()  # the answer may be buffered already
 
     def _close_timed_out(self) -> None:
-        self._timer = None
         self._close_underlying()
 
     def _close_underlying(self) -> None:
@@ -706,18 +999,14 @@ class WebSocketStreamTransport:
         self.underlying.loseConnection()
 
     def _linger_timed_out(self) -> None:
-        self._timer = None
         if not self._lost:
             self.underlying.abortConnection()
 
     def _arm_timer(self, fn: Callable[[], None]) -> None:
-        self._cancel_timer()
-        self._timer = self.clock.callLater(self.close_timeout, fn)
+        self._timers.add(self, fn)
 
     def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._timers.discard(self)
 
     # -- ITransport ---------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -738,9 +1027,16 @@ class WebSocketStreamTransport:
             head = _HEAD16.pack(0x82, bit | 126, size)
         else:
             head = _HEAD64.pack(0x82, bit | 127, size)
+        # A small frame goes as one piece (one TLS record, not a record for
+        # its header and one for its payload); a large one unjoined.
         if bit:
-            key = os.urandom(4)
-            self._send_parts((head + key, apply_mask(data, key)))
+            key = _random_bytes(4)
+            if size <= JOIN_SIZE:
+                self._send_parts((head + key + apply_mask(data, key),))
+            else:
+                self._send_parts((head + key, apply_mask(data, key)))
+        elif size <= JOIN_SIZE:
+            self._send_parts((head + data,))
         else:
             self._send_parts((head, data))
 
@@ -750,10 +1046,11 @@ class WebSocketStreamTransport:
 
     def loseConnection(self) -> None:
         """Close with status 1000 after everything written so far, then
-        close the TCP/TLS connection once the peer's Close arrives (or after
-        :attr:`close_timeout`).  Messages that arrive meanwhile are
-        discarded, as a TCP transport stops reading when it closes.  The
-        protocol sees ``ConnectionDone``."""
+        close the TCP connection once the peer's Close arrives (or after
+        :attr:`close_timeout`); under TLS the TLS shutdown starts at once,
+        behind the Close (see :meth:`_start_close`).  Messages that arrive
+        meanwhile are discarded, as a TCP transport stops reading when it
+        closes.  The protocol sees ``ConnectionDone``."""
         if self._closing or self._lost:
             return
         self._reason = error.ConnectionDone("WebSocket closed")
@@ -779,7 +1076,7 @@ class WebSocketStreamTransport:
     def getPeerCertificate(self) -> Any:
         """The TLS peer's certificate (the client computes the ``verify``
         fingerprint from it, SPEC-1.14 §3.5), or None without TLS."""
-        tls = tls_layer(self.underlying)
+        tls = self._tls
         if tls is None:
             return None
         return tls.getPeerCertificate()
@@ -787,7 +1084,7 @@ class WebSocketStreamTransport:
     def getHandle(self) -> Any:
         """The ``OpenSSL.SSL.Connection`` with TLS (its ``get_certificate``
         is our own certificate), else the socket."""
-        tls = tls_layer(self.underlying)
+        tls = self._tls
         if tls is not None:
             return tls.getHandle()
         return self.underlying.getHandle()
@@ -891,11 +1188,12 @@ class WebSocketUpgradeProtocol(Protocol):
         #: The status we refused with (None: not refused).
         self.refused: Optional[int] = None
         self._buf = b""
-        self._timer: Any = None
+        self._timer: Any = None  # the refusal's bound on closing
+        self._header_due = deadlines(clock, header_timeout)  # the request's
         self._done = False  # answered (101 or refusal): no more request bytes
 
     def connectionMade(self) -> None:
-        self._timer = self.clock.callLater(self.header_timeout, self._timed_out)
+        self._header_due.add(self, self._timed_out)
 
     def dataReceived(self, data: bytes) -> None:
         stream = self.stream
@@ -926,6 +1224,19 @@ class WebSocketUpgradeProtocol(Protocol):
 
     # -- the request ------------------------------------------------------------
     def _request(self, head: bytes, trailing: bytes) -> None:
+        m = _CANONICAL_REQUEST.fullmatch(head)
+        if m is not None:
+            # Go's (or our) request: every check of the general path but the
+            # pool's own (authorize, is_full) is known to pass.
+            host, agent, auth, key = m.group(2, 3, 4, 5)
+            fields = dict(_CANONICAL_FIELDS)  # (its fixed values shared: read only)
+            fields["host"] = [host.strip(b" \t").decode("ascii")]
+            fields["user-agent"] = [agent.strip(b" \t").decode("ascii")]
+            fields["sec-websocket-key"] = [key.decode("ascii")]
+            if auth is not None:
+                fields["authorization"] = [auth.strip(b" \t").decode("ascii")]
+            self._upgrade("GET", b"HTTP/1.1", fields, trailing, fields["sec-websocket-key"][0])
+            return
         lines = _LINE_END.split(head)
         parts = lines[0].split(b" ")
         if len(parts) != 3 or any(_ANY_CONTROL.search(line) for line in lines):
@@ -952,15 +1263,21 @@ class WebSocketUpgradeProtocol(Protocol):
             return
         self._upgrade(method.decode("ascii"), version, headers, trailing)
 
-    def _upgrade(self, method: str, version: bytes, headers: dict[str, list[str]], trailing: bytes) -> None:
+    def _upgrade(
+        self, method: str, version: bytes, headers: dict[str, list[str]], trailing: bytes, valid_key: str = ""
+    ) -> None:
         """npws's handler: full pool first, then coder/websocket's checks in
-        its order, then the ``101``."""
+        its order (``valid_key``: a canonical request, which passes them),
+        then the ``101``."""
         date = http_date(self.clock.seconds())
         if self.authorize is not None and not self.authorize(headers):
             self._refuse(403, error_answer(403, "unauthorized", date))
             return
         if self.is_full():
             self._refuse(503, error_answer(503, "pool full", date))
+            return
+        if valid_key:
+            self._accept(valid_key, date, trailing)
             return
         upgrade_hint = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
         if version != b"HTTP/1.1":
@@ -998,17 +1315,31 @@ class WebSocketUpgradeProtocol(Protocol):
             why = f'WebSocket protocol violation: invalid Sec-WebSocket-Key "{key}", must be a 16 byte base64 encoded string'
             self._refuse(400, error_answer(400, why, date))
             return
+        self._accept(key, date, trailing)
+
+    def _accept(self, key: str, date: str, trailing: bytes) -> None:
+        """The ``101``, and the stream for ``on_stream``."""
         self._done = True
         self._cancel_timer()
-        self.transport.write(upgrade_answer(key, date))
+        # The 101 goes out with the stream's first frame (the ID ``on_stream``
+        # writes): one TLS record, one segment, one read at the client.
         stream = self.stream = WebSocketStreamTransport(
-            self.transport, client=False, clock=self.clock, trailing=trailing, close_timeout=self.close_timeout
+            self.transport,
+            client=False,
+            clock=self.clock,
+            trailing=trailing,
+            close_timeout=self.close_timeout,
+            head=upgrade_answer(key, date),
+            hold=False,
         )
         try:
             self.on_stream(stream)
         except Exception as e:  # noqa: BLE001 - one bad connection must not reach the listener
             self.log.error("WebSocket pool connection dropped: %s", e)
             stream.abortConnection()
+            return
+        stream.send_head()
+        stream._update_reading()  # held until attached, if on_stream did not attach
 
     def _refuse(self, status: int, answer: bytes) -> None:
         """Write the refusal, then close (bounded: a peer that does not read
@@ -1027,7 +1358,6 @@ class WebSocketUpgradeProtocol(Protocol):
     def _timed_out(self) -> None:
         """Go's ``ReadHeaderTimeout``: no complete head in time, the
         connection is dropped without an answer."""
-        self._timer = None
         if self._done:
             return
         self._done = True
@@ -1037,6 +1367,7 @@ class WebSocketUpgradeProtocol(Protocol):
         self.transport.abortConnection()
 
     def _cancel_timer(self) -> None:
+        self._header_due.discard(self)
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -1057,6 +1388,7 @@ def _valid_key(key: str) -> bool:
 # -- client side --------------------------------------------------------------------
 
 
+@implementer(IHandshakeListener)
 class WebSocketClientUpgradeProtocol(Protocol):
     """The client side of one pool connection until the upgrade is done:
     sends :func:`upgrade_request`, reads the answer (at most
@@ -1085,12 +1417,30 @@ class WebSocketClientUpgradeProtocol(Protocol):
         self.attach_to = attach_to
         self.key = key or new_key()
         self.close_timeout = close_timeout
-        self.done: Deferred[WebSocketStreamTransport] = Deferred()
+        self.done: Deferred[WebSocketStreamTransport] = Deferred(self._cancel)
         self.stream: Optional[WebSocketStreamTransport] = None
+        #: Set by WebSocketPoolClient: the dial (to stop it) and its time limit.
+        self.connector: Any = None
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
         self._buf = b""
         self._refusal: Optional[tuple[int, str, int]] = None  # status, reason, body length
         self._failed = False
         self._lost = False
+
+    def give_up(self, why: Exception) -> None:
+        """Drop the dial (or the upgrade under way), failing :attr:`done`."""
+        if self.transport is not None:
+            self.fail(why)
+        elif not self.done.called:
+            self.done.errback(Failure(why))
+            if self.connector is not None:
+                self.connector.stopConnecting()  # its failure finds ``done`` fired
+
+    def timed_out(self) -> None:
+        self.give_up(WebSocketHandshakeTimeout(f"WebSocket pool connection not ready within {self.handshake_timeout:g}s"))
+
+    def _cancel(self, _d: Any) -> None:
+        self.give_up(WebSocketError("WebSocket dial cancelled"))
 
     def dial_failed(self, reason: Failure) -> None:
         """The TCP (or TLS) dial failed before ``connectionMade``."""
@@ -1100,7 +1450,24 @@ class WebSocketClientUpgradeProtocol(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         no_delay(self.transport)  # one frame per write: no Nagle
-        self.transport.write(upgrade_request(self.host, self.key, self.bearer))
+        if tls_layer(self.transport) is None:
+            self.transport.write(upgrade_request(self.host, self.key, self.bearer))
+        # Under TLS the request goes once the handshake is done (see
+        # handshakeCompleted): written now, it would wait in Twisted's TLS
+        # write buffers for the handshake, and first for a reactor turn.
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done: the request is encrypted straight into
+        the TLS connection (public ``getHandle``); Twisted sends it with our
+        Finished, which it flushes right after this call."""
+        tls = tls_layer(self.transport)
+        if tls is None or self._failed or self._lost:
+            return
+        request = upgrade_request(self.host, self.key, self.bearer)
+        try:
+            tls.getHandle().send(request)
+        except Exception:  # noqa: BLE001 - pyOpenSSL refused: Twisted's write path
+            self.transport.write(request)
 
     def dataReceived(self, data: bytes) -> None:
         stream = self.stream
@@ -1126,6 +1493,14 @@ class WebSocketClientUpgradeProtocol(Protocol):
         self._answer(head)
 
     def _answer(self, head: bytes) -> None:
+        m = _CANONICAL_ANSWER.fullmatch(head)
+        if m is not None:
+            # Go's (or our) 101: only the accept value is left to check.
+            if m.group(1).decode("ascii") != accept_value(self.key):
+                self.fail(WebSocketHandshakeError("WebSocket upgrade answer with a wrong Sec-WebSocket-Accept"))
+                return
+            self._upgraded()
+            return
         lines = _LINE_END.split(head)
         m = _STATUS_LINE.match(lines[0])
         headers = _parse_headers(lines[1:])
@@ -1149,12 +1524,18 @@ class WebSocketClientUpgradeProtocol(Protocol):
         if headers.get("sec-websocket-extensions") or headers.get("sec-websocket-protocol"):
             self.fail(WebSocketHandshakeError("WebSocket upgrade answer negotiates an extension or subprotocol"))
             return
+        self._upgraded()
+
+    def _upgraded(self) -> None:
+        """A valid ``101``: the stream, attached to ``attach_to``."""
         trailing, self._buf = self._buf, b""
         stream = self.stream = WebSocketStreamTransport(
-            self.transport, client=True, clock=self.clock, trailing=trailing, close_timeout=self.close_timeout
+            self.transport, client=True, clock=self.clock, trailing=trailing, close_timeout=self.close_timeout, hold=False
         )
         if self.attach_to is not None:
             stream.attach(self.attach_to)
+        else:
+            stream._update_reading()  # held until attached
         if not self.done.called:
             self.done.callback(stream)
 
@@ -1236,6 +1617,7 @@ class WebSocketPoolClient:
         self.closed = False
         #: Dials in progress, each with how to give it up.
         self._dialling: dict[WebSocketClientUpgradeProtocol, Callable[[Exception], None]] = {}
+        self._due = Deadlines(reactor, handshake_timeout)
 
     def open_stream(self, protocol: Any, key: Optional[str] = None) -> Deferred[WebSocketStreamTransport]:
         """Dial one pool connection; once the server has accepted the
@@ -1254,39 +1636,28 @@ class WebSocketPoolClient:
             connector = self.reactor.connectSSL(self.ip, self.port, factory, self.tls, timeout=self.connect_timeout)
         else:
             connector = self.reactor.connectTCP(self.ip, self.port, factory, timeout=self.connect_timeout)
+        # (Bound methods, not closures: fewer objects per dial for the
+        # garbage collector, at hundreds of dials a second.)
+        proto.connector = connector
+        proto.handshake_timeout = self.handshake_timeout
+        self._dialling[proto] = proto.give_up
+        due = self._due
+        if due.delay != self.handshake_timeout:  # (changed since)
+            due = self._due = Deadlines(self.reactor, self.handshake_timeout)
+        due.add(proto, proto.timed_out)
+        # The caller's Deferred is proto.done (cancelling it drops the dial).
+        done = proto.done
+        done.addBoth(self._finished, proto, due)
+        return done
 
-        def give_up(why: Exception) -> None:
-            if proto.transport is not None:
-                proto.fail(why)
-            elif not proto.done.called:
-                proto.done.errback(Failure(why))
-                connector.stopConnecting()  # its failure finds ``done`` fired
-
-        self._dialling[proto] = give_up
-        timer = self.reactor.callLater(
-            self.handshake_timeout,
-            give_up,
-            WebSocketHandshakeTimeout(f"WebSocket pool connection not ready within {self.handshake_timeout:g}s"),
-        )
-
-        def finished(result: Any) -> Any:
-            self._dialling.pop(proto, None)
-            if timer.active():
-                timer.cancel()
-            if not isinstance(result, Failure):
-                self._remember_session(proto.transport)
-            else:
-                self.log.debug("WebSocket pool connection to %s:%d failed: %s", self.ip, self.port, result.getErrorMessage())
-            return result
-
-        def cancel(d: Deferred[WebSocketStreamTransport]) -> None:
-            give_up(WebSocketError("WebSocket dial cancelled"))
-
-        # The caller's Deferred: cancellable, and independent of proto.done.
-        outer: Deferred[WebSocketStreamTransport] = Deferred(cancel)
-        proto.done.addBoth(finished)
-        proto.done.chainDeferred(outer)
-        return outer
+    def _finished(self, result: Any, proto: WebSocketClientUpgradeProtocol, due: Deadlines) -> Any:
+        self._dialling.pop(proto, None)
+        due.discard(proto)
+        if not isinstance(result, Failure):
+            self._remember_session(proto.transport)
+        else:
+            self.log.debug("WebSocket pool connection to %s:%d failed: %s", self.ip, self.port, result.getErrorMessage())
+        return result
 
     def _remember_session(self, transport: Any) -> None:
         """Keep the TLS session of an upgraded connection for the next dials
