@@ -126,20 +126,23 @@ class NodeLog:
                 message = message % args
             except (TypeError, ValueError):
                 message = f"{message} {args!r}"
+        self._publish(level, message, time.time())
+
+    def _publish(self, level: str, message: str, when: float) -> None:
+        """Emit one line that passed the filter, at time ``when``."""
         # Escaped here too (not only in format_line) because other observers
         # of the global publisher (twistd's log file) print np_text as is.
         message = escape_controls(message if isinstance(message, str) else str(message))
-        now = time.time()
         self._logger.emit(
             _TW_LEVEL[level],
             "{np_text}",
             np_text=message,
             np_level=level.upper(),
             np_instance=self.instance_id,
-            log_time=now,
+            log_time=when,
         )
         if self.listeners:
-            line = format_line(level, message, now)
+            line = format_line(level, message, when)
             for listener in list(self.listeners):
                 listener(level.upper(), line)
 
@@ -149,21 +152,7 @@ class NodeLog:
         with its own time, to the same observers and listeners as a line
         of this process."""
         word = level.lower()
-        if word not in _TW_LEVEL:
-            word = "info"
-        message = escape_controls(message if isinstance(message, str) else str(message))
-        self._logger.emit(
-            _TW_LEVEL[word],
-            "{np_text}",
-            np_text=message,
-            np_level=word.upper(),
-            np_instance=self.instance_id,
-            log_time=when,
-        )
-        if self.listeners:
-            line = format_line(word, message, when)
-            for listener in list(self.listeners):
-                listener(word.upper(), line)
+        self._publish(word if word in _TW_LEVEL else "info", message, when)
 
     def debug(self, message: str, *args) -> None:
         self._emit("debug", message, args)

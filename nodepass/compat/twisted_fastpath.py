@@ -265,26 +265,18 @@ class LeanConnection(tcp.Connection):
             return tcp.Connection.doRead(self)
         deliver, source, view, size = sink
         recv_into = self.socket.recv_into
-        try:
-            n = recv_into(view, size)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if not n:
-            return main.CONNECTION_DONE
-        deliver(source, view[:n])
-        if n > _ANSWER_SIZE or not self._lean_wrote or not self._lean_reading or self.disconnecting or not self.connected:
-            return None
-        try:
-            n = recv_into(view, size)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if not n:
-            return main.CONNECTION_DONE
-        deliver(source, view[:n])
+        for _ in (1, 2):  # the second read only after a short answer
+            try:
+                n = recv_into(view, size)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return main.CONNECTION_LOST
+            if not n:
+                return main.CONNECTION_DONE
+            deliver(source, view[:n])
+            if n > _ANSWER_SIZE or not self._lean_wrote or not self._lean_reading or self.disconnecting or not self.connected:
+                return None
         return None
 
     # -- writing ---------------------------------------------------------

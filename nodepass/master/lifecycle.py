@@ -125,7 +125,6 @@ class Supervisor:
         on_report: Callable[[], None],
         host: Host | None = None,
     ) -> None:
-        self.parent = parent
         self.host: Host = host if host is not None else LocalHost(parent, tunables, reactor)
         self.records = records
         self.hub = hub

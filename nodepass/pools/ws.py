@@ -723,6 +723,17 @@ class WebSocketStreamTransport:
         finally:
             self._processing = False
 
+    def _unmasked(self, piece: Any) -> Any:
+        """``piece`` (the next payload bytes of the current frame) unmasked
+        with the frame's key, turned by the bytes unmasked before it; as is
+        (a view) when the frame is not masked."""
+        key = self._key
+        if key is None:
+            return piece
+        turn = self._key_turn
+        self._key_turn = (turn + len(piece)) & 3
+        return apply_mask(piece, key[turn:] + key[:turn] if turn else key)
+
     def _consume(self, data: Any) -> int:
         """Parse frames from ``data`` (bytes or a view) and hand data frames'
         payloads on as they come, piece by piece (a piece never spans two
@@ -742,25 +753,14 @@ class WebSocketStreamTransport:
                 if kind is _DATA and not self._closing:
                     if self._held or self.protocol is None:
                         return pos
-                    piece = data[pos : pos + take]
-                    key = self._key
-                    if key is not None:
-                        turn = self._key_turn
-                        piece = apply_mask(piece, key[turn:] + key[:turn] if turn else key)
-                        self._key_turn = (turn + take) & 3
-                    else:
+                    piece = self._unmasked(data[pos : pos + take])
+                    if isinstance(piece, memoryview):
                         piece = bytes(piece)
                     pos += take
                     self._left = left - take
                     self.protocol.dataReceived(piece)
                 elif kind is _CTRL:
-                    piece = data[pos : pos + take]
-                    key = self._key
-                    if key is not None:
-                        turn = self._key_turn
-                        piece = apply_mask(piece, key[turn:] + key[:turn] if turn else key)
-                        self._key_turn = (turn + take) & 3
-                    self._ctrl += piece
+                    self._ctrl += self._unmasked(data[pos : pos + take])
                     pos += take
                     self._left = left - take
                     if left == take:

@@ -20,6 +20,7 @@ import sys
 from functools import partial
 from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import LogLevel, formatEvent, globalLogBeginner
@@ -106,19 +107,7 @@ class WorkerProtocol(amp.AMP):
 
     def _report(self, instance: str, svc: TunnelService, cp: Checkpoint) -> None:
         if self.services.get(instance) is svc:
-            self._tell(
-                cmd.Report,
-                instance=instance,
-                mode=cp.mode,
-                ping=cp.ping,
-                pool=cp.pool,
-                tcps=cp.tcps,
-                udps=cp.udps,
-                tcprx=cp.tcprx,
-                tcptx=cp.tcptx,
-                udprx=cp.udprx,
-                udptx=cp.udptx,
-            )
+            self._tell(cmd.Report, instance=instance, **attrs.asdict(cp))
 
     def _status(self, instance: str, svc: TunnelService, status: str, message: str) -> None:
         if self.services.get(instance) is svc:

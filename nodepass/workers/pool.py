@@ -64,7 +64,6 @@ class RemoteRun:
         self.checkpoint_listeners: list[Callable[[Checkpoint], None]] = []
         self.status_listeners: list[Callable[[str, str], None]] = []
         self.worker: Optional[WorkerProcess] = None
-        self.running = False
         #: Bytes per second between reports, smoothed (placement weight).
         self.rate = 0.0
         self._last: Optional[tuple[float, int]] = None
@@ -155,7 +154,6 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.started_at = 0.0
         self.alive = False
         self.ended: Deferred = Deferred()
-        self.end_reason: Optional[Failure] = None
         #: Calls made before the process started: (command, fields, Deferred).
         self._queued: list[tuple[type[amp.Command], dict, Deferred]] = []
 
@@ -194,7 +192,6 @@ class WorkerProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.alive = False
-        self.end_reason = reason
         # Calls still waiting for an answer fail with ConnectionLost, which
         # every caller expects of a worker that went away.
         self.amp.connectionLost(Failure(error.ConnectionLost(f"worker process ended: {_how_it_ended(reason)}")))
@@ -262,7 +259,9 @@ class WorkerPool:
         self.reactor = reactor
         self.log = log
         self.level = log.level
-        self.tunables = tunables
+        self._tunables_pickle = pickle.dumps(tunables)  # the same for every Start
+        #: How long a worker may take to stop an instance or itself.
+        self.grace = tunables.shutdown_timeout + 3.0
         self.workers: list[WorkerProcess] = []
         self.closing = False
         #: Workers that ended unexpectedly and were replaced (a metric).
@@ -288,8 +287,6 @@ class WorkerPool:
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         runs = list(worker.runs.values())
         worker.runs.clear()
-        for run in runs:
-            run.running = False
         if self.closing or worker not in self.workers:
             return
         self.restarts += 1
@@ -337,7 +334,7 @@ class WorkerPool:
                 waits.append(worker.ended)
         if waits:
             everyone = defer.DeferredList(waits)
-            everyone.addTimeout(self.tunables.shutdown_timeout + 3.0, self.reactor)
+            everyone.addTimeout(self.grace, self.reactor)
             try:
                 await everyone
             except defer.TimeoutError:
@@ -360,14 +357,13 @@ class WorkerPool:
             return
         worker = min(self.workers, key=lambda w: (w.load(), w.slot))
         run.worker = worker
-        run.running = True
         worker.runs[run.rid] = run
         s = run.stats
         d = worker.call(
             cmd.Start,
             instance=run.rid,
             config=pickle.dumps(run.config),
-            tunables=pickle.dumps(self.tunables),
+            tunables=self._tunables_pickle,
             slot_limit=s.slot_limit,
             tcp_rx=s.tcp_rx,
             tcp_tx=s.tcp_tx,
@@ -388,23 +384,21 @@ class WorkerPool:
     async def halt(self, run: RemoteRun) -> None:
         """Stop ``run`` and take its final counters into its stats."""
         worker = run.worker
-        run.running = False
         if worker is None or worker.runs.get(run.rid) is not run:
             return
         if not worker.alive and not worker.ended.called and worker.unqueue(run.rid):
             del worker.runs[run.rid]  # never started: nothing to stop
             return
         d = worker.call(cmd.Stop, instance=run.rid)
-        d.addTimeout(self.tunables.shutdown_timeout + 3.0, self.reactor)
+        d.addTimeout(self.grace, self.reactor)
         try:
             answer = await d
         except (error.ConnectionLost, error.ConnectionDone, defer.TimeoutError) as e:
             self.log.warn("Instance %s: no final counters from worker %d (%s)", run.rid, worker.slot, e.__class__.__name__)
         else:
-            if answer["known"]:
-                s = run.stats
-                s.tcp_rx, s.tcp_tx, s.udp_rx, s.udp_tx = answer["tcp_rx"], answer["tcp_tx"], answer["udp_rx"], answer["udp_tx"]
             s = run.stats
+            if answer["known"]:
+                s.tcp_rx, s.tcp_tx, s.udp_rx, s.udp_tx = answer["tcp_rx"], answer["tcp_tx"], answer["udp_rx"], answer["udp_tx"]
             s.tcps = s.udps = 0
         finally:
             if worker.runs.get(run.rid) is run:
