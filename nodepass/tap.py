@@ -21,6 +21,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog, NodePassObserver
+from nodepass.compat.twisted_fastpath import lean_dispatch
 from nodepass.compat.twisted_internals import forget_exit_signal, running_twistd_config
 from nodepass.config.urls import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
 
@@ -233,6 +234,9 @@ def twistd_observer(twistd: Optional[Mapping], level: str) -> NodePassObserver:
 
 def _mark_twistd(root: NodePassRoot, twistd: Optional[Mapping]) -> None:
     root.under_twistd = True
+    # twistd's process is ours: no per-event log context in its reactor
+    # (installed by now: twistd installs it before it builds the service).
+    lean_dispatch(_global_reactor())
     pidfile = twistd.get("pidfile") if twistd is not None else ""
     root.pidfile = os.path.abspath(pidfile) if pidfile else ""
 

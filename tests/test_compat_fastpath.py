@@ -89,6 +89,28 @@ class TwistedFastpathInternalsTests(InternalsCase):
             self.need_attr(reactor, "_reads", set, "EPollReactor")
             self.need_attr(reactor, "_writes", set, "EPollReactor")
 
+    def test_epoll_reactor_dispatch(self) -> None:
+        """What ``lean_dispatch`` replaces and calls: ``doPoll`` (and
+        ``doIteration``, the same function) polling ``_poller`` with
+        ``len(_selectables)`` events at most, ``_doReadOrWrite`` and
+        ``_disconnectSelectable`` for the rest, ``_POLL_IN`` for a plain read."""
+        import inspect
+
+        from twisted.internet.epollreactor import EPollReactor
+
+        self.need(EPollReactor.doIteration is EPollReactor.doPoll, "EPollReactor.doIteration is no longer doPoll")
+        self.need_parameters(EPollReactor.doPoll, ("self", "timeout"), "EPollReactor.doPoll")
+        source = inspect.getsource(EPollReactor.doPoll)
+        for part in ("self._poller.poll(timeout, len(self._selectables))", "callWithLogger", "_doReadOrWrite"):
+            self.need(part in source, f"EPollReactor.doPoll no longer does {part}")
+        self.need_parameters(EPollReactor._doReadOrWrite, ("self", "selectable", "fd", "event"), "EPollReactor._doReadOrWrite")
+        self.need_parameters(
+            EPollReactor._disconnectSelectable, ("self", "selectable", "why", "isRead"), "EPollReactor._disconnectSelectable"
+        )
+        import select
+
+        self.need(EPollReactor._POLL_IN == select.EPOLLIN, "EPollReactor._POLL_IN is not EPOLLIN")
+
 
 # -- helpers -----------------------------------------------------------------
 
@@ -347,6 +369,76 @@ class LeanAcceptTests(unittest.TestCase):
         await server.lost
         self.assertEqual(_read_to_eof(s), b"got question")
 
+    def _sink(self, server: _Server) -> list[bytes]:
+        """Have ``server``'s transport read as a relay does (into a buffer,
+        handed to a function), recording what it delivers."""
+        seen: list[bytes] = []
+        server.transport.relay_reads(memoryview(bytearray(4096)), lambda _src, chunk: seen.append(bytes(chunk)), None)
+        return seen
+
+    @d
+    async def test_relay_read_end_of_stream_closes(self) -> None:
+        """A relay's read that finds the peer's close ends the connection
+        itself (``connectionLost``, the socket closed) and the reactor no
+        longer holds it."""
+        factory = _ServerFactory()
+        pnum = self.listen(factory)
+        s = _raw_client(pnum)
+        await wait_for(lambda: factory.protocols, what="accepted")
+        server = factory.protocols[0]
+        transport = server.transport
+        seen = self._sink(server)
+        s.sendall(b"last words")
+        s.close()
+        why = await server.lost
+        self.assertIsInstance(why, error.ConnectionDone)
+        self.assertEqual(b"".join(seen), b"last words")
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+
+    @d
+    async def test_relay_read_end_of_stream_half_close(self) -> None:
+        """A half-closeable protocol reading as a relay does is told of
+        the end of its input and may still answer: the socket leaves the
+        reactor's readers (else the end of stream would be reported again
+        and again) and stays open for writing."""
+        factory = _ServerFactory(_HalfCloseServer)
+        pnum = self.listen(factory)
+        s = _raw_client(pnum)
+        self.addCleanup(s.close)
+        await wait_for(lambda: factory.protocols, what="accepted")
+        server = factory.protocols[0]
+        seen = self._sink(server)
+        server.chunks = seen  # what it answers with
+        s.sendall(b"question")
+        s.shutdown(socket.SHUT_WR)
+        await wait_for(lambda: server.read_closed.called, what="readConnectionLost of the half-closeable protocol")
+        await server.lost
+        self.assertEqual(_read_to_eof(s), b"got question")
+
+    @d
+    async def test_relay_read_reset_with_bytes_queued(self) -> None:
+        """A reset seen by a relay's read while the connection still holds
+        bytes it could not send: the connection is lost once, as
+        ``ConnectionLost``, and its queued bytes are dropped without a
+        write to the closed socket."""
+        factory = _ServerFactory()
+        pnum = self.listen(factory)
+        s = _raw_client(pnum)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await wait_for(lambda: factory.protocols, what="accepted")
+        server = factory.protocols[0]
+        transport = server.transport
+        self._sink(server)
+        transport.write(b"x" * (8 * MiB))  # far more than the socket takes
+        self.assertTrue(transport_buffered(transport), "nothing queued: the test needs a full socket")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()  # a reset, with our bytes unread
+        why = await server.lost
+        self.assertIsInstance(why, error.ConnectionLost)
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+
     @d
     async def test_lose_write_connection(self) -> None:
         """``loseWriteConnection``: the peer sees EOF, and reading goes on."""
@@ -578,3 +670,157 @@ class DialCallbackTests(unittest.TestCase):
         dial.cancel()
         await sleep(0.5)
         self.assertEqual(calls, [])
+
+
+class _Reader:
+    """A bare ``IReadDescriptor`` on one end of a socket pair."""
+
+    def __init__(self, sock: socket.socket, answer: Any = None):
+        self.sock = sock
+        self.answer = answer
+        self.got: list[bytes] = []
+        self.lost: list[Failure] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "reader"
+
+    def doRead(self) -> Any:
+        data = self.sock.recv(4096)
+        self.got.append(data)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer if data else error.ConnectionDone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+class LeanDispatchTests(unittest.TestCase):
+    """``lean_dispatch`` on a reactor of its own (created, not installed,
+    and stepped with ``doIteration``), so the suite's reactor is untouched."""
+
+    def setUp(self) -> None:
+        from twisted.internet.epollreactor import EPollReactor
+
+        self.reactor: Any = EPollReactor()
+        self.addCleanup(self._close_reactor)
+        self.assertTrue(twisted_fastpath.lean_dispatch(self.reactor))
+
+    def _close_reactor(self) -> None:
+        r = self.reactor
+        r.removeAll()
+        waker = getattr(r, "waker", None)
+        if waker is not None:
+            r.removeReader(waker)
+            waker.connectionLost(None)
+        r._poller.close()
+
+    def _pair(self, answer: Any = None) -> tuple[_Reader, socket.socket]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        reader = _Reader(a, answer)
+        self.reactor.addReader(reader)
+        self.addCleanup(self.reactor.removeReader, reader)  # before the close (cleanups run last first)
+        return reader, b
+
+    def _step(self, until: Any, what: str) -> None:
+        for _ in range(50):
+            self.reactor.doIteration(0.1)
+            if until():
+                return
+        self.fail(f"no {what} after 50 reactor iterations")
+
+    def test_other_reactors_are_left_alone(self) -> None:
+        from twisted.internet.selectreactor import SelectReactor
+
+        other: Any = SelectReactor()
+        self.addCleanup(other._preenDescriptors)
+        self.assertFalse(twisted_fastpath.lean_dispatch(other))
+        self.assertNotIn("doIteration", other.__dict__)
+
+    def test_twice_is_once(self) -> None:
+        first = self.reactor.doIteration
+        self.assertTrue(twisted_fastpath.lean_dispatch(self.reactor))
+        self.assertIs(self.reactor.doIteration, first)
+
+    def test_read_event_reaches_do_read(self) -> None:
+        reader, peer = self._pair()
+        peer.send(b"hello")
+        self._step(lambda: reader.got, "read")
+        self.assertEqual(reader.got, [b"hello"])
+        self.assertEqual(reader.lost, [])
+
+    def test_no_log_context_per_event(self) -> None:
+        """The point of it: ``doRead`` runs without the selectable's
+        ``logPrefix()`` pushed as the legacy log ``system`` (Twisted's own
+        ``doPoll`` builds that context for every event)."""
+        from twisted.python import context
+        from twisted.python import log as legacy_log
+
+        reader, peer = self._pair()
+        systems: list[str] = []
+        plain = reader.doRead
+
+        def read() -> Any:
+            systems.append(context.get(legacy_log.ILogContext, {}).get("system", "-"))
+            return plain()
+
+        reader.doRead = read  # type: ignore[method-assign]
+        peer.send(b"x")
+        self._step(lambda: systems, "read")
+        self.assertNotEqual(systems, ["reader"])
+
+    def test_end_of_stream_disconnects_as_a_read(self) -> None:
+        """A reason returned by ``doRead`` ends the selectable the way
+        ``_doReadOrWrite`` does: ``readConnectionLost`` for a clean end
+        of a reader that was reading."""
+        reader, peer = self._pair()
+        peer.close()
+        self._step(lambda: reader.lost, "loss")
+        self.assertIsInstance(reader.lost[0].value, error.ConnectionDone)
+        self.assertNotIn(reader, self.reactor.getReaders())
+
+    def test_exception_is_logged_and_disconnects(self) -> None:
+        reader, peer = self._pair(answer=ZeroDivisionError("a bug"))
+        peer.send(b"x")
+        self._step(lambda: reader.lost, "loss")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertNotIn(reader, self.reactor.getReaders())
+
+    def test_writable_event_still_goes_through_twisted(self) -> None:
+        """An event other than a plain read (here: writable) takes
+        Twisted's own path."""
+        reader, peer = self._pair()
+        written: list[bool] = []
+        reader.doWrite = lambda: written.append(True)  # type: ignore[attr-defined]
+        self.reactor.addWriter(reader)
+        self._step(lambda: written, "write event")
+        self.reactor.removeWriter(reader)
+        self.assertEqual(reader.got, [])
+
+    def test_a_selectable_gone_earlier_in_the_batch_is_skipped(self) -> None:
+        """When one handler removes another selectable whose event is in the
+        same batch, the removed one is not called."""
+        first, peer1 = self._pair()
+        second, peer2 = self._pair()
+
+        def read_and_drop_the_other(me: _Reader, other: _Reader) -> Any:
+            me.got.append(me.sock.recv(10))
+            self.reactor.removeReader(other)
+            return None
+
+        first.doRead = lambda: read_and_drop_the_other(first, second)  # type: ignore[method-assign]
+        second.doRead = lambda: read_and_drop_the_other(second, first)  # type: ignore[method-assign]
+        peer1.send(b"1")
+        peer2.send(b"2")
+        self._step(lambda: first.got or second.got, "read")
+        self.reactor.doIteration(0)
+        self.assertEqual(len(first.got) + len(second.got), 1)

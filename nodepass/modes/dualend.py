@@ -286,6 +286,9 @@ class DualEndRunner(Runner):
         #: ``block=`` (read once: every entry connection asks).
         self.blocked = ctx.config.blocked
         self._info = ctx.log.enabled("info")  # Go's per-connection lines
+        #: ``NP_NO_FAST_TLS=1`` (docs/tunnels.md): read once per run, not per
+        #: connection (``os.environ`` lookups encode the name every time).
+        self._fast_tls = not os.environ.get("NP_NO_FAST_TLS")
         #: Moves relays to splice(2) once they outlive a short exchange.
         self.splicer = splice.SpliceLater(ctx.reactor)
         # UDP launches the exit turns away at the slot limit: one summary
@@ -510,7 +513,7 @@ class DualEndRunner(Runner):
         # Only a TCP pool connection is a TLS transport of its own (QUIC,
         # WebSocket and HTTP/2 streams are transports over one).
         pool_tls = self.tls_code and self.pool_type is PoolType.TCP
-        fast = pool_tls and not os.environ.get("NP_NO_FAST_TLS")
+        fast = pool_tls and self._fast_tls
         size = tls_fast.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
         for end in (target, tunnel):
             t = end.transport
@@ -637,11 +640,7 @@ class DualEndRunner(Runner):
             if src is not None:
                 target.transport.write(proxy_v1_header(src, (peer.host, peer.port)))
         self._splice(target, conn)
-        t = conn.transport
-        if type(t) is LeanConnection and not t.TLS:
-            # The entry wrote the user's first bytes right behind the launch
-            # signal: they are most likely here already.
-            t.read_now()
+
 
     # -- UDP --------------------------------------------------------------
     async def _open_udp_backend(self, session: UDPSession) -> _UDPOverPool:
