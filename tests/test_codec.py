@@ -17,6 +17,7 @@ from nodepass.wire.control import LineBuffer
 from nodepass.base.logs import NodeLog
 from nodepass.pools.tcp import ServerPool
 from nodepass.relay.core import RelayEnd
+from tests import examples
 from tests.helpers import connect
 
 
@@ -64,6 +65,38 @@ class LineCodecTests(unittest.TestCase):
         self.assertTrue(line.endswith(b"\n"))
         self.assertEqual(line.count(b"\n"), 1)
         self.assertEqual(c.decode(line), payload)
+
+
+class KeyStreamTests(unittest.TestCase):
+    """:class:`codec.KeyStream` (the per-key cache the line codec and the
+    1.14 signals XOR with) against a byte-by-byte XOR, on both sides of
+    its cache limit and with the same key stream reused for many lengths."""
+
+    @staticmethod
+    def _reference_xor(data: bytes, key: bytes) -> bytes:
+        return bytes(b ^ key[i % len(key)] for i, b in enumerate(data)) if key else bytes(data)
+
+    @settings(max_examples=examples(300))
+    @given(st.binary(max_size=40), st.lists(st.binary(max_size=codec.KEYSTREAM_CACHE + 40), max_size=6))
+    def test_same_bytes_as_a_plain_xor(self, key, payloads):
+        stream = codec.KeyStream(key)
+        for payload in payloads + payloads:  # the second round hits the cache
+            self.assertEqual(stream.xor(payload), self._reference_xor(payload, key))
+            self.assertEqual(codec.xor(payload, key), self._reference_xor(payload, key))
+
+    def test_cache_is_bounded(self):
+        stream = codec.KeyStream(b"secret")
+        for n in range(4 * codec.KEYSTREAM_CACHE):
+            stream.xor(bytes(n))
+        self.assertEqual(len(stream._streams), codec.KEYSTREAM_CACHE + 1)  # lengths 0..KEYSTREAM_CACHE
+
+    @settings(max_examples=examples(100))
+    @given(st.binary(max_size=64), st.binary(max_size=300))
+    def test_codec_lines_unchanged(self, key, payload):
+        # The line codec's bytes are those of the formula, written out.
+        line = Codec(key).encode(payload)
+        self.assertEqual(line, base64.b64encode(self._reference_xor(payload, key)) + b"\n")
+        self.assertEqual(Codec(key).decode(line), payload)
 
 
 class HandshakeConfigTests(unittest.TestCase):

@@ -5,13 +5,16 @@ generation sniffing, and garbage that must raise nothing but V114Error."""
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+from typing import Callable
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from nodepass.base.kinds import Flow, TLSCode
-from nodepass.wire import v114
+from nodepass.wire import codec, v114
+from nodepass.wire.codec import MAX_LINE
 from nodepass.wire.v114 import NEED_MORE, Generation, Signal, TunnelConfig, V114Error
 from tests import examples
 
@@ -415,3 +418,269 @@ class DialectTests(unittest.TestCase):
         self.assertTrue(any("commonQueue: decode signal failed" in ln for ln in lines))
         self.assertFalse(channel.broken)
         channel.stop()
+
+
+# ---------------------------------------------------------------------------
+# The fast paths of the signal codec against the general code they replace.
+#
+# These references are the 1.14 signal encoder and decoder as they were
+# before :class:`v114.SignalKey` (its fast paths and cached key stream),
+# kept here verbatim apart from a byte-by-byte XOR: the package's fast
+# paths must give the same bytes and the same verdicts for every input.
+
+
+def _reference_xor(data: bytes, key: bytes) -> bytes:
+    return bytes(b ^ key[i % len(key)] for i, b in enumerate(data)) if key else bytes(data)
+
+
+def _reference_payload(action: str, remote: str, pool_id: str, fp: str) -> bytes:
+    if action == v114.Action.VERIFY and not v114._FINGERPRINT.match(fp):
+        raise V114Error("verify signal without a well-formed fingerprint")
+    parts = []
+    for name, value in zip(("action", "remote", "id", "fp"), (action, remote, pool_id, fp)):
+        if value:
+            if any("\ud800" <= c <= "\udfff" for c in value):
+                raise V114Error(f"signal {name} is not valid Unicode")
+            parts.append(f'"{name}":{v114._go_json_string(value)}')
+    return ("{" + ",".join(parts) + "}").encode("utf-8")
+
+
+def _reference_line(action: str, remote: str, pool_id: str, fp: str, key: bytes) -> bytes:
+    return base64.b64encode(_reference_xor(_reference_payload(action, remote, pool_id, fp), key)) + b"\n"
+
+
+def _reference_parse_payload(payload: bytes) -> Signal:
+    try:
+        members = v114._members(v114._json_value(bytes(payload).decode("utf-8", "replace"), whole=True), v114._FIELDS)
+    except V114Error as e:
+        raise v114.SignalUnmarshalError(str(e)) from None
+    if not all(isinstance(v, str) for v in members.values()):
+        raise v114.SignalUnmarshalError("signal members must be JSON strings")
+    if not all(len(v) <= v114.MAX_FIELD and v.isprintable() for v in members.values()):
+        raise v114.SignalUnmarshalError("signal with a malformed member")
+    return Signal(members.get("action", ""), members.get("remote", ""), members.get("id", ""), members.get("fp", ""))
+
+
+def _reference_decode_line(line: bytes, key: bytes) -> Signal:
+    line = bytes(line)
+    if len(line) > MAX_LINE:
+        raise v114.SignalDecodeError(f"signal line longer than {MAX_LINE} bytes")
+    try:
+        raw = base64.b64decode(line.removesuffix(b"\n"), validate=True)
+    except (binascii.Error, ValueError):
+        raise v114.SignalDecodeError("signal line is not base64") from None
+    return _reference_parse_payload(_reference_xor(raw, key))
+
+
+def _verdict(call: Callable[[], object]) -> tuple[str, object]:
+    """What a call gives: ``("ok", value)`` or ``(exception type, message)``."""
+    try:
+        return "ok", call()
+    except Exception as e:  # noqa: BLE001 - the verdict is what is compared
+        return type(e).__name__, str(e)
+
+
+#: Text a fast path must notice: JSON escapes, Go's extra escapes, lone
+#: surrogates, controls, DEL, and the characters that end a plain member.
+_AWKWARD = ['"', "\\", "<", ">", "&", "\u2028", "\u2029", "\ud800", "\udfff", "\x00", "\x1f", "\x7f", "\n", "é", "\ufffd", "😀", " "]
+_TEXT = st.one_of(
+    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),  # mostly plain
+    st.text(alphabet=st.one_of(st.characters(), st.sampled_from(_AWKWARD)), max_size=40),
+    st.text(alphabet=st.sampled_from(_AWKWARD + ["a", "1", ":", "[", "]"]), max_size=12),
+    st.builds(lambda a, b, c, d, p: f"{a}.{b}.{c}.{d}:{p}", *(st.integers(0, 255),) * 4, st.integers(0, 65535)),
+    st.just(""),
+)
+_ACTION = st.one_of(st.sampled_from([str(a) for a in v114.Action]), _TEXT)
+_KEY = st.one_of(st.binary(max_size=40), st.text(max_size=12).map(lambda t: t.encode("utf-8", "surrogatepass")))
+
+
+def _plain_text(max_size: int = 40) -> st.SearchStrategy[str]:
+    """Members the decoder's fast path takes (printable ASCII, no ``"`` or
+    ``\\``), and now and then one that it must leave to the general parser."""
+    plain = st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters='"\\')
+    near = st.sampled_from(['"', "\\", "\x7f", "\x1f", "\x00", "é", "\u2028", "<"])
+    return st.one_of(
+        st.text(alphabet=plain, max_size=max_size),
+        st.text(alphabet=st.one_of(plain, near), max_size=max_size),
+    )
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    """``data`` with each ``(kind, position, byte)`` edit applied: replace,
+    insert, delete or cut at ``position`` (modulo the length)."""
+    out = bytearray(data)
+    for kind, pos, byte in edits:
+        pos = pos % (len(out) + 1)
+        if kind == 0 and pos < len(out):
+            out[pos] = byte
+        elif kind == 1:
+            out.insert(pos, byte)
+        elif kind == 2 and pos < len(out):
+            del out[pos]
+        elif kind == 3:
+            del out[pos:]
+    return bytes(out)
+
+
+_EDITS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 400), st.integers(0, 255)), max_size=3)
+
+
+class FastPathEncodeTests(unittest.TestCase):
+    """Every signal: the same bytes as the general encoder, or the same
+    exception -- through every entry point (``Signal.payload``/``line``,
+    :class:`v114.SignalKey`, the control channel's dialect)."""
+
+    def _same(self, action: str, remote: str, pool_id: str, fp: str, key: bytes) -> None:
+        expected_payload = _verdict(lambda: _reference_payload(action, remote, pool_id, fp))
+        expected_line = _verdict(lambda: _reference_line(action, remote, pool_id, fp, key))
+        signal = Signal(action, remote, pool_id, fp)
+        self.assertEqual(_verdict(signal.payload), expected_payload)
+        self.assertEqual(_verdict(lambda: signal.line(key)), expected_line)
+        keyed = v114.SignalKey(key)
+        for _ in range(2):  # the second time with the key stream cached
+            self.assertEqual(_verdict(lambda: keyed.payload(action, remote, pool_id, fp)), expected_payload)
+            self.assertEqual(_verdict(lambda: keyed.line(action, remote, pool_id, fp)), expected_line)
+        kinds = {v: k for k, v in _DIALECT_KINDS.items()}
+        if action in kinds:
+            from nodepass.wire.dialect import V114Dialect
+
+            ours = codec.Signal(kinds[action], remote, pool_id, fp)
+            self.assertEqual(_verdict(lambda: V114Dialect(codec.Codec(key)).line(ours)), expected_line)
+
+    @settings(max_examples=examples(600))
+    @given(_ACTION, _TEXT, _TEXT, st.one_of(st.just(""), st.just(FP), _TEXT), _KEY)
+    def test_arbitrary_text(self, action: str, remote: str, pool_id: str, fp: str, key: bytes) -> None:
+        self._same(action, remote, pool_id, fp, key)
+
+    @settings(max_examples=examples(300))
+    @given(st.sampled_from(["tcp", "udp", v114.Action.TCP, v114.Action.UDP]), _TEXT, _TEXT, _KEY)
+    def test_launch_signals(self, action: str, remote: str, pool_id: str, key: bytes) -> None:
+        self._same(action, remote, pool_id, "", key)
+
+    def test_chosen_cases(self) -> None:
+        cases = [
+            ("tcp", "127.0.0.1:57426", "ecce5d2c", ""),
+            ("udp", "[2001:db8::1%eth0]:53", "0a1b2c3d", ""),
+            ("tcp", "<a&b>", "\u2028é", ""),
+            ("tcp", 'a"b', "c\\d", ""),
+            ("tcp", "a\x7fb", "\x00", ""),
+            ("tcp", "\ud800", "ab", ""),
+            ("tcp", "", "ab", ""),
+            ("tcp", "1.2.3.4:5", "", ""),
+            ("tcp", "1.2.3.4:5", "ab", "x"),
+            ("verify", "", "ab", ""),
+            ("verify", "", "ab", FP),
+            ("ping", "", "", ""),
+            ("ping", "x", "", ""),
+            ("flush", "", "", "x"),
+            ("", "", "", ""),
+            ("a<b", "", "", ""),
+            ("tcp", "x" * 300, "ab", ""),
+        ]
+        for key in (b"", b"k", b"secret", "schlüssel".encode(), bytes(range(256)) * 2):
+            for case in cases:
+                self._same(*case, key)
+
+    def test_launch_lines_skip_the_general_encoder(self) -> None:
+        # The point of the fast path: a launch (and ping, pong, flush) never
+        # reaches _payload.  Only a regression test, the bytes are above.
+        def general(*args: object) -> bytes:
+            raise AssertionError("general encoder used")
+
+        self.patch(v114, "_payload", general)
+        keyed = v114.SignalKey(b"secret")
+        self.assertEqual(keyed.line("tcp", "127.0.0.1:57426", "ecce5d2c", ""), SIGNALS[2][2] + b"\n")
+        self.assertEqual(keyed.line(v114.Action.UDP, "127.0.0.1:5353", "0a1b2c3d", ""), SIGNALS[5][2] + b"\n")
+        self.assertEqual(keyed.line(v114.Action.PING, "", "", ""), SIGNALS[0][2] + b"\n")
+
+
+_DIALECT_KINDS = {"1": "tcp", "2": "udp", "v": "verify", "f": "flush", "i": "ping", "o": "pong"}
+
+
+class FastPathDecodeTests(unittest.TestCase):
+    """Every line: the same signal, or the same exception with the same
+    message, as the general decoder -- valid lines, lines of mutated
+    payloads (which pass base64 and test the JSON reading), mutated lines
+    and arbitrary bytes."""
+
+    def _same(self, line: bytes, key: bytes) -> None:
+        expected = _verdict(lambda: _reference_decode_line(line, key))
+        keyed = v114.SignalKey(key)
+        self.assertEqual(_verdict(lambda: v114.decode_line(line, key)), expected)
+        self.assertEqual(_verdict(lambda: Signal(*keyed.fields(line))), expected)
+        from nodepass.wire.dialect import UNKNOWN_ACTION, SignalError, V114Dialect
+
+        read = _verdict(lambda: V114Dialect(codec.Codec(key)).read(line))
+        if expected[0] == "ok":
+            got = expected[1]
+            assert isinstance(got, Signal)
+            kinds = {v: k for k, v in _DIALECT_KINDS.items()}
+            self.assertEqual(read, ("ok", codec.Signal(kinds.get(got.action, UNKNOWN_ACTION), got.remote, got.id, got.fp)))
+        else:
+            self.assertEqual(read, (SignalError.__name__, expected[1]))
+
+    def _payload_line(self, payload: bytes, key: bytes) -> bytes:
+        return base64.b64encode(_reference_xor(payload, key)) + b"\n"
+
+    @settings(max_examples=examples(400))
+    @given(st.sampled_from(["tcp", "udp", "ping", "verify", "flush", "later", ""]), _plain_text(), _plain_text(),
+           st.one_of(st.just(""), st.just(FP), _plain_text(300)), _KEY, _EDITS, st.booleans())
+    def test_written_lines_and_their_mutations(self, action: str, remote: str, pool_id: str, fp: str, key: bytes,
+                                               edits: list[tuple[int, int, int]], on_line: bool) -> None:
+        payload = _reference_payload(action, remote, pool_id, fp) if action != "verify" or fp == FP else b'{"action":"verify"}'
+        line = self._payload_line(payload, key)
+        self._same(line, key)
+        self._same(line.rstrip(b"\n"), key)
+        self._same(_mutate(line, edits) if on_line else self._payload_line(_mutate(payload, edits), key), key)
+
+    @settings(max_examples=examples(400))
+    @given(st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=60).map(lambda t: t.encode("utf-8", "surrogatepass")),
+        st.builds(lambda parts: b"".join(parts), st.lists(st.sampled_from([
+            b"{", b"}", b'"action"', b'"Action"', b'"remote"', b'"ID"', b'"id"', b'"fp"', b'"x"', b":", b",", b" ",
+            b'"tcp"', b'"udp"', b'"ping"', b'"1.2.3.4:5"', b'"a\\u0041"', b'"\\/"', b'"\\n"', b"null", b"1", b"[]",
+            b'"\xc3\xa9"', b'"\xff"', b'"\x7f"', b'"\x01"', b'"' + b"a" * 255 + b'"', b'"' + b"a" * 256 + b'"', b"\n",
+        ]), max_size=14)),
+    ), _KEY, st.booleans())
+    def test_arbitrary_payloads(self, payload: bytes, key: bytes, raw: bool) -> None:
+        # ``raw``: the bytes as the line itself (mostly bad base64), else as
+        # the payload of a well-formed line (the JSON reading decides).
+        self._same(payload if raw else self._payload_line(payload, key), key)
+
+    def test_chosen_lines(self) -> None:
+        key = b"secret"
+        payloads = [
+            b'{"action":"tcp","remote":"127.0.0.1:57426","id":"ecce5d2c"}',
+            b'{"action":"tcp","remote":"' + b"a" * 255 + b'","id":"x"}',
+            b'{"action":"tcp","remote":"' + b"a" * 256 + b'","id":"x"}',
+            b'{"action":"tcp","remote":"a\\u003cb","id":"x"}',
+            b'{"action":"tcp","remote":"a\x7fb","id":"x"}',
+            b'{"action":"tcp","remote":"\xc3\xa9","id":"x"}',
+            b'{"action":"tcp","remote":"\xe9","id":"x"}',
+            b'{"action":"tcp","id":"x","remote":"a"}',
+            b'{"action":"tcp","remote":"a","id":"x"} ',
+            b'{"action":"tcp","remote":"a","id":"x"}{}',
+            b'{"action":"tcp","remote":"a","remote":"b"}',
+            b'{"action":"tcp","remote":"","id":""}',
+            b'{"action":"verify","id":"cb177d35","fp":"' + FP.encode() + b'"}',
+            b'{"action":"verify","fp":""}',
+            b'{"action":"ping"}',
+            b'{"action":""}',
+            b'{"action":1}',
+            b"{}",
+            b"null",
+            b"",
+        ]
+        for payload in payloads:
+            self._same(self._payload_line(payload, key), key)
+        for line in (b"", b"\n", b"\r\n", b"A", b"AA==\n", b"AA==AA==", b"A" * 5000, SIGNALS[0][2] + b"\r\n", b"\xff\n"):
+            self._same(line, key)
+
+    def test_launch_lines_skip_the_general_parser(self) -> None:
+        def general(payload: bytes) -> v114.Fields:
+            raise AssertionError("general parser used")
+
+        self.patch(v114, "_parse_fields", general)
+        for signal, _payload, line in SIGNALS:
+            self.assertEqual(v114.decode_line(line, "secret"), signal)

@@ -79,30 +79,38 @@ UNKNOWN_ACTION = "?"
 
 
 class V114Dialect:
-    """Compact JSON signals (SPEC-1.14 §3.4); ``verify`` carries ``fp``."""
+    """Compact JSON signals (SPEC-1.14 §3.4); ``verify`` carries ``fp``.
+
+    Lines go straight between the runner's signals and the wire through
+    the key's :class:`~nodepass.wire.v114.SignalKey` (its fast path for
+    launch signals), without an intermediate :class:`v114.Signal`."""
 
     generation = Wire.V114
 
     def __init__(self, key: Codec):
-        self.key = key.key
+        self.signals = v114.signal_key(key.key)
 
     def _json(self, sig: Signal) -> v114.Signal:
+        return v114.Signal(self._action(sig), sig.host, sig.id, sig.fp)
+
+    @staticmethod
+    def _action(sig: Signal) -> v114.Action:
         action = _ACTIONS.get(sig.kind)
         if action is None:
             raise ValueError(f"signal kind {sig.kind!r} has no 1.14 action")
-        return v114.Signal(action, sig.host, sig.id, sig.fp)
+        return action
 
     def line(self, sig: Signal) -> bytes:
-        return self._json(sig).line(self.key)
+        return self.signals.line(self._action(sig), sig.host, sig.id, sig.fp)
 
     def read(self, line: bytes) -> Signal:
         try:
-            got = v114.decode_line(line, self.key)
+            action, remote, pool_id, fp = self.signals.fields(bytes(line))
         except v114.SignalDecodeError as e:
             raise SignalError(str(e), f"commonQueue: decode signal failed: {e}") from None
         except v114.SignalUnmarshalError as e:
             raise SignalError(str(e), f"commonQueue: unmarshal signal failed: {e}") from None
-        return Signal(_KINDS.get(got.action, UNKNOWN_ACTION), got.remote, got.id, got.fp)
+        return Signal(_KINDS.get(action, UNKNOWN_ACTION), remote, pool_id, fp)
 
     def text(self, sig: Signal) -> str:
         """Never raises: a received ``verify`` may carry no (or a malformed)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import hashlib
 import hmac
 import json
@@ -34,7 +35,7 @@ from typing import Any, Optional, Union
 import attrs
 
 from nodepass.base.kinds import Flow, TLSCode
-from nodepass.wire.codec import MAX_LINE, xor
+from nodepass.wire.codec import MAX_LINE, KeyStream
 
 #: Longest request head (request line and headers) the server reads.  The
 #: Go client's request is 173 bytes with a 4-letter host; Go's own limit is
@@ -494,6 +495,34 @@ def _go_json_string(text: str) -> str:
     return out
 
 
+def _payload(action: str, remote: str, pool_id: str, fp: str) -> bytes:
+    """The general encoder behind :meth:`Signal.payload` (any text)."""
+    if action == Action.VERIFY and not _FINGERPRINT.match(fp):
+        raise V114Error("verify signal without a well-formed fingerprint")
+    parts = []
+    for name, value in zip(_FIELDS, (action, remote, pool_id, fp)):
+        if value:
+            if any("\ud800" <= c <= "\udfff" for c in value):
+                raise V114Error(f"signal {name} is not valid Unicode")
+            parts.append(f'"{name}":{_go_json_string(value)}')
+    return ("{" + ",".join(parts) + "}").encode("utf-8")
+
+
+def _plain(text: str) -> bool:
+    """True if Go writes ``text`` as a JSON string without any escape:
+    printable ASCII other than ``"``, ``\\``, ``<``, ``>`` and ``&``
+    (then ``'"' + text + '"'`` is exactly :func:`_go_json_string`)."""
+    return (
+        text.isascii()
+        and text.isprintable()
+        and '"' not in text
+        and "\\" not in text
+        and "<" not in text
+        and ">" not in text
+        and "&" not in text
+    )
+
+
 @attrs.frozen
 class Signal:
     """A control signal: ``action`` (an :class:`Action` or any other text),
@@ -509,20 +538,11 @@ class Signal:
         ``remote``, ``id``, ``fp``, empty ones left out.  A ``verify``
         without a well-formed fingerprint raises :class:`V114Error`: this
         end never sends an empty one."""
-        if self.action == Action.VERIFY and not _FINGERPRINT.match(self.fp):
-            raise V114Error("verify signal without a well-formed fingerprint")
-        parts = []
-        for name in _FIELDS:
-            value = getattr(self, name)
-            if value:
-                if any("\ud800" <= c <= "\udfff" for c in value):
-                    raise V114Error(f"signal {name} is not valid Unicode")
-                parts.append(f'"{name}":{_go_json_string(value)}')
-        return ("{" + ",".join(parts) + "}").encode("utf-8")
+        return _payload(self.action, self.remote, self.id, self.fp)
 
     def line(self, key: Union[str, bytes]) -> bytes:
         """The wire line: ``base64(payload XOR key) + "\\n"``."""
-        return base64.b64encode(xor(self.payload(), _key_bytes(key))) + b"\n"
+        return signal_key(key).line(self.action, self.remote, self.id, self.fp)
 
 
 def tcp_launch(remote: str, pool_id: str) -> Signal:
@@ -550,12 +570,14 @@ def _loggable(text: str) -> bool:
     return len(text) <= MAX_FIELD and text.isprintable()
 
 
-def parse_payload(payload: bytes) -> Signal:
-    """A signal of its JSON payload, read as Go's ``json.Unmarshal`` does
-    (any member order, whitespace, unknown members, case-insensitive
-    names; exactly one JSON value).  Raises :class:`SignalUnmarshalError`.
-    Members with control characters or longer than :data:`MAX_FIELD` are
-    refused too: they end up in log lines, and Go peers never send such."""
+#: What a decoded signal is before it becomes a :class:`Signal`: action,
+#: remote, id, fp (the control channel's dialect builds its own kind of
+#: signal from these, so nothing is built twice).
+Fields = tuple[str, str, str, str]
+
+
+def _parse_fields(payload: bytes) -> Fields:
+    """The general reader behind :func:`parse_payload` (any JSON)."""
     try:
         members = _members(_json_value(bytes(payload).decode("utf-8", "replace"), whole=True), _FIELDS)
     except V114Error as e:
@@ -564,9 +586,92 @@ def parse_payload(payload: bytes) -> Signal:
         raise SignalUnmarshalError("signal members must be JSON strings")
     if not all(_loggable(v) for v in members.values()):
         raise SignalUnmarshalError("signal with a malformed member")
-    return Signal(
-        members.get("action", ""), members.get("remote", ""), members.get("id", ""), members.get("fp", "")
-    )
+    return (members.get("action", ""), members.get("remote", ""), members.get("id", ""), members.get("fp", ""))
+
+
+def parse_payload(payload: bytes) -> Signal:
+    """A signal of its JSON payload, read as Go's ``json.Unmarshal`` does
+    (any member order, whitespace, unknown members, case-insensitive
+    names; exactly one JSON value).  Raises :class:`SignalUnmarshalError`.
+    Members with control characters or longer than :data:`MAX_FIELD` are
+    refused too: they end up in log lines, and Go peers never send such."""
+    return Signal(*_parse_fields(payload))
+
+
+#: The exact shape this end and Go peers write (members in order, compact),
+#: with plain members: printable ASCII without ``"`` or ``\\``, at most
+#: :data:`MAX_FIELD` long.  For such a payload the members are the JSON
+#: strings' text as is, and :func:`_parse_fields` would return the same;
+#: anything else goes to it.  Matched on the Latin-1 text of the payload,
+#: so a non-ASCII byte simply does not match.
+_PLAIN_MEMBER = r'"([ !#-\[\]-~]{0,%d})"' % MAX_FIELD
+_WRITTEN_SHAPE = re.compile(
+    r'\{"action":%s(?:,"remote":%s)?(?:,"id":%s)?(?:,"fp":%s)?\}' % ((_PLAIN_MEMBER,) * 4)
+)
+
+
+#: The payloads of the signals that carry nothing but their action.
+_BARE_PAYLOADS = {str(action): _payload(action, "", "", "") for action in (Action.PING, Action.PONG, Action.FLUSH)}
+
+
+class SignalKey:
+    """Signal lines under one tunnel key: what depends only on the key is
+    computed once (:class:`~nodepass.wire.codec.KeyStream`), and the
+    launch signals -- one per short connection -- take a fast path.
+
+    The fast paths only cover inputs where their result is provably the
+    general one (plain ASCII text, the exact written shape); everything
+    else goes through :func:`_payload` / :func:`_parse_fields`, so the
+    bytes written and the verdicts (exceptions and messages included) are
+    those of the general code for every input."""
+
+    __slots__ = ("key", "stream")
+
+    def __init__(self, key: bytes):
+        self.key = key
+        self.stream = KeyStream(key)
+
+    def payload(self, action: str, remote: str, pool_id: str, fp: str) -> bytes:
+        """Exactly ``Signal(action, remote, pool_id, fp).payload()``."""
+        if not fp:
+            if action == "tcp" or action == "udp":
+                if remote and pool_id and _plain(remote) and _plain(pool_id):
+                    return f'{{"action":"{action}","remote":"{remote}","id":"{pool_id}"}}'.encode("ascii")
+            elif not remote and not pool_id:
+                bare = _BARE_PAYLOADS.get(action)
+                if bare is not None:
+                    return bare
+        return _payload(action, remote, pool_id, fp)
+
+    def line(self, action: str, remote: str, pool_id: str, fp: str) -> bytes:
+        """The wire line, ``\\n`` included; raises as :meth:`Signal.payload`."""
+        return binascii.b2a_base64(self.stream.xor(self.payload(action, remote, pool_id, fp)), newline=True)
+
+    def fields(self, line: bytes) -> Fields:
+        """The members of one wire line; verdicts as :func:`decode_line`."""
+        if len(line) > MAX_LINE:
+            raise SignalDecodeError(f"signal line longer than {MAX_LINE} bytes")
+        try:
+            # What base64.b64decode(..., validate=True) does on bytes.
+            raw = binascii.a2b_base64(line.removesuffix(b"\n"), strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise SignalDecodeError("signal line is not base64") from None
+        payload = self.stream.xor(raw)
+        match = _WRITTEN_SHAPE.fullmatch(payload.decode("latin-1"))
+        if match is not None:
+            action, remote, pool_id, fp = match.groups("")
+            return action, remote, pool_id, fp
+        return _parse_fields(payload)
+
+
+@functools.lru_cache(maxsize=64)
+def _signal_key(key: bytes) -> SignalKey:
+    return SignalKey(key)
+
+
+def signal_key(key: Union[str, bytes]) -> SignalKey:
+    """The (cached) :class:`SignalKey` of a tunnel key."""
+    return _signal_key(_key_bytes(key))
 
 
 def decode_line(line: bytes, key: Union[str, bytes]) -> Signal:
@@ -574,14 +679,7 @@ def decode_line(line: bytes, key: Union[str, bytes]) -> Signal:
     (a ``\\r`` before it is a decode error, as in Go).  Raises
     :class:`SignalDecodeError` for bad base64 or an oversize line and
     :class:`SignalUnmarshalError` for a payload that is not a signal."""
-    line = bytes(line)
-    if len(line) > MAX_LINE:
-        raise SignalDecodeError(f"signal line longer than {MAX_LINE} bytes")
-    try:
-        raw = base64.b64decode(line.removesuffix(b"\n"), validate=True)
-    except (binascii.Error, ValueError):
-        raise SignalDecodeError("signal line is not base64") from None
-    return parse_payload(xor(raw, _key_bytes(key)))
+    return Signal(*signal_key(key).fields(bytes(line)))
 
 
 # ---------------------------------------------------------------------------
