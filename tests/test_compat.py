@@ -350,6 +350,121 @@ class TwistedTLSTransportTests(InternalsCase):
         self.assertEqual(twisted_internals.below_tls(tls, tls), (conn, ours))
         self.assertEqual(twisted_internals.below_tls(conn, tls), (conn, ours))
 
+    def test_start_tls_sends_its_records_at_once(self) -> None:
+        """``start_tls`` is Twisted's startTLS with a ``_BypassTLS`` base
+        that sends the TLS layer's records at once: the ClientHello is on
+        the wire when it returns, nothing queued and no write registration."""
+        import socket
+
+        from twisted.internet import _newtls, reactor, tcp
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.ssl import CertificateOptions
+
+        self.need_parameters(_newtls.startTLS, ("transport", "contextFactory", "normal", "bypass"), "_newtls.startTLS")
+        source = inspect.getsource(_newtls._BypassTLS.write)
+        self.need("self._base.write(self._connection, data)" in source,
+                  "_BypassTLS.write no longer writes through its base class with the connection")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        conn = tcp.Connection(ours, Protocol(), reactor)
+        conn.connected = True
+        conn._tlsClientDefault = True
+        twisted_internals.start_tls(conn, CertificateOptions())
+        self.assertTrue(conn.TLS)
+        self.assertEqual(twisted_internals.queued_bytes(conn), 0)
+        self.assertNotIn(conn, reactor.getWriters())
+        hello = theirs.recv(65536)
+        self.assertEqual(hello[:1], b"\x16")  # a TLS handshake record
+        conn.connected = False
+
+    def test_unbuffered_tls_write_is_not_held_for_a_turn(self) -> None:
+        """``write_unbuffered`` goes past ``BufferingTLSTransport``'s
+        aggregator, after anything it holds."""
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.ssl import optionsForClientTLS
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(optionsForClientTLS("example.com"), True, Factory.forProtocol(Protocol))
+        tls = factory.buildProtocol(None)
+        tls.makeConnection(StringTransport())
+        tls.write(b"held")
+        twisted_internals.write_unbuffered(tls, b"now")
+        self.assertEqual(tls._aggregator._buffer, [])
+        self.assertEqual(tls._appSendBuffer, [b"held", b"now"])  # (no handshake yet: kept in order)
+
+    def test_closed_start_tls_connection_lets_go_of_its_tls_layer(self) -> None:
+        """What ``release_tls_layer`` drops once a startTLS connection is
+        closed: the TLS layer's bound methods ``startTLS`` put on the
+        connection, a relay's ``doRead``, and the fast path's instance
+        attributes on the TLS layer -- and nothing while it is open."""
+        import socket
+
+        from twisted.internet import error, reactor, tcp
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.ssl import CertificateOptions
+        from twisted.python.failure import Failure
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        conn = tcp.Connection(ours, Protocol(), reactor)
+        conn._tlsClientDefault = False
+        conn.startTLS(CertificateOptions())
+        tls = twisted_internals.tls_layer(conn)
+        for name in ("getHandle", "getPeerCertificate"):
+            bound = vars(conn).get(name)
+            self.need(getattr(bound, "__self__", None) is tls, f"startTLS no longer sets the TLS layer's {name} on the connection")
+        twisted_internals.install_tls_data_path(tls, print, print)
+        twisted_internals.unregister_producer_on_tls_shutdown(tls)
+        conn.doRead = print  # as a relay's read_into does
+        twisted_internals.release_tls_layer(conn)  # open: kept
+        self.assertIn("getHandle", vars(conn))
+        self.assertIn("write", vars(tls))
+        conn.connected = True
+        conn.connectionLost(Failure(error.ConnectionDone()))
+        self.need("socket" not in vars(conn), "tcp.Connection.connectionLost no longer lets go of .socket")
+        twisted_internals.release_tls_layer(conn)
+        for name in ("getHandle", "getPeerCertificate", "doRead", "doWrite"):
+            self.assertNotIn(name, vars(conn))
+        for name in ("write", "writeSequence", "dataReceived", "_tlsShutdownFinished", "connectionLost"):
+            self.assertNotIn(name, vars(tls))
+        twisted_internals.release_tls_layer(conn)  # twice: nothing left to do
+
+    def test_tls_layers_interface_declarations_are_made_once(self) -> None:
+        """``TLSMemoryBIOProtocol.makeConnection`` declares each interface of
+        its transport with ``directlyProvides``; once kept, those
+        declarations are zope.interface's cached ones (not built anew per
+        connection)."""
+        import socket
+
+        from twisted.internet import reactor, tcp
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.ssl import CertificateOptions
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+        from zope.interface import providedBy
+        from zope.interface.declarations import Provides
+
+        source = inspect.getsource(TLSMemoryBIOProtocol.makeConnection)
+        self.need("directlyProvides(self, interface)" in source,
+                  "TLSMemoryBIOProtocol.makeConnection no longer declares its transport's interfaces one by one")
+        twisted_internals.keep_tls_declarations(tcp.Connection)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        conn = tcp.Connection(ours, Protocol(), reactor)
+        conn._tlsClientDefault = False
+        conn.startTLS(CertificateOptions())
+        tls = twisted_internals.tls_layer(conn)
+        interfaces = list(providedBy(conn))
+        self.assertTrue(interfaces)
+        kept = twisted_internals._KEPT_DECLARATIONS
+        for interface in interfaces:
+            declaration = kept.get((type(tls), interface))
+            self.assertIsNotNone(declaration, interface)
+            self.need(Provides(type(tls), interface) is declaration, "zope.interface no longer caches Provides declarations")
+        self.assertIs(tls.__provides__, kept[type(tls), interfaces[-1]])
+
     def test_buffered_tls_writes_are_flushed_before_the_fast_path(self) -> None:
         """Twisted's default TLS transport holds small writes for a reactor
         turn; installing the fast path sends them first, and its fallback

@@ -262,6 +262,15 @@ class TunnelMixin:
         return server, client, entry, (tport, uport)
 
 
+class _AnswerAndClose(Protocol):
+    """A target that answers and closes at once (HTTP with ``Connection:
+    close``)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"answer:" + data)
+        self.transport.loseConnection()
+
+
 def _udp_free(port: int) -> bool:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -483,6 +492,130 @@ class FlowTests(TunnelMixin, unittest.TestCase):
             c.transport.write(b"q%d" % i)
             self.assertEqual(await c.lost, b"answer:q%d" % i)
         await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+
+    async def _answering_tls_tunnel(self):
+        """A tls=1 tunnel (reverse flow) to a target that answers and closes
+        at once, as HTTP with ``Connection: close`` does; returns (server,
+        client, user entry port) once the client's pool is full."""
+        from tests.helpers import listen_tcp
+
+        target, _ = listen_tcp(_AnswerAndClose)
+        self.addCleanup(target.stopListening)
+        entry = free_port()
+        self.tunnel_port = free_port()
+        server = await self.start_server(f"127.0.0.1:{entry}", "&mode=1&tls=1")
+        client = await self.start_client(f"127.0.0.1:{target.getHost().port}")
+        await wait_for(lambda: client.runner.pool.idle_count() >= 8, what="pool filled")
+        return server, client, entry
+
+    async def _ask(self, entry: int, server: TunnelService, client: TunnelService, n: int) -> None:
+        """``n`` users one after another, each answered; then every slot is
+        released and the client's pool is full again."""
+        for i in range(n):
+            c = await connect(entry)
+            c.transport.write(b"q%d" % i)
+            self.assertEqual(await c.lost, b"answer:q%d" % i)
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+        await wait_for(lambda: client.runner.pool.idle_count() >= 8, what="pool refilled")
+
+    @d
+    async def test_tls_pool_connections_close_cleanly_at_both_ends(self):
+        """A tls=1 pool connection that carried an exchange ends with
+        close_notify sent and received at both ends (no TLS error, no
+        unexpected EOF, no Failure logged), and both relays end with Go's
+        ``EOF``.  The client dials its pool connections lean and runs TLS
+        over them (startTLS), as the server accepts them."""
+        from OpenSSL import SSL
+        from twisted.internet.error import ConnectionDone
+
+        from nodepass.compat.twisted_fastpath import LeanConnection
+        from nodepass.compat.twisted_internals import tls_layer
+
+        server, client, entry = await self._answering_tls_tunnel()
+        client_ends = list(client.runner.pool.idle.values())
+        server_ends = list(server.runner.pool.idle.values())
+        for end in client_ends + server_ends:
+            self.assertIs(type(end.transport), LeanConnection)
+            self.assertTrue(end.transport.TLS)
+        # (The TLS layer lets go of its OpenSSL connection once lost.)
+        handles = [(end, end.transport.getHandle()) for end in client_ends + server_ends]
+        self.assertTrue(all(tls_layer(end.transport) is not None for end, _ in handles))
+        await self._ask(entry, server, client, 6)
+        used = [(end, handle) for end, handle in handles if end.relay is not None]
+        self.assertGreaterEqual(len(used), 12, "both ends of six exchanges")
+        # (A relay is over once one end is lost; the other may still be
+        # finishing its TLS shutdown.)
+        await wait_for(lambda: all(end.lost for end, _ in used), what="pool connections closed")
+        both = SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN
+        for end, handle in used:
+            self.assertIsInstance(end.lost_reason.value, ConnectionDone)
+            self.assertEqual(handle.get_shutdown(), both)
+        for name in ("server", "client"):
+            outcomes = [line for line in self.lines[name] if "Exchange complete: " in line]
+            self.assertEqual(len(outcomes), 6, outcomes)
+            self.assertTrue(all(line.endswith("Exchange complete: EOF") for line in outcomes), outcomes)
+
+    @d
+    async def test_tls_pool_connection_lost_without_close_notify(self):
+        """A tls=1 pool connection whose TCP connection goes away without a
+        close_notify (the client's end aborted mid-exchange) still ends the
+        exchange at the server: the user is closed, both ends release their
+        slots, and the pool carries the next user as usual."""
+        server, client, entry, _ = await self.tunnel("-", "&tls=1")
+        c = await connect(entry)
+        c.transport.write(b"before")
+        self.assertEqual(await c.wait_bytes(6), b"before")
+        relays = list(client.runner.relays)
+        self.assertEqual(len(relays), 1)
+        relays[0].tunnel.transport.abortConnection()  # a reset, no close_notify
+        await c.lost
+        await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+        self.assertEqual(await echo_roundtrip(entry, b"after"), b"after")
+
+    @d
+    async def test_tls_connections_leave_no_garbage(self):
+        """Relayed tls=1 connections are freed by reference counting at both
+        ends: nothing of theirs (pool ends, lean connections, TLS layers,
+        the fast path's closures) is left for the garbage collector."""
+        import collections
+        import gc
+        import types
+
+        from OpenSSL import SSL
+        from twisted.internet._newtls import _BypassTLS
+        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+        server, client, entry = await self._answering_tls_tunnel()
+        await self._ask(entry, server, client, 3)  # (module-level caches filled)
+        tls_types = (TLSMemoryBIOProtocol, TLSMemoryBIOFactory, SSL.Connection, _BypassTLS)
+
+        def ours(obj: object) -> bool:
+            kind = type(obj)  # (never the object's own attributes: it may be a dead weak proxy)
+            module = getattr(kind, "__module__", "") or ""
+            if kind is types.FunctionType:
+                module = obj.__module__ or ""  # type: ignore[attr-defined]
+            return module.startswith("nodepass.") or issubclass(kind, tls_types)
+
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            ends = list(client.runner.pool.idle.values()) + list(server.runner.pool.idle.values())
+            await self._ask(entry, server, client, 10)
+            used = [end for end in ends if end.relay is not None]
+            self.assertGreaterEqual(len(used), 10)
+            await wait_for(lambda: all(end.lost for end in used), what="pool connections closed")
+            del ends, used
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = [obj for obj in gc.garbage if ours(obj)]
+            gc.garbage.clear()
+        finally:
+            gc.set_debug(0)
+            if enabled:
+                gc.enable()
+        names = collections.Counter(getattr(obj, "__qualname__", type(obj).__qualname__) for obj in left)
+        self.assertEqual(left, [], dict(names))
 
     @d
     async def test_endless_download_closed_reverse(self):

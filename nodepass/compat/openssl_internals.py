@@ -28,6 +28,8 @@ from OpenSSL._util import ffi, lib
 LIB_NAMES = (
     "SSL_write",
     "SSL_read",
+    "SSL_get_error",
+    "SSL_ERROR_WANT_READ",
     "SSL_set_bio",
     "SSL_clear_mode",
     "SSL_MODE_ENABLE_PARTIAL_WRITE",

@@ -54,9 +54,10 @@ from zope.interface import implementer
 from nodepass.base.kinds import Flow, Wire
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
-from nodepass.compat.twisted_internals import tls_layer
+from nodepass.compat.twisted_internals import start_tls, tls_layer
 from nodepass.modes.dualend import PoolEnd, addr_text
 from nodepass.relay.core import no_delay
+from nodepass.relay.tls_fast import release_tls
 from nodepass.modes.machine import Table, TableMachine
 from nodepass.wire import codec, v114
 from nodepass.wire.codec import Codec, CodecError
@@ -562,6 +563,9 @@ class TunnelPortProtocol(PoolEnd):
         machine = self.machine
         machine.lost(reason)
         PoolEnd.connectionLost(self, reason)
+        # A TLS pool connection's TLS layer (startTLS) is in reference
+        # cycles with its TCP connection: broken here, once it is gone.
+        release_tls(self.transport)
         # The machine (now CLOSED) keeps only a weak reference back: the
         # pair is then freed by reference counting when the protocol goes,
         # not left, one per pool connection, to the garbage collector.
@@ -578,7 +582,9 @@ class TunnelPortProtocol(PoolEnd):
         self.transport.abortConnection()
 
     def start_tls(self, context: Any) -> None:
-        self.transport.startTLS(context)
+        # Twisted's startTLS, its records sent at once (no write
+        # registration per handshake flight, pool ID and close_notify).
+        start_tls(self.transport, context)
 
     def keep(self, data: bytes) -> None:
         """Keep bytes for the relay to come, and stop reading meanwhile."""

@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog
-from nodepass.compat.twisted_internals import is_plain_tcp, write_through
+from nodepass.compat.twisted_internals import is_plain_tcp, write_through, write_unbuffered
 
 
 class PoolTimeout(Exception):
@@ -251,7 +251,7 @@ class ServerPool(IdlePool):
         if is_plain_tcp(transport):
             write_through(transport, raw)  # now, not on the reactor's next turn
         else:
-            transport.write(raw)
+            write_unbuffered(transport, raw)  # (TLS: not held for a reactor turn either)
         if not self._offer(pool_id, conn):
             return None
         return pool_id

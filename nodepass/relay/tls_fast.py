@@ -1,6 +1,6 @@
 """Relaying over TLS pool connections (Twisted's memory-BIO TLS layer).
 
-Two things the relay core does not know about TLS:
+Three things the relay core does not know about TLS:
 
 * :func:`release_on_tls_shutdown` -- Twisted closes a TLS connection's socket
   only once no paused streaming producer is registered on it, and a TLS
@@ -13,8 +13,11 @@ Two things the relay core does not know about TLS:
   protocol that reads through it (the WebSocket pool's streams, the HTTP/2
   pool's connections).  ``NP_NO_FAST_TLS=1`` keeps Twisted's path (callers
   check it).
+* :func:`release_tls` -- once a TLS pool connection is lost, the reference
+  cycles of its TLS layer (the fast path's closures, ``startTLS``'s bound
+  methods) are broken, so that reference counting frees it.
 
-Both work under the public APIs of Twisted's TLS layer and of pyOpenSSL
+All work under the public APIs of Twisted's TLS layer and of pyOpenSSL
 (docs/benchmarks.md gives what the fast path buys: about a sixth of the CPU
 per GB); what they touch lives in ``nodepass.compat.twisted_internals`` and
 ``nodepass.compat.openssl_internals``.
@@ -25,13 +28,17 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 from OpenSSL.SSL import WantReadError as SSLWantReadError
+from twisted.internet import tcp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from nodepass.compat import openssl_internals as ossl
+from nodepass.compat.twisted_fastpath import LeanConnection
 from nodepass.compat.twisted_internals import (
     below_tls,
     install_tls_data_path,
+    keep_tls_declarations,
     read_into,
+    release_tls_layer,
     tls_aborted,
     tls_blockers,
     tls_connection_when_ready,
@@ -41,6 +48,10 @@ from nodepass.compat.twisted_internals import (
     write_under_tls,
 )
 from nodepass.relay.core import RelayEnd
+
+# TLS pool connections run over lean connections (startTLS) and Twisted's
+# client connections: their TLS layers' interface declarations are made once.
+keep_tls_declarations(LeanConnection, tcp.Client)
 
 
 def tls_protocol(end: RelayEnd) -> Optional[TLSMemoryBIOProtocol]:
@@ -60,6 +71,17 @@ def release_on_tls_shutdown(end: RelayEnd) -> None:
     tls = tls_layer(end.transport)
     if tls is not None:
         unregister_producer_on_tls_shutdown(tls)
+
+
+def release_tls(transport: Any) -> None:
+    """Once a TLS pool connection is lost (from its protocol's
+    ``connectionLost``): break the reference cycles its TLS layer is in --
+    the fast path's closures and ``startTLS``'s bound methods -- so that it
+    is freed at once rather than by the garbage collector (whose work was
+    about a tenth of a short tls=1 connection's CPU).  Nothing happens to
+    a plain or still open connection."""
+    if transport is not None:
+        release_tls_layer(transport)
 
 
 #: Read size (and write high-water mark) for both ends of a relay over a
@@ -143,12 +165,14 @@ def install(transport: Any, deliver: Callable[[Any], None]) -> Optional[WritePar
     lib.SSL_clear_mode(ssl_ptr, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     raw: Any = tls.transport
     # The TCP connection under the TLS layer, written to directly when
-    # Twisted holds nothing for it (server side: the connection startTLS ran
-    # on, whose own write() would encrypt again; client side: the transport
+    # Twisted holds nothing for it (a TCP pool connection, at either end:
+    # the connection startTLS ran on, whose own write() would encrypt again;
+    # a WebSocket or HTTP/2 pool's client connection: the transport
     # connectSSL wrapped).
     sock_conn, sock = below_tls(transport, tls)
     queue_raw = write_under_tls(sock_conn)
     ssl_write, ssl_read, bio_read = lib.SSL_write, lib.SSL_read, lib.BIO_read
+    get_error, want_read = lib.SSL_get_error, lib.SSL_ERROR_WANT_READ
     from_buffer, buffer, null = ffi.from_buffer, ffi.buffer, ffi.NULL
     new_mem_buf, set_mem_eof_return, set_bio = lib.BIO_new_mem_buf, lib.BIO_set_mem_eof_return, lib.SSL_set_bio
     bio_new, s_mem, get_mem_data, bio_write = lib.BIO_new, lib.BIO_s_mem, lib.BIO_get_mem_data, lib.BIO_write
@@ -194,6 +218,10 @@ def install(transport: Any, deliver: Callable[[Any], None]) -> Optional[WritePar
             slow_received(bytes(data))
             return
         got = 0
+        # Why ``SSL_read`` stopped, asked of OpenSSL right after it (no
+        # pyOpenSSL exception per read): want-read is the normal case;
+        # None when the buffer filled up first.
+        status: Optional[int] = None
         fresh = null if input_pending() else bio_new(s_mem())
         if fresh != null:
             # OpenSSL reads the ciphertext where it lies (a read-only memory
@@ -211,6 +239,7 @@ def install(transport: Any, deliver: Callable[[Any], None]) -> Optional[WritePar
                     while got < size - 16384:
                         n = ssl_read(ssl_ptr, rbuf + got, size - got)
                         if n <= 0:
+                            status = get_error(ssl_ptr, n)
                             break
                         got += n
                 finally:
@@ -224,14 +253,23 @@ def install(transport: Any, deliver: Callable[[Any], None]) -> Optional[WritePar
             while got < size - 16384:
                 n = ssl_read(ssl_ptr, rbuf + got, size - got)
                 if n <= 0:
+                    status = get_error(ssl_ptr, n)
                     break
                 got += n
         if got and not tls_aborted(tls):
             # A view of the shared buffer: ``deliver`` sends or copies it
             # before returning.
             deliver(memoryview(buffer(rbuf, got)))
-        # No more records: find out why through pyOpenSSL (want-read is the
-        # normal case; close_notify and errors go to Twisted's handling).
+        if status == want_read:
+            drain()  # post-handshake messages may want an answer
+            return
+        if status is not None:
+            # close_notify, or an error: Twisted's handling (its own
+            # ``recv`` sees the same state and raises what it means).
+            flush_receive()
+            return
+        # The buffer filled up: find out through pyOpenSSL whether more
+        # records wait.
         try:
             record = conn.recv(16384)
         except SSLWantReadError:
