@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from nodepass.base.stats import InstanceStats
 from nodepass.config.urls import Address, Tunables, parse_url
 from nodepass.net.dialer import AllTargetsFailed, TargetGroup
-from nodepass.relay.core import Relay, RelayEnd
+from nodepass.relay.core import PauseGate, Relay, RelayEnd
 from nodepass.service.instance import TunnelService
 from nodepass.base.logs import NodeLog
 from nodepass.modes.single import SingleEndRunner, tunnel_address_binds
@@ -515,6 +515,56 @@ class RelayIdleTests(unittest.TestCase):
     def test_no_idle_no_timer(self) -> None:
         clock, relay, _target, _tunnel = self.pair(0.0)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class PauseGateTests(unittest.TestCase):
+    """A relay end's transport reads only while no reason holds it paused;
+    each reason is released on its own."""
+
+    def gate(self) -> tuple[StringTransport, PauseGate]:
+        transport = StringTransport()
+        return transport, PauseGate(transport)
+
+    def test_reasons_hold_independently(self) -> None:
+        transport, gate = self.gate()
+        gate.pause("splice")
+        gate.pause("rate")
+        gate.pause("rate")  # twice is once
+        self.assertEqual(transport.producerState, "paused")
+        gate.resume("splice")
+        self.assertEqual(transport.producerState, "paused", "rate still holds it")
+        gate.resume("consumer")  # never held: nothing
+        self.assertEqual(transport.producerState, "paused")
+        gate.resume("rate")
+        self.assertEqual(transport.producerState, "producing")
+        self.assertFalse(gate.paused)
+
+    def test_release_drops_every_reason(self) -> None:
+        transport, gate = self.gate()
+        for reason in ("splice", "consumer", "rate", "pipe"):
+            gate.pause(reason)
+        gate.release()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertFalse(gate.paused)
+        gate.release()  # nothing held: nothing to resume
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_producer_interface_is_the_consumer_reason(self) -> None:
+        """As the peer's producer, a full peer pauses it for "consumer"."""
+        transport, gate = self.gate()
+        gate.pauseProducing()
+        gate.pause("splice")
+        gate.resumeProducing()
+        self.assertEqual(transport.producerState, "paused")
+        gate.resume("splice")
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_unknown_reason_is_refused(self) -> None:
+        transport, gate = self.gate()
+        with self.assertRaises(ValueError) as e:
+            gate.pause("sleepy")
+        self.assertIn("sleepy", str(e.exception))
+        self.assertEqual(transport.producerState, "producing")
 
 
 class DialerTests(unittest.TestCase):

@@ -91,24 +91,43 @@ class TokenBucket:
         return -self.tokens / self.rate
 
 
+#: The reasons a :class:`PauseGate` holds a transport paused, one bit each:
+#: not spliced yet, the peer's transport full, the rate limit, a splice(2)
+#: pipe full.
+PAUSE_REASONS = {"splice": 1, "consumer": 2, "rate": 4, "pipe": 8}
+
+
 @implementer(IPushProducer)
 class PauseGate:
-    """Pauses a transport's reading for as long as any reason holds."""
+    """Pauses a transport's reading for as long as any reason holds.
+
+    The reasons are bits of one integer (:data:`PAUSE_REASONS`): every
+    relayed connection pauses and resumes its two ends at least once, and
+    a set per end was an allocation and a hash per call for four names."""
 
     __slots__ = ("_transport", "_reasons")
 
     def __init__(self, transport: Any):
         self._transport = transport
-        self._reasons: set[str] = set()
+        self._reasons = 0
+
+    @staticmethod
+    def _bit(reason: str) -> int:
+        bit = PAUSE_REASONS.get(reason)
+        if bit is None:
+            raise ValueError(f"unknown pause reason {reason!r} (one of {', '.join(PAUSE_REASONS)})")
+        return bit
 
     def pause(self, reason: str) -> None:
+        bit = self._bit(reason)
         if not self._reasons:
             self._transport.pauseProducing()
-        self._reasons.add(reason)
+        self._reasons |= bit
 
     def resume(self, reason: str) -> None:
-        if reason in self._reasons:
-            self._reasons.discard(reason)
+        bit = self._bit(reason)
+        if self._reasons & bit:
+            self._reasons &= ~bit
             if not self._reasons:
                 self._transport.resumeProducing()
 
@@ -118,7 +137,7 @@ class PauseGate:
         to see the peer's close_notify (or FIN); held paused, it and a peer
         flushing towards it would wait on each other forever."""
         if self._reasons:
-            self._reasons.clear()
+            self._reasons = 0
             self._transport.resumeProducing()
 
     @property
@@ -163,10 +182,12 @@ class RelayEnd(Protocol):
     #: ends): the end leaves it when lost, without a callback per end.
     owner: Optional[set] = None
 
-    def __init__(self) -> None:
-        self._early: list[bytes] = []
-        self._lost_callbacks: list[Callable[[Failure], None]] = []
-        self.lost = False
+    #: What arrived before the splice (a list once something did) and who
+    #: waits for the loss (a list once someone does): most ends never need
+    #: either, so they are not allocated per connection.
+    _early: "list[bytes] | tuple[()]" = ()
+    _lost_callbacks: "list[Callable[[Failure], None]] | tuple[()]" = ()
+    lost = False
 
     def connectionMade(self) -> None:
         self.gate = PauseGate(self.transport)
@@ -178,20 +199,26 @@ class RelayEnd(Protocol):
 
     def take_early(self) -> bytes:
         data = b"".join(self._early)
-        self._early = []
+        self._early = ()
         return data
 
     def dataReceived(self, data: bytes | memoryview) -> None:
         relay = self.relay
         if relay is None:
-            self._early.append(bytes(data))
+            early = self._early
+            if not isinstance(early, list):
+                early = self._early = []
+            early.append(bytes(data))
             assert self.gate is not None, "data before connectionMade"
             self.gate.pause("splice")
             return
         relay.forward(self, data)
 
     def on_lost(self, callback: Callable[[Failure], None]) -> None:
-        self._lost_callbacks.append(callback)
+        callbacks = self._lost_callbacks
+        if not isinstance(callbacks, list):
+            callbacks = self._lost_callbacks = []
+        callbacks.append(callback)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
@@ -209,7 +236,7 @@ class RelayEnd(Protocol):
             transport = self.transport
             if type(transport) is not LeanConnection:  # a lean one did it
                 forget_handlers(transport)
-        callbacks, self._lost_callbacks = self._lost_callbacks, []
+        callbacks, self._lost_callbacks = self._lost_callbacks, ()
         for cb in callbacks:
             cb(reason)
 
