@@ -15,6 +15,8 @@ and HTTP/2 transports on their own; ``tests/test_v114_peer.py`` plays a Go
   1.14 servers of types 2 and 3, checking what it sends;
 * ``FlowControlPerType`` / ``ClosesPerType``: back-pressure and closes end
   to end for types 1, 2 and 3;
+* ``NoGarbagePerType``: relayed connections over types 1, 2 and 3 are freed
+  by reference counting, nothing of theirs left for the garbage collector;
 * ``AbuseOnStreamPoolPorts``: strangers and garbage on the tunnel port
   of running type-2 and type-3 tunnels;
 * ``Quic114Wire``: the 1.14 QUIC pool's control stream and connection count.
@@ -1194,6 +1196,82 @@ class ClosesPerType(_PairMixin, unittest.TestCase):
         """Type 3: END_STREAM (from the client, and from our server where a
         Go server sends nothing) reaches the far end both ways."""
         await self._closes({"-": "&type=3", "+": "&type=3"})
+
+
+class NoGarbagePerType(_PairMixin, unittest.TestCase):
+    """Relayed connections over the stream pools are freed by reference
+    counting at both ends: nothing of theirs (pool connections, WebSocket
+    streams, TLS layers, the fast TLS path's closures) is left for the
+    garbage collector, whose work would otherwise grow with the rate of
+    short connections."""
+
+    async def _no_garbage(self, query: str) -> None:
+        import collections
+        import gc
+        import types
+
+        from OpenSSL import SSL
+        from twisted.internet._newtls import _BypassTLS
+        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+        tls_types = (TLSMemoryBIOProtocol, TLSMemoryBIOFactory, SSL.Connection, _BypassTLS)
+        tport, _factory = self._target()
+        server, client, entry = await self._pair("-", query, tport)
+
+        async def exchanges(n: int) -> None:
+            for i in range(n):
+                user = await self._user(entry)
+                word = b"G-%d" % i
+                user.transport.write(word)
+                self.assertEqual(await user.wait_bytes(len(word)), word)
+                await close(user)
+            self.conns.clear()
+            await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
+
+        def ours(obj: object) -> bool:
+            kind = type(obj)  # (never the object's own attributes: it may be a dead weak proxy)
+            module = getattr(kind, "__module__", "") or ""
+            if kind is types.FunctionType:
+                module = obj.__module__ or ""  # type: ignore[attr-defined]
+            return module.startswith("nodepass.") or issubclass(kind, tls_types)
+
+        await exchanges(3)  # (module-level caches filled)
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            await exchanges(8)
+            await sleep(0.2)  # the closes' own turns (WebSocket Close, TLS close_notify)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = [obj for obj in gc.garbage if ours(obj)]
+            gc.garbage.clear()
+        finally:
+            gc.set_debug(0)
+            if enabled:
+                gc.enable()
+        names = collections.Counter(getattr(obj, "__qualname__", type(obj).__qualname__) for obj in left)
+        self.assertEqual(left, [], dict(names))
+
+    @d
+    async def test_websocket_type2_wss(self):
+        await self._no_garbage("&type=2&tls=1")
+
+    @d
+    async def test_websocket_type2_ws(self):
+        await self._no_garbage("&type=2&tls=0")
+
+    @d
+    async def test_http2_type3(self):
+        """One TLS connection carries every stream: what a relayed
+        connection leaves is its stream and its pool ends."""
+        await self._no_garbage("&type=3")
+
+    @d
+    async def test_quic_type1(self):
+        """One QUIC connection carries every stream: what a relayed
+        connection leaves is its stream and its pool ends."""
+        await self._no_garbage("&type=1")
 
 
 # -- 6: abuse on the tunnel port of running type-2 and type-3 tunnels -----------------

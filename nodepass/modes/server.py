@@ -378,6 +378,11 @@ class ServerRunner(DualEndRunner):
                 lambda ip: ip == self.control_ip, ctx.config.max, ctx.tunables.report_interval,
             )
         from_client = port.conn.peer_host == self.control_ip
+        # The closure takes the peer's name, not ``port``: the machine holds
+        # the protocol (its ``delegate``), which holds this closure, and a
+        # closure over the machine would leave the three in a reference
+        # cycle per pool connection, for the garbage collector.
+        peer = port.peer
 
         def authorize(headers: dict[str, list[str]]) -> bool:
             if from_client:
@@ -387,7 +392,7 @@ class ServerRunner(DualEndRunner):
                 return True
             ctx.log.warn(
                 "Tunnel access denied: %s (WebSocket upgrade from an address other than the handshake's, "
-                "without the tunnel's token)", port.peer,
+                "without the tunnel's token)", peer,
             )
             return False
 

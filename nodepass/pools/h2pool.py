@@ -261,6 +261,7 @@ class H2StreamTransport:
         protocol.makeConnection(self)
         if self._lost:
             protocol.connectionLost(Failure(self._lost_reason))
+            self._release()
             return
         self._deliver_pending()
         self.session._maybe_credit(self)
@@ -484,6 +485,16 @@ class H2StreamTransport:
             producer.stopProducing()
         if self.protocol is not None:
             self.protocol.connectionLost(Failure(reason))
+            self._release()
+
+    def _release(self) -> None:
+        """Let go of the protocol once it has been told of the loss: it holds
+        this stream as its ``transport`` (and its pause gate does too), and
+        the pair would otherwise be left in a reference cycle, one per
+        relayed connection, for the garbage collector.  Late calls find a
+        lost stream (``write``, ``loseConnection`` and the producer methods
+        do nothing; received frames are dropped)."""
+        self.protocol = None
 
 
 def _code_name(code: int) -> str:

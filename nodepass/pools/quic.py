@@ -310,8 +310,15 @@ class QuicStreamTransport:
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.stopProducing()
-        if self.protocol is not None:
-            self.protocol.connectionLost(Failure(reason))
+        protocol = self.protocol
+        if protocol is not None:
+            protocol.connectionLost(Failure(reason))
+            # The protocol holds this stream as its ``transport`` (and its
+            # pause gate does too): let go of it now that it has been told,
+            # so that the pair is freed by reference counting, not left in a
+            # cycle, one per relayed connection, for the garbage collector.
+            # Late calls find a lost stream and do nothing.
+            self.protocol = None
 
 
 class QuicSession:

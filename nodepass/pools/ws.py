@@ -64,7 +64,14 @@ What a pool connection costs per connection, besides its bytes:
   peer's Close (at most :data:`CLOSE_TIMEOUT`), then close TCP;
 * timeouts (the upgrade's, the close's) that almost never fire are entries
   of a :class:`Deadlines` (one ``DelayedCall`` for all of one length), not a
-  ``callLater`` and ``cancel`` each.
+  ``callLater`` and ``cancel`` each;
+* nothing for the garbage collector: the client dials lean TCP connections
+  (``nodepass.compat.twisted_fastpath.lean_connect``, TLS started over them
+  as the TCP pool's are) instead of ``connectTCP``/``connectSSL``, whose
+  transport and connector hold each other and the protocol, and a lost
+  stream lets go of its protocol and of the readers the fast paths put on
+  the connection below (:meth:`WebSocketStreamTransport._release`), so
+  reference counting frees a pool connection when its relay ends.
 
 Flow control, so that nothing buffers without bound:
 
@@ -104,16 +111,17 @@ from zope.interface import implementer
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
 from nodepass.compat.openssl_internals import session_reused
+from nodepass.compat.twisted_fastpath import lean_connect
 from nodepass.compat.twisted_internals import (
     below_tls,
     is_plain_tcp,
     read_into,
+    start_tls,
     tls_blockers,
     tls_layer,
     write_parts_through,
 )
 from nodepass.compat.wsproto_internals import apply_mask
-from nodepass.net.dialer import OneProtocolFactory
 from nodepass.net.tls import ResumingClient
 from nodepass.relay import tls_fast
 from nodepass.relay.core import no_delay
@@ -598,13 +606,14 @@ class WebSocketStreamTransport:
     def attach(self, protocol: Any) -> None:
         """Connect ``protocol`` (``makeConnection``), then deliver what is
         waiting: buffered messages, or the loss that came first."""
-        if self.protocol is not None:
+        if self.protocol is not None or self._released:
             raise RuntimeError("a protocol is already attached")
         self.protocol = protocol
         protocol.makeConnection(self)
         if self._pending_loss is not None:
             reason, self._pending_loss = self._pending_loss, None
             protocol.connectionLost(reason)
+            self._release()
             return
         self._update_reading()
         self._process()
@@ -694,8 +703,31 @@ class WebSocketStreamTransport:
         self._producer_below = False
         if self.protocol is None:
             self._pending_loss = failure
+            self._release()
             return
         self.protocol.connectionLost(failure)
+        self._release()
+
+    #: The protocol was told of the loss and let go (see :meth:`_release`).
+    _released = False
+
+    def _release(self) -> None:
+        """Break the reference cycles a lost pool connection is in, so that
+        reference counting frees it (one per relayed connection: left to
+        the garbage collector, a collection's worth of work each): the
+        protocol on top holds this transport as its ``transport`` (and its
+        pause gate holds it too), so the transport lets go of the protocol
+        once it has been told of the loss; and the reader the fast paths
+        installed on the TCP connection below (``read_into``'s ``doRead``,
+        the fast TLS path's closures, ``startTLS``'s bound methods) holds
+        this transport, which holds that connection.  Late calls find a lost
+        transport (``write``, ``loseConnection``, ``pauseProducing`` do
+        nothing) and, with TLS, the TLS layer's own methods, which still
+        answer ``getPeerCertificate``."""
+        if self.protocol is not None:
+            self.protocol = None
+            self._released = True
+        tls_fast.release_tls(self.underlying)
 
     # -- receiving --------------------------------------------------------------
     def _may_deliver(self) -> bool:
@@ -1410,16 +1442,23 @@ class WebSocketClientUpgradeProtocol(Protocol):
         key: Optional[str] = None,
         close_timeout: float = CLOSE_TIMEOUT,
         bearer: str = "",
+        tls: Any = None,
     ):
         self.clock = clock
         self.host = host
         self.bearer = bearer
+        #: The client TLS connection creator when the connection runs TLS
+        #: over the dialled TCP connection (``startTLS`` in
+        #: :meth:`connectionMade`); None for ``ws://`` or a transport that is
+        #: TLS already.
+        self.tls = tls
         self.attach_to = attach_to
         self.key = key or new_key()
         self.close_timeout = close_timeout
         self.done: Deferred[WebSocketStreamTransport] = Deferred(self._cancel)
         self.stream: Optional[WebSocketStreamTransport] = None
-        #: Set by WebSocketPoolClient: the dial (to stop it) and its time limit.
+        #: Set by WebSocketPoolClient: the dial in progress (its ``cancel()``
+        #: stops it; None once connected or failed) and its time limit.
         self.connector: Any = None
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         self._buf = b""
@@ -1433,8 +1472,9 @@ class WebSocketClientUpgradeProtocol(Protocol):
             self.fail(why)
         elif not self.done.called:
             self.done.errback(Failure(why))
-            if self.connector is not None:
-                self.connector.stopConnecting()  # its failure finds ``done`` fired
+            dial, self.connector = self.connector, None
+            if dial is not None:
+                dial.cancel()  # its failure finds ``done`` fired
 
     def timed_out(self) -> None:
         self.give_up(WebSocketHandshakeTimeout(f"WebSocket pool connection not ready within {self.handshake_timeout:g}s"))
@@ -1443,14 +1483,23 @@ class WebSocketClientUpgradeProtocol(Protocol):
         self.give_up(WebSocketError("WebSocket dial cancelled"))
 
     def dial_failed(self, reason: Failure) -> None:
-        """The TCP (or TLS) dial failed before ``connectionMade``."""
+        """The TCP dial failed before ``connectionMade``."""
+        self.connector = None  # (the dial holds this protocol: no cycle left)
         if not self.done.called:
             self.done.errback(reason)
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        # The dial is over; it holds this protocol, so it is let go (no
+        # reference cycle left behind for the garbage collector).
+        self.connector = None
         no_delay(self.transport)  # one frame per write: no Nagle
-        if tls_layer(self.transport) is None:
+        if self.tls is not None:
+            # TLS over the dialled connection, as the TCP pool's client does
+            # (``startTLS``, its records sent at once): the request goes
+            # with our Finished (handshakeCompleted).
+            start_tls(self.transport, self.tls)
+        elif tls_layer(self.transport) is None:
             self.transport.write(upgrade_request(self.host, self.key, self.bearer))
         # Under TLS the request goes once the handshake is done (see
         # handshakeCompleted): written now, it would wait in Twisted's TLS
@@ -1529,8 +1578,10 @@ class WebSocketClientUpgradeProtocol(Protocol):
     def _upgraded(self) -> None:
         """A valid ``101``: the stream, attached to ``attach_to``."""
         trailing, self._buf = self._buf, b""
+        # Over TLS the stream talks to the TLS layer (as the server's does):
+        # its loseConnection is the TLS shutdown, its certificates are there.
         stream = self.stream = WebSocketStreamTransport(
-            self.transport, client=True, clock=self.clock, trailing=trailing, close_timeout=self.close_timeout, hold=False
+            tls_layer(self.transport) or self.transport, client=True, clock=self.clock, trailing=trailing, close_timeout=self.close_timeout, hold=False
         )
         if self.attach_to is not None:
             stream.attach(self.attach_to)
@@ -1572,6 +1623,10 @@ class WebSocketClientUpgradeProtocol(Protocol):
                 )
             else:
                 self.done.errback(reason)
+
+
+def _dialled(_proto: WebSocketClientUpgradeProtocol) -> None:
+    """A lean dial connected: the protocol's ``connectionMade`` took over."""
 
 
 def _is_tls_error(reason: Failure) -> bool:
@@ -1630,16 +1685,22 @@ class WebSocketPoolClient:
         dial."""
         if self.closed:
             return defer.fail(WebSocketError("WebSocket pool closed"))
-        proto = WebSocketClientUpgradeProtocol(self.reactor, self.host, attach_to=protocol, key=key, bearer=self.bearer)
-        factory = OneProtocolFactory(proto, proto.dial_failed)
-        if self.tls is not None:
-            connector = self.reactor.connectSSL(self.ip, self.port, factory, self.tls, timeout=self.connect_timeout)
-        else:
-            connector = self.reactor.connectTCP(self.ip, self.port, factory, timeout=self.connect_timeout)
-        # (Bound methods, not closures: fewer objects per dial for the
-        # garbage collector, at hundreds of dials a second.)
-        proto.connector = connector
+        proto = WebSocketClientUpgradeProtocol(
+            self.reactor, self.host, attach_to=protocol, key=key, bearer=self.bearer, tls=self.tls
+        )
         proto.handshake_timeout = self.handshake_timeout
+        # A lean dial (``nodepass.compat.twisted_fastpath``), TLS started
+        # over it by the protocol: Twisted's ``connectTCP``/``connectSSL``
+        # leave their client transport and connector (which holds the
+        # factory, which holds the protocol) in a reference cycle per pool
+        # connection, for the garbage collector.  Bound methods, not
+        # closures: fewer objects per dial, at hundreds of dials a second.
+        # (The dial may be over before it returns: then it gives None.)
+        dial = lean_connect(
+            self.reactor, self.ip, self.port, proto, _dialled, proto.dial_failed, timeout=self.connect_timeout
+        )
+        if dial is not None and proto.transport is None and not proto.done.called:
+            proto.connector = dial
         self._dialling[proto] = proto.give_up
         due = self._due
         if due.delay != self.handshake_timeout:  # (changed since)

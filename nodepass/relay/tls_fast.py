@@ -165,9 +165,9 @@ def install(transport: Any, deliver: Callable[[Any], None]) -> Optional[WritePar
     lib.SSL_clear_mode(ssl_ptr, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     raw: Any = tls.transport
     # The TCP connection under the TLS layer, written to directly when
-    # Twisted holds nothing for it (a TCP pool connection, at either end:
-    # the connection startTLS ran on, whose own write() would encrypt again;
-    # a WebSocket or HTTP/2 pool's client connection: the transport
+    # Twisted holds nothing for it (a TCP or WebSocket pool connection, at
+    # either end: the connection startTLS ran on, whose own write() would
+    # encrypt again; an HTTP/2 pool's client connection: the transport
     # connectSSL wrapped).
     sock_conn, sock = below_tls(transport, tls)
     queue_raw = write_under_tls(sock_conn)
