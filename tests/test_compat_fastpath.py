@@ -556,6 +556,147 @@ class LeanConnectTests(unittest.TestCase):
             await result
 
 
+class _Failing(_Dialled):
+    """A protocol whose ``connectionMade`` raises (a bug in one dial's
+    protocol)."""
+
+    def connectionMade(self) -> None:
+        raise ZeroDivisionError("a bug in connectionMade")
+
+
+class DialBatchTests(unittest.TestCase):
+    """``DialBatch``: dials made inside the block connect when it ends."""
+
+    @d
+    async def test_dials_connect_when_the_block_ends(self) -> None:
+        live, factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        protos = [_Dialled() for _ in range(3)]
+        with twisted_fastpath.DialBatch():
+            dials = [_dial("127.0.0.1", _port(live), p) for p in protos]
+            # Queued: nothing connected, nothing called back yet.
+            self.assertTrue(all(handle is not None for _result, handle in dials))
+            self.assertFalse(any(result.called for result, _handle in dials))
+            self.assertTrue(all(p.transport is None for p in protos))
+        for (result, _handle), proto in zip(dials, protos):
+            self.assertTrue(result.called, "a loopback dial is over when the block ends")
+            self.assertIs(await result, proto)
+            self.assertIsInstance(proto.transport, LeanConnection)
+        for i, proto in enumerate(protos):
+            proto.transport.write(b"p%d" % i)
+        for i, proto in enumerate(protos):
+            await wait_for(lambda: b"".join(proto.chunks) == b"p%d" % i, what=f"echo on dial {i}")
+            proto.transport.loseConnection()
+            await proto.lost
+
+    @d
+    async def test_refused_and_live_in_one_batch(self) -> None:
+        live, _factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        with twisted_fastpath.DialBatch():
+            refused, _h1 = _dial("127.0.0.1", dead_port(), _Dialled())
+            proto = _Dialled()
+            ok, _h2 = _dial("127.0.0.1", _port(live), proto)
+        with self.assertRaises(error.ConnectionRefusedError):
+            await refused
+        self.assertIs(await ok, proto)
+        proto.transport.loseConnection()
+        await proto.lost
+
+    @d
+    async def test_cancelled_while_queued(self) -> None:
+        """A queued dial cancelled before the block ends fails with
+        ``ConnectingCancelledError``, never connects, and leaves no socket."""
+        live, factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        with twisted_fastpath.DialBatch():
+            result, handle = _dial("127.0.0.1", _port(live), _Dialled())
+            sock = handle.conn.socket
+            handle.cancel()
+        with self.assertRaises(error.ConnectingCancelledError):
+            await result
+        self.assertEqual(sock.fileno(), -1, "the cancelled dial's socket is closed")
+        handle.cancel()  # twice is harmless
+
+    @d
+    async def test_one_failing_protocol_does_not_stop_the_others(self) -> None:
+        live, _factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        bad = _Failing()
+        good = _Dialled()
+        with twisted_fastpath.DialBatch():
+            _dial("127.0.0.1", _port(live), bad)
+            ok, _handle = _dial("127.0.0.1", _port(live), good)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertIs(await ok, good)
+        await wait_for(lambda: bad.lost.called, what="the failing dial aborted")
+        good.transport.loseConnection()
+        await good.lost
+
+    @d
+    async def test_nested_blocks_connect_at_the_outermost_end(self) -> None:
+        live, _factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        with twisted_fastpath.DialBatch():
+            with twisted_fastpath.DialBatch():
+                result, _handle = _dial("127.0.0.1", _port(live), _Dialled())
+            self.assertFalse(result.called, "the inner block does not connect")
+        proto = await result
+        proto.transport.loseConnection()
+        await proto.lost
+
+    @d
+    async def test_dial_made_by_a_completing_dial_is_at_once(self) -> None:
+        """A dial made from another's callback while the batch completes
+        connects at once (the batch is over by then)."""
+        live, _factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        second: list[Any] = []
+
+        def first_done(_proto: Any) -> None:
+            second.append(_dial("127.0.0.1", _port(live), _Dialled()))
+
+        first = _Dialled()
+        with twisted_fastpath.DialBatch():
+            lean_connect(reactor, "127.0.0.1", _port(live), first, first_done, lambda f: None)
+        self.assertEqual(len(second), 1)
+        result, handle = second[0]
+        self.assertIsNone(handle)
+        self.assertTrue(result.called)
+        for proto in (first, await result):
+            proto.transport.loseConnection()
+            await proto.lost
+
+    @d
+    async def test_accepted_connections_dial_in_one_batch(self) -> None:
+        """A listening port's accept loop is a batch: a dial made while a
+        connection is accepted (a forwarder dialling its target) is queued,
+        and connects once the loop is over."""
+        live, _factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        states: list[bool] = []
+        results: list[Deferred] = []
+
+        class _DialsOnAccept(Protocol):
+            def connectionMade(self) -> None:
+                result, handle = _dial("127.0.0.1", _port(live), _Dialled())
+                states.append(handle is not None and not result.called)
+                results.append(result)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(_DialsOnAccept), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertTrue(lean_accepts(port))
+        clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(2)]
+        for c in clients:
+            self.addCleanup(c.close)
+        await wait_for(lambda: len(results) == 2, what="both accepted")
+        self.assertEqual(states, [True, True])
+        for result in results:
+            proto = await result
+            proto.transport.loseConnection()
+            await proto.lost
+
+
 class _Answer(Protocol):
     """A target that answers each request with ``payload`` and closes."""
 

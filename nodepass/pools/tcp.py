@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog
+from nodepass.compat.twisted_fastpath import DialBatch
 from nodepass.compat.twisted_internals import is_plain_tcp, write_through, write_unbuffered
 
 
@@ -401,8 +402,9 @@ class ClientPool(IdlePool):
         owed, self._owed = self._owed, 0
         if self.closed:
             return
-        for _ in range(min(owed, self.capacity - len(self.idle) - self.inflight)):
-            self._dial_one()
+        with DialBatch():  # the replacements connect together (one wake-up of the server)
+            for _ in range(min(owed, self.capacity - len(self.idle) - self.inflight)):
+                self._dial_one()
 
     def _lost_idle(self) -> None:
         pass
