@@ -212,6 +212,13 @@ async def _eof_later(s: socket.socket) -> bytes:
     return got[0]
 
 
+def _readable(_peer: socket.socket, sock: Any) -> bool:
+    """Whether ``sock`` has something to read (bytes or an end of stream)."""
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 def _read_to_eof(s: socket.socket) -> bytes:
     got = b""
     while True:
@@ -395,6 +402,34 @@ class LeanAcceptTests(unittest.TestCase):
         self.assertEqual(b"".join(seen), b"last words")
         self.assertNotIn(transport, reactor.getReaders())
         self.assertNotIn(transport, reactor.getWriters())
+
+    @d
+    async def test_read_now(self) -> None:
+        """``read_now`` reads what is waiting without waiting for the
+        reactor; with nothing waiting it reads nothing; a waiting end of
+        stream ends the connection."""
+        factory = _ServerFactory()
+        pnum = self.listen(factory)
+        s = _raw_client(pnum)
+        await wait_for(lambda: factory.protocols, what="accepted")
+        server = factory.protocols[0]
+        seen = self._sink(server)
+        t = server.transport
+        t.read_now()
+        self.assertEqual(seen, [])
+        t.stopReading()  # (the reactor must not be the one reading them)
+        s.sendall(b"first bytes")
+        await wait_for(lambda: _readable(s, t.socket), what="bytes in the socket")
+        self.assertEqual(seen, [])
+        t.startReading()
+        t.read_now()  # (in the same turn: before the reactor looks)
+        self.assertEqual(b"".join(seen), b"first bytes")
+        t.stopReading()
+        s.close()
+        await wait_for(lambda: _readable(s, t.socket), what="the end of stream in the socket")
+        t.startReading()
+        t.read_now()
+        self.assertIsInstance(await server.lost, error.ConnectionDone)
 
     @d
     async def test_relay_read_end_of_stream_half_close(self) -> None:

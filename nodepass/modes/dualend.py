@@ -25,7 +25,7 @@ from nodepass.wire.codec import Codec, Signal, split_origin
 from nodepass.wire.dialect import dialect
 from nodepass.config.urls import join_host_port
 from nodepass.wire.control import FLUSH, ControlChannel
-from nodepass.compat.twisted_fastpath import LeanConnection, lean_accepts
+from nodepass.compat.twisted_fastpath import DialBatch, LeanConnection, lean_accepts
 from nodepass.net.dialer import TargetGroup
 from nodepass.modes.base import InstanceContext, Runner, TunnelError
 from nodepass.modes.verify import FingerprintExchange, VerifyGate
@@ -84,7 +84,8 @@ class ControlSink:
         self.channel = channel
 
     def forward(self, _end: RelayEnd, data: bytes | memoryview) -> None:
-        self.channel.data_received(bytes(data))
+        with DialBatch():  # the launches of one read dial their targets together
+            self.channel.data_received(bytes(data))
 
     def end_lost(self, end: RelayEnd) -> None:
         reason = end.lost_reason
@@ -584,6 +585,14 @@ class DualEndRunner(Runner):
             return
         control.send(Signal(codec.TCP_LAUNCH, addr_text(user.transport.getPeer()), pool_id))
         self._splice(user, conn)
+        t = user.transport
+        if type(t) is LeanConnection:
+            # The user's first bytes (a request) follow the launch signal at
+            # once, rather than a turn of the reactor later: a tenth more
+            # requests per second through a tunnel (run T).  (At the exit,
+            # and in single-end mode, reading before the reactor says so
+            # costs instead: see nodepass.compat.twisted_fastpath.)
+            t.read_now()
 
     def exit_tcp(self, origin: str, pool_id: str) -> None:
         """A TCP launch: the pool connection named ``pool_id`` (at once if
