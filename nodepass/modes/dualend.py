@@ -588,10 +588,11 @@ class DualEndRunner(Runner):
         t = user.transport
         if type(t) is LeanConnection:
             # The user's first bytes (a request) follow the launch signal at
-            # once, rather than a turn of the reactor later: a tenth more
-            # requests per second through a tunnel (run T).  (At the exit,
-            # and in single-end mode, reading before the reactor says so
-            # costs instead: see nodepass.compat.twisted_fastpath.)
+            # once, rather than a turn of the reactor later: about 7 % more
+            # requests per second through a tunnel (docs/benchmarks.md, run
+            # T).  (In single-end mode reading before the reactor says so
+            # costs instead, and at the exit it gains nothing: see
+            # nodepass.compat.twisted_fastpath.)
             t.read_now()
 
     def exit_tcp(self, origin: str, pool_id: str) -> None:
