@@ -5,12 +5,16 @@ can close it (trial fails on a dirty reactor)."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import gc
 import hashlib
 import inspect
 import os
 import socket
 import time
-from typing import Callable, Optional
+import types
+from typing import Callable, Iterator, Optional
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
@@ -512,3 +516,55 @@ class Endless(Protocol):
 
     def connectionLost(self, reason) -> None:
         self.sender.stopProducing()
+
+
+# -- reference cycles -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """Collect once, then keep the garbage collector off for the block, so
+    that what the block leaves in reference cycles is still there for
+    :func:`garbage_of_ours` to find."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def garbage_of_ours() -> list[object]:
+    """Collect with ``DEBUG_SAVEALL`` and return what of nodepass's own
+    objects (and of the TLS layers it runs) only the collector could free:
+    objects in reference cycles, which cost a collection's worth of work
+    each when they are made per connection."""
+    from OpenSSL import SSL
+    from twisted.internet._newtls import _BypassTLS
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+    tls_types = (TLSMemoryBIOProtocol, TLSMemoryBIOFactory, SSL.Connection, _BypassTLS)
+
+    def ours(obj: object) -> bool:
+        kind = type(obj)  # (never the object's own attributes: it may be a dead weak proxy)
+        module = getattr(kind, "__module__", "") or ""
+        if kind is types.FunctionType:
+            module = obj.__module__ or ""  # type: ignore[attr-defined]
+        return module.startswith("nodepass.") or issubclass(kind, tls_types)
+
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        left = [obj for obj in gc.garbage if ours(obj)]
+        gc.garbage.clear()
+    finally:
+        gc.set_debug(0)
+    return left
+
+
+def garbage_names(left: list[object]) -> dict[str, int]:
+    """How many of each kind :func:`garbage_of_ours` found (for a failure
+    message)."""
+    return dict(collections.Counter(getattr(obj, "__qualname__", type(obj).__qualname__) for obj in left))

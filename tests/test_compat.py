@@ -326,24 +326,32 @@ class TwistedTLSTransportTests(InternalsCase):
 
     library, version, module = "Twisted", twisted.__version__, "twisted_internals"
 
-    def test_start_tls_layer_finds_its_connection(self) -> None:
-        """Given the TLS layer of a ``startTLS`` connection (what a stream
-        pool protocol gets as its transport), ``below_tls`` finds the TCP
-        connection through Twisted's ``_BypassTLS`` wrapper."""
+    def _started_tls(self) -> tuple[Any, Any, Any]:
+        """A TCP connection over one end of a socket pair that ran
+        Twisted's own ``startTLS`` as the server side: (connection, its
+        socket, its TLS layer)."""
         import socket
 
-        from twisted.internet import _newtls, reactor, tcp
+        from twisted.internet import reactor, tcp
         from twisted.internet.protocol import Protocol
         from twisted.internet.ssl import CertificateOptions
 
-        self.need_attr(_newtls, "_BypassTLS", None, "twisted.internet._newtls")
         ours, theirs = socket.socketpair()
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
         conn = tcp.Connection(ours, Protocol(), reactor)
         conn._tlsClientDefault = False
         conn.startTLS(CertificateOptions())
-        tls = twisted_internals.tls_layer(conn)
+        return conn, ours, twisted_internals.tls_layer(conn)
+
+    def test_start_tls_layer_finds_its_connection(self) -> None:
+        """Given the TLS layer of a ``startTLS`` connection (what a stream
+        pool protocol gets as its transport), ``below_tls`` finds the TCP
+        connection through Twisted's ``_BypassTLS`` wrapper."""
+        from twisted.internet import _newtls
+
+        self.need_attr(_newtls, "_BypassTLS", None, "twisted.internet._newtls")
+        conn, ours, tls = self._started_tls()
         self.need(tls is conn.protocol, "startTLS no longer makes the TLS layer the connection's protocol")
         self.need(isinstance(tls.transport, _newtls._BypassTLS), "the TLS layer of startTLS no longer writes through _BypassTLS")
         self.need(getattr(tls.transport, "_connection", None) is conn, "_BypassTLS no longer keeps the connection as _connection")
@@ -436,11 +444,7 @@ class TwistedTLSTransportTests(InternalsCase):
         its transport with ``directlyProvides``; once kept, those
         declarations are zope.interface's cached ones (not built anew per
         connection)."""
-        import socket
-
-        from twisted.internet import reactor, tcp
-        from twisted.internet.protocol import Protocol
-        from twisted.internet.ssl import CertificateOptions
+        from twisted.internet import tcp
         from twisted.protocols.tls import TLSMemoryBIOProtocol
         from zope.interface import providedBy
         from zope.interface.declarations import Provides
@@ -449,13 +453,7 @@ class TwistedTLSTransportTests(InternalsCase):
         self.need("directlyProvides(self, interface)" in source,
                   "TLSMemoryBIOProtocol.makeConnection no longer declares its transport's interfaces one by one")
         twisted_internals.keep_tls_declarations(tcp.Connection)
-        ours, theirs = socket.socketpair()
-        self.addCleanup(ours.close)
-        self.addCleanup(theirs.close)
-        conn = tcp.Connection(ours, Protocol(), reactor)
-        conn._tlsClientDefault = False
-        conn.startTLS(CertificateOptions())
-        tls = twisted_internals.tls_layer(conn)
+        conn, _ours, tls = self._started_tls()
         interfaces = list(providedBy(conn))
         self.assertTrue(interfaces)
         kept = twisted_internals._KEPT_DECLARATIONS

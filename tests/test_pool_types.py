@@ -55,7 +55,19 @@ from zope.interface import implementer
 from nodepass.modes import server as server_module
 from nodepass.modes.tunnel_port import PortState
 from nodepass.net.tls import generate_self_signed
-from tests.helpers import PushSender, close, connect, free_port, listen_tcp, service_up, sleep, wait_for
+from tests.helpers import (
+    PushSender,
+    close,
+    collector_off,
+    connect,
+    free_port,
+    garbage_of_ours,
+    garbage_names,
+    listen_tcp,
+    service_up,
+    sleep,
+    wait_for,
+)
 from tests.test_tunnel import FAST, MiB, TunnelMixin, d
 from tests.test_v114_peer import (
     DATE,
@@ -1206,15 +1218,6 @@ class NoGarbagePerType(_PairMixin, unittest.TestCase):
     short connections."""
 
     async def _no_garbage(self, query: str) -> None:
-        import collections
-        import gc
-        import types
-
-        from OpenSSL import SSL
-        from twisted.internet._newtls import _BypassTLS
-        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-
-        tls_types = (TLSMemoryBIOProtocol, TLSMemoryBIOFactory, SSL.Connection, _BypassTLS)
         tport, _factory = self._target()
         server, client, entry = await self._pair("-", query, tport)
 
@@ -1228,30 +1231,12 @@ class NoGarbagePerType(_PairMixin, unittest.TestCase):
             self.conns.clear()
             await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
 
-        def ours(obj: object) -> bool:
-            kind = type(obj)  # (never the object's own attributes: it may be a dead weak proxy)
-            module = getattr(kind, "__module__", "") or ""
-            if kind is types.FunctionType:
-                module = obj.__module__ or ""  # type: ignore[attr-defined]
-            return module.startswith("nodepass.") or issubclass(kind, tls_types)
-
         await exchanges(3)  # (module-level caches filled)
-        gc.collect()
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_off():
             await exchanges(8)
             await sleep(0.2)  # the closes' own turns (WebSocket Close, TLS close_notify)
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            gc.collect()
-            left = [obj for obj in gc.garbage if ours(obj)]
-            gc.garbage.clear()
-        finally:
-            gc.set_debug(0)
-            if enabled:
-                gc.enable()
-        names = collections.Counter(getattr(obj, "__qualname__", type(obj).__qualname__) for obj in left)
-        self.assertEqual(left, [], dict(names))
+            left = garbage_of_ours()
+        self.assertEqual(left, [], garbage_names(left))
 
     @d
     async def test_websocket_type2_wss(self):

@@ -577,45 +577,19 @@ class FlowTests(TunnelMixin, unittest.TestCase):
         """Relayed tls=1 connections are freed by reference counting at both
         ends: nothing of theirs (pool ends, lean connections, TLS layers,
         the fast path's closures) is left for the garbage collector."""
-        import collections
-        import gc
-        import types
-
-        from OpenSSL import SSL
-        from twisted.internet._newtls import _BypassTLS
-        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+        from tests.helpers import collector_off, garbage_names, garbage_of_ours
 
         server, client, entry = await self._answering_tls_tunnel()
         await self._ask(entry, server, client, 3)  # (module-level caches filled)
-        tls_types = (TLSMemoryBIOProtocol, TLSMemoryBIOFactory, SSL.Connection, _BypassTLS)
-
-        def ours(obj: object) -> bool:
-            kind = type(obj)  # (never the object's own attributes: it may be a dead weak proxy)
-            module = getattr(kind, "__module__", "") or ""
-            if kind is types.FunctionType:
-                module = obj.__module__ or ""  # type: ignore[attr-defined]
-            return module.startswith("nodepass.") or issubclass(kind, tls_types)
-
-        gc.collect()
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_off():
             ends = list(client.runner.pool.idle.values()) + list(server.runner.pool.idle.values())
             await self._ask(entry, server, client, 10)
             used = [end for end in ends if end.relay is not None]
             self.assertGreaterEqual(len(used), 10)
             await wait_for(lambda: all(end.lost for end in used), what="pool connections closed")
-            del ends, used
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            gc.collect()
-            left = [obj for obj in gc.garbage if ours(obj)]
-            gc.garbage.clear()
-        finally:
-            gc.set_debug(0)
-            if enabled:
-                gc.enable()
-        names = collections.Counter(getattr(obj, "__qualname__", type(obj).__qualname__) for obj in left)
-        self.assertEqual(left, [], dict(names))
+            ends = used = []  # (theirs is the only reference that counts)
+            left = garbage_of_ours()
+        self.assertEqual(left, [], garbage_names(left))
 
     @d
     async def test_endless_download_closed_reverse(self):
