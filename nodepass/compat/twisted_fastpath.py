@@ -19,7 +19,8 @@ only where that machinery costs and buys nothing:
 * :func:`lean_connect`: a dial that connects in the caller's turn (loopback
   connections are established by the time ``connect`` returns; others wait
   for writability with a timeout), with Twisted's connect errors; inside a
-  :class:`DialBatch` (an accept loop, a pool's refill) the ``connect`` calls
+  :class:`DialBatch` (an accept loop, a read of launch signals, a pool's
+  refill) the ``connect`` calls
   are made back to back when the batch ends, so that one wake-up of the
   target's process serves them all;
 * a transport starts reading after its protocol's ``makeConnection`` unless
@@ -752,10 +753,11 @@ class DialBatch:
     else per short connection (``bench/bench_http.py``: a sixth of the
     forwarder's CPU).  Back to back, one wake-up serves the batch.
 
-    Used around a listening port's accept loop (:func:`lean_accepts`) and
-    a pool's refill: the dials of one kind of event, completed before the
-    next event.  (Around a whole turn of the reactor, dials waited behind
-    every other event of the turn: a third fewer requests per second.)
+    Used around a listening port's accept loop (:func:`lean_accepts`), one
+    read of launch signals at a dual-end exit, and a pool's refill: the
+    dials of one event, completed before the next event.  (Around a whole
+    turn of the reactor, dials waited behind every other event of the turn:
+    a sixth fewer requests per second, docs/benchmarks.md run T.)
     Blocks nest (the outermost connects); dials made while a batch
     completes are made at once.  A batched dial's callbacks run when the
     block ends, not before :func:`lean_connect` returns; its handle can be
