@@ -212,7 +212,7 @@ async def _eof_later(s: socket.socket) -> bytes:
     return got[0]
 
 
-def _readable(_peer: socket.socket, sock: Any) -> bool:
+def _readable(sock: Any) -> bool:
     """Whether ``sock`` has something to read (bytes or an end of stream)."""
     import select
 
@@ -234,6 +234,15 @@ class LeanAcceptTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         self.assertTrue(lean_accepts(port))
         return port.getHost().port
+
+    async def accepted(self, make: Any = _Server) -> tuple[Any, socket.socket]:
+        """A lean listener with one raw client connected and accepted:
+        (the accepted connection's protocol, the client's socket)."""
+        factory = _ServerFactory(make)
+        s = _raw_client(self.listen(factory))
+        self.addCleanup(s.close)
+        await wait_for(lambda: factory.protocols, what="accepted")
+        return factory.protocols[0], s
 
     @d
     async def test_accepted_transport_is_lean(self) -> None:
@@ -292,12 +301,7 @@ class LeanAcceptTests(unittest.TestCase):
     async def test_write_then_close_flushes_then_ends(self) -> None:
         """``loseConnection`` with nothing queued: the peer gets every byte
         written before it, then EOF; the protocol hears ConnectionDone."""
-        factory = _ServerFactory()
-        pnum = self.listen(factory)
-        s = _raw_client(pnum)
-        self.addCleanup(s.close)
-        await wait_for(lambda: factory.protocols, what="accepted")
-        server = factory.protocols[0]
+        server, s = await self.accepted()
         server.transport.write(b"answer")
         server.transport.loseConnection()
         server.transport.loseConnection()  # twice is harmless
@@ -388,11 +392,7 @@ class LeanAcceptTests(unittest.TestCase):
         """A relay's read that finds the peer's close ends the connection
         itself (``connectionLost``, the socket closed) and the reactor no
         longer holds it."""
-        factory = _ServerFactory()
-        pnum = self.listen(factory)
-        s = _raw_client(pnum)
-        await wait_for(lambda: factory.protocols, what="accepted")
-        server = factory.protocols[0]
+        server, s = await self.accepted()
         transport = server.transport
         seen = self._sink(server)
         s.sendall(b"last words")
@@ -408,25 +408,21 @@ class LeanAcceptTests(unittest.TestCase):
         """``read_now`` reads what is waiting without waiting for the
         reactor; with nothing waiting it reads nothing; a waiting end of
         stream ends the connection."""
-        factory = _ServerFactory()
-        pnum = self.listen(factory)
-        s = _raw_client(pnum)
-        await wait_for(lambda: factory.protocols, what="accepted")
-        server = factory.protocols[0]
+        server, s = await self.accepted()
         seen = self._sink(server)
         t = server.transport
         t.read_now()
         self.assertEqual(seen, [])
         t.stopReading()  # (the reactor must not be the one reading them)
         s.sendall(b"first bytes")
-        await wait_for(lambda: _readable(s, t.socket), what="bytes in the socket")
+        await wait_for(lambda: _readable(t.socket), what="bytes in the socket")
         self.assertEqual(seen, [])
         t.startReading()
         t.read_now()  # (in the same turn: before the reactor looks)
         self.assertEqual(b"".join(seen), b"first bytes")
         t.stopReading()
         s.close()
-        await wait_for(lambda: _readable(s, t.socket), what="the end of stream in the socket")
+        await wait_for(lambda: _readable(t.socket), what="the end of stream in the socket")
         t.startReading()
         t.read_now()
         self.assertIsInstance(await server.lost, error.ConnectionDone)
@@ -437,12 +433,7 @@ class LeanAcceptTests(unittest.TestCase):
         the end of its input and may still answer: the socket leaves the
         reactor's readers (else the end of stream would be reported again
         and again) and stays open for writing."""
-        factory = _ServerFactory(_HalfCloseServer)
-        pnum = self.listen(factory)
-        s = _raw_client(pnum)
-        self.addCleanup(s.close)
-        await wait_for(lambda: factory.protocols, what="accepted")
-        server = factory.protocols[0]
+        server, s = await self.accepted(_HalfCloseServer)
         seen = self._sink(server)
         server.chunks = seen  # what it answers with
         s.sendall(b"question")
@@ -477,12 +468,7 @@ class LeanAcceptTests(unittest.TestCase):
     @d
     async def test_lose_write_connection(self) -> None:
         """``loseWriteConnection``: the peer sees EOF, and reading goes on."""
-        factory = _ServerFactory()
-        pnum = self.listen(factory)
-        s = _raw_client(pnum)
-        self.addCleanup(s.close)
-        await wait_for(lambda: factory.protocols, what="accepted")
-        server = factory.protocols[0]
+        server, s = await self.accepted()
         server.transport.write(b"bye")
         server.transport.loseWriteConnection()
         self.assertEqual(await _eof_later(s), b"bye")

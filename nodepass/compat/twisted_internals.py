@@ -93,21 +93,28 @@ def socket_of(transport: Any) -> Any:
     return getattr(transport, "socket", None)
 
 
-def write_through(transport: Any, data: Any) -> None:
-    """Write ``data`` (bytes or a view that must not outlive the call) on a
-    plain TCP connection: straight to the socket when Twisted holds nothing
-    queued ahead of it, and only what the socket did not take is copied into
-    Twisted's buffer (whose size still drives the producer pause)."""
+def _unsent(transport: Any, data: Any) -> Any:
+    """Send ``data`` straight to a TCP connection's socket when Twisted holds
+    nothing queued ahead of it; what the socket did not take (all of it
+    when something was queued), for Twisted's buffer."""
     temp, offset, buffer = write_buffers(transport)
     if not temp and offset == len(buffer) and transport.connected and not transport.disconnecting:
         try:
             sent = transport.socket.send(data)
         except OSError:
             sent = 0  # EAGAIN, or an error Twisted's write path will report
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(bytes(data))
+        return data[sent:]
+    return data
+
+
+def write_through(transport: Any, data: Any) -> None:
+    """Write ``data`` (bytes or a view that must not outlive the call) on a
+    plain TCP connection: straight to the socket when Twisted holds nothing
+    queued ahead of it, and only what the socket did not take is copied into
+    Twisted's buffer (whose size still drives the producer pause)."""
+    rest = _unsent(transport, data)
+    if rest:
+        transport.write(bytes(rest))
 
 
 def write_parts_through(transport: Any, parts: Sequence[Any]) -> None:
@@ -228,16 +235,9 @@ class _SendAtOnce(FileDescriptor):
     before, so flow control and ordering are Twisted's."""
 
     def write(self, data: bytes) -> None:
-        temp, offset, queued = write_buffers(self)
-        if not temp and offset == len(queued) and self.connected and not self.disconnecting:
-            try:
-                sent = self.socket.send(data)  # type: ignore[attr-defined]
-            except OSError:
-                sent = 0  # EAGAIN, or an error Twisted's write path reports
-            if sent == len(data):
-                return
-            data = data[sent:]
-        FileDescriptor.write(self, data)
+        rest = _unsent(self, data)
+        if rest:
+            FileDescriptor.write(self, rest)
 
 
 def start_tls(transport: Any, context: Any) -> None:

@@ -36,7 +36,6 @@ from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
-from nodepass.compat.twisted_fastpath import DialBatch
 from nodepass.modes.base import TunnelError
 from nodepass.modes.machine import Table, TableMachine
 from nodepass.wire import codec
@@ -226,8 +225,7 @@ class ClientControlMachine(TableMachine[ClientState, ClientInput]):
 
     def _to_channel(self, data: bytes) -> None:
         assert self.channel is not None  # set on entering CONTROL
-        with DialBatch():  # the launches of one read dial their targets together
-            self.channel.data_received(data)
+        self.channel.data_received(data)
 
     def _close(self) -> None:
         self.conn.close()

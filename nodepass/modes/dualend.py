@@ -11,7 +11,6 @@ their kind of pool.
 from __future__ import annotations
 
 import abc
-import os
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -84,8 +83,7 @@ class ControlSink:
         self.channel = channel
 
     def forward(self, _end: RelayEnd, data: bytes | memoryview) -> None:
-        with DialBatch():  # the launches of one read dial their targets together
-            self.channel.data_received(bytes(data))
+        self.channel.data_received(bytes(data))
 
     def end_lost(self, end: RelayEnd) -> None:
         reason = end.lost_reason
@@ -287,9 +285,6 @@ class DualEndRunner(Runner):
         #: ``block=`` (read once: every entry connection asks).
         self.blocked = ctx.config.blocked
         self._info = ctx.log.enabled("info")  # Go's per-connection lines
-        #: ``NP_NO_FAST_TLS=1`` (docs/tunnels.md): read once per run, not per
-        #: connection (``os.environ`` lookups encode the name every time).
-        self._fast_tls = not os.environ.get("NP_NO_FAST_TLS")
         #: Moves relays to splice(2) once they outlive a short exchange.
         self.splicer = splice.SpliceLater(ctx.reactor)
         # UDP launches the exit turns away at the slot limit: one summary
@@ -386,6 +381,7 @@ class DualEndRunner(Runner):
             before_ping=self.check_pool,
             working=working,
             ping_at_once=self.generation is Wire.V114,
+            each_read=DialBatch,  # the launches of one read dial their targets together
         )
         self.control = channel
         return channel
@@ -514,7 +510,7 @@ class DualEndRunner(Runner):
         # Only a TCP pool connection is a TLS transport of its own (QUIC,
         # WebSocket and HTTP/2 streams are transports over one).
         pool_tls = self.tls_code and self.pool_type is PoolType.TCP
-        fast = pool_tls and self._fast_tls
+        fast = pool_tls and tls_fast.ENABLED
         size = tls_fast.TLS_RELAY_BUFFER_SIZE if fast else RELAY_BUFFER_SIZE
         for end in (target, tunnel):
             t = end.transport

@@ -54,7 +54,6 @@ from zope.interface import implementer
 from nodepass.base.kinds import Flow, Wire
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
-from nodepass.compat.twisted_fastpath import DialBatch
 from nodepass.compat.twisted_internals import start_tls, tls_layer
 from nodepass.modes.dualend import PoolEnd, addr_text
 from nodepass.relay.core import no_delay
@@ -423,8 +422,7 @@ class TunnelPortMachine(TableMachine[PortState, PortInput]):
 
     def _to_channel(self, data: bytes) -> None:
         assert self.channel is not None  # set on entering CONTROL
-        with DialBatch():  # the launches of one read dial their targets together
-            self.channel.data_received(data)
+        self.channel.data_received(data)
 
     def _tls_timed_out(self) -> None:
         self.settings.log.debug("Pool connection from %s: TLS handshake timed out", self.conn.peer)

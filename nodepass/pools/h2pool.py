@@ -66,7 +66,6 @@ Closing (SPEC-1.14 §4.5, the v1.14.0 close defect):
 from __future__ import annotations
 
 import email.utils
-import os
 from collections import deque
 from typing import Any, Callable, Optional, Union
 
@@ -594,7 +593,7 @@ class _H2Connection(Protocol):
         self.conn = self._make_h2()
         transport = self.transport
         assert transport is not None
-        if not os.environ.get("NP_NO_FAST_TLS"):
+        if tls_fast.ENABLED:
             # Whole chunks through OpenSSL, gathered records in (as a TLS
             # pool connection's relay does): Twisted's TLS layer would hand
             # h2 one 16 KiB record at a time.

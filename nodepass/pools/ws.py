@@ -126,10 +126,6 @@ from nodepass.net.tls import ResumingClient
 from nodepass.relay import tls_fast
 from nodepass.relay.core import no_delay
 
-#: ``NP_NO_FAST_TLS=1`` (docs/tunnels.md) keeps Twisted's TLS path: read once
-#: per process, not for every pool connection (``os.environ`` encodes the
-#: name on each lookup).
-_NO_FAST_TLS = bool(os.environ.get("NP_NO_FAST_TLS"))
 
 #: RFC 6455 §1.3: appended to the client's key before hashing.
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -644,7 +640,7 @@ class WebSocketStreamTransport:
         self._close_with_tls = True
         below = below_tls(underlying, tls)[0]
         _bound_receive_buffer(below)
-        if _NO_FAST_TLS:
+        if not tls_fast.ENABLED:
             return
         below.bufferSize = tls_fast.TLS_RELAY_BUFFER_SIZE
         write_parts = tls_fast.install(underlying, self.feed)

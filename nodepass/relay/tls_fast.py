@@ -12,7 +12,7 @@ Three things the relay core does not know about TLS:
   :func:`install` puts the same path under any TLS transport, for a
   protocol that reads through it (the WebSocket pool's streams, the HTTP/2
   pool's connections).  ``NP_NO_FAST_TLS=1`` keeps Twisted's path (callers
-  check it).
+  check :data:`ENABLED`).
 * :func:`release_tls` -- once a TLS pool connection is lost, the reference
   cycles of its TLS layer (the fast path's closures, ``startTLS``'s bound
   methods) are broken, so that reference counting frees it.
@@ -25,6 +25,7 @@ per GB); what they touch lives in ``nodepass.compat.twisted_internals`` and
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional, Sequence
 
 from OpenSSL.SSL import WantReadError as SSLWantReadError
@@ -52,6 +53,12 @@ from nodepass.relay.core import RelayEnd
 # TLS pool connections run over lean connections (startTLS) and Twisted's
 # client connections: their TLS layers' interface declarations are made once.
 keep_tls_declarations(LeanConnection, tcp.Client)
+
+
+#: Whether the fast TLS data path is used: ``NP_NO_FAST_TLS=1``
+#: (docs/tunnels.md) keeps Twisted's.  Read once per process, not for each
+#: connection (an ``os.environ`` lookup encodes the name every time).
+ENABLED = not os.environ.get("NP_NO_FAST_TLS")
 
 
 def tls_protocol(end: RelayEnd) -> Optional[TLSMemoryBIOProtocol]:

@@ -15,8 +15,9 @@ connection first carried the handshake.
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 from twisted.internet.task import LoopingCall
 
@@ -97,6 +98,10 @@ class ControlChannel:
     ``3 x interval``; ``on_working()`` runs once when it does.  The silence
     watch is an :class:`~nodepass.base.timers.IdleTimer` that only a
     working channel's reads touch.
+
+    ``each_read()`` makes a context that the signals of one read are
+    handled in (the runner's: the target dials their launches make connect
+    together when the read is done).
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class ControlChannel:
         working: bool = True,
         on_working: Optional[Callable[[], None]] = None,
         ping_at_once: bool = False,
+        each_read: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
     ):
         self.transport = transport
         self.dialect = dialect
@@ -126,6 +132,7 @@ class ControlChannel:
         self.before_ping = before_ping
         self.working = working
         self.on_working = on_working
+        self.each_read = each_read
         self.lines = LineBuffer()
         self.ping_sent: Optional[float] = None
         self.broken = False
@@ -192,10 +199,11 @@ class ControlChannel:
         silence = self._silence
         if silence is not None and self.working:
             silence.last = self.clock.seconds()
-        for line in self.lines.feed(data):
-            self._line(line)
-            if self.broken:
-                return
+        with self.each_read():
+            for line in self.lines.feed(data):
+                self._line(line)
+                if self.broken:
+                    return
         if self.lines.overflow:
             self.fail("control line too long")
 
