@@ -588,13 +588,18 @@ class _Failing(_Dialled):
 class DialBatchTests(unittest.TestCase):
     """``DialBatch``: dials made inside the block connect when it ends."""
 
+    def echo(self) -> int:
+        """The port of a loopback echo listener for this test."""
+        live, _factory = listen_echo()
+        self.addCleanup(live.stopListening)
+        return _port(live)
+
     @d
     async def test_dials_connect_when_the_block_ends(self) -> None:
-        live, factory = listen_echo()
-        self.addCleanup(live.stopListening)
+        port = self.echo()
         protos = [_Dialled() for _ in range(3)]
         with twisted_fastpath.DialBatch():
-            dials = [_dial("127.0.0.1", _port(live), p) for p in protos]
+            dials = [_dial("127.0.0.1", port, p) for p in protos]
             # Queued: nothing connected, nothing called back yet.
             self.assertTrue(all(handle is not None for _result, handle in dials))
             self.assertFalse(any(result.called for result, _handle in dials))
@@ -612,12 +617,11 @@ class DialBatchTests(unittest.TestCase):
 
     @d
     async def test_refused_and_live_in_one_batch(self) -> None:
-        live, _factory = listen_echo()
-        self.addCleanup(live.stopListening)
+        port = self.echo()
         with twisted_fastpath.DialBatch():
             refused, _h1 = _dial("127.0.0.1", dead_port(), _Dialled())
             proto = _Dialled()
-            ok, _h2 = _dial("127.0.0.1", _port(live), proto)
+            ok, _h2 = _dial("127.0.0.1", port, proto)
         with self.assertRaises(error.ConnectionRefusedError):
             await refused
         self.assertIs(await ok, proto)
@@ -628,10 +632,9 @@ class DialBatchTests(unittest.TestCase):
     async def test_cancelled_while_queued(self) -> None:
         """A queued dial cancelled before the block ends fails with
         ``ConnectingCancelledError``, never connects, and leaves no socket."""
-        live, factory = listen_echo()
-        self.addCleanup(live.stopListening)
+        port = self.echo()
         with twisted_fastpath.DialBatch():
-            result, handle = _dial("127.0.0.1", _port(live), _Dialled())
+            result, handle = _dial("127.0.0.1", port, _Dialled())
             sock = handle.conn.socket
             handle.cancel()
         with self.assertRaises(error.ConnectingCancelledError):
@@ -641,13 +644,12 @@ class DialBatchTests(unittest.TestCase):
 
     @d
     async def test_one_failing_protocol_does_not_stop_the_others(self) -> None:
-        live, _factory = listen_echo()
-        self.addCleanup(live.stopListening)
+        port = self.echo()
         bad = _Failing()
         good = _Dialled()
         with twisted_fastpath.DialBatch():
-            _dial("127.0.0.1", _port(live), bad)
-            ok, _handle = _dial("127.0.0.1", _port(live), good)
+            _dial("127.0.0.1", port, bad)
+            ok, _handle = _dial("127.0.0.1", port, good)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertIs(await ok, good)
         await wait_for(lambda: bad.lost.called, what="the failing dial aborted")
@@ -656,11 +658,10 @@ class DialBatchTests(unittest.TestCase):
 
     @d
     async def test_nested_blocks_connect_at_the_outermost_end(self) -> None:
-        live, _factory = listen_echo()
-        self.addCleanup(live.stopListening)
+        port = self.echo()
         with twisted_fastpath.DialBatch():
             with twisted_fastpath.DialBatch():
-                result, _handle = _dial("127.0.0.1", _port(live), _Dialled())
+                result, _handle = _dial("127.0.0.1", port, _Dialled())
             self.assertFalse(result.called, "the inner block does not connect")
         proto = await result
         proto.transport.loseConnection()
@@ -670,16 +671,15 @@ class DialBatchTests(unittest.TestCase):
     async def test_dial_made_by_a_completing_dial_is_at_once(self) -> None:
         """A dial made from another's callback while the batch completes
         connects at once (the batch is over by then)."""
-        live, _factory = listen_echo()
-        self.addCleanup(live.stopListening)
+        port = self.echo()
         second: list[Any] = []
 
         def first_done(_proto: Any) -> None:
-            second.append(_dial("127.0.0.1", _port(live), _Dialled()))
+            second.append(_dial("127.0.0.1", port, _Dialled()))
 
         first = _Dialled()
         with twisted_fastpath.DialBatch():
-            lean_connect(reactor, "127.0.0.1", _port(live), first, first_done, lambda f: None)
+            lean_connect(reactor, "127.0.0.1", port, first, first_done, lambda f: None)
         self.assertEqual(len(second), 1)
         result, handle = second[0]
         self.assertIsNone(handle)
@@ -693,14 +693,13 @@ class DialBatchTests(unittest.TestCase):
         """A listening port's accept loop is a batch: a dial made while a
         connection is accepted (a forwarder dialling its target) is queued,
         and connects once the loop is over."""
-        live, _factory = listen_echo()
-        self.addCleanup(live.stopListening)
+        target = self.echo()
         states: list[bool] = []
         results: list[Deferred] = []
 
         class _DialsOnAccept(Protocol):
             def connectionMade(self) -> None:
-                result, handle = _dial("127.0.0.1", _port(live), _Dialled())
+                result, handle = _dial("127.0.0.1", target, _Dialled())
                 states.append(handle is not None and not result.called)
                 results.append(result)
 

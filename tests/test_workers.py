@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from typing import Any
 
 import psutil
 from twisted.internet import reactor
@@ -49,6 +50,14 @@ class WorkerMasterTests(unittest.TestCase):
         await wait_for(
             lambda: f"[{rid}] {word} started: " in self.capture.text(), timeout=15, what=f"{rid}'s '{word} started' line"
         )
+
+    async def _forwarder(self, api: Any, target: int) -> tuple[str, int]:
+        """A single-end forwarder instance to ``target``, created through the
+        API and started: (its id, its entry port)."""
+        entry = free_port()
+        _code, inst, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1"})
+        await self._up(inst["id"], "Client")
+        return inst["id"], entry
 
     @d
     async def test_pair_runs_in_two_workers_and_reports(self):
@@ -104,11 +113,9 @@ class WorkerMasterTests(unittest.TestCase):
         target = await echo_server(self)
         ids, entries = [], []
         for _ in range(2):
-            entry = free_port()
-            code, inst, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1"})
-            ids.append(inst["id"])
+            rid, entry = await self._forwarder(api, target)
+            ids.append(rid)
             entries.append(entry)
-            await self._up(inst["id"], "Client")
         busy, quiet = (master.instances[i] for i in ids)
         self.assertNotEqual(busy.worker.slot, quiet.worker.slot)
         payload = os.urandom(4_000_000)
@@ -126,10 +133,7 @@ class WorkerMasterTests(unittest.TestCase):
         master = await self._master(1)
         api = Api(master, self)
         target = await echo_server(self)
-        entry = free_port()
-        code, inst, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1"})
-        rid = inst["id"]
-        await self._up(rid, "Client")
+        rid, entry = await self._forwarder(api, target)
         first = b"a" * 50_000
         self.assertEqual(await send_through(entry, first), first)
         await wait_for(lambda: master.records[rid].tcprx >= len(first), timeout=10, what="counters after the first send")
@@ -160,10 +164,7 @@ class WorkerMasterTests(unittest.TestCase):
         api = Api(master, self)
         sse = await SSEClient(api).connect()
         target = await echo_server(self)
-        entry = free_port()
-        code, inst, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1"})
-        rid = inst["id"]
-        await self._up(rid, "Client")
+        rid, entry = await self._forwarder(api, target)
         payload = b"x" * 20_000
         self.assertEqual(await send_through(entry, payload), payload)
         await wait_for(lambda: master.records[rid].tcprx >= len(payload), timeout=10, what="counters before the kill")
