@@ -47,6 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"nodepass: {e}\n")
         return 2
 
+    from nodepass.tap import drop_tls_if_unused
+
+    drop_tls_if_unused(config)  # before the reactor is imported
+
     from twisted.internet import reactor as installed
 
     from nodepass.base.logs import start_console_logging

@@ -21,9 +21,12 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog, NodePassObserver
-from nodepass.compat.twisted_fastpath import lean_dispatch
-from nodepass.compat.twisted_internals import forget_exit_signal, running_twistd_config
+from nodepass.compat.tls_less import without_tls
 from nodepass.config.urls import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
+
+# Nothing imported at module level here imports the reactor (nor, through
+# it, TLS): twistd imports this module to parse its options, and
+# drop_tls_if_unused must run before the reactor is imported.
 
 
 class Options(usage.Options):
@@ -44,6 +47,28 @@ class Options(usage.Options):
             self["config"] = parse_url(self["url"])
         except URLError as e:
             raise usage.UsageError(str(e)) from None
+        # twistd installs its reactor after parsing its options.
+        drop_tls_if_unused(self["config"])
+
+
+def tls_unused(config: InstanceConfig) -> bool:
+    """Whether the process running ``config`` makes no TLS connection: a
+    master whose instances all run in worker processes (``workers`` of 1
+    or more) and whose API is plain HTTP (``tls=0``).  Anything else may
+    (a tunnel learns its TLS mode from its peer, for one)."""
+    return isinstance(config, MasterConfig) and not config.tls and config.workers > 0
+
+
+def drop_tls_if_unused(config: InstanceConfig) -> bool:
+    """Run this process without pyOpenSSL and cryptography when
+    :func:`tls_unused` says it may: about 12 MB of RSS less
+    (docs/benchmarks.md, run U).  Must be called before the reactor is
+    imported; returns whether TLS was dropped (not when it is too late)."""
+    if tls_unused(config):
+        return without_tls(
+            "a master whose instances run in worker processes and whose API is plain HTTP (tls=0) makes no TLS connection"
+        )
+    return False
 
 
 def default_state_dir() -> str:
@@ -131,6 +156,8 @@ class NodePassRoot(service.MultiService):
             # twistd re-raises the stopping signal at exit (status 128+N);
             # NodePass reports a graceful SIGINT/SIGTERM stop as exit 0
             # (SPEC §7), which is what supervisors expect of a clean stop.
+            from nodepass.compat.twisted_internals import forget_exit_signal
+
             forget_exit_signal(_global_reactor())
             return result
 
@@ -215,6 +242,8 @@ def running_twistd_options() -> Optional[Mapping]:
     the options (``--logfile``, ``--nodaemon``, ``--pidfile``) are read from
     the twistd runner that is executing it -- the caller up the stack (no
     public API tells them; ``nodepass.compat.twisted_internals`` walks it)."""
+    from nodepass.compat.twisted_internals import running_twistd_config
+
     return running_twistd_config()
 
 
@@ -233,6 +262,8 @@ def twistd_observer(twistd: Optional[Mapping], level: str) -> NodePassObserver:
 
 
 def _mark_twistd(root: NodePassRoot, twistd: Optional[Mapping]) -> None:
+    from nodepass.compat.twisted_fastpath import lean_dispatch
+
     root.under_twistd = True
     # twistd's process is ours: no per-event log context in its reactor
     # (installed by now: twistd installs it before it builds the service).

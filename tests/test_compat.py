@@ -18,7 +18,7 @@ import OpenSSL
 import twisted
 from twisted.trial import unittest
 
-from nodepass.compat import aioquic_internals, openssl_internals, twisted_internals
+from nodepass.compat import aioquic_internals, openssl_internals, twisted_internals, twisted_tls
 
 _MISSING = object()
 
@@ -103,54 +103,6 @@ class TwistedInternalsTests(InternalsCase):
         self.need(isinstance(twisted_internals.CONNECTION_DONE, error.ConnectionDone), "main.CONNECTION_DONE changed")
         self.need(isinstance(twisted_internals.CONNECTION_LOST, error.ConnectionLost), "main.CONNECTION_LOST changed")
         self.need_parameters(FileDescriptor.write, ("self", "data"), "FileDescriptor.write")
-
-    def test_start_tls_marks_the_connection(self) -> None:
-        from twisted.internet import _newtls
-
-        source = inspect.getsource(_newtls.startTLS)
-        self.need("transport.TLS = True" in source, "startTLS no longer sets transport.TLS")
-        self.need("transport.protocol = tlsProtocol" in source, "startTLS no longer makes the TLS layer the protocol")
-
-    def test_tls_layer_state(self) -> None:
-        from OpenSSL import SSL
-        from twisted.internet.protocol import Factory, Protocol
-        from twisted.internet.ssl import optionsForClientTLS
-        from twisted.internet.testing import StringTransport
-        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-
-        factory = TLSMemoryBIOFactory(optionsForClientTLS("example.com"), True, Factory.forProtocol(Protocol))
-        tls = factory.buildProtocol(None)
-        tls.makeConnection(StringTransport())
-        where = "TLSMemoryBIOProtocol"
-        self.need_attr(tls, "_tlsConnection", SSL.Connection, where)
-        self.need_attr(tls, "_handshakeDone", bool, where)
-        self.need_attr(tls, "_lostTLSConnection", bool, where)
-        self.need_attr(tls, "_appSendBuffer", list, where)
-        self.need_attr(tls, "_aborted", bool, where)
-        self.need_attr(tls, "_flushReceiveBIO", callable, where)
-        self.need_attr(tls, "_tlsShutdownFinished", callable, where)
-        self.need_parameters(TLSMemoryBIOProtocol._tlsShutdownFinished, ("self", "reason"), f"{where}._tlsShutdownFinished")
-        self.assertIs(twisted_internals.tls_layer(tls), tls)
-        self.assertIsNone(twisted_internals.tls_connection_when_ready(tls))  # no handshake yet
-        self.assertEqual(twisted_internals.tls_blockers(tls), (False, []))
-        self.assertFalse(twisted_internals.tls_aborted(tls))
-        slow_write, slow_received, flush = twisted_internals.install_tls_data_path(tls, print, print)
-        self.assertTrue(callable(slow_write) and callable(slow_received))
-        self.assertEqual((slow_received.__self__, slow_received.__name__), (tls, "dataReceived"))
-        self.assertEqual((flush.__self__, flush.__name__), (tls, "_flushReceiveBIO"))
-        self.assertIs(tls.write, print)
-        # The producer is let go after Twisted's own shutdown handling.
-        seen = []
-
-        class Producer:
-            def stopProducing(self) -> None:
-                seen.append("stopped")
-
-        tls.registerProducer(Producer(), True)
-        twisted_internals.unregister_producer_on_tls_shutdown(tls)
-        tls._tlsShutdownFinished(None)
-        self.need(tls._lostTLSConnection, "TLSMemoryBIOProtocol._tlsShutdownFinished no longer marks the TLS connection lost")
-        self.need(getattr(tls, "_producer", None) is None, "the producer is still registered after a TLS shutdown")
 
     def test_reactor_exit_signal(self) -> None:
         from twisted.internet.base import ReactorBase
@@ -322,9 +274,57 @@ class AioquicInternalsTests(InternalsCase):
 
 class TwistedTLSTransportTests(InternalsCase):
     """The TLS-layer internals the WebSocket and HTTP/2 pools' fast TLS
-    path relies on (issue 12), beyond those of ``TwistedInternalsTests``."""
+    path relies on (issue 12), and the TLS layer's state the TCP pool's."""
 
-    library, version, module = "Twisted", twisted.__version__, "twisted_internals"
+    library, version, module = "Twisted", twisted.__version__, "twisted_tls"
+
+    def test_start_tls_marks_the_connection(self) -> None:
+        from twisted.internet import _newtls
+
+        source = inspect.getsource(_newtls.startTLS)
+        self.need("transport.TLS = True" in source, "startTLS no longer sets transport.TLS")
+        self.need("transport.protocol = tlsProtocol" in source, "startTLS no longer makes the TLS layer the protocol")
+
+    def test_tls_layer_state(self) -> None:
+        from OpenSSL import SSL
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.ssl import optionsForClientTLS
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+        factory = TLSMemoryBIOFactory(optionsForClientTLS("example.com"), True, Factory.forProtocol(Protocol))
+        tls = factory.buildProtocol(None)
+        tls.makeConnection(StringTransport())
+        where = "TLSMemoryBIOProtocol"
+        self.need_attr(tls, "_tlsConnection", SSL.Connection, where)
+        self.need_attr(tls, "_handshakeDone", bool, where)
+        self.need_attr(tls, "_lostTLSConnection", bool, where)
+        self.need_attr(tls, "_appSendBuffer", list, where)
+        self.need_attr(tls, "_aborted", bool, where)
+        self.need_attr(tls, "_flushReceiveBIO", callable, where)
+        self.need_attr(tls, "_tlsShutdownFinished", callable, where)
+        self.need_parameters(TLSMemoryBIOProtocol._tlsShutdownFinished, ("self", "reason"), f"{where}._tlsShutdownFinished")
+        self.assertIs(twisted_tls.tls_layer(tls), tls)
+        self.assertIsNone(twisted_tls.tls_connection_when_ready(tls))  # no handshake yet
+        self.assertEqual(twisted_tls.tls_blockers(tls), (False, []))
+        self.assertFalse(twisted_tls.tls_aborted(tls))
+        slow_write, slow_received, flush = twisted_tls.install_tls_data_path(tls, print, print)
+        self.assertTrue(callable(slow_write) and callable(slow_received))
+        self.assertEqual((slow_received.__self__, slow_received.__name__), (tls, "dataReceived"))
+        self.assertEqual((flush.__self__, flush.__name__), (tls, "_flushReceiveBIO"))
+        self.assertIs(tls.write, print)
+        # The producer is let go after Twisted's own shutdown handling.
+        seen = []
+
+        class Producer:
+            def stopProducing(self) -> None:
+                seen.append("stopped")
+
+        tls.registerProducer(Producer(), True)
+        twisted_tls.unregister_producer_on_tls_shutdown(tls)
+        tls._tlsShutdownFinished(None)
+        self.need(tls._lostTLSConnection, "TLSMemoryBIOProtocol._tlsShutdownFinished no longer marks the TLS connection lost")
+        self.need(getattr(tls, "_producer", None) is None, "the producer is still registered after a TLS shutdown")
 
     def _started_tls(self) -> tuple[Any, Any, Any]:
         """A TCP connection over one end of a socket pair that ran
@@ -342,7 +342,7 @@ class TwistedTLSTransportTests(InternalsCase):
         conn = tcp.Connection(ours, Protocol(), reactor)
         conn._tlsClientDefault = False
         conn.startTLS(CertificateOptions())
-        return conn, ours, twisted_internals.tls_layer(conn)
+        return conn, ours, twisted_tls.tls_layer(conn)
 
     def test_start_tls_layer_finds_its_connection(self) -> None:
         """Given the TLS layer of a ``startTLS`` connection (what a stream
@@ -355,8 +355,8 @@ class TwistedTLSTransportTests(InternalsCase):
         self.need(tls is conn.protocol, "startTLS no longer makes the TLS layer the connection's protocol")
         self.need(isinstance(tls.transport, _newtls._BypassTLS), "the TLS layer of startTLS no longer writes through _BypassTLS")
         self.need(getattr(tls.transport, "_connection", None) is conn, "_BypassTLS no longer keeps the connection as _connection")
-        self.assertEqual(twisted_internals.below_tls(tls, tls), (conn, ours))
-        self.assertEqual(twisted_internals.below_tls(conn, tls), (conn, ours))
+        self.assertEqual(twisted_tls.below_tls(tls, tls), (conn, ours))
+        self.assertEqual(twisted_tls.below_tls(conn, tls), (conn, ours))
 
     def test_start_tls_sends_its_records_at_once(self) -> None:
         """``start_tls`` is Twisted's startTLS with a ``_BypassTLS`` base
@@ -378,7 +378,7 @@ class TwistedTLSTransportTests(InternalsCase):
         conn = tcp.Connection(ours, Protocol(), reactor)
         conn.connected = True
         conn._tlsClientDefault = True
-        twisted_internals.start_tls(conn, CertificateOptions())
+        twisted_tls.start_tls(conn, CertificateOptions())
         self.assertTrue(conn.TLS)
         self.assertEqual(twisted_internals.queued_bytes(conn), 0)
         self.assertNotIn(conn, reactor.getWriters())
@@ -398,7 +398,7 @@ class TwistedTLSTransportTests(InternalsCase):
         tls = factory.buildProtocol(None)
         tls.makeConnection(StringTransport())
         tls.write(b"held")
-        twisted_internals.write_unbuffered(tls, b"now")
+        twisted_tls.write_unbuffered(tls, b"now")
         self.assertEqual(tls._aggregator._buffer, [])
         self.assertEqual(tls._appSendBuffer, [b"held", b"now"])  # (no handshake yet: kept in order)
 
@@ -419,25 +419,25 @@ class TwistedTLSTransportTests(InternalsCase):
         conn = tcp.Connection(ours, Protocol(), reactor)
         conn._tlsClientDefault = False
         conn.startTLS(CertificateOptions())
-        tls = twisted_internals.tls_layer(conn)
+        tls = twisted_tls.tls_layer(conn)
         for name in ("getHandle", "getPeerCertificate"):
             bound = vars(conn).get(name)
             self.need(getattr(bound, "__self__", None) is tls, f"startTLS no longer sets the TLS layer's {name} on the connection")
-        twisted_internals.install_tls_data_path(tls, print, print)
-        twisted_internals.unregister_producer_on_tls_shutdown(tls)
+        twisted_tls.install_tls_data_path(tls, print, print)
+        twisted_tls.unregister_producer_on_tls_shutdown(tls)
         conn.doRead = print  # as a relay's read_into does
-        twisted_internals.release_tls_layer(conn)  # open: kept
+        twisted_tls.release_tls_layer(conn)  # open: kept
         self.assertIn("getHandle", vars(conn))
         self.assertIn("write", vars(tls))
         conn.connected = True
         conn.connectionLost(Failure(error.ConnectionDone()))
         self.need("socket" not in vars(conn), "tcp.Connection.connectionLost no longer lets go of .socket")
-        twisted_internals.release_tls_layer(conn)
+        twisted_tls.release_tls_layer(conn)
         for name in ("getHandle", "getPeerCertificate", "doRead", "doWrite"):
             self.assertNotIn(name, vars(conn))
         for name in ("write", "writeSequence", "dataReceived", "_tlsShutdownFinished", "connectionLost"):
             self.assertNotIn(name, vars(tls))
-        twisted_internals.release_tls_layer(conn)  # twice: nothing left to do
+        twisted_tls.release_tls_layer(conn)  # twice: nothing left to do
 
     def test_tls_layers_interface_declarations_are_made_once(self) -> None:
         """``TLSMemoryBIOProtocol.makeConnection`` declares each interface of
@@ -452,11 +452,11 @@ class TwistedTLSTransportTests(InternalsCase):
         source = inspect.getsource(TLSMemoryBIOProtocol.makeConnection)
         self.need("directlyProvides(self, interface)" in source,
                   "TLSMemoryBIOProtocol.makeConnection no longer declares its transport's interfaces one by one")
-        twisted_internals.keep_tls_declarations(tcp.Connection)
+        twisted_tls.keep_tls_declarations(tcp.Connection)
         conn, _ours, tls = self._started_tls()
         interfaces = list(providedBy(conn))
         self.assertTrue(interfaces)
-        kept = twisted_internals._KEPT_DECLARATIONS
+        kept = twisted_tls._KEPT_DECLARATIONS
         for interface in interfaces:
             declaration = kept.get((type(tls), interface))
             self.assertIsNotNone(declaration, interface)
@@ -485,7 +485,7 @@ class TwistedTLSTransportTests(InternalsCase):
         tls.write(b"held")  # before the handshake: held by the aggregator (then by the TLS layer)
         self.need(aggregator._buffer == [b"held"], "BufferingTLSTransport no longer holds small writes in _aggregator")
         written: list[bytes] = []
-        slow_write, _, _ = twisted_internals.install_tls_data_path(tls, written.append, print)
+        slow_write, _, _ = twisted_tls.install_tls_data_path(tls, written.append, print)
         self.assertEqual(aggregator._buffer, [])  # flushed into the TLS layer, ahead of anything else
         self.assertEqual(tls._appSendBuffer, [b"held"])  # (no handshake yet: the TLS layer keeps it)
         self.assertEqual(slow_write.__func__, TLSMemoryBIOProtocol.write)

@@ -529,7 +529,7 @@ class FlowTests(TunnelMixin, unittest.TestCase):
         from twisted.internet.error import ConnectionDone
 
         from nodepass.compat.twisted_fastpath import LeanConnection
-        from nodepass.compat.twisted_internals import tls_layer
+        from nodepass.compat.twisted_tls import tls_layer
 
         server, client, entry = await self._answering_tls_tunnel()
         client_ends = list(client.runner.pool.idle.values())

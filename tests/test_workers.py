@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -33,6 +34,13 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def tls_loaded(pid: int) -> bool:
+    """Whether a process has cryptography's compiled core mapped (pyOpenSSL
+    is built on it): read from the kernel, not from the process."""
+    with open(f"/proc/{pid}/maps") as f:
+        return "/cryptography/" in f.read()
 
 
 def listening_pids(port: int) -> set[int]:
@@ -239,6 +247,33 @@ class WorkerProcessTests(unittest.TestCase):
             await wait_for(lambda pid=pid: gone(pid), timeout=10, what=f"orphaned worker {pid} to exit")
 
     @d
+    async def test_a_plain_master_runs_without_tls(self):
+        """A master with workers and a plain HTTP API does without pyOpenSSL
+        and cryptography (12 MB of RSS, ``nodepass.compat.tls_less``); its
+        workers have them, and a tls=1 pair created through it carries
+        traffic."""
+        proc = spawn(self, ["-m", "nodepass.cli", "master://127.0.0.1:0?log=debug&workers=2", "--state-dir", os.path.abspath(self.mktemp())])
+        pids = await self._workers(proc)
+        key = (await proc.wait_for(r"API Key created: ([0-9a-f]+)")).group(1)
+        where = await proc.wait_for(r"Console: http://127\.0\.0\.1:(\d+)(/\S*)/$")
+        self.assertFalse(tls_loaded(proc.transport.pid), "the master loaded TLS")
+        master = SimpleNamespace(scheme="http", port=int(where.group(1)), config=SimpleNamespace(prefix=where.group(2)), api_key=key)
+        api = Api(master, self)
+        target = await echo_server(self)
+        tunnel, entry = free_port(), free_port()
+        code, srv, _ = await api.call("POST", "/instances", {"url": f"server://127.0.0.1:{tunnel}/127.0.0.1:{target}?tls=1&mode=2"})
+        self.assertEqual(code, 201, srv)
+        code, cli, _ = await api.call("POST", "/instances", {"url": f"client://127.0.0.1:{tunnel}/127.0.0.1:{entry}?mode=2"})
+        self.assertEqual(code, 201, cli)
+        await proc.wait_for(re.escape(f"[{cli['id']}] ") + r".*Marking tunnel handshake as complete", timeout=20)
+        payload = os.urandom(100_000)
+        self.assertEqual(await send_through(entry, payload), payload)
+        self.assertFalse(tls_loaded(proc.transport.pid), "the master loaded TLS while hosting a tls=1 pair")
+        for pid in pids:
+            self.assertTrue(tls_loaded(pid), f"worker {pid} has no TLS")
+        self.assertNotIn("Traceback", proc.text())
+
+    @d
     async def test_twistd_master_with_workers(self):
         state = os.path.abspath(self.mktemp())
         env = child_env()
@@ -250,6 +285,9 @@ class WorkerProcessTests(unittest.TestCase):
         pids = await self._workers(proc)
         m = await proc.wait_for(r"API Key created: ([0-9a-f]+)")
         self.assertTrue(re.fullmatch("[0-9a-f]{32}", m.group(1)))
+        # twistd parses its options before it installs its reactor: the
+        # plain master does without TLS there too.
+        self.assertFalse(tls_loaded(proc.transport.pid), "the twistd master loaded TLS")
         proc.signal(signal.SIGTERM)
         await proc.ended.addTimeout(20, reactor)
         for pid in pids:

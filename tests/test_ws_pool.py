@@ -1211,7 +1211,7 @@ class EndToEnd(unittest.TestCase):
         # behind a stalled stream): Linux reports twice what was set.
         import socket
 
-        from nodepass.compat.twisted_internals import below_tls, tls_layer
+        from nodepass.compat.twisted_tls import below_tls, tls_layer
         from nodepass.pools.ws import SOCKET_RECEIVE_BUFFER
 
         for s in (stream, server.streams[0]):

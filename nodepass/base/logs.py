@@ -26,6 +26,10 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+#: Go's start-up line for ``tls=0`` (a server's or a master's), as
+#: ``(level, text)``.
+UNENCRYPTED_LINE = ("warn", "TLS code-0: unencrypted")
+
 ORDER = {"debug": 0, "info": 1, "warn": 2, "error": 3, "event": 4, "none": 5}
 _TW_LEVEL = {
     "debug": LogLevel.debug,

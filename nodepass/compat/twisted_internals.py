@@ -16,33 +16,16 @@ name here against the installed Twisted:
 * ``FileDescriptor.write`` called on a TCP connection that runs TLS
   (``startTLS``): it queues raw bytes under the TLS layer, where the
   connection's own ``write`` would encrypt them again;
-* ``tcp.Connection.TLS`` and ``.protocol`` after ``startTLS``, and the
-  connection behind the TLS layer's transport then (``_newtls._BypassTLS``
-  and its ``_connection``);
-* ``BufferingTLSTransport._aggregator`` (its ``flush``), which holds small
-  writes for a reactor turn;
-* ``_newtls.startTLS(transport, context, normal, bypass)``, whose
-  ``_BypassTLS`` writes the TLS layer's records with ``bypass.write(connection,
-  data)``: :func:`start_tls` gives it a base that sends them at once;
-* ``TLSMemoryBIOProtocol``'s state: ``_tlsConnection``, ``_handshakeDone``,
-  ``_lostTLSConnection``, ``_appSendBuffer``, ``_aborted``, and its methods
-  ``_flushReceiveBIO`` and ``_tlsShutdownFinished``, and its ``write`` and
-  ``dataReceived`` looked up on the instance (so that one connection's can
-  be replaced);
-* what the TLS layer and ``startTLS`` leave on a closed connection: the
-  instance attributes above, the ``getHandle``/``getPeerCertificate`` bound
-  methods of the TLS layer ``startTLS`` puts on the connection, and the
-  ``doRead``/``doWrite`` a relay installed (:func:`release_tls_layer` drops
-  them, so that no reference cycle is left for the garbage collector);
-* the interfaces ``TLSMemoryBIOProtocol.makeConnection`` copies from its
-  transport with one ``directlyProvides`` each (zope.interface caches the
-  declarations in a weak-value dictionary: :func:`keep_tls_declarations`);
 * ``reactor._exitSignal``, the signal twistd re-raises at exit;
 * the ``ApplicationRunner`` of a running twistd, found up the call stack;
 * ``twisted.web``'s HTTP channel: the real ``HTTPChannel`` behind the
   ``_GenericHTTPChannelProtocol`` proxy a ``Site`` builds (``_channel``),
   and its ``_waitingForTransport`` flag (the transport's buffer is full
   and the channel has paused its producers already).
+
+The TLS layer's internals are in :mod:`nodepass.compat.twisted_tls`: this
+module imports nothing of TLS, so that a process without TLS (see
+:mod:`nodepass.compat.tls_less`) can use it.
 
 Hot paths bind what they need once per connection; the per-chunk checks
 are :func:`operator.attrgetter` objects, which read several attributes in
@@ -55,12 +38,8 @@ from operator import attrgetter
 from types import FrameType, MethodType
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from twisted.internet import _newtls, main, tcp
-from twisted.internet._newtls import _BypassTLS
+from twisted.internet import main, tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import ISSLTransport
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from zope.interface.declarations import Provides, implementedBy
 
 #: What a ``doRead``/``doWrite`` returns when the peer closed cleanly ...
 CONNECTION_DONE = main.CONNECTION_DONE
@@ -93,7 +72,7 @@ def socket_of(transport: Any) -> Any:
     return getattr(transport, "socket", None)
 
 
-def _unsent(transport: Any, data: Any) -> Any:
+def unsent(transport: Any, data: Any) -> Any:
     """Send ``data`` straight to a TCP connection's socket when Twisted holds
     nothing queued ahead of it; what the socket did not take (all of it
     when something was queued), for Twisted's buffer."""
@@ -112,7 +91,7 @@ def write_through(transport: Any, data: Any) -> None:
     plain TCP connection: straight to the socket when Twisted holds nothing
     queued ahead of it, and only what the socket did not take is copied into
     Twisted's buffer (whose size still drives the producer pause)."""
-    rest = _unsent(transport, data)
+    rest = unsent(transport, data)
     if rest:
         transport.write(bytes(rest))
 
@@ -182,204 +161,6 @@ def replace_do_write(transport: Any, make: Callable[[Callable[[], object]], Call
     writable; ``original`` is Twisted's own ``doWrite``, which the
     replacement calls for Twisted's buffer and bookkeeping."""
     transport.doWrite = make(transport.doWrite)
-
-
-# -- the TLS layer -----------------------------------------------------------
-# The fast TLS path sets itself up once per relayed connection, on a path
-# that is measured in connections per second: each helper below answers
-# several questions in one call.
-
-
-def tls_layer(transport: Any) -> Optional[TLSMemoryBIOProtocol]:
-    """The ``TLSMemoryBIOProtocol`` of a connection, if it talks TLS: the
-    transport itself (``connectSSL`` wraps the protocol), or the protocol of
-    a TCP connection that ran ``startTLS``."""
-    if isinstance(transport, TLSMemoryBIOProtocol):
-        return transport
-    proto = getattr(transport, "protocol", None)
-    if getattr(transport, "TLS", False) and isinstance(proto, TLSMemoryBIOProtocol):
-        return proto
-    return None
-
-
-def tls_connection_when_ready(tls: TLSMemoryBIOProtocol) -> Any:
-    """The ``OpenSSL.SSL.Connection`` (memory BIOs) of the TLS layer once its
-    handshake is done; None before, or once the connection is gone."""
-    return tls._tlsConnection if tls._handshakeDone else None
-
-
-def below_tls(transport: Any, tls: TLSMemoryBIOProtocol) -> tuple[Any, Any]:
-    """``(connection, socket)``: the TCP connection under the TLS layer of
-    ``transport`` (server side: the connection ``startTLS`` ran on; client
-    side: the one ``connectSSL`` wrapped) and its socket (None if closed)."""
-    if isinstance(transport, TLSMemoryBIOProtocol):
-        # (A protocol wrapper: it would forward ``TLS`` to its protocol.)
-        conn = transport.transport
-    else:
-        conn = transport if getattr(transport, "TLS", False) else tls.transport
-    if isinstance(conn, _BypassTLS):
-        # The TLS layer of a startTLS connection, given as the transport:
-        # the wrapper it writes through forwards to the connection.
-        conn = conn._connection
-    return conn, getattr(conn, "socket", None)
-
-
-class _SendAtOnce(FileDescriptor):
-    """The base class ``_BypassTLS`` calls (unbound, with the TCP connection
-    as ``self``) for the records of a TLS layer :func:`start_tls` made: a
-    record goes to the socket at once when nothing is queued ahead of it.
-    Twisted's own base (``FileDescriptor``) queues every record -- each
-    handshake flight, the pool ID, close_notify -- and registers the socket
-    for writing, to send it a reactor turn later (two ``epoll_ctl`` calls
-    and a wake-up per record).  What the socket does not take is queued as
-    before, so flow control and ordering are Twisted's."""
-
-    def write(self, data: bytes) -> None:
-        rest = _unsent(self, data)
-        if rest:
-            FileDescriptor.write(self, rest)
-
-
-def start_tls(transport: Any, context: Any) -> None:
-    """``transport.startTLS(context)`` for a TCP connection (the side its
-    ``_tlsClientDefault`` says), with the TLS layer's records sent at once
-    (:class:`_SendAtOnce`).  Any other transport runs its own ``startTLS``."""
-    if not isinstance(transport, tcp.Connection):
-        transport.startTLS(context)
-        return
-    _newtls.startTLS(transport, context, True, _SendAtOnce)
-
-
-def write_unbuffered(transport: Any, data: bytes) -> None:
-    """Write ``data`` on a connection now: through its TLS layer without
-    the reactor turn Twisted's ``BufferingTLSTransport`` holds small writes
-    for (anything it holds goes first); a plain transport's ``write``
-    otherwise."""
-    tls = tls_layer(transport)
-    if tls is None:
-        transport.write(data)
-        return
-    aggregator = getattr(tls, "_aggregator", None)
-    if aggregator is not None:
-        aggregator.flush()
-    TLSMemoryBIOProtocol.write(tls, data)
-
-
-#: ``(TLS connection lost, cleartext waiting for the handshake)``: when
-#: either is set, Twisted's own write and read paths must handle the data.
-tls_blockers: Callable[[TLSMemoryBIOProtocol], tuple[bool, list]] = attrgetter("_lostTLSConnection", "_appSendBuffer")
-#: Whether ``abortConnection`` was called (no more data for the protocol).
-tls_aborted: Callable[[TLSMemoryBIOProtocol], bool] = attrgetter("_aborted")
-
-
-def install_tls_data_path(
-    tls: TLSMemoryBIOProtocol, write: Callable[[Any], None], data_received: Callable[[Any], None]
-) -> tuple[Callable[[bytes], None], Callable[[bytes], None], Callable[[], None]]:
-    """Route the TLS layer's cleartext writes and ciphertext reads through
-    ``write`` and ``data_received``.  Returns what they fall back on:
-    Twisted's own ``write`` and ``dataReceived``, and its "read what
-    OpenSSL holds" step (which also handles close_notify and errors)."""
-    # Twisted's default TLS transport (``BufferingTLSTransport``) holds small
-    # writes in an aggregator until the next reactor turn: what it holds
-    # goes out now, ahead of anything the new path writes, and the fallback
-    # is the unbuffered write under it, so that nothing is reordered.
-    aggregator = getattr(tls, "_aggregator", None)
-    if aggregator is not None:
-        aggregator.flush()
-    original = (MethodType(TLSMemoryBIOProtocol.write, tls), tls.dataReceived, tls._flushReceiveBIO)
-    # Instance attributes shadow the methods for this connection only.
-    setattr(tls, "write", write)
-    setattr(tls, "writeSequence", lambda seq: write(b"".join(seq)))
-    setattr(tls, "dataReceived", data_received)
-    return original
-
-
-def unregister_producer_on_tls_shutdown(tls: TLSMemoryBIOProtocol) -> None:
-    """Once the TLS layer has finished (close_notify from the peer, or a TLS
-    error) and Twisted has handled it, unregister its producer.
-
-    Twisted closes a TLS connection's socket only once no paused streaming
-    producer is registered on it, and that shutdown never reaches
-    ``connectionLost`` (where producers are usually let go) while one is."""
-    finished = tls._tlsShutdownFinished
-
-    def shutdown_finished(reason: Any) -> None:
-        finished(reason)
-        try:
-            tls.unregisterProducer()
-        except Exception:  # noqa: BLE001 - nothing registered / already gone
-            pass
-
-    setattr(tls, "_tlsShutdownFinished", shutdown_finished)  # this connection only
-
-
-#: The methods the fast TLS path and :func:`unregister_producer_on_tls_shutdown`
-#: shadow on one TLS layer (closures that hold the layer: reference cycles).
-_TLS_SHADOWED = ("write", "writeSequence", "dataReceived", "_tlsShutdownFinished", "connectionLost")
-#: What ``startTLS`` sets on the connection: bound methods of its TLS layer,
-#: which holds the connection (through ``_BypassTLS``) -- a cycle too.
-_START_TLS_BOUND = ("getHandle", "getPeerCertificate")
-
-
-def release_tls_layer(transport: Any) -> None:
-    """Break the reference cycles a closed TLS connection is left in, so
-    that reference counting frees it instead of the garbage collector (a
-    collection's worth of work per connection otherwise).
-
-    ``transport`` is a pool end's transport once it is lost: the TLS layer
-    itself (``connectSSL``) or the TCP connection that ran ``startTLS``.
-    Drops the instance attributes the fast path and the shutdown hook put on
-    the TLS layer, and on the TCP connection the TLS layer's ``getHandle``
-    and ``getPeerCertificate`` (afterwards they raise, as any closed TCP
-    connection's do; callers treat that as "no certificate") and the
-    relay's ``doRead``/``doWrite``.  Nothing happens while the TCP
-    connection is still open."""
-    tls: Optional[TLSMemoryBIOProtocol] = None
-    conn: Any = transport
-    if isinstance(transport, TLSMemoryBIOProtocol):
-        tls = transport
-        conn = transport.transport
-        if isinstance(conn, _BypassTLS):
-            conn = conn._connection
-    if not isinstance(conn, tcp.Connection):
-        return  # no TCP connection under it (a QUIC, WebSocket or HTTP/2 stream)
-    d = conn.__dict__
-    if "socket" in d:
-        return  # still open
-    for name in _START_TLS_BOUND:
-        bound = d.pop(name, None)
-        owner = getattr(bound, "__self__", None)
-        if tls is None and isinstance(owner, TLSMemoryBIOProtocol):
-            tls = owner
-    d.pop("doRead", None)
-    d.pop("doWrite", None)
-    if tls is not None:
-        shadowed = tls.__dict__
-        for name in _TLS_SHADOWED:
-            shadowed.pop(name, None)
-
-
-#: Interface declarations kept alive (see :func:`keep_tls_declarations`).
-_KEPT_DECLARATIONS: dict[tuple[type, Any], Any] = {}
-
-
-def keep_tls_declarations(*transport_types: type) -> None:
-    """Keep the interface declarations that a TLS layer over one of
-    ``transport_types`` gets, so that they are made once, not per connection.
-
-    ``TLSMemoryBIOProtocol.makeConnection`` calls ``directlyProvides(self,
-    interface)`` once for each interface its transport provides, each call
-    replacing the previous declaration: every one but the last is dropped
-    at once.  zope.interface caches declarations in a weak-value dictionary
-    (``Provides``' documented behaviour), so each dropped one was built anew
-    -- its resolution order computed in Python -- for every TLS connection
-    (about 5% of a short tls=1 connection's CPU).  A startTLS connection
-    also provides ``ISSLTransport``, which its TLS layer then copies too."""
-    layers: set[type] = {TLSMemoryBIOProtocol, TLSMemoryBIOFactory.protocol}
-    for transport_type in transport_types:
-        for interface in [ISSLTransport, *Provides(transport_type, ISSLTransport), *implementedBy(transport_type)]:
-            for layer in layers:
-                _KEPT_DECLARATIONS[layer, interface] = Provides(layer, interface)
 
 
 # -- the reactor and twistd --------------------------------------------------

@@ -24,7 +24,7 @@ Either way the supervisor sees the same things -- a run with a ``log``,
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Mapping, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Union
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -36,11 +36,16 @@ from nodepass.base.stats import Checkpoint
 from nodepass.config.urls import Tunables, TunnelConfig
 from nodepass.master.events import EventHub
 from nodepass.master.records import InstanceRecord
-from nodepass.service.instance import TunnelService
 from nodepass.workers.pool import RemoteRun, WorkerPool
 
+if TYPE_CHECKING:
+    # Imported when a run is created here: a master whose instances all run
+    # in workers never loads the tunnel code (nor TLS, see
+    # nodepass.compat.tls_less).
+    from nodepass.service.instance import TunnelService
+
 #: One run of an instance, in this process or in a worker.
-Run = Union[TunnelService, RemoteRun]
+Run = Union["TunnelService", RemoteRun]
 
 #: Substrings of an instance's log line that put it in ``error`` (Go's master
 #: parses its children's output for them).
@@ -79,6 +84,8 @@ class LocalHost:
         pass
 
     def create(self, rid: str, config: TunnelConfig, stats: Any, log: NodeLog, lost: Callable[[str], None]) -> TunnelService:
+        from nodepass.service.instance import TunnelService
+
         return TunnelService(config, tunables=self.tunables, reactor=self.reactor, log=log, stats=stats)
 
     def begin(self, run: TunnelService) -> None:

@@ -33,10 +33,9 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory, IProtocolFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from nodepass.base.logs import NodeLog
+from nodepass.base.logs import UNENCRYPTED_LINE, NodeLog
 from nodepass.config.urls import MasterConfig, Tunables
 from nodepass.master import sysinfo
 from nodepass.master.api import MasterAPI
@@ -158,8 +157,6 @@ class MasterService(service.MultiService):
         sysinfo.prime_cpu()
         self.domain.load()
         await self._listen()
-        from nodepass.net.tls import UNENCRYPTED_LINE
-
         level, line = self.credentials.code_line() if self.credentials is not None else UNENCRYPTED_LINE
         getattr(self.log, level)(line)
         self.log.info(
@@ -201,6 +198,8 @@ class MasterService(service.MultiService):
         site = MasterSite(MasterAPI(self.domain).resource())
         factory = IProtocolFactory(site)
         if cfg.tls:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
             from nodepass.net.tls import ServerCredentials
 
             credentials = self.credentials = ServerCredentials.from_config(

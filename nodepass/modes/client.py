@@ -38,7 +38,7 @@ from nodepass.modes.control_client import ClientControlProtocol, HandshakeSettin
 from nodepass.modes.handshake114 import HandshakeProtocol, Server112, handshake_uses_tls
 from nodepass.compat.openssl_internals import session_reused
 from nodepass.compat.twisted_fastpath import lean_connect
-from nodepass.compat.twisted_internals import start_tls
+from nodepass.compat.twisted_tls import start_tls
 from nodepass.pools.tcp import ClientPool
 from nodepass.relay.tls_fast import release_tls
 from nodepass.net.tls import (

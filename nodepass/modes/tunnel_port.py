@@ -54,7 +54,7 @@ from zope.interface import implementer
 from nodepass.base.kinds import Flow, Wire
 from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
-from nodepass.compat.twisted_internals import start_tls, tls_layer
+from nodepass.compat.twisted_tls import start_tls, tls_layer
 from nodepass.modes.dualend import PoolEnd, addr_text
 from nodepass.relay.core import no_delay
 from nodepass.relay.tls_fast import release_tls

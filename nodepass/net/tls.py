@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 from twisted.internet.ssl import TLSVersion
 
-from nodepass.base.logs import NodeLog
+from nodepass.base.logs import UNENCRYPTED_LINE, NodeLog
 
 TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
@@ -119,11 +119,6 @@ def _server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
     except (AttributeError, SSL.Error):
         pass  # older pyOpenSSL/OpenSSL: keep the library's order
     return options
-
-
-#: Go's start-up line for ``tls=0`` (a server's or a master's), as
-#: ``(level, text)``.
-UNENCRYPTED_LINE = ("warn", "TLS code-0: unencrypted")
 
 
 class ServerCredentials:

@@ -94,7 +94,7 @@ from nodepass.base.logs import NodeLog
 from nodepass.base.timers import Call, ClockLike, IdleTimer
 from nodepass.compat import h2_internals
 from nodepass.compat.h2_internals import LeanH2Connection
-from nodepass.compat.twisted_internals import below_tls, tls_layer
+from nodepass.compat.twisted_tls import below_tls, tls_layer
 from nodepass.relay import tls_fast
 from nodepass.net.dialer import OneProtocolFactory
 from nodepass.relay.core import no_delay

@@ -31,7 +31,8 @@ from twisted.python.failure import Failure
 
 from nodepass.base.logs import NodeLog
 from nodepass.compat.twisted_fastpath import DialBatch
-from nodepass.compat.twisted_internals import is_plain_tcp, write_through, write_unbuffered
+from nodepass.compat.twisted_internals import is_plain_tcp, write_through
+from nodepass.compat.twisted_tls import write_unbuffered
 
 
 class PoolTimeout(Exception):

@@ -112,15 +112,8 @@ from nodepass.base.logs import NodeLog
 from nodepass.base.timers import ClockLike
 from nodepass.compat.openssl_internals import session_reused
 from nodepass.compat.twisted_fastpath import lean_connect
-from nodepass.compat.twisted_internals import (
-    below_tls,
-    is_plain_tcp,
-    read_into,
-    start_tls,
-    tls_blockers,
-    tls_layer,
-    write_parts_through,
-)
+from nodepass.compat.twisted_internals import is_plain_tcp, read_into, write_parts_through
+from nodepass.compat.twisted_tls import below_tls, start_tls, tls_blockers, tls_layer
 from nodepass.compat.wsproto_internals import apply_mask
 from nodepass.net.tls import ResumingClient
 from nodepass.relay import tls_fast

@@ -34,19 +34,17 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from nodepass.compat import openssl_internals as ossl
 from nodepass.compat.twisted_fastpath import LeanConnection
-from nodepass.compat.twisted_internals import (
+from nodepass.compat.twisted_internals import read_into, write_buffers, write_under_tls
+from nodepass.compat.twisted_tls import (
     below_tls,
     install_tls_data_path,
     keep_tls_declarations,
-    read_into,
     release_tls_layer,
     tls_aborted,
     tls_blockers,
     tls_connection_when_ready,
     tls_layer,
     unregister_producer_on_tls_shutdown,
-    write_buffers,
-    write_under_tls,
 )
 from nodepass.relay.core import RelayEnd
 
