@@ -47,8 +47,11 @@ class Options(usage.Options):
             self["config"] = parse_url(self["url"])
         except URLError as e:
             raise usage.UsageError(str(e)) from None
-        # twistd installs its reactor after parsing its options.
-        drop_tls_if_unused(self["config"])
+        if getattr(self, "parent", None) is not None:
+            # A subcommand of twistd, which installs its reactor after
+            # parsing its options and runs nothing else in its process (a
+            # script parsing these options may go on to use TLS).
+            drop_tls_if_unused(self["config"])
 
 
 def tls_unused(config: InstanceConfig) -> bool:
