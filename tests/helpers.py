@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import types
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
@@ -42,6 +42,26 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or _describe(predicate)}")
         await task.deferLater(reactor, interval, lambda: None)
+
+
+async def until_still(value: Callable[[], Any], quiet: float = 0.3, timeout: float = 20.0, what: str = "") -> Any:
+    """Wait until ``value()`` has not changed for ``quiet`` seconds and
+    return it; raise AssertionError naming ``what`` if it still changes
+    after ``timeout`` seconds.  For "it stopped" checks (a paused writer's
+    byte count): buffers on the way may take a while to fill on a loaded
+    machine, so one fixed pause is not enough."""
+    deadline = time.monotonic() + timeout
+    last = value()
+    since = time.monotonic()
+    while True:
+        await task.deferLater(reactor, 0.02, lambda: None)
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still changing after {timeout}s: {what or _describe(value)} (last {last!r})")
 
 
 class PortTaken(AssertionError):

@@ -359,8 +359,8 @@ class TwistedTLSTransportTests(InternalsCase):
         self.assertEqual(twisted_tls.below_tls(conn, tls), (conn, ours))
 
     def test_start_tls_sends_its_records_at_once(self) -> None:
-        """``start_tls`` is Twisted's startTLS with a ``_BypassTLS`` base
-        that sends the TLS layer's records at once: the ClientHello is on
+        """``start_tls`` gives ``_BypassTLS`` a base that sends the TLS
+        layer's records at once: the ClientHello is on
         the wire when it returns, nothing queued and no write registration."""
         import socket
 
@@ -368,7 +368,6 @@ class TwistedTLSTransportTests(InternalsCase):
         from twisted.internet.protocol import Protocol
         from twisted.internet.ssl import CertificateOptions
 
-        self.need_parameters(_newtls.startTLS, ("transport", "contextFactory", "normal", "bypass"), "_newtls.startTLS")
         source = inspect.getsource(_newtls._BypassTLS.write)
         self.need("self._base.write(self._connection, data)" in source,
                   "_BypassTLS.write no longer writes through its base class with the connection")
@@ -385,6 +384,93 @@ class TwistedTLSTransportTests(InternalsCase):
         hello = theirs.recv(65536)
         self.assertEqual(hello[:1], b"\x16")  # a TLS handshake record
         conn.connected = False
+
+    def test_start_tls_leaves_what_twisted_start_tls_leaves(self) -> None:
+        """``start_tls`` (with ``LeanTLSProtocol``) takes ``_newtls.startTLS``'s
+        and ``TLSMemoryBIOProtocol.makeConnection``'s steps itself: on both
+        sides, it leaves the connection and its TLS layer with the same
+        attributes, the same interface declarations, a registered layer, a
+        re-registered producer and a handshake under way, as Twisted's own
+        ``startTLS`` does."""
+        import socket
+
+        from OpenSSL import SSL
+        from twisted.internet import reactor, tcp
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.ssl import CertificateOptions
+        from zope.interface import providedBy
+
+        from nodepass.net.tls import _server_options, generate_self_signed
+
+        class Producer:
+            def pauseProducing(self) -> None: ...
+
+            def resumeProducing(self) -> None: ...
+
+            def stopProducing(self) -> None: ...
+
+        from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+
+        self.need(TLSMemoryBIOFactory.protocol is BufferingTLSTransport, "TLSMemoryBIOFactory no longer builds BufferingTLSTransport layers")
+        cert, key = generate_self_signed()
+
+        def started(client: bool, ours: bool) -> tuple[Any, Any, bytes]:
+            a, b = socket.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            proto = Protocol()
+            conn = tcp.Connection(a, proto, reactor)
+            # (Before the sockets close: the reactor must not keep the fd.)
+            self.addCleanup(lambda: (reactor.removeReader(conn), reactor.removeWriter(conn)))
+            conn.connected = True
+            conn._tlsClientDefault = client
+            producer = Producer()
+            conn.registerProducer(producer, True)
+            context = CertificateOptions() if client else _server_options(cert, key)
+            if ours:
+                twisted_tls.start_tls(conn, context)
+            else:
+                conn.startTLS(context)
+            # (Re-registered through the TLS layer, which wraps it.)
+            self.assertIs(getattr(conn.producer, "_producer", None), producer)
+            self.assertTrue(conn.streamingProducer)
+            layer = conn.protocol
+            self.assertIs(layer.wrappedProtocol, proto)
+            self.assertIn(layer, layer.factory.protocols)
+            self.assertIsInstance(layer._tlsConnection, SSL.Connection)
+            self.assertIs(conn.getHandle(), layer._tlsConnection)
+            b.setblocking(False)
+            try:
+                sent = b.recv(65536)
+            except BlockingIOError:
+                sent = b""
+            # What Twisted's own startTLS holds for its next turn.
+            sent += conn.dataBuffer[conn.offset :] + b"".join(conn._tempDataBuffer)
+            conn.unregisterProducer()
+            conn.connected = False
+            return conn, layer, sent
+
+        for client in (True, False):
+            side = "client" if client else "server"
+            theirs_conn, theirs_layer, theirs_sent = started(client, ours=False)
+            conn, layer, sent = started(client, ours=True)
+            self.assertIsInstance(layer, twisted_tls.LeanTLSProtocol)
+            self.assertIsInstance(theirs_layer, BufferingTLSTransport)
+            self.need(
+                sorted(vars(conn)) == sorted(vars(theirs_conn)),
+                f"startTLS ({side}) leaves the connection with {sorted(vars(theirs_conn))}, start_tls with {sorted(vars(conn))}",
+            )
+            self.need(
+                sorted(vars(layer)) == sorted(vars(theirs_layer)),
+                f"TLSMemoryBIOProtocol.makeConnection ({side}) sets {sorted(vars(theirs_layer))}, LeanTLSProtocol {sorted(vars(layer))}",
+            )
+            self.assertEqual(list(providedBy(conn)), list(providedBy(theirs_conn)))
+            self.assertEqual(list(providedBy(layer)), list(providedBy(theirs_layer)))
+            self.assertIs(providedBy(layer), layer.__provides__)  # the cached declaration, not the class's
+            # A client starts with its ClientHello (sent at once by
+            # start_tls, queued for a turn by Twisted's); a server waits.
+            self.assertEqual(sent[:1], b"\x16" if client else b"", side)
+            self.assertEqual(theirs_sent[:1], sent[:1], side)
 
     def test_unbuffered_tls_write_is_not_held_for_a_turn(self) -> None:
         """``write_unbuffered`` goes past ``BufferingTLSTransport``'s

@@ -59,7 +59,7 @@ from nodepass.pools.h2pool import (
     h2_server_context,
 )
 from nodepass.relay.core import Relay, RelayEnd
-from tests.helpers import Echo, PushSender, listen_tcp, sleep, wait_for
+from tests.helpers import Echo, PushSender, listen_tcp, sleep, until_still, wait_for
 
 MiB = 1024 * 1024
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -1168,10 +1168,8 @@ class RelayTests(E2EBase):
         sender = PushSender(t)
         self.addCleanup(sender.stopProducing)
         await wait_for(lambda: sender.paused, timeout=20, what="user's writer pushed back")
-        await sleep(0.3)
-        written = sender.written
-        await sleep(0.3)
-        self.assertEqual(sender.written, written)
+        written = await until_still(lambda: sender.written, what="the bytes the stalled user's writer hands over")
+        self.assertTrue(sender.paused)
         self.assertLess(written, 32 * MiB)  # windows, queues, socket buffers
         self.assertLessEqual(t.queued_in, CLIENT_STREAM_WINDOW)
         server_end = self.server_transports_all[0]
@@ -1273,11 +1271,9 @@ class FlowControlTests(E2EBase):
         sender = PushSender(writer)
         self.addCleanup(sender.stopProducing)
         await wait_for(lambda: sender.paused, timeout=20, what="writer pushed back")
-        await sleep(0.3)
-        written = sender.written
-        await sleep(0.3)
+        # nothing more while stalled (once the buffers on the way are full)
+        written = await until_still(lambda: sender.written, what="the bytes the stalled writer hands over")
         self.assertTrue(sender.paused)
-        self.assertEqual(sender.written, written)  # nothing more while stalled
         # what is in flight: the reader's window, the writer's queue up to
         # its high-water mark, one chunk, socket buffers
         self.assertLess(written, window + h2pool.SEND_HIGH_WATER + 4 * MiB)

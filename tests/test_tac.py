@@ -68,5 +68,7 @@ class DaemonTacTests(unittest.TestCase):
         self.addCleanup(self.kill_daemon)
         self.assertNotEqual(await parent.ended.addTimeout(20, reactor), 0, parent.text())
         self.assertIn("Master did not start", parent.text())
-        self.assertFalse(os.path.exists(self.pidfile))
+        # twistd's daemon tells its parent first and removes the pidfile
+        # after: the parent can be gone a moment before the file is.
+        await wait_for(lambda: not os.path.exists(self.pidfile), timeout=10, what="the failed daemon's pidfile removed")
         self.assertIn("ERROR  Master error: ", _read(self.log))

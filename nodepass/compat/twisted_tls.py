@@ -11,9 +11,15 @@ name here against the installed Twisted:
   and its ``_connection``);
 * ``BufferingTLSTransport._aggregator`` (its ``flush``), which holds small
   writes for a reactor turn;
-* ``_newtls.startTLS(transport, context, normal, bypass)``, whose
-  ``_BypassTLS`` writes the TLS layer's records with ``bypass.write(connection,
-  data)``: :func:`start_tls` gives it a base that sends them at once;
+* the steps of ``_newtls.startTLS``, which :func:`start_tls` takes itself:
+  ``_tlsClientDefault`` (which side the connection is), the ``TLS`` flag,
+  and ``_BypassTLS(base, connection)``, which writes the TLS layer's records
+  with ``base.write(connection, data)`` (:func:`start_tls` gives it a base
+  that sends them at once);
+* the steps of ``TLSMemoryBIOProtocol.makeConnection``, which
+  :class:`LeanTLSProtocol` takes itself: ``factory._creatorCallable``,
+  ``_appSendBuffer``, ``factory.registerProtocol``, ``_connectWrapped`` and
+  ``_checkHandshakeStatus``;
 * ``TLSMemoryBIOProtocol``'s state: ``_tlsConnection``, ``_handshakeDone``,
   ``_lostTLSConnection``, ``_appSendBuffer``, ``_aborted``, and its methods
   ``_flushReceiveBIO`` and ``_tlsShutdownFinished``, and its ``write`` and
@@ -35,11 +41,14 @@ from operator import attrgetter
 from types import MethodType
 from typing import Any, Callable, Optional
 
-from twisted.internet import _newtls, tcp
+from twisted.internet import tcp
 from twisted.internet._newtls import _BypassTLS
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import ISSLTransport
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import providedBy
 from zope.interface.declarations import Provides, implementedBy
 
 from nodepass.compat.twisted_internals import unsent
@@ -100,14 +109,99 @@ class _SendAtOnce(FileDescriptor):
             FileDescriptor.write(self, rest)
 
 
+#: ``id(transport declaration) -> (that declaration, the layer's)`` for
+#: :class:`LeanTLSProtocol` (the declaration is kept, so its id is not reused).
+_LAYER_PROVIDES: dict[tuple[type, int], tuple[Any, Any]] = {}
+#: ``transport type -> Provides(type, ISSLTransport)`` for :func:`start_tls`.
+_STARTED_PROVIDES: dict[type, Any] = {}
+#: Bound on both caches (one entry per kind of transport in practice).
+_CACHE_LIMIT = 64
+
+
+def _layer_provides(layer_type: type, transport: Any) -> Any:
+    """The interface declaration ``TLSMemoryBIOProtocol.makeConnection``
+    leaves a layer of ``layer_type`` with over ``transport``, or None when
+    it leaves none: one ``directlyProvides`` per interface the transport
+    provides, each replacing the one before, so the last interface alone."""
+    spec = providedBy(transport)
+    key = (layer_type, id(spec))
+    known = _LAYER_PROVIDES.get(key)
+    if known is not None and known[0] is spec:
+        return known[1]
+    last = None
+    for last in spec:
+        pass
+    provides = None if last is None else Provides(layer_type, last)
+    if len(_LAYER_PROVIDES) < _CACHE_LIMIT:
+        _LAYER_PROVIDES[key] = (spec, provides)
+    return provides
+
+
+class LeanTLSProtocol(BufferingTLSTransport):
+    """Twisted's TLS layer (``BufferingTLSTransport``, the layer
+    ``TLSMemoryBIOFactory`` builds), with its interface declaration made
+    once per kind of transport.
+
+    ``TLSMemoryBIOProtocol.makeConnection`` copies the interfaces its
+    transport provides with one ``directlyProvides`` each.  Each call
+    replaces the declaration before it, so the layer ends up providing the
+    last interface alone, and the ten calls for a TCP connection's
+    interfaces cost 26 µs per connection and end, a short tls=1 request's
+    largest single Python cost after the handshake (docs/benchmarks.md, run
+    U).  This ``makeConnection`` sets that same declaration from a cache
+    and otherwise does what Twisted's does, in the same order
+    (``tests/test_compat.py`` compares the two)."""
+
+    def makeConnection(self, transport: Any) -> None:
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        provides = _layer_provides(type(self), transport)
+        if provides is not None:
+            self.__provides__ = provides
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self._connectWrapped:
+            ProtocolWrapper.makeConnection(self, transport)
+        self._checkHandshakeStatus()
+
+
 def start_tls(transport: Any, context: Any) -> None:
     """``transport.startTLS(context)`` for a TCP connection (the side its
     ``_tlsClientDefault`` says), with the TLS layer's records sent at once
-    (:class:`_SendAtOnce`).  Any other transport runs its own ``startTLS``."""
+    (:class:`_SendAtOnce`) and the layer a :class:`LeanTLSProtocol`.  Any
+    other transport runs its own ``startTLS``.
+
+    What Twisted's ``_newtls.startTLS`` does, step by step: a streaming
+    producer is set aside while the layer goes in; the layer becomes the
+    connection's protocol, lends it ``getHandle`` and
+    ``getPeerCertificate``, and the connection declares ``ISSLTransport``
+    (alone, replacing what it declared before: a cached declaration here)
+    and is marked ``TLS``; the layer then connects over ``_BypassTLS``,
+    which starts the handshake."""
     if not isinstance(transport, tcp.Connection):
         transport.startTLS(context)
         return
-    _newtls.startTLS(transport, context, True, _SendAtOnce)
+    conn: Any = transport  # (attributes the TLS mixin and startTLS add)
+    producer = conn.producer
+    streaming = conn.streamingProducer
+    if producer is not None:
+        conn.unregisterProducer()
+    no_wrapped_factory: Any = None  # (the layer wraps the connection's protocol)
+    layer = LeanTLSProtocol(TLSMemoryBIOFactory(context, conn._tlsClientDefault, no_wrapped_factory), conn.protocol, False)
+    conn.protocol = layer
+    conn.getHandle = layer.getHandle
+    conn.getPeerCertificate = layer.getPeerCertificate
+    kind = type(conn)
+    provides = _STARTED_PROVIDES.get(kind)
+    if provides is None:
+        provides = Provides(kind, ISSLTransport)
+        if len(_STARTED_PROVIDES) < _CACHE_LIMIT:
+            _STARTED_PROVIDES[kind] = provides
+    conn.__provides__ = provides
+    conn.TLS = True
+    layer.makeConnection(_BypassTLS(_SendAtOnce, conn))
+    if producer is not None:
+        conn.registerProducer(producer, streaming)
 
 
 def write_unbuffered(transport: Any, data: bytes) -> None:
@@ -235,7 +329,7 @@ def keep_tls_declarations(*transport_types: type) -> None:
     -- its resolution order computed in Python -- for every TLS connection
     (about 5% of a short tls=1 connection's CPU).  A startTLS connection
     also provides ``ISSLTransport``, which its TLS layer then copies too."""
-    layers: set[type] = {TLSMemoryBIOProtocol, TLSMemoryBIOFactory.protocol}
+    layers: set[type] = {TLSMemoryBIOProtocol, TLSMemoryBIOFactory.protocol, LeanTLSProtocol}
     for transport_type in transport_types:
         for interface in [ISSLTransport, *Provides(transport_type, ISSLTransport), *implementedBy(transport_type)]:
             for layer in layers:
