@@ -472,6 +472,37 @@ class TwistedTLSTransportTests(InternalsCase):
             self.assertEqual(sent[:1], b"\x16" if client else b"", side)
             self.assertEqual(theirs_sent[:1], sent[:1], side)
 
+    def test_lean_layer_flushes_only_what_is_there(self) -> None:
+        """``LeanTLSProtocol._flushSendBIO`` sends what the outgoing BIO
+        holds (the ClientHello) and, with it empty, does nothing -- without
+        the read that would raise ``WantReadError``."""
+        from OpenSSL import SSL
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.ssl import optionsForClientTLS
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(optionsForClientTLS("example.com"), True, None)  # type: ignore[arg-type]
+        layer = twisted_tls.LeanTLSProtocol(factory, Protocol(), False)
+        transport = StringTransport()
+        layer.makeConnection(transport)
+        hello = transport.value()
+        self.assertEqual(hello[:1], b"\x16")
+        transport.clear()
+        reads: list = []
+        tls = layer._tlsConnection
+        original = tls.bio_read
+
+        def bio_read(size: int) -> bytes:
+            reads.append(size)
+            return original(size)
+
+        tls.bio_read = bio_read
+        layer._flushSendBIO()
+        self.assertEqual((transport.value(), reads), (b"", []))
+        with self.assertRaises(SSL.WantReadError):  # what it spared
+            original(2**15)
+
     def test_unbuffered_tls_write_is_not_held_for_a_turn(self) -> None:
         """``write_unbuffered`` goes past ``BufferingTLSTransport``'s
         aggregator, after anything it holds."""

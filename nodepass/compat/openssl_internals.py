@@ -64,9 +64,14 @@ def memory_bio_access(conn: Any) -> Optional[tuple[Any, Any, Callable[[], int], 
     return ssl, output, pending, partial(setattr, conn, "_into_ssl")
 
 
+#: Where ``BIO_get_mem_data`` puts its pointer for :func:`mem_pending`
+#: (one reactor thread; the pointer is never read).
+_MEM_DATA_OUT = ffi.new("char **")
+
+
 def mem_pending(bio: Any) -> int:
     """Bytes waiting in a memory BIO."""
-    return int(lib.BIO_get_mem_data(bio, ffi.new("char **")))
+    return int(lib.BIO_get_mem_data(bio, _MEM_DATA_OUT))
 
 
 def session_reused(conn: Any) -> bool:
