@@ -1389,6 +1389,38 @@ class EndToEnd(unittest.TestCase):
         with self.assertRaises(Exception):
             await pool.open_stream(Client())
 
+    async def test_dials_leave_no_bookkeeping_behind(self) -> None:
+        """The pool client's bookkeeping (dials in progress, their
+        deadlines), settled by the protocol just before ``done`` fires: gone
+        after an upgrade, a cancelled dial, a closed pool and a refused
+        dial."""
+        server = self.serve()
+        pool = self.pool(server)
+
+        def clean() -> None:
+            self.assertEqual(pool._dialling, {})
+            self.assertEqual(list(pool._due._due), [])
+
+        proto = Client()
+        self.client_protocols.append(proto)
+        self.client_streams.append(await pool.open_stream(proto))
+        clean()
+        d = pool.open_stream(Client())
+        d.cancel()
+        with self.assertRaises(Exception):
+            await d
+        clean()
+        d = pool.open_stream(Client())
+        pool.close()
+        with self.assertRaises(Exception):
+            await d
+        clean()
+        pool = self.pool(server)
+        await server.port.stopListening()
+        with self.assertRaises(error.ConnectError):
+            await pool.open_stream(Client())
+        clean()
+
     async def test_garbage_client_is_answered_and_others_unaffected(self) -> None:
         server = self.serve(Client)
         stream, proto = await self.open(server)
@@ -1568,7 +1600,7 @@ class CountingTransport(StringTransport):
 
 class LeanPathTests(unittest.TestCase):
     """What the connection-rate work (issue 12) changed, byte for byte: the
-    101 and the ID in one write, the canonical request read in one match,
+    101 and the ID in one write, the canonical request read in one pass,
     control frames handled without wsproto, timeouts behind one timer."""
 
     def setUp(self) -> None:
@@ -1714,3 +1746,341 @@ class LeanPathTests(unittest.TestCase):
             self.assertEqual(fired, [1])
             del other
 
+
+
+# -- the connection-rate fast paths ------------------------------------------------
+
+
+def _mutations(rng: Any, base: bytes, alphabet: bytes, count: int) -> list[bytes]:
+    """``count`` copies of ``base``, each with one to three bytes changed,
+    inserted or deleted at random places (``rng``: a seeded Random)."""
+    out = []
+    for _ in range(count):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            op, pos = rng.random(), rng.randint(0, len(data))
+            if op < 0.4 and pos < len(data):
+                data[pos] = rng.choice(alphabet)
+            elif op < 0.7:
+                data[pos:pos] = bytes([rng.choice(alphabet)])
+            elif pos < len(data):
+                del data[pos : pos + rng.randint(1, 3)]
+        out.append(bytes(data))
+    return out
+
+
+def _frames_out(data: bytes) -> list[tuple[int, bytes]]:
+    """Our side's frames as ``(first byte, unmasked payload)`` (short
+    frames only: closes, pongs and the small test messages)."""
+    frames = []
+    pos = 0
+    while pos < len(data):
+        b0, b1 = data[pos], data[pos + 1]
+        size = b1 & 0x7F
+        assert size < 126
+        if b1 & 0x80:
+            key = data[pos + 2 : pos + 6]
+            frames.append((b0, unmask(key, data[pos + 6 : pos + 6 + size])))
+            pos += 6 + size
+        else:
+            frames.append((b0, data[pos + 2 : pos + 2 + size]))
+            pos += 2 + size
+    return frames
+
+
+class FastPathTests(unittest.TestCase):
+    """The shortcuts that made a WebSocket pool connection nearly as cheap
+    to open and close as a TCP pool one decide exactly as the general paths
+    they bypass, on the same inputs (seeded, so a failure reproduces): the
+    upgrade request read without the regular expression, our ``101`` read
+    by comparison, whole frames read by ``feed`` and ``_consume`` without
+    the frame loop, and the frames and answers written (bytes equal to
+    wsproto's and to the general path's)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def test_quick_request_is_the_regular_expression(self) -> None:
+        """``_quick_request`` takes exactly the heads that
+        ``_CANONICAL_REQUEST`` matches with the path ``/``, with the same
+        groups: Go's and our requests, and mutations of them."""
+        import random
+
+        from nodepass.pools import ws
+
+        rng = random.Random(20261130)
+        bases = [
+            GO_REQUEST,
+            upgrade_request("tunnel.example", KEY, "tok"),
+            upgrade_request("10.0.0.1", "abcdefghijklmnopqrstuv==", ""),
+            upgrade_request("", "ABCDEFGHIJKLMNOPQRSTU+/=", "x y"),
+        ]
+        alphabet = b"\r\n :=+/aZ09\x00\x7f\x80\t-GETHOSUgzip"
+        taken = 0
+        for base in bases:
+            heads = [base[:-4]] + _mutations(rng, base[:-4], alphabet, 6000)
+            for head in heads:
+                m = ws._CANONICAL_REQUEST.fullmatch(head)
+                want = m.group(2, 3, 4, 5) if m is not None and m.group(1) == b"/" else None
+                got = ws._quick_request(head)
+                self.assertEqual(got, want, head)
+                taken += got is not None
+        self.assertGreater(taken, 1000)  # (the mutations do reach the quick path)
+
+    def test_requests_answered_as_by_the_general_path(self) -> None:
+        """Whole requests (with early frame bytes behind them) through the
+        upgrade protocol: the quick path and the general one (the head cut
+        by ``_head_end`` and judged by ``_request``) give the same answer,
+        the same headers to ``authorize`` and the same stream bytes."""
+        import random
+
+        rng = random.Random(7)
+        alphabet = b"\r\n :=+/aZ09\x00\t-"
+        ours = upgrade_request("tunnel.example", KEY, "tok")
+        early = client_frame(2, b"early")
+        for data in [GO_REQUEST, ours] + _mutations(rng, ours, alphabet, 400) + _mutations(rng, GO_REQUEST, alphabet, 400):
+            outcomes = []
+            for quick in (True, False):
+                seen: list[Any] = []
+                recs: list[Recorder] = []
+
+                def on_stream(stream: WebSocketStreamTransport) -> None:
+                    rec = Recorder()
+                    recs.append(rec)
+                    stream.attach(rec)
+                    stream.write(b"\x00\x00\x00\x00")
+
+                def authorize(headers: dict[str, list[str]]) -> bool:
+                    seen.append(headers)
+                    return True
+
+                proto = WebSocketUpgradeProtocol(self.clock, NodeLog("none"), on_stream, lambda: False, authorize=authorize)
+                wire = StringTransport()
+                proto.makeConnection(wire)
+                if quick:
+                    proto.dataReceived(data + early)
+                else:
+                    from nodepass.pools.ws import _head_end
+
+                    whole = data + early
+                    ends = _head_end(whole)
+                    if ends is None or ends[0] > proto.max_head:
+                        proto.dataReceived(whole)  # (no head yet: both take the same path)
+                    else:
+                        proto._done = False
+                        proto._request(whole[: ends[0]], whole[ends[1] :])
+                outcomes.append((wire.value(), seen, [r.chunks for r in recs], proto.refused))
+            self.assertEqual(outcomes[0], outcomes[1], data)
+
+    def test_quick_answer_decides_as_the_general_path(self) -> None:
+        """Our ``101`` (with the ID frame behind it) and mutations of it: the
+        client's comparison takes it only when the general path (the
+        regular expression, then the header parser) would upgrade with the
+        same trailing bytes, and anything else is judged by that path."""
+        import random
+
+        rng = random.Random(11)
+        base = GO_ANSWER + b"\x82\x04\x00\x00\x00\x00"
+        alphabet = b"\r\n :=+/aZ09\x00\x7f\t-HTP1"
+        answers = [base, GO_ANSWER.replace(b"Date: Thu", b"Date: \x7fThu"), GO_ANSWER.replace(b"00 GMT", b"")]
+        answers += _mutations(rng, base, alphabet, 1500)
+        upgraded = 0
+        for data in answers:
+            outcomes = []
+            for quick in (True, False):
+                rec = Recorder()
+                proto = WebSocketClientUpgradeProtocol(self.clock, "tunnel.example", attach_to=rec, key=KEY)
+                if not quick:
+                    proto._expected = b"\x00"  # (a prefix no answer has: the general path only)
+                proto.makeConnection(StringTransport())
+                results: list[Any] = []
+                proto.done.addBoth(results.append)
+                proto.dataReceived(data)
+                result = results[0] if results else None
+                if isinstance(result, Failure):
+                    result = (result.type, str(result.value))
+                elif result is not None:
+                    result = "upgraded"
+                outcomes.append((result, rec.chunks))
+            self.assertEqual(outcomes[0], outcomes[1], data)
+            upgraded += outcomes[0][0] == "upgraded"
+        self.assertGreater(upgraded, 100)
+
+    def random_frames(self, rng: Any, client: bool) -> bytes:
+        """A few frames as the peer of a ``client``-side stream might send
+        them, good and bad: small and 16-bit binary messages (empty ones
+        too), text, fragments in and out of order, pings, pongs, Closes with
+        every kind of payload, and refused headers."""
+        key = None if client else bytes(rng.randrange(256) for _ in range(4))
+        wrong = b"\x01\x02\x03\x04" if client else None
+        closes = [b"", b"\x03\xe8", b"\x03\xe9bye", b"\x03", struct.pack("!H", 999), b"\x03\xed", b"\x03\xe8\xff\xfe", b"\x0b\xb8"]
+        out = b""
+        for _ in range(rng.randint(1, 6)):
+            kind = rng.random()
+            if kind < 0.35:
+                out += any_frame(2, os.urandom(rng.choice([0, 1, 4, 32, 125])), key)
+            elif kind < 0.45:
+                out += any_frame(2, os.urandom(rng.choice([126, 200, 1000])), key)
+            elif kind < 0.5:
+                out += any_frame(1, b"text", key)
+            elif kind < 0.6:
+                out += any_frame(2, b"frag", key, fin=False) + any_frame(0, b"ment", key, fin=rng.random() < 0.7)
+            elif kind < 0.65:
+                out += any_frame(0, b"stray", key)
+            elif kind < 0.75:
+                out += any_frame(rng.choice([9, 10]), os.urandom(rng.randint(0, 10)), key)
+            elif kind < 0.9:
+                out += any_frame(8, rng.choice(closes), key)
+            elif kind < 0.95:
+                out += any_frame(2, b"rsv", key, first=rng.choice([0x10, 0x20, 0x40]))
+            else:
+                out += any_frame(2, b"mask", wrong)
+        return out
+
+    def read(self, client: bool, pieces: list[bytes]) -> tuple[Any, ...]:
+        """Everything a stream's reading decides, for ``pieces`` fed one by
+        one: what it delivered, what it wrote (unmasked), how it closed."""
+        wire = StringTransport()
+        stream = WebSocketStreamTransport(wire, client=client, clock=self.clock)
+        rec = Recorder()
+        stream.attach(rec)
+        for piece in pieces:
+            stream.feed(memoryview(piece))
+        reason = stream._reason
+        return (
+            b"".join(rec.chunks),
+            _frames_out(wire.value()),
+            stream.peer_close_code,
+            type(reason),
+            str(reason),
+            stream._closing,
+            wire.disconnecting,
+        )
+
+    def test_whole_frames_read_as_the_frame_loop_reads_them(self) -> None:
+        """The same frames fed whole one by one (``feed``'s shortcut), all
+        at once (``_consume``'s) and a byte at a time (the frame loop
+        only): the same payloads, the same answers and the same close; and
+        fed whole, each data frame is one ``dataReceived``."""
+        import random
+
+        from wsproto.frame_protocol import FrameDecoder
+
+        rng = random.Random(5)
+        for client in (False, True):
+            for _ in range(300):
+                data = self.random_frames(rng, client)
+                frames = []
+                decoder = FrameDecoder(client=client)  # (only to cut ``data`` into its frames)
+                pos = 0
+                while pos < len(data):
+                    for end in range(pos + 2, len(data) + 1):
+                        decoder = FrameDecoder(client=client)
+                        decoder.receive_bytes(data[pos:end])
+                        try:
+                            frame = decoder.process_buffer()
+                        except Exception:  # noqa: BLE001 - a refused header: the rest as one piece
+                            end = len(data)
+                            break
+                        if frame is not None and frame.frame_finished:
+                            break
+                    frames.append(data[pos:end])
+                    pos = end
+                whole = self.read(client, frames)
+                self.assertEqual(whole, self.read(client, [data]), (client, data))
+                self.assertEqual(whole, self.read(client, [data[i : i + 1] for i in range(len(data))]), (client, data))
+
+    def test_wrong_mask_bit_is_refused_whatever_the_length(self) -> None:
+        """A frame with the wrong mask bit, in a piece exactly as long as a
+        whole frame with the right one would be (the length alone does not
+        tell them apart): refused as the frame loop refuses it."""
+        cases = [
+            (True, b"\x82\x88\x01\x02\x03\x04" + b"abcd"),  # masked, to a client: 2 + 8 bytes
+            (False, b"\x82\x04abcd" + b"wxyz"),  # plain, to a server: 6 + 4 bytes
+            (True, b"\x88\x82\x01\x02\x03\x04"),  # a masked Close to a client
+            (False, b"\x88\x04\x03\xe8ab"),  # a plain Close to a server
+        ]
+        for client, piece in cases:
+            got = self.read(client, [piece])
+            self.assertEqual(got, self.read(client, [piece[i : i + 1] for i in range(len(piece))]), piece)
+            self.assertEqual(got[0], b"", piece)
+            self.assertIn("protocol error", got[4], piece)
+
+    def test_small_messages_are_one_piece_each(self) -> None:
+        for client in (False, True):
+            key = None if client else b"\x10\x20\x30\x40"
+            wire = StringTransport()
+            stream = WebSocketStreamTransport(wire, client=client, clock=self.clock)
+            rec = Recorder()
+            stream.attach(rec)
+            payloads = [os.urandom(n) for n in (1, 2, 5, 125, 7)]
+            for p in payloads:
+                stream.feed(memoryview(any_frame(2, p, key)))
+            self.assertEqual(rec.chunks, payloads)
+            self.assertTrue(all(type(c) is bytes for c in rec.chunks))
+
+    def test_server_frames_are_wsprotos(self) -> None:
+        """Every length around the 7/16/64-bit boundaries, and the Close:
+        byte for byte what wsproto's server sends."""
+        from wsproto.connection import Connection, ConnectionType
+        from wsproto.events import BytesMessage, CloseConnection
+
+        for size in list(range(0, 130)) + [65535, 65536, 70000]:
+            data = os.urandom(size)
+            wire = StringTransport()
+            stream = WebSocketStreamTransport(wire, client=False, clock=self.clock)
+            stream.attach(Recorder())
+            stream.write(data)
+            want = Connection(ConnectionType.SERVER).send(BytesMessage(data=data)) if size else b""
+            self.assertEqual(wire.value(), want, size)
+        wire = StringTransport()
+        stream = WebSocketStreamTransport(wire, client=False, clock=self.clock)
+        stream.attach(Recorder())
+        stream.loseConnection()
+        self.assertEqual(wire.value(), Connection(ConnectionType.SERVER).send(CloseConnection(code=1000)))
+
+    def test_client_frames_are_wsprotos_but_for_the_mask(self) -> None:
+        """The same header bytes as wsproto's client frame, a fresh key, the
+        payload masked with it; the Close that answers the server's too."""
+        from wsproto.connection import Connection, ConnectionType
+        from wsproto.events import BytesMessage
+
+        keys = set()
+        for size in list(range(1, 130)) + [65535, 65536]:
+            data = os.urandom(size)
+            wire = StringTransport()
+            stream = WebSocketStreamTransport(wire, client=True, clock=self.clock)
+            stream.attach(Recorder())
+            stream.write(data)
+            out = wire.value()
+            theirs = Connection(ConnectionType.CLIENT).send(BytesMessage(data=data))
+            head = len(theirs) - size - 4
+            self.assertEqual(out[:head], theirs[:head], size)
+            key = out[head : head + 4]
+            keys.add(key)
+            self.assertEqual(unmask(key, out[head + 4 :]), data, size)
+            if size == 1:
+                stream.feed(b"\x88\x02\x03\xe8")
+                close = wire.value()[len(out) :]
+                self.assertEqual(close[:2], b"\x88\x82")
+                self.assertEqual(unmask(close[2:6], close[6:]), b"\x03\xe8")
+        self.assertGreater(len(keys), 120)
+
+    def test_requests_and_answers_are_byte_exact(self) -> None:
+        """The request (made from parts kept per host and token) and the
+        ``101``, against the SPEC's text and the test vector."""
+        from nodepass.pools.ws import upgrade_answer
+
+        for host, bearer in [("tunnel.example", ""), ("tunnel.example", "tok"), ("1.2.3.4", "tok"), ("1.2.3.4", "")]:
+            for _ in range(2):  # (the second time from the kept parts)
+                key = new_key()
+                auth = f"Authorization: Bearer {bearer}\r\n" if bearer else ""
+                want = (
+                    f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Go-http-client/1.1\r\n{auth}"
+                    f"Connection: Upgrade\r\nSec-Websocket-Key: {key}\r\nSec-Websocket-Version: 13\r\n"
+                    "Upgrade: websocket\r\nAccept-Encoding: gzip\r\n\r\n"
+                ).encode()
+                self.assertEqual(upgrade_request(host, key, bearer), want)
+                digest = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                self.assertEqual(accept_value(key), digest.decode())
+        self.assertEqual(upgrade_answer(KEY, EPOCH), GO_ANSWER)

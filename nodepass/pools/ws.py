@@ -49,11 +49,13 @@ Why the pieces are split the way they are:
   with ``User-Agent`` and ``Accept-Encoding``, and Go's server answers with a
   fixed set (SPEC-1.14 §4.4).  wsproto's h11-based handshake (and autobahn's)
   cannot produce those bytes, and both request and answer are a dozen lines.
-  Go's (and our) exact request and answer are read with one regular
-  expression; anything else goes through the general header parser, which
-  decides the same.  The server's ``101`` leaves in one write with the
-  stream's first frame (the ID), and under TLS our client's request leaves
-  with its TLS Finished.
+  Go's (and our) exact request and answer are read by comparing their
+  fixed parts as bytes (:func:`_quick_request`, and the client's expected
+  ``101`` up to its Date), which takes exactly what one regular expression
+  would match; anything else goes to that expression, then to the general
+  header parser, which decides the same.  The server's ``101`` leaves in one
+  write with the stream's first frame (the ID), and under TLS our client's
+  request leaves with its TLS Finished.
 
 What a pool connection costs per connection, besides its bytes:
 
@@ -71,7 +73,20 @@ What a pool connection costs per connection, besides its bytes:
   transport and connector hold each other and the protocol, and a lost
   stream lets go of its protocol and of the readers the fast paths put on
   the connection below (:meth:`WebSocketStreamTransport._release`), so
-  reference counting frees a pool connection when its relay ends.
+  reference counting frees a pool connection when its relay ends;
+* as little Python as the protocol allows: a pool connection is opened
+  and closed per relayed connection, and its WebSocket work (upgrade
+  request and answer, the ID frame, a message or two, the Close handshake)
+  is what set this pool's rate of new connections below the TCP pool's.
+  Hence shortcuts, each deciding exactly as the general path it bypasses
+  (``FastPathTests`` in ``tests/test_ws_pool.py`` compares them on seeded
+  random inputs): the upgrade read by byte comparison, not regular
+  expressions; a read that is one whole small binary message or Close
+  handled by :meth:`WebSocketStreamTransport.feed` without the frame loop,
+  and such frames inside a larger read taken whole by ``_consume``; frame
+  headers from a table and masking keys popped from a list; a new stream's
+  state in class attributes; the pool client told of a finished dial by a
+  plain call rather than a callback on its Deferred.
 
 Flow control, so that nothing buffers without bound:
 
@@ -118,6 +133,9 @@ from nodepass.compat.wsproto_internals import apply_mask
 from nodepass.net.tls import ResumingClient
 from nodepass.relay import tls_fast
 from nodepass.relay.core import no_delay
+
+_sha1 = hashlib.sha1
+_b2a_base64 = binascii.b2a_base64
 
 
 #: RFC 6455 §1.3: appended to the client's key before hashing.
@@ -175,6 +193,12 @@ _REMOTE_CODES = frozenset(int(c) for c in CloseReason) - {1005, 1006, 1015}
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 _CODE = struct.Struct("!H")
+#: The header of a binary message of at most 125 bytes (FIN, opcode 2),
+#: by its second byte (the mask bit and the length): made once, not per
+#: frame.
+_SMALL_HEADS = tuple(bytes((0x82, second)) for second in range(256))
+#: A server's Close frame with status 1000 and no reason (SPEC-1.14 §4.4).
+_SERVER_CLOSE_NORMAL = b"\x88\x02\x03\xe8"
 #: Masking keys (4 bytes a frame from a client) and Sec-Websocket-Keys are
 #: cut from a pool of ``os.urandom`` bytes refilled this many at a time:
 #: one getrandom call per 256 frames instead of one per frame.
@@ -194,10 +218,27 @@ def _random_bytes(n: int) -> bytes:
     return _random_pool[pos:end]
 
 
+#: Masking keys ready to use, each 4 bytes of ``os.urandom`` used once
+#: (taken with ``pop()``: one C call per frame a client sends).
+_mask_keys: list[bytes] = []
+
+
+def _mask_key() -> bytes:
+    """A fresh 4-byte masking key; :data:`_mask_keys` is refilled from one
+    ``os.urandom`` call when it runs out."""
+    if not _mask_keys:
+        _mask_keys[:] = map(os.urandom(_RANDOM_CHUNK).__getitem__, _KEY_SLICES)  # (no Python loop)
+    return _mask_keys.pop()
+
+
+_KEY_SLICES = tuple(slice(i, i + 4) for i in range(0, _RANDOM_CHUNK, 4))
+
+
 def _forget_random() -> None:
     """A forked child draws its own bytes, never its parent's."""
     global _random_pool, _random_pos
     _random_pool, _random_pos = b"", 0
+    _mask_keys.clear()
 
 
 os.register_at_fork(after_in_child=_forget_random)
@@ -267,10 +308,14 @@ _recent_deadlines: dict[tuple[int, float], Deadlines] = {}
 
 def deadlines(clock: Any, delay: float) -> Deadlines:
     """The :class:`Deadlines` of ``clock`` for timeouts of ``delay``."""
+    found = _last_deadlines.get(delay)
+    if found is not None and found._clock() is clock:
+        return found  # (the usual case: one reactor)
     key = (id(clock), delay)
     found = _recent_deadlines.get(key)
     if found is not None and found._clock() is clock:
-        return found  # (the usual case: one reactor, a few delays)
+        _last_deadlines[delay] = found
+        return found  # (a few clocks)
     try:
         per_clock = _deadline_sets[clock]
     except KeyError:
@@ -280,8 +325,16 @@ def deadlines(clock: Any, delay: float) -> Deadlines:
         found = per_clock[delay] = Deadlines(clock, delay)
     if len(_recent_deadlines) > 64:
         _recent_deadlines.clear()
-    _recent_deadlines[key] = found
+    if len(_last_deadlines) > 64:
+        _last_deadlines.clear()
+    _recent_deadlines[key] = _last_deadlines[delay] = found
     return found
+
+
+#: The :class:`Deadlines` :func:`deadlines` gave last for each delay: asked
+#: for again by the next stream or upgrade of the same reactor (one each per
+#: relayed connection), found without building a key.
+_last_deadlines: dict[float, Deadlines] = {}
 
 
 # Plain sockets read into this one buffer (the reactor runs one read at a
@@ -344,6 +397,65 @@ _CANONICAL_ANSWER = re.compile(
     rb"Date: [ -~]*"
 )
 
+#: Printable ASCII (the regular expressions' ``[ -~]``) and the base64
+#: alphabet, deleted with ``bytes.translate``: what is left is what does not
+#: belong (one C call instead of a regular expression's loop per byte).
+_PRINTABLE = bytes(range(0x20, 0x7F))
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+#: A canonical request's fixed start (path ``/``), and its fixed end: the
+#: Connection line and the key's name, the 24-character key, then the rest.
+_REQUEST_START = b"GET / HTTP/1.1\r\nHost: "
+_REQUEST_KEY = b"\r\nConnection: Upgrade\r\nSec-Websocket-Key: "
+_REQUEST_END = b"\r\nSec-Websocket-Version: 13\r\nUpgrade: websocket\r\nAccept-Encoding: gzip"
+_REQUEST_TAIL = len(_REQUEST_KEY) + 24 + len(_REQUEST_END)
+_KEY_AT = len(_REQUEST_KEY)  # where the key starts in the tail
+
+
+def _quick_request(head: bytes) -> Optional[tuple[bytes, bytes, Optional[bytes], bytes]]:
+    """``(host, user agent, authorization or None, key)`` of a request head
+    that :data:`_CANONICAL_REQUEST` matches with the path ``/`` (what Go's
+    client and ours send), read by comparing its fixed parts and checking
+    the rest by character class (a regular expression over the whole head
+    was a fifth of what an upgrade cost the server); None for anything
+    else, which the expression then judges.
+
+    The fixed parts are compared whole and the rest checked as the
+    expression would (``[ -~]`` for the header values, the base64 alphabet
+    for the key), so a head taken here is one the expression matches, with
+    the same groups; ``tests/test_ws_pool.py`` checks that on mutated
+    requests."""
+    tail = len(head) - _REQUEST_TAIL  # where the Connection line must start
+    if (
+        tail <= 22
+        or not head.startswith(_REQUEST_START)
+        or not head.startswith(_REQUEST_KEY, tail)
+        or not head.endswith(_REQUEST_END)
+    ):
+        return None
+    key = head[tail + _KEY_AT : tail + _KEY_AT + 24]
+    if not key.endswith(b"==") or key[:22].translate(None, _BASE64_ALPHABET):
+        return None
+    # Host, User-Agent and (ours) Authorization, each printable: no line
+    # break but the two or three between them.
+    lines = head[22:tail].split(b"\r\n")
+    n = len(lines)
+    if n == 2:
+        host, agent = lines
+        auth = None
+        values = host + agent
+    elif n == 3:
+        host, agent, auth = lines
+        if auth[:15] != b"Authorization: ":
+            return None
+        auth = auth[15:]
+        values = host + agent + auth
+    else:
+        return None
+    if agent[:12] != b"User-Agent: " or values.translate(None, _PRINTABLE):
+        return None
+    return host, agent[12:], auth, key
+
+
 _STATUS_TEXT = {
     101: "Switching Protocols",
     400: "Bad Request",
@@ -388,27 +500,39 @@ class WebSocketHandshakeTimeout(WebSocketError):
 
 def new_key() -> str:
     """A fresh ``Sec-Websocket-Key``: 16 random bytes, base64."""
-    return base64.b64encode(_random_bytes(16)).decode("ascii")
+    return _b2a_base64(_random_bytes(16), newline=False).decode("ascii")
 
 
 def accept_value(key: str) -> str:
     """RFC 6455 ``Sec-WebSocket-Accept`` for a client key:
     ``OabYU+AjCv/nJYpuwpfMRA==`` gives ``w6d0uOVLoD9VXqQQnepsp9nZfB4=``."""
-    digest = hashlib.sha1(key.strip().encode("ascii") + WEBSOCKET_GUID).digest()
-    return base64.b64encode(digest).decode("ascii")
+    return _accept_bytes(key.strip().encode("ascii")).decode("ascii")
+
+
+def _accept_bytes(key: bytes) -> bytes:
+    """:func:`accept_value` of an already stripped ASCII key, as bytes: what
+    the server writes and the client compares, with no text in between
+    (one of these per pool connection at each end)."""
+    return _b2a_base64(_sha1(key + WEBSOCKET_GUID).digest(), newline=False)
 
 
 def http_date(seconds: float) -> str:
     """An HTTP ``Date`` value (``Mon, 02 Jan 2006 15:04:05 GMT``), made
     once per second (every pool connection's answer carries one)."""
+    return _http_date_bytes(seconds).decode("ascii")
+
+
+def _http_date_bytes(seconds: float) -> bytes:
+    """:func:`http_date` as the bytes of the ``101`` (made once per second)."""
     whole = int(seconds)
     cached = _date_cache
     if cached[0] != whole:
-        cached[:] = [whole, email.utils.formatdate(whole, usegmt=True)]
-    return str(cached[1])
+        cached[:] = [whole, email.utils.formatdate(whole, usegmt=True).encode("ascii")]
+    date: bytes = cached[1]
+    return date
 
 
-_date_cache: list[Any] = [None, ""]
+_date_cache: list[Any] = [None, b""]
 
 
 def upgrade_request(host: str, key: str, bearer: str = "") -> bytes:
@@ -419,31 +543,38 @@ def upgrade_request(host: str, key: str, bearer: str = "") -> bytes:
     ``bearer``: our client adds ``Authorization: Bearer TOKEN`` (the
     handshake's token), which a Go server ignores and ours uses to accept
     pool connections from an IP other than the handshake's."""
-    auth = f"Authorization: Bearer {bearer}\r\n" if bearer else ""
-    return (
-        "GET / HTTP/1.1\r\n"
-        f"Host: {host}\r\n"
-        "User-Agent: Go-http-client/1.1\r\n"
-        f"{auth}"
-        "Connection: Upgrade\r\n"
-        f"Sec-Websocket-Key: {key}\r\n"
-        "Sec-Websocket-Version: 13\r\n"
-        "Upgrade: websocket\r\n"
-        "Accept-Encoding: gzip\r\n"
-        "\r\n"
-    ).encode("ascii")
+    around = _request_around.get((host, bearer))
+    if around is None:
+        # What surrounds the key, made once per tunnel (its every dial
+        # sends the same host and token).
+        auth = f"Authorization: Bearer {bearer}\r\n" if bearer else ""
+        around = (
+            (f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Go-http-client/1.1\r\n{auth}"
+             "Connection: Upgrade\r\nSec-Websocket-Key: ").encode("ascii"),
+            b"\r\nSec-Websocket-Version: 13\r\nUpgrade: websocket\r\nAccept-Encoding: gzip\r\n\r\n",
+        )
+        if len(_request_around) > 64:
+            _request_around.clear()
+        _request_around[(host, bearer)] = around
+    return around[0] + key.encode("ascii") + around[1]
+
+
+_request_around: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
 
 def upgrade_answer(key: str, date: str) -> bytes:
     """The ``101`` answer byte for byte as Go's server sends it."""
-    return (
-        "HTTP/1.1 101 Switching Protocols\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-Websocket-Accept: {accept_value(key)}\r\n"
-        "Upgrade: websocket\r\n"
-        f"Date: {date}\r\n"
-        "\r\n"
-    ).encode("ascii")
+    return _answer_bytes(_accept_bytes(key.strip().encode("ascii")), date.encode("ascii"))
+
+
+#: The ``101`` up to the accept value, and from it up to the date.
+_ANSWER_START = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nSec-Websocket-Accept: "
+_ANSWER_MIDDLE = b"\r\nUpgrade: websocket\r\nDate: "
+
+
+def _answer_bytes(accept: bytes, date: bytes) -> bytes:
+    """:func:`upgrade_answer` from the accept value and date as bytes."""
+    return _ANSWER_START + accept + _ANSWER_MIDDLE + date + b"\r\n\r\n"
 
 
 def error_answer(status: int, body: str, date: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -522,6 +653,57 @@ class WebSocketStreamTransport:
     takes_views = True
     websocket_stream = True
 
+    # The state of a new stream, as class attributes: an instance holds only
+    # what has changed (one stream is made per relayed connection, and each
+    # attribute set in ``__init__`` cost its bytecode every time).
+    protocol: Any = None
+    connected = True
+    disconnecting = False
+    producer: Any = None
+    #: Close status the peer sent, once its Close frame arrived.
+    peer_close_code: Optional[int] = None
+    #: How frames go to and from the socket: ``"plain"`` (straight, on a
+    #: TCP connection), ``"tls"`` (the fast TLS data path) or ``""``
+    #: (through the underlying transport, e.g. with NP_NO_FAST_TLS).
+    fast_path = ""
+    # The close handshake (RFC 6455 §7): open until either side's Close,
+    # finished when both were sent.
+    _sent_close = False
+    _got_close = False
+    _ctrl_op = 0  # the opcode of the control frame being read ...
+    _ctrl = b""  # ... and its (unmasked) payload so far, when it came in pieces
+    _held = False  # our reader paused us
+    _reading_paused = False  # we paused the underlying transport
+    _producer_below = False  # self.producer is registered on the underlying transport
+    _processing = False
+    _again = False
+    # Where the frame reader is in the current frame:
+    _left = 0  # payload bytes of the current frame still to come
+    _kind = _DATA  # what they are for
+    _key: Optional[bytes] = None  # its masking key (the server reads masked frames)
+    _key_turn = 0  # payload bytes of the frame unmasked so far, modulo 4
+    _in_message = False  # a message's last frame (FIN) is still to come
+    _text = False  # ... and it is a text message (refused, its frames discarded)
+    _broken = False  # a protocol error: nothing more is parsed
+    _mask_bit = 0  # set in the frames we send (a client's are masked) ...
+    _want_mask = 0x80  # ... and what received frames' mask bit must be
+    _small_head = 6  # the header size of a received frame of at most 125 bytes
+    #: Bytes to go out ahead of the first frame (the server's ``101``, so
+    #: that it and the ID travel in one TLS record and one segment).
+    _head = b""
+    #: Under TLS our Close and close_notify go out together, and the peer's
+    #: Close is read until its close_notify (TLS keeps reading): no wait
+    #: of our own between the two (see :meth:`_start_close`).
+    _close_with_tls = False
+    #: The TLS layer under us (None without TLS).
+    _tls: Any = None
+    _closing = False  # a Close frame is sent or being answered: no more data either way
+    _tcp_closing = False  # the underlying transport is being closed
+    _lost = False
+    _reason: Optional[Exception] = None  # what connectionLost will report
+    _pending_loss: Optional[Failure] = None  # lost before attach()
+    _send_parts: Callable[[Sequence[Any]], None]  # how frames are written (see _fast_paths)
+
     def __init__(
         self,
         transport: Any,
@@ -536,57 +718,18 @@ class WebSocketStreamTransport:
         self.client = client
         self.clock = clock
         self.close_timeout = close_timeout
-        self.protocol: Any = None
-        self.connected = True
-        self.disconnecting = False
-        self.producer: Any = None
-        #: Close status the peer sent, once its Close frame arrived.
-        self.peer_close_code: Optional[int] = None
-        # The close handshake (RFC 6455 §7): open until either side's Close,
-        # finished when both were sent.
-        self._sent_close = False
-        self._got_close = False
-        self._ctrl_op = 0  # the opcode of the control frame being read ...
-        self._ctrl = bytearray()  # ... and its (unmasked) payload so far
-        self._held = False  # our reader paused us
-        self._reading_paused = False  # we paused the underlying transport
-        self._producer_below = False  # self.producer is registered on the underlying transport
-        self._processing = False
-        self._again = False
         # The frame reader (see _consume): received bytes not yet parsed or
         # delivered (a partial header, or what came while the reader was
-        # paused), and where we are in the current frame.
+        # paused).
         self._rest = bytearray()
-        self._left = 0  # payload bytes of the current frame still to come
-        self._kind = _DATA  # what they are for
-        self._key: Optional[bytes] = None  # its masking key (the server reads masked frames)
-        self._key_turn = 0  # payload bytes of the frame unmasked so far, modulo 4
-        self._in_message = False  # a message's last frame (FIN) is still to come
-        self._text = False  # ... and it is a text message (refused, its frames discarded)
-        self._broken = False  # a protocol error: nothing more is parsed
-        self._mask_bit = 0x80 if client else 0
-        self._send_parts: Callable[[Sequence[Any]], None] = self._send_generic
-        #: Bytes to go out ahead of the first frame (the server's ``101``, so
-        #: that it and the ID travel in one TLS record and one segment).
-        self._head = head
-        #: Under TLS our Close and close_notify go out together, and the peer's
-        #: Close is read until its close_notify (TLS keeps reading): no wait
-        #: of our own between the two (see :meth:`_start_close`).
-        self._close_with_tls = False
-        #: The TLS layer under us (None without TLS).
-        self._tls: Any = None
-        #: How frames go to and from the socket: ``"plain"`` (straight, on a
-        #: TCP connection), ``"tls"`` (the fast TLS data path) or ``""``
-        #: (through the underlying transport, e.g. with NP_NO_FAST_TLS).
-        self.fast_path = ""
-        self._closing = False  # a Close frame is sent or being answered: no more data either way
-        self._tcp_closing = False  # the underlying transport is being closed
-        self._lost = False
-        self._reason: Optional[Exception] = None  # what connectionLost will report
-        self._pending_loss: Optional[Failure] = None  # lost before attach()
+        if client:
+            self._mask_bit = 0x80
+            self._want_mask = 0
+            self._small_head = 2
         self._timers = deadlines(clock, close_timeout)
         self._fast_paths()
         if head:
+            self._head = head
             self._send_real = self._send_parts
             self._send_parts = self._send_with_head
         if trailing:
@@ -609,8 +752,12 @@ class WebSocketStreamTransport:
             protocol.connectionLost(reason)
             self._release()
             return
-        self._update_reading()
-        self._process()
+        if self._reading_paused:
+            # (Held until now.  Otherwise there is nothing to change: a
+            # reader that paused in makeConnection has paused the socket.)
+            self._update_reading()
+        if self._rest or self._processing:
+            self._process()
 
     def _fast_paths(self) -> None:
         """Choose how frames are written and read: straight to and from the
@@ -619,27 +766,30 @@ class WebSocketStreamTransport:
         underlying transport's ``write`` and its protocol's ``dataReceived``
         (which calls :meth:`feed`)."""
         underlying = self.underlying
-        if is_plain_tcp(underlying):
-            _bound_receive_buffer(underlying)
-            underlying.bufferSize = PLAIN_READ_SIZE
-            self._send_parts = partial(write_parts_through, underlying)
-            read_into(underlying, _read_buffer, _feed_view, self)
-            self.fast_path = "plain"
-            return
-        tls = self._tls = tls_layer(underlying)
+        tls = tls_layer(underlying)
         if tls is None:
             _bound_receive_buffer(underlying)
+            if is_plain_tcp(underlying):
+                underlying.bufferSize = PLAIN_READ_SIZE
+                self._send_parts = partial(write_parts_through, underlying)
+                read_into(underlying, _read_buffer, _feed_view, self)
+                self.fast_path = "plain"
+            else:
+                self._send_parts = self._send_generic
             return
+        self._tls = tls
         self._close_with_tls = True
         below = below_tls(underlying, tls)[0]
         _bound_receive_buffer(below)
-        if not tls_fast.ENABLED:
-            return
-        below.bufferSize = tls_fast.TLS_RELAY_BUFFER_SIZE
-        write_parts = tls_fast.install(underlying, self.feed)
+        write_parts = None
+        if tls_fast.ENABLED:
+            below.bufferSize = tls_fast.TLS_RELAY_BUFFER_SIZE
+            write_parts = tls_fast.install(underlying, self.feed)
         if write_parts is not None:
             self._send_parts = write_parts
             self.fast_path = "tls"
+        else:
+            self._send_parts = self._send_generic
 
     def _send_generic(self, parts: Sequence[Any]) -> None:
         self.underlying.write(b"".join(parts))
@@ -649,7 +799,9 @@ class WebSocketStreamTransport:
         to it, so one TLS record carries both)."""
         send = self._send_parts = self._send_real
         head, self._head = self._head, b""
-        if sum(map(len, parts)) <= 4096:
+        if len(parts) == 1 and len(parts[0]) <= 4096:
+            send((head + parts[0],))
+        elif sum(map(len, parts)) <= 4096:
             send((b"".join((head, *parts)),))
         else:
             send((head, *parts))
@@ -668,7 +820,29 @@ class WebSocketStreamTransport:
             self._rest += data
             self._process()
             return
-        # The usual case: parse and deliver straight from ``data``.
+        # The usual case: parse and deliver straight from ``data`` -- which
+        # is most often one whole frame, a small binary message or a Close:
+        # handled here as _consume would, with the checks it makes for such
+        # a frame in the state the stream is in here (no frame under way,
+        # nothing buffered, not processing; the reader attached and not
+        # paused, unless closing, when data is discarded).
+        if not self._left:
+            size = len(data) - self._small_head
+            if 0 <= size < 126 and data[1] == size + self._want_mask:
+                b0 = data[0]
+                if b0 == 0x82 and size and not (self._closing or self._in_message):
+                    if self._want_mask:
+                        self.protocol.dataReceived(apply_mask(data[6:], bytes(data[2:6])))
+                    else:
+                        self.protocol.dataReceived(bytes(data[2:]))
+                    return
+                if b0 == 0x88:
+                    self._ctrl_op = _OP_CLOSE
+                    if self._want_mask:
+                        self._peer_close(apply_mask(data[6:], bytes(data[2:6])))
+                    else:
+                        self._peer_close(bytes(data[2:]))
+                    return
         self._processing = True
         try:
             done = self._consume(data)
@@ -681,7 +855,7 @@ class WebSocketStreamTransport:
 
     def underlying_lost(self, reason: Failure) -> None:
         """The underlying connection ended: report it (once) upwards."""
-        self._cancel_timer()
+        self._timers.discard(self)
         if self._lost:
             return
         self._lost = True
@@ -724,9 +898,6 @@ class WebSocketStreamTransport:
         tls_fast.release_tls(self.underlying)
 
     # -- receiving --------------------------------------------------------------
-    def _may_deliver(self) -> bool:
-        return self._closing or (self.protocol is not None and not self._held)
-
     def _process(self) -> None:
         """Parse and deliver what :attr:`_rest` holds, for as long as the
         reader is not paused.  Re-entrant calls (a reader that pauses and
@@ -737,7 +908,13 @@ class WebSocketStreamTransport:
         self._processing = True
         try:
             again = True
-            while again and self._rest and not self._lost and not self._broken and self._may_deliver():
+            while (
+                again
+                and self._rest
+                and not self._lost
+                and not self._broken
+                and (self._closing or (self.protocol is not None and not self._held))
+            ):
                 self._again = False
                 buf, self._rest = self._rest, bytearray()
                 with memoryview(buf) as view:
@@ -779,18 +956,30 @@ class WebSocketStreamTransport:
                 if kind is _DATA and not self._closing:
                     if self._held or self.protocol is None:
                         return pos
-                    piece = self._unmasked(data[pos : pos + take])
-                    if isinstance(piece, memoryview):
-                        piece = bytes(piece)
+                    # (_unmasked, inlined: this runs for every data piece)
+                    key = self._key
+                    if key is None:
+                        piece = data[pos : pos + take]
+                        if isinstance(piece, memoryview):
+                            piece = bytes(piece)
+                    else:
+                        turn = self._key_turn
+                        self._key_turn = (turn + take) & 3
+                        piece = apply_mask(data[pos : pos + take], key[turn:] + key[:turn] if turn else key)
                     pos += take
                     self._left = left - take
                     self.protocol.dataReceived(piece)
                 elif kind is _CTRL:
-                    self._ctrl += self._unmasked(data[pos : pos + take])
+                    piece = bytes(self._unmasked(data[pos : pos + take]))
                     pos += take
                     self._left = left - take
                     if left == take:
-                        self._control()
+                        # The whole payload (most often it came in one piece).
+                        if self._ctrl:
+                            piece, self._ctrl = self._ctrl + piece, b""
+                        self._control(piece)
+                    else:
+                        self._ctrl += piece
                 else:  # skipped, or data after our Close
                     pos += take
                     self._left = left - take
@@ -801,6 +990,35 @@ class WebSocketStreamTransport:
             if not self._closing and (self._held or self.protocol is None):
                 return pos
             b0 = data[pos]
+            size = data[pos + 1] - self._want_mask
+            if 0 <= size < 126 and (b0 == 0x82 or b0 == 0x88):
+                # The usual frames, read whole at once: a small binary
+                # message (FIN, no RSV bits) or a Close, masked as they must
+                # be (``size`` is the second byte less the mask bit they
+                # must have), with their payloads in ``data``.  What the
+                # general path below would do for them, less its
+                # bookkeeping (the frame state it keeps is only read for a
+                # frame's later pieces, and here there are none).
+                start = pos + self._small_head
+                stop = start + size
+                if stop <= end:
+                    if b0 == 0x82:
+                        if size and not self._in_message and not self._closing:
+                            if self._want_mask:
+                                piece = apply_mask(data[start:stop], bytes(data[pos + 2 : start]))
+                            else:
+                                piece = bytes(data[start:stop])
+                            pos = stop
+                            self.protocol.dataReceived(piece)
+                            continue
+                    else:
+                        pos = stop
+                        self._ctrl_op = _OP_CLOSE
+                        if self._want_mask:
+                            self._peer_close(apply_mask(data[start:stop], bytes(data[start - 4 : start])))
+                        else:
+                            self._peer_close(bytes(data[start:stop]))
+                        continue
             b1 = data[pos + 1]
             size = b1 & 0x7F
             head = 2
@@ -824,7 +1042,7 @@ class WebSocketStreamTransport:
                 minimal = True
             if (
                 b0 & 0x70
-                or masked != self._mask_bit ^ 0x80
+                or masked != self._want_mask
                 or not minimal
                 or (opcode > 2 and (opcode not in _CONTROL or size > 125 or not b0 & 0x80))
             ):
@@ -841,9 +1059,9 @@ class WebSocketStreamTransport:
                 # handled whole.
                 self._kind = _CTRL
                 self._ctrl_op = opcode
-                self._ctrl = bytearray()
+                self._ctrl = b""
                 if not size:
-                    self._control()
+                    self._control(b"")
                 continue
             fin = b0 & 0x80
             if opcode == 0:
@@ -896,22 +1114,27 @@ class WebSocketStreamTransport:
     def _control_frame(self, opcode: int, payload: bytes) -> bytes:
         """A control frame (FIN set; masked with a fresh key from a client)."""
         if self._mask_bit:
-            key = _random_bytes(4)
+            key = _mask_key()
             return bytes((0x80 | opcode, 0x80 | len(payload))) + key + apply_mask(payload, key)
         return bytes((0x80 | opcode, len(payload))) + payload
 
     def _close_frame(self, code: int, reason: bytes = b"") -> bytes:
-        """A Close frame: the status (none for 1005, "no status") and reason."""
-        if code == CLOSE_NO_STATUS:
-            return self._control_frame(_OP_CLOSE, b"")
-        return self._control_frame(_OP_CLOSE, _CODE.pack(code) + reason)
+        """A Close frame: the status (none for 1005, "no status") and reason
+        (:meth:`_control_frame`'s bytes, made here: one per pool connection
+        at each end)."""
+        if code == CLOSE_NORMAL and not reason and not self._mask_bit:
+            return _SERVER_CLOSE_NORMAL
+        payload = b"" if code == CLOSE_NO_STATUS else _CODE.pack(code) + reason
+        if self._mask_bit:
+            key = _mask_key()
+            return bytes((0x88, 0x80 | len(payload))) + key + apply_mask(payload, key)
+        return bytes((0x88, len(payload))) + payload
 
-    def _control(self) -> None:
-        """A whole control frame has been read (:attr:`_ctrl`): answer a
+    def _control(self, payload: bytes) -> None:
+        """A whole control frame has been read (its ``payload``): answer a
         ping while open, check and answer a Close; a pong needs nothing (we
         send no pings)."""
-        opcode, payload = self._ctrl_op, bytes(self._ctrl)
-        self._ctrl = bytearray()
+        opcode = self._ctrl_op
         if opcode == _OP_PING:
             if not self._sent_close and not self._got_close:
                 self._send_parts((self._control_frame(0xA, payload),))
@@ -940,9 +1163,11 @@ class WebSocketStreamTransport:
         protocol error, closed with its status); a valid one is answered
         (echoing status and reason, as wsproto and Go do) unless it answers
         ours, and the TCP/TLS connection goes."""
-        size = len(payload)
         code, reason, problem = CLOSE_NO_STATUS, b"", ""
-        if size == 1:
+        size = len(payload)
+        if payload == b"\x03\xe8":
+            code = CLOSE_NORMAL  # (the usual Close: 1000, no reason)
+        elif size == 1:
             problem = "CLOSE with 1 byte payload"
         elif size:
             code, reason = (payload[0] << 8) | payload[1], payload[2:]
@@ -1001,8 +1226,9 @@ class WebSocketStreamTransport:
             self._close_underlying()  # (reads on: the peer's Close must be seen)
         else:
             self._update_reading()  # the peer's Close must be seen, paused or not
-            self._arm_timer(self._close_timed_out)
-        self._process()  # the answer may be buffered already
+            self._timers.add(self, self._close_timed_out)
+        if self._rest or self._processing:  # the answer may be buffered already
+            self._process()
 
     def _close_timed_out(self) -> None:
         self._close_underlying()
@@ -1021,18 +1247,12 @@ class WebSocketStreamTransport:
             self._producer_below = False
             self.underlying.unregisterProducer()
         self._update_reading()
-        self._arm_timer(self._linger_timed_out)
+        self._timers.add(self, self._linger_timed_out)
         self.underlying.loseConnection()
 
     def _linger_timed_out(self) -> None:
         if not self._lost:
             self.underlying.abortConnection()
-
-    def _arm_timer(self, fn: Callable[[], None]) -> None:
-        self._timers.add(self, fn)
-
-    def _cancel_timer(self) -> None:
-        self._timers.discard(self)
 
     # -- ITransport ---------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -1048,7 +1268,7 @@ class WebSocketStreamTransport:
         # the payload is masked once and never copied into a frame buffer.
         bit = self._mask_bit
         if size <= 125:
-            head = bytes((0x82, bit | size))
+            head = _SMALL_HEADS[bit | size]
         elif size <= 0xFFFF:
             head = _HEAD16.pack(0x82, bit | 126, size)
         else:
@@ -1056,7 +1276,7 @@ class WebSocketStreamTransport:
         # A small frame goes as one piece (one TLS record, not a record for
         # its header and one for its payload); a large one unjoined.
         if bit:
-            key = _random_bytes(4)
+            key = _mask_keys.pop() if _mask_keys else _mask_key()
             if size <= JOIN_SIZE:
                 self._send_parts((head + key + apply_mask(data, key),))
             else:
@@ -1090,7 +1310,7 @@ class WebSocketStreamTransport:
         self._closing = True
         self._tcp_closing = True
         self.disconnecting = True
-        self._cancel_timer()
+        self._timers.discard(self)
         self.underlying.abortConnection()
 
     def getPeer(self) -> Any:
@@ -1135,7 +1355,7 @@ class WebSocketStreamTransport:
         reader is attached and not paused, or we are closing (and discard)."""
         if self._lost:
             return
-        pause = not self._may_deliver()
+        pause = not (self._closing or (self.protocol is not None and not self._held))
         if pause == self._reading_paused:
             return
         self._reading_paused = pause
@@ -1209,14 +1429,17 @@ class WebSocketUpgradeProtocol(Protocol):
         self.header_timeout = header_timeout
         self.max_head = max_head
         self.close_timeout = close_timeout
-        #: The stream, once upgraded.
-        self.stream: Optional[WebSocketStreamTransport] = None
-        #: The status we refused with (None: not refused).
-        self.refused: Optional[int] = None
-        self._buf = b""
-        self._timer: Any = None  # the refusal's bound on closing
         self._header_due = deadlines(clock, header_timeout)  # the request's
-        self._done = False  # answered (101 or refusal): no more request bytes
+
+    # (Initial state as class attributes: one of these is made per pool
+    # connection, and an instance stores only what changes.)
+    #: The stream, once upgraded.
+    stream: Optional[WebSocketStreamTransport] = None
+    #: The status we refused with (None: not refused).
+    refused: Optional[int] = None
+    _buf = b""
+    _timer: Any = None  # the refusal's bound on closing
+    _done = False  # answered (101 or refusal): no more request bytes
 
     def connectionMade(self) -> None:
         self._header_due.add(self, self._timed_out)
@@ -1228,7 +1451,16 @@ class WebSocketUpgradeProtocol(Protocol):
             return
         if self._done:
             return
-        self._buf += data
+        buf = self._buf = self._buf + data
+        # Go's (or our) request: its head ends at the first CRLF CRLF (its
+        # lines hold no other line break, so _head_end would find the same).
+        end = buf.find(b"\r\n\r\n")
+        if 0 <= end <= self.max_head:
+            quick = _quick_request(buf[:end])
+            if quick is not None:
+                self._buf = b""
+                self._canonical(quick, buf[end + 4 :])
+                return
         ends = _head_end(self._buf)
         if ends is None:
             if len(self._buf) > self.max_head:
@@ -1243,25 +1475,18 @@ class WebSocketUpgradeProtocol(Protocol):
         self._request(head, trailing)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_timer()
         self._done = True
         if self.stream is not None:
+            # (_accept cancelled the timers, and none is armed after it.)
             self.stream.underlying_lost(reason)
+            return
+        self._cancel_timer()
 
     # -- the request ------------------------------------------------------------
     def _request(self, head: bytes, trailing: bytes) -> None:
         m = _CANONICAL_REQUEST.fullmatch(head)
         if m is not None:
-            # Go's (or our) request: every check of the general path but the
-            # pool's own (authorize, is_full) is known to pass.
-            host, agent, auth, key = m.group(2, 3, 4, 5)
-            fields = dict(_CANONICAL_FIELDS)  # (its fixed values shared: read only)
-            fields["host"] = [host.strip(b" \t").decode("ascii")]
-            fields["user-agent"] = [agent.strip(b" \t").decode("ascii")]
-            fields["sec-websocket-key"] = [key.decode("ascii")]
-            if auth is not None:
-                fields["authorization"] = [auth.strip(b" \t").decode("ascii")]
-            self._upgrade("GET", b"HTTP/1.1", fields, trailing, fields["sec-websocket-key"][0])
+            self._canonical(m.group(2, 3, 4, 5), trailing)
             return
         lines = _LINE_END.split(head)
         parts = lines[0].split(b" ")
@@ -1289,21 +1514,47 @@ class WebSocketUpgradeProtocol(Protocol):
             return
         self._upgrade(method.decode("ascii"), version, headers, trailing)
 
+    def _canonical(self, groups: Any, trailing: bytes) -> None:
+        """Go's (or our) request, its ``(host, user agent, authorization or
+        None, key)`` as bytes: every check of the general path but the
+        pool's own (authorize, is_full) is known to pass.  (The ``101`` is
+        made here, :func:`_http_date_bytes`, :func:`_accept_bytes` and
+        :func:`_answer_bytes` written out: this runs once per pool
+        connection.)"""
+        host, agent, auth, key = groups
+        fields = {
+            **_CANONICAL_FIELDS,  # (its fixed values shared: read only)
+            "host": [host.strip(b" \t").decode("ascii")],
+            "user-agent": [agent.strip(b" \t").decode("ascii")],
+            "sec-websocket-key": [key.decode("ascii")],
+        }
+        if auth is not None:
+            fields["authorization"] = [auth.strip(b" \t").decode("ascii")]
+        whole = int(self.clock.seconds())
+        cached = _date_cache
+        if cached[0] != whole:
+            _http_date_bytes(whole)
+        date: bytes = cached[1]
+        if self.authorize is not None and not self.authorize(fields):
+            self._refuse(403, error_answer(403, "unauthorized", date.decode("ascii")))
+            return
+        if self.is_full():
+            self._refuse(503, error_answer(503, "pool full", date.decode("ascii")))
+            return
+        accept = _b2a_base64(_sha1(key + WEBSOCKET_GUID).digest(), newline=False)
+        self._accept(_ANSWER_START + accept + _ANSWER_MIDDLE + date + b"\r\n\r\n", trailing)
+
     def _upgrade(
-        self, method: str, version: bytes, headers: dict[str, list[str]], trailing: bytes, valid_key: str = ""
+        self, method: str, version: bytes, headers: dict[str, list[str]], trailing: bytes
     ) -> None:
         """npws's handler: full pool first, then coder/websocket's checks in
-        its order (``valid_key``: a canonical request, which passes them),
-        then the ``101``."""
+        its order, then the ``101``."""
         date = http_date(self.clock.seconds())
         if self.authorize is not None and not self.authorize(headers):
             self._refuse(403, error_answer(403, "unauthorized", date))
             return
         if self.is_full():
             self._refuse(503, error_answer(503, "pool full", date))
-            return
-        if valid_key:
-            self._accept(valid_key, date, trailing)
             return
         upgrade_hint = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
         if version != b"HTTP/1.1":
@@ -1341,10 +1592,10 @@ class WebSocketUpgradeProtocol(Protocol):
             why = f'WebSocket protocol violation: invalid Sec-WebSocket-Key "{key}", must be a 16 byte base64 encoded string'
             self._refuse(400, error_answer(400, why, date))
             return
-        self._accept(key, date, trailing)
+        self._accept(upgrade_answer(key, date), trailing)
 
-    def _accept(self, key: str, date: str, trailing: bytes) -> None:
-        """The ``101``, and the stream for ``on_stream``."""
+    def _accept(self, answer: bytes, trailing: bytes) -> None:
+        """The ``101`` (``answer``), and the stream for ``on_stream``."""
         self._done = True
         self._cancel_timer()
         # The 101 goes out with the stream's first frame (the ID ``on_stream``
@@ -1355,7 +1606,7 @@ class WebSocketUpgradeProtocol(Protocol):
             clock=self.clock,
             trailing=trailing,
             close_timeout=self.close_timeout,
-            head=upgrade_answer(key, date),
+            head=answer,
             hold=False,
         )
         try:
@@ -1365,7 +1616,8 @@ class WebSocketUpgradeProtocol(Protocol):
             stream.abortConnection()
             return
         stream.send_head()
-        stream._update_reading()  # held until attached, if on_stream did not attach
+        if stream.protocol is None:
+            stream._update_reading()  # held until attached (attach() saw to it otherwise)
 
     def _refuse(self, status: int, answer: bytes) -> None:
         """Write the refusal, then close (bounded: a peer that does not read
@@ -1427,6 +1679,13 @@ class WebSocketClientUpgradeProtocol(Protocol):
 
     #: The dialled TCP connection (or its TLS transport).
     transport: Any
+    #: Told ``(this protocol, the result)`` right before :attr:`done` fires
+    #: (:class:`WebSocketPoolClient`'s bookkeeping), once.
+    on_settled: Optional[Callable[[Any, Any], None]] = None
+    #: The :class:`Deadlines` holding this dial's time limit, if any.
+    due: Optional[Deadlines] = None
+    #: The TLS layer, once its handshake is done (looked up once).
+    tls_done: Any = None
 
     def __init__(
         self,
@@ -1450,22 +1709,26 @@ class WebSocketClientUpgradeProtocol(Protocol):
         self.key = key or new_key()
         self.close_timeout = close_timeout
         self.done: Deferred[WebSocketStreamTransport] = Deferred(self._cancel)
-        self.stream: Optional[WebSocketStreamTransport] = None
-        #: Set by WebSocketPoolClient: the dial in progress (its ``cancel()``
-        #: stops it; None once connected or failed) and its time limit.
-        self.connector: Any = None
-        self.handshake_timeout = HANDSHAKE_TIMEOUT
-        self._buf = b""
-        self._refusal: Optional[tuple[int, str, int]] = None  # status, reason, body length
-        self._failed = False
-        self._lost = False
+
+    # (Initial state as class attributes: one of these is made per pool
+    # connection, and an instance stores only what changes.)
+    stream: Optional[WebSocketStreamTransport] = None
+    #: Set by WebSocketPoolClient: the dial in progress (its ``cancel()``
+    #: stops it; None once connected or failed) and its time limit.
+    connector: Any = None
+    handshake_timeout = HANDSHAKE_TIMEOUT
+    _buf = b""
+    _expected = b""  # the canonical 101 up to its Date value, once computed
+    _refusal: Optional[tuple[int, str, int]] = None  # status, reason, body length
+    _failed = False
+    _lost = False
 
     def give_up(self, why: Exception) -> None:
         """Drop the dial (or the upgrade under way), failing :attr:`done`."""
         if self.transport is not None:
             self.fail(why)
         elif not self.done.called:
-            self.done.errback(Failure(why))
+            self._settle(Failure(why))
             dial, self.connector = self.connector, None
             if dial is not None:
                 dial.cancel()  # its failure finds ``done`` fired
@@ -1475,12 +1738,28 @@ class WebSocketClientUpgradeProtocol(Protocol):
 
     def _cancel(self, _d: Any) -> None:
         self.give_up(WebSocketError("WebSocket dial cancelled"))
+        hook = self.on_settled
+        if hook is not None:  # (still open: Deferred.cancel fails ``done`` itself now)
+            self.on_settled = None
+            hook(self, Failure(defer.CancelledError()))
+
+    def _settle(self, result: Any) -> None:
+        """Fire :attr:`done` with ``result`` (the stream, or a Failure),
+        :attr:`on_settled` first."""
+        hook = self.on_settled
+        if hook is not None:
+            self.on_settled = None
+            hook(self, result)
+        if isinstance(result, Failure):
+            self.done.errback(result)
+        else:
+            self.done.callback(result)
 
     def dial_failed(self, reason: Failure) -> None:
         """The TCP dial failed before ``connectionMade``."""
         self.connector = None  # (the dial holds this protocol: no cycle left)
         if not self.done.called:
-            self.done.errback(reason)
+            self._settle(reason)
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -1503,7 +1782,7 @@ class WebSocketClientUpgradeProtocol(Protocol):
         """The TLS handshake is done: the request is encrypted straight into
         the TLS connection (public ``getHandle``); Twisted sends it with our
         Finished, which it flushes right after this call."""
-        tls = tls_layer(self.transport)
+        tls = self.tls_done = tls_layer(self.transport)
         if tls is None or self._failed or self._lost:
             return
         request = upgrade_request(self.host, self.key, self.bearer)
@@ -1519,10 +1798,24 @@ class WebSocketClientUpgradeProtocol(Protocol):
             return
         if self._failed:
             return
-        self._buf += data
+        buf = self._buf = self._buf + data
         if self._refusal is not None:
             self._read_refusal()
             return
+        # Go's (or our) 101 with the right accept value, compared as bytes:
+        # what _CANONICAL_ANSWER would match, its head ending at the first
+        # CRLF CRLF after the Date (whose value, printable, holds none).
+        expected = self._expected
+        if not expected:
+            accept = _b2a_base64(_sha1(self.key.strip().encode("ascii") + WEBSOCKET_GUID).digest(), newline=False)
+            expected = self._expected = _ANSWER_START + accept + _ANSWER_MIDDLE
+        if buf.startswith(expected):
+            start = len(expected)
+            end = buf.find(b"\r\n\r\n", start)
+            if start <= end <= MAX_ANSWER_HEAD and not buf[start:end].translate(None, _PRINTABLE):
+                self._buf = buf[end + 4 :]
+                self._upgraded()
+                return
         ends = _head_end(self._buf)
         if ends is None:
             if len(self._buf) > MAX_ANSWER_HEAD:
@@ -1575,14 +1868,19 @@ class WebSocketClientUpgradeProtocol(Protocol):
         # Over TLS the stream talks to the TLS layer (as the server's does):
         # its loseConnection is the TLS shutdown, its certificates are there.
         stream = self.stream = WebSocketStreamTransport(
-            tls_layer(self.transport) or self.transport, client=True, clock=self.clock, trailing=trailing, close_timeout=self.close_timeout, hold=False
+            self.tls_done or tls_layer(self.transport) or self.transport, client=True, clock=self.clock, close_timeout=self.close_timeout, hold=False
         )
         if self.attach_to is not None:
             stream.attach(self.attach_to)
         else:
             stream._update_reading()  # held until attached
+        if trailing:
+            # (The server's first frame, the ID, mostly: read as if it came
+            # now, straight from ``trailing``; kept if the reader is not
+            # ready, as it would have been given to the constructor.)
+            stream.feed(trailing)
         if not self.done.called:
-            self.done.callback(stream)
+            self._settle(stream)
 
     def _read_refusal(self, final: bool = False) -> None:
         assert self._refusal is not None
@@ -1599,7 +1897,7 @@ class WebSocketClientUpgradeProtocol(Protocol):
         if self.transport is not None and not self._lost:
             self.transport.abortConnection()
         if not self.done.called:
-            self.done.errback(Failure(why))
+            self._settle(Failure(why))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
@@ -1612,11 +1910,11 @@ class WebSocketClientUpgradeProtocol(Protocol):
         if not self.done.called:
             self._failed = True
             if reason.check(error.ConnectionDone, error.ConnectionLost) and not _is_tls_error(reason):
-                self.done.errback(
+                self._settle(
                     Failure(WebSocketHandshakeError(f"connection closed before the WebSocket upgrade: {reason.getErrorMessage()}"))
                 )
             else:
-                self.done.errback(reason)
+                self._settle(reason)
 
 
 def _dialled(_proto: WebSocketClientUpgradeProtocol) -> None:
@@ -1664,8 +1962,8 @@ class WebSocketPoolClient:
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.closed = False
-        #: Dials in progress, each with how to give it up.
-        self._dialling: dict[WebSocketClientUpgradeProtocol, Callable[[Exception], None]] = {}
+        #: Dials in progress (a dict: given up in the order they began).
+        self._dialling: dict[WebSocketClientUpgradeProtocol, None] = {}
         self._due = Deadlines(reactor, handshake_timeout)
 
     def open_stream(self, protocol: Any, key: Optional[str] = None) -> Deferred[WebSocketStreamTransport]:
@@ -1683,6 +1981,15 @@ class WebSocketPoolClient:
             self.reactor, self.host, attach_to=protocol, key=key, bearer=self.bearer, tls=self.tls
         )
         proto.handshake_timeout = self.handshake_timeout
+        # Bookkeeping first: a dial that fails at once settles inside
+        # lean_connect, and _settled then finds its entries.
+        self._dialling[proto] = None
+        due = self._due
+        if due.delay != self.handshake_timeout:  # (changed since)
+            due = self._due = Deadlines(self.reactor, self.handshake_timeout)
+        due.add(proto, proto.timed_out)
+        proto.due = due
+        proto.on_settled = self._settled
         # A lean dial (``nodepass.compat.twisted_fastpath``), TLS started
         # over it by the protocol: Twisted's ``connectTCP``/``connectSSL``
         # leave their client transport and connector (which holds the
@@ -1695,34 +2002,33 @@ class WebSocketPoolClient:
         )
         if dial is not None and proto.transport is None and not proto.done.called:
             proto.connector = dial
-        self._dialling[proto] = proto.give_up
-        due = self._due
-        if due.delay != self.handshake_timeout:  # (changed since)
-            due = self._due = Deadlines(self.reactor, self.handshake_timeout)
-        due.add(proto, proto.timed_out)
         # The caller's Deferred is proto.done (cancelling it drops the dial).
-        done = proto.done
-        done.addBoth(self._finished, proto, due)
-        return done
+        return proto.done
 
-    def _finished(self, result: Any, proto: WebSocketClientUpgradeProtocol, due: Deadlines) -> Any:
+    def _settled(self, proto: WebSocketClientUpgradeProtocol, result: Any) -> None:
+        """A dial is over (``result``: the stream or a Failure), told by the
+        protocol just before its ``done`` fires -- a plain call where a first
+        callback on ``done`` cost a Deferred round per pool connection."""
         self._dialling.pop(proto, None)
-        due.discard(proto)
+        due = proto.due
+        if due is not None:
+            due.discard(proto)
         if not isinstance(result, Failure):
-            self._remember_session(proto.transport)
+            self._remember_session(proto.transport, proto.tls_done)
         else:
             self.log.debug("WebSocket pool connection to %s:%d failed: %s", self.ip, self.port, result.getErrorMessage())
-        return result
 
-    def _remember_session(self, transport: Any) -> None:
+    def _remember_session(self, transport: Any, tls: Any = None) -> None:
         """Keep the TLS session of an upgraded connection for the next dials
         (the server's session tickets came before its ``101``): from the
         first full handshake, and again from any later one (the server
-        stopped resuming ours: its tickets expired, or it restarted)."""
+        stopped resuming ours: its tickets expired, or it restarted).
+        ``tls``: its TLS layer when the caller knows it already."""
         creator = self.tls
         if creator is None or transport is None:
             return
-        tls = tls_layer(transport)
+        if tls is None:
+            tls = tls_layer(transport)
         if tls is None:
             return
         if creator.session is None or not session_reused(tls.getHandle()):
@@ -1732,5 +2038,5 @@ class WebSocketPoolClient:
         """Drop the dials in progress; streams already open are the
         caller's to close."""
         self.closed = True
-        for give_up in list(self._dialling.values()):
-            give_up(WebSocketError("WebSocket pool closed"))
+        for proto in list(self._dialling):
+            proto.give_up(WebSocketError("WebSocket pool closed"))
