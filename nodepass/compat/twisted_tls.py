@@ -147,9 +147,8 @@ class LeanTLSProtocol(BufferingTLSTransport):
     transport provides with one ``directlyProvides`` each.  Each call
     replaces the declaration before it, so the layer ends up providing the
     last interface alone, and the ten calls for a TCP connection's
-    interfaces cost 26 µs per connection and end, a short tls=1 request's
-    largest single Python cost after the handshake (docs/benchmarks.md, run
-    U).  This ``makeConnection`` sets that same declaration from a cache
+    interfaces cost 26 µs per connection and end, among the largest Python
+    costs of a short tls=1 request (docs/benchmarks.md, run V).  This ``makeConnection`` sets that same declaration from a cache
     and otherwise does what Twisted's does, in the same order
     (``tests/test_compat.py`` compares the two)."""
 
