@@ -22,7 +22,9 @@ name here against the installed Twisted:
   ``_checkHandshakeStatus``;
 * ``TLSMemoryBIOProtocol``'s state: ``_tlsConnection``, ``_handshakeDone``,
   ``_lostTLSConnection``, ``_appSendBuffer``, ``_aborted``, and its methods
-  ``_flushReceiveBIO`` and ``_tlsShutdownFinished``, and its ``write`` and
+  ``_flushReceiveBIO``, ``_flushSendBIO`` (which :class:`LeanTLSProtocol`
+  calls only when the outgoing BIO holds bytes) and
+  ``_tlsShutdownFinished``, and its ``write`` and
   ``dataReceived`` looked up on the instance (so that one connection's can
   be replaced);
 * what the TLS layer and ``startTLS`` leave on a closed connection: the
@@ -32,7 +34,7 @@ name here against the installed Twisted:
   them, so that no reference cycle is left for the garbage collector);
 * the interfaces ``TLSMemoryBIOProtocol.makeConnection`` copies from its
   transport with one ``directlyProvides`` each (zope.interface caches the
-  declarations in a weak-value dictionary: :func:`keep_tls_declarations`);
+  declarations in a weak-value dictionary: :func:`keep_tls_declarations`).
 """
 
 from __future__ import annotations
