@@ -20,6 +20,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from nodepass.base.kinds import ClientMode
 from nodepass.base.logs import NodeLog, NodePassObserver
 from nodepass.compat.tls_less import without_tls
 from nodepass.config.urls import InstanceConfig, MasterConfig, Tunables, URLError, parse_url
@@ -57,9 +58,13 @@ class Options(usage.Options):
 def tls_unused(config: InstanceConfig) -> bool:
     """Whether the process running ``config`` makes no TLS connection: a
     master whose instances all run in worker processes (``workers`` of 1
-    or more) and whose API is plain HTTP (``tls=0``).  Anything else may
-    (a tunnel learns its TLS mode from its peer, for one)."""
-    return isinstance(config, MasterConfig) and not config.tls and config.workers > 0
+    or more) and whose API is plain HTTP (``tls=0``), or a client forced
+    into single-end forwarding (``mode=1``).  Anything else may (a
+    dual-end client learns its TLS mode from its server, and ``mode=0``
+    may turn out dual-end)."""
+    if isinstance(config, MasterConfig):
+        return not config.tls and config.workers > 0
+    return not config.is_server and config.mode == ClientMode.SINGLE_END
 
 
 def drop_tls_if_unused(config: InstanceConfig) -> bool:
@@ -68,9 +73,12 @@ def drop_tls_if_unused(config: InstanceConfig) -> bool:
     (docs/benchmarks.md, run U).  Must be called before the reactor is
     imported; returns whether TLS was dropped (not when it is too late)."""
     if tls_unused(config):
-        return without_tls(
+        why = (
             "a master whose instances run in worker processes and whose API is plain HTTP (tls=0) makes no TLS connection"
+            if isinstance(config, MasterConfig)
+            else "a single-end forwarder (mode=1) makes no TLS connection"
         )
+        return without_tls(why)
     return False
 
 

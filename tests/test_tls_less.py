@@ -48,7 +48,7 @@ print(json.dumps({
 
 
 class TLSUnusedTests(unittest.TestCase):
-    def test_only_a_plain_master_with_workers(self) -> None:
+    def test_only_a_plain_master_with_workers_or_a_single_end_forwarder(self) -> None:
         cases = {
             "master://127.0.0.1:0?workers=2": True,
             "master://127.0.0.1:0?workers=1&tls=0": True,
@@ -56,7 +56,10 @@ class TLSUnusedTests(unittest.TestCase):
             "master://127.0.0.1:0?workers=2&tls=1": False,  # an HTTPS API
             "server://127.0.0.1:0/127.0.0.1:1": False,
             "client://127.0.0.1:1/127.0.0.1:2": False,  # learns TLS from its server
-            "client://127.0.0.1:0/127.0.0.1:2?mode=1": False,
+            "client://127.0.0.1:0/127.0.0.1:2?mode=1": True,  # single-end, forced
+            "client://127.0.0.1:0/127.0.0.1:2?mode=0": False,  # may turn out dual-end
+            "client://127.0.0.1:1/127.0.0.1:2?mode=2": False,
+            "server://127.0.0.1:0/127.0.0.1:1?tls=0": False,  # (a QUIC pool is TLS whatever tls says)
         }
         for url, unused in cases.items():
             self.assertEqual(tls_unused(parse_url(url)), unused, url)
@@ -87,3 +90,22 @@ class TLSLessProcessTests(unittest.TestCase):
             got["refused"],
             "OpenSSL is not loaded in this process: the probe says so",
         )
+
+
+class TLSLessForwarderTests(unittest.TestCase):
+    @d
+    async def test_a_single_end_forwarder_runs_without_tls(self) -> None:
+        """``nodepass client://...?mode=1`` (a forwarder on its own) does
+        without pyOpenSSL and cryptography, and forwards."""
+        from tests.helpers import free_port
+        from tests.test_master_state import echo_server, send_through
+        from tests.test_workers import tls_loaded
+
+        target = await echo_server(self)
+        entry = free_port()
+        proc = spawn(self, ["-m", "nodepass.cli", f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1&log=info"])
+        await proc.wait_for(r"Client started: ", timeout=20)
+        payload = b"through a forwarder without TLS" * 1000
+        self.assertEqual(await send_through(entry, payload), payload)
+        self.assertFalse(tls_loaded(proc.transport.pid), "the single-end forwarder loaded TLS")
+        self.assertNotIn("Traceback", proc.text())

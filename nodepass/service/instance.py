@@ -20,19 +20,23 @@ from nodepass.base.logs import NodeLog
 from nodepass.base.stats import Checkpoint, InstanceStats
 from nodepass.config.urls import TunnelConfig, Tunables
 from nodepass.modes.base import InstanceContext, Runner, WireMemo
-from nodepass.modes.client import ClientRunner
-from nodepass.modes.server import ServerRunner
 from nodepass.modes.single import SingleEndRunner, tunnel_address_binds
 from nodepass.relay.core import TokenBucket
 
 
 async def make_runner(ctx: InstanceContext) -> Runner:
     """Pick the runner for the configured (or auto-detected) mode (SPEC §2)."""
+    # The dual-end runners are imported when one is needed: they bring TLS,
+    # which a single-end forwarder does without (nodepass.tap.tls_unused).
     cfg = ctx.config
     if cfg.is_server:
+        from nodepass.modes.server import ServerRunner
+
         return ServerRunner(ctx)
     if cfg.mode == 1 or (cfg.mode == 0 and await tunnel_address_binds(cfg, ctx.reactor)):
         return SingleEndRunner(ctx)
+    from nodepass.modes.client import ClientRunner
+
     return ClientRunner(ctx)
 
 
