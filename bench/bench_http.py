@@ -17,7 +17,12 @@ round); ratios are taken within each round and the median over rounds is
 shown, with the median absolute figures beside them.
 
     python3 bench/bench_http.py [--rounds 3] [--seconds 4] [--connections 20] [--tries 200]
-                                [--paths direct,single,tls=0,tls=1] [--json]
+                                [--paths direct,single,tls=0,tls=1] [--trees DIR,DIR] [--json]
+
+``--trees`` compares code: each directory holds a ``nodepass/`` package
+(say ``git worktree add /tmp/before COMMIT``), every path but ``direct``
+runs once per tree in each round (labelled ``path@DIR``), so the trees are
+measured interleaved on the same machine state.
 
 ``wrk`` and nginx (``nginx-light``) are installed with apt-get when missing.
 nginx runs on 127.0.0.1 with a configuration, document root, logs and
@@ -48,6 +53,8 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import bench_single  # noqa: E402 - sibling script
+import bench_tunnel  # noqa: E402 - sibling script
 from bench_single import free_port, start_nodepass, stop, wait_listening  # noqa: E402 - sibling script
 from bench_tunnel import Tunnel  # noqa: E402 - sibling script
 
@@ -171,6 +178,22 @@ def _cpu_split(pids: list[int]) -> tuple[float, float]:
     return sum(t.user for t in times), sum(t.system for t in times)
 
 
+class _CodeFrom:
+    """Within the block, tunnels and forwarders run the ``nodepass``
+    package of ``tree`` (None: this checkout's)."""
+
+    def __init__(self, tree: "str | None") -> None:
+        self.tree = tree
+
+    def __enter__(self) -> None:
+        self.saved = (bench_single.ROOT, bench_tunnel.ROOT)
+        if self.tree is not None:
+            bench_single.ROOT = bench_tunnel.ROOT = self.tree
+
+    def __exit__(self, *exc: object) -> None:
+        bench_single.ROOT, bench_tunnel.ROOT = self.saved
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -179,15 +202,27 @@ def main() -> int:
     ap.add_argument("--tries", type=int, default=200, help="sequential connections per path and round")
     ap.add_argument("--paths", default="direct,single,tls=0,tls=1",
                     help="comma-separated: direct, single, or a dual-end server query such as tls=0")
+    ap.add_argument("--trees", default="",
+                    help="comma-separated directories, each holding a nodepass/ package: compare them, interleaved")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ensure_tools()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    if "direct" not in paths:
-        paths.insert(0, "direct")
+    kinds = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if "direct" not in kinds:
+        kinds.insert(0, "direct")
+    trees: list = [os.path.abspath(t) for t in args.trees.split(",") if t.strip()] or [None]
+    for tree in trees:
+        if tree is not None and not os.path.isdir(os.path.join(tree, "nodepass")):
+            sys.stderr.write(f"bench_http: {tree} holds no nodepass/ package\n")
+            return 2
+    # (label, kind, tree): each path but direct once per tree
+    plan = [("direct", "direct", None)] + [
+        (k if tree is None else f"{k}@{tree}", k, tree) for k in kinds if k != "direct" for tree in trees
+    ]
+    paths = [label for label, _, _ in plan]
     nginx = Nginx()
     ports: dict[str, int] = {}
     pids: dict[str, list[int]] = {}
@@ -195,16 +230,18 @@ def main() -> int:
     tunnels: list[Tunnel] = []
     rows: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
     try:
-        for p in paths:
-            if p == "direct":
+        for p, kind, tree in plan:
+            if kind == "direct":
                 ports[p] = nginx.port
                 pids[p] = []
-            elif p == "single":
-                proc, port = start_nodepass(nginx.port)
+            elif kind == "single":
+                with _CodeFrom(tree):
+                    proc, port = start_nodepass(nginx.port)
                 procs.append(proc)
                 ports[p], pids[p] = port, [proc.pid]
             else:
-                t = Tunnel(nginx.port, p)
+                with _CodeFrom(tree):
+                    t = Tunnel(nginx.port, kind)
                 tunnels.append(t)
                 t.wait_up()  # an HTTP error answer is an answer: the path is up
                 ports[p], pids[p] = t.entry, [t.server.pid, t.client.pid]

@@ -56,10 +56,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from nodepass.base.logs import start_console_logging
 
     reactor: Any = installed  # mypy cannot call the zope interfaces it is typed with
-    from nodepass.compat.twisted_fastpath import lean_dispatch
-    from nodepass.tap import build_service
+    from nodepass.tap import build_service, own_process
 
-    lean_dispatch(reactor)  # this process is ours: no per-event log context
+    own_process(reactor, config)
 
     observer = start_console_logging(config.log)
     root = build_service(config, state_dir=state_dir, observer=observer)

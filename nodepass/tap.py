@@ -272,13 +272,27 @@ def twistd_observer(twistd: Optional[Mapping], level: str) -> NodePassObserver:
     return NodePassObserver(LogFile.fromFullPath(logfile or "twistd.log"), level, colour=False)
 
 
-def _mark_twistd(root: NodePassRoot, twistd: Optional[Mapping]) -> None:
+def own_process(reactor: Any, config: InstanceConfig) -> None:
+    """Set up a process nodepass owns (the console script's, twistd's) to
+    run ``config``: its epoll reactor dispatches without Twisted's
+    per-event log context (``lean_dispatch``), and where tunnels run here,
+    its garbage collector is paced for them (:mod:`nodepass.base.collector`;
+    not in a master whose instances run in workers, whose cycles are its API
+    requests' and whose memory is what counts).  Worker processes do the
+    same for themselves (``nodepass.workers.child``)."""
+    from nodepass.base.collector import pace_collector
     from nodepass.compat.twisted_fastpath import lean_dispatch
 
+    lean_dispatch(reactor)
+    if not (isinstance(config, MasterConfig) and config.workers > 0):
+        pace_collector()
+
+
+def _mark_twistd(root: NodePassRoot, twistd: Optional[Mapping]) -> None:
     root.under_twistd = True
-    # twistd's process is ours: no per-event log context in its reactor
-    # (installed by now: twistd installs it before it builds the service).
-    lean_dispatch(_global_reactor())
+    # (The reactor is installed by now: twistd installs it before it builds
+    # the service.)
+    own_process(_global_reactor(), root.config)
     pidfile = twistd.get("pidfile") if twistd is not None else ""
     root.pidfile = os.path.abspath(pidfile) if pidfile else ""
 
