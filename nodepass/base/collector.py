@@ -12,9 +12,11 @@ connection; docs/benchmarks.md, run W).  A threshold of 100,000 makes them
 rare; the older generations keep their default ratios, so a full collection
 still comes, only later, and anything cyclic is still collected.
 
-Only where nodepass owns the process (the console script, ``twistd
-nodepass``, worker processes): a program that merely imports nodepass keeps
-its own collector settings.
+Only where nodepass owns the process and tunnels run in it (the console
+script and ``twistd nodepass`` running a tunnel or a ``workers=0`` master,
+and worker processes; see ``nodepass.tap.own_process``): a master whose
+instances run in workers keeps the default, and a program that merely
+imports nodepass keeps its own settings.
 """
 
 from __future__ import annotations

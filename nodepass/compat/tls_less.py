@@ -4,7 +4,8 @@ Importing ``twisted.internet.reactor`` loads pyOpenSSL and cryptography
 (``tcp`` -> ``_newtls`` -> ``twisted.protocols.tls`` -> ``OpenSSL``): about
 12 MB of RSS per process here, a quarter of a worker's (docs/benchmarks.md,
 run U).  A master whose instances all run in worker processes and whose API
-is plain HTTP never makes a TLS connection, so it need not carry them.
+is plain HTTP never makes a TLS connection, nor does a single-end forwarder
+(``nodepass.tap.tls_unused`` decides), so they need not carry them.
 
 Twisted supports this: when ``twisted.internet._newtls`` cannot be imported,
 ``twisted.internet.tcp`` builds its connections without ``startTLS``
