@@ -1789,9 +1789,9 @@ def _frames_out(data: bytes) -> list[tuple[int, bytes]]:
 
 
 class FastPathTests(unittest.TestCase):
-    """The shortcuts that made a WebSocket pool connection nearly as cheap
-    to open and close as a TCP pool one decide exactly as the general paths
-    they bypass, on the same inputs (seeded, so a failure reproduces): the
+    """The shortcuts that cut the Python work of opening and closing a
+    WebSocket pool connection (docs/benchmarks.md, run V) decide exactly as
+    the general paths they bypass, on the same inputs (seeded, so a failure reproduces): the
     upgrade request read without the regular expression, our ``101`` read
     by comparison, whole frames read by ``feed`` and ``_consume`` without
     the frame loop, and the frames and answers written (bytes equal to
