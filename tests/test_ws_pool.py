@@ -1793,8 +1793,7 @@ class FastPathTests(unittest.TestCase):
     WebSocket pool connection (docs/benchmarks.md, run V) decide exactly as
     the general paths they bypass, on the same inputs (seeded, so a failure reproduces): the
     upgrade request read without the regular expression, our ``101`` read
-    by comparison, whole frames read by ``feed`` and ``_consume`` without
-    the frame loop, and the frames and answers written (bytes equal to
+    by comparison, whole frames taken at once by ``_consume``, and the frames and answers written (bytes equal to
     wsproto's and to the general path's)."""
 
     def setUp(self) -> None:

@@ -81,9 +81,8 @@ What a pool connection costs per connection, besides its bytes:
   Hence shortcuts, each deciding exactly as the general path it bypasses
   (``FastPathTests`` in ``tests/test_ws_pool.py`` compares them on seeded
   random inputs): the upgrade read by byte comparison, not regular
-  expressions; a read that is one whole small binary message or Close
-  handled by :meth:`WebSocketStreamTransport.feed` without the frame loop,
-  and such frames inside a larger read taken whole by ``_consume``; frame
+  expressions; a whole small binary message or Close taken at once by
+  ``_consume``, without the frame loop's bookkeeping; frame
   headers from a table and masking keys popped from a list; a new stream's
   state in class attributes; the pool client told of a finished dial by a
   plain call rather than a callback on its Deferred.
@@ -308,14 +307,10 @@ _recent_deadlines: dict[tuple[int, float], Deadlines] = {}
 
 def deadlines(clock: Any, delay: float) -> Deadlines:
     """The :class:`Deadlines` of ``clock`` for timeouts of ``delay``."""
-    found = _last_deadlines.get(delay)
-    if found is not None and found._clock() is clock:
-        return found  # (the usual case: one reactor)
     key = (id(clock), delay)
     found = _recent_deadlines.get(key)
     if found is not None and found._clock() is clock:
-        _last_deadlines[delay] = found
-        return found  # (a few clocks)
+        return found  # (the usual case: one reactor, a few delays)
     try:
         per_clock = _deadline_sets[clock]
     except KeyError:
@@ -325,16 +320,8 @@ def deadlines(clock: Any, delay: float) -> Deadlines:
         found = per_clock[delay] = Deadlines(clock, delay)
     if len(_recent_deadlines) > 64:
         _recent_deadlines.clear()
-    if len(_last_deadlines) > 64:
-        _last_deadlines.clear()
-    _recent_deadlines[key] = _last_deadlines[delay] = found
+    _recent_deadlines[key] = found
     return found
-
-
-#: The :class:`Deadlines` :func:`deadlines` gave last for each delay: asked
-#: for again by the next stream or upgrade of the same reactor (one each per
-#: relayed connection), found without building a key.
-_last_deadlines: dict[float, Deadlines] = {}
 
 
 # Plain sockets read into this one buffer (the reactor runs one read at a
@@ -820,29 +807,8 @@ class WebSocketStreamTransport:
             self._rest += data
             self._process()
             return
-        # The usual case: parse and deliver straight from ``data`` -- which
-        # is most often one whole frame, a small binary message or a Close:
-        # handled here as _consume would, with the checks it makes for such
-        # a frame in the state the stream is in here (no frame under way,
-        # nothing buffered, not processing; the reader attached and not
-        # paused, unless closing, when data is discarded).
-        if not self._left:
-            size = len(data) - self._small_head
-            if 0 <= size < 126 and data[1] == size + self._want_mask:
-                b0 = data[0]
-                if b0 == 0x82 and size and not (self._closing or self._in_message):
-                    if self._want_mask:
-                        self.protocol.dataReceived(apply_mask(data[6:], bytes(data[2:6])))
-                    else:
-                        self.protocol.dataReceived(bytes(data[2:]))
-                    return
-                if b0 == 0x88:
-                    self._ctrl_op = _OP_CLOSE
-                    if self._want_mask:
-                        self._peer_close(apply_mask(data[6:], bytes(data[2:6])))
-                    else:
-                        self._peer_close(bytes(data[2:]))
-                    return
+        # The usual case: parse and deliver straight from ``data`` (a whole
+        # small message or Close is taken at once by _consume).
         self._processing = True
         try:
             done = self._consume(data)
@@ -1120,15 +1086,10 @@ class WebSocketStreamTransport:
 
     def _close_frame(self, code: int, reason: bytes = b"") -> bytes:
         """A Close frame: the status (none for 1005, "no status") and reason
-        (:meth:`_control_frame`'s bytes, made here: one per pool connection
-        at each end)."""
+        (the server's usual one, 1000 without a reason, made once)."""
         if code == CLOSE_NORMAL and not reason and not self._mask_bit:
             return _SERVER_CLOSE_NORMAL
-        payload = b"" if code == CLOSE_NO_STATUS else _CODE.pack(code) + reason
-        if self._mask_bit:
-            key = _mask_key()
-            return bytes((0x88, 0x80 | len(payload))) + key + apply_mask(payload, key)
-        return bytes((0x88, len(payload))) + payload
+        return self._control_frame(_OP_CLOSE, b"" if code == CLOSE_NO_STATUS else _CODE.pack(code) + reason)
 
     def _control(self, payload: bytes) -> None:
         """A whole control frame has been read (its ``payload``): answer a
@@ -1517,10 +1478,7 @@ class WebSocketUpgradeProtocol(Protocol):
     def _canonical(self, groups: Any, trailing: bytes) -> None:
         """Go's (or our) request, its ``(host, user agent, authorization or
         None, key)`` as bytes: every check of the general path but the
-        pool's own (authorize, is_full) is known to pass.  (The ``101`` is
-        made here, :func:`_http_date_bytes`, :func:`_accept_bytes` and
-        :func:`_answer_bytes` written out: this runs once per pool
-        connection.)"""
+        pool's own (authorize, is_full) is known to pass."""
         host, agent, auth, key = groups
         fields = {
             **_CANONICAL_FIELDS,  # (its fixed values shared: read only)
@@ -1530,32 +1488,31 @@ class WebSocketUpgradeProtocol(Protocol):
         }
         if auth is not None:
             fields["authorization"] = [auth.strip(b" \t").decode("ascii")]
-        whole = int(self.clock.seconds())
-        cached = _date_cache
-        if cached[0] != whole:
-            _http_date_bytes(whole)
-        date: bytes = cached[1]
-        if self.authorize is not None and not self.authorize(fields):
-            self._refuse(403, error_answer(403, "unauthorized", date.decode("ascii")))
+        date = _http_date_bytes(self.clock.seconds())
+        if self._refused_by_pool(fields, date):
             return
+        self._accept(_answer_bytes(_accept_bytes(key), date), trailing)
+
+    def _refused_by_pool(self, headers: dict[str, list[str]], date: bytes) -> bool:
+        """The pool's own checks, ahead of the protocol's (npws's order):
+        authorization, then room.  True when one refused (and answered)."""
+        if self.authorize is not None and not self.authorize(headers):
+            self._refuse(403, error_answer(403, "unauthorized", date.decode("ascii")))
+            return True
         if self.is_full():
             self._refuse(503, error_answer(503, "pool full", date.decode("ascii")))
-            return
-        accept = _b2a_base64(_sha1(key + WEBSOCKET_GUID).digest(), newline=False)
-        self._accept(_ANSWER_START + accept + _ANSWER_MIDDLE + date + b"\r\n\r\n", trailing)
+            return True
+        return False
 
     def _upgrade(
         self, method: str, version: bytes, headers: dict[str, list[str]], trailing: bytes
     ) -> None:
         """npws's handler: full pool first, then coder/websocket's checks in
         its order, then the ``101``."""
-        date = http_date(self.clock.seconds())
-        if self.authorize is not None and not self.authorize(headers):
-            self._refuse(403, error_answer(403, "unauthorized", date))
+        raw_date = _http_date_bytes(self.clock.seconds())
+        if self._refused_by_pool(headers, raw_date):
             return
-        if self.is_full():
-            self._refuse(503, error_answer(503, "pool full", date))
-            return
+        date = raw_date.decode("ascii")
         upgrade_hint = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
         if version != b"HTTP/1.1":
             why = f'WebSocket protocol violation: handshake request must be at least HTTP/1.1: "{version.decode()}"'
@@ -1807,8 +1764,7 @@ class WebSocketClientUpgradeProtocol(Protocol):
         # CRLF CRLF after the Date (whose value, printable, holds none).
         expected = self._expected
         if not expected:
-            accept = _b2a_base64(_sha1(self.key.strip().encode("ascii") + WEBSOCKET_GUID).digest(), newline=False)
-            expected = self._expected = _ANSWER_START + accept + _ANSWER_MIDDLE
+            expected = self._expected = _ANSWER_START + _accept_bytes(self.key.strip().encode("ascii")) + _ANSWER_MIDDLE
         if buf.startswith(expected):
             start = len(expected)
             end = buf.find(b"\r\n\r\n", start)
