@@ -1020,10 +1020,18 @@ class OurClientAgainstGoStreamServers(TunnelMixin, unittest.TestCase):
 # -- 4 and 5: flow control and closes, end to end -------------------------------------
 
 
+#: What an ``A`` target answers before it hangs up: more than one pool
+#: window or socket buffer's worth, so the close comes while most of it is
+#: still on its way.
+ANSWER = bytes(range(256)) * (1536 * 4)  # 1.5 MiB
+
+
 class MuxTarget(Protocol):
     """The exit's target.  A connection's first byte says what it is:
     ``S`` never reads again, ``F`` floods (sends for as long as it may),
-    anything else echoes.  Every connection is kept in ``factory.connections``."""
+    ``A`` answers (:data:`ANSWER`) and hangs up at once, as an HTTP server
+    does after a ``Connection: close`` response; anything else echoes.
+    Every connection is kept in ``factory.connections``."""
 
     def connectionMade(self) -> None:
         self.kind: Optional[bytes] = None
@@ -1038,6 +1046,10 @@ class MuxTarget(Protocol):
                 return
             if self.kind == b"F":
                 self.sender = PushSender(self.transport)
+                return
+            if self.kind == b"A":
+                self.transport.write(ANSWER)
+                self.transport.loseConnection()
                 return
         if self.kind not in (b"S", b"F"):
             self.transport.write(data)
@@ -1208,6 +1220,47 @@ class ClosesPerType(_PairMixin, unittest.TestCase):
         """Type 3: END_STREAM (from the client, and from our server where a
         Go server sends nothing) reaches the far end both ways."""
         await self._closes({"-": "&type=3", "+": "&type=3"})
+
+
+class AnswerAndHangUpPerType(_PairMixin, unittest.TestCase):
+    """SPEC §5 / SPEC-1.14 §4: a target that answers and closes in the same
+    breath (an HTTP server after ``Connection: close``) gets every byte of
+    its answer to the user, then EOF, over every pool type and both flows.
+    The close travels behind the data (FIN, END_STREAM, Close frame); it
+    must not overtake or void it."""
+
+    async def _answered(self, query: str) -> None:
+        for flow in ("-", "+"):
+            tport, factory = self._target()
+            suffix = "+" if flow == "+" else "-"
+            server, client, entry = await self._pair(flow, query, tport, suffix)
+            for i in range(3):
+                user = await self._user(entry)
+                user.transport.write(b"A-%d" % i)
+                got = await within(user.lost, f"the user's EOF after the answer ({query}, flow {flow}, #{i})")
+                self.assertEqual(len(got), len(ANSWER), f"{query}, flow {flow}, #{i}: bytes lost")
+                self.assertEqual(got, ANSWER)
+            await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what=f"slots released ({flow})")
+            self.quiet("server" + suffix)
+            self.quiet("client" + suffix)
+
+    @d
+    async def test_tcp_type0_plain_and_tls(self):
+        await self._answered("&type=0&tls=0")
+        await self._answered("&type=0&tls=1")
+
+    @d
+    async def test_quic_type1(self):
+        await self._answered("&type=1")
+
+    @d
+    async def test_websocket_type2_ws_and_wss(self):
+        await self._answered("&type=2&tls=0")
+        await self._answered("&type=2&tls=1")
+
+    @d
+    async def test_http2_type3(self):
+        await self._answered("&type=3")
 
 
 class NoGarbagePerType(_PairMixin, unittest.TestCase):

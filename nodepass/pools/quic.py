@@ -290,6 +290,21 @@ class QuicStreamTransport:
         if self._peer_fin and not self._pending and not self.held and not self._lost:
             self._connection_lost(error.ConnectionDone("stream finished by the peer"))
 
+    def stopped_by_peer(self) -> None:
+        """STOP_SENDING: the peer reads no more of this stream (RFC 9000
+        §3.5).  Only our direction ends; aioquic has reset it already, so
+        writes are dropped from here on.  What the peer sends us is still
+        delivered: a peer that closes sends its FIN after its last bytes
+        and STOP_SENDING with it, and aioquic reports STOP_SENDING first
+        when both come in one packet (control frames lead).  Ending the
+        stream here would throw away an answer the target sent just
+        before it hung up.  The stream ends with the peer's FIN or reset."""
+        if self._lost:
+            return
+        self._fin_sent = True
+        if self._peer_fin and not self._pending and not self.held:
+            self._connection_lost(error.ConnectionDone("stream finished by the peer"))
+
     def reset_by_peer(self, why: str) -> None:
         self._peer_fin = True
         self._pending = []
@@ -438,7 +453,7 @@ class QuicSession:
             elif isinstance(ev, events.StopSendingReceived):
                 t = self.streams.get(ev.stream_id)
                 if t is not None:
-                    t.reset_by_peer("QUIC peer stopped reading the stream")
+                    t.stopped_by_peer()
             elif isinstance(ev, events.HandshakeCompleted):
                 self.handshake_done = True
                 if self.keepalive > 0:
