@@ -9,7 +9,9 @@ connection to nginx:
 * ``single``: the single-end forwarder (``client://127.0.0.1:P/127.0.0.1:NGINX?mode=1``);
 * ``tls=0`` / ``tls=1``: a dual-end tunnel, server in reverse mode with the
   default pool (``server://...?mode=1&tls=N`` + ``client://...?mode=2``),
-  the same two processes as ``bench/bench_tunnel.py``.
+  the same two processes as ``bench/bench_tunnel.py``.  Any other server
+  query works the same way: ``type=1`` (QUIC), ``type=3`` (HTTP/2),
+  ``tls=1&type=2`` (WebSocket), ``quic=1&wire=1.12``.
 
 Then "one connection at a time": connect, ``GET /``, read to EOF, close,
 for 200 tries per path (p50).  Rounds are interleaved (every path once per
