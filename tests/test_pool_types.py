@@ -1030,11 +1030,13 @@ class MuxTarget(Protocol):
     """The exit's target.  A connection's first byte says what it is:
     ``S`` never reads again, ``F`` floods (sends for as long as it may),
     ``A`` answers (:data:`ANSWER`) and hangs up at once, as an HTTP server
-    does after a ``Connection: close`` response; anything else echoes.
+    does after a ``Connection: close`` response, ``U`` keeps what follows
+    (in ``uploaded``) until the other side closes; anything else echoes.
     Every connection is kept in ``factory.connections``."""
 
     def connectionMade(self) -> None:
         self.kind: Optional[bytes] = None
+        self.uploaded: list[bytes] = []
         self.sender: Optional[PushSender] = None
         self.lost: Deferred = Deferred()
 
@@ -1051,6 +1053,12 @@ class MuxTarget(Protocol):
                 self.transport.write(ANSWER)
                 self.transport.loseConnection()
                 return
+            if self.kind == b"U":
+                self.uploaded.append(data[1:])
+                return
+        if self.kind == b"U":
+            self.uploaded.append(data)
+            return
         if self.kind not in (b"S", b"F"):
             self.transport.write(data)
 
@@ -1225,7 +1233,8 @@ class ClosesPerType(_PairMixin, unittest.TestCase):
 class AnswerAndHangUpPerType(_PairMixin, unittest.TestCase):
     """SPEC §5 / SPEC-1.14 §4: a target that answers and closes in the same
     breath (an HTTP server after ``Connection: close``) gets every byte of
-    its answer to the user, then EOF, over every pool type and both flows.
+    its answer to the user, then EOF, over every pool type and both flows;
+    and so does a user that uploads and closes at once, to its target.
     The close travels behind the data (FIN, END_STREAM, Close frame); it
     must not overtake or void it."""
 
@@ -1240,6 +1249,16 @@ class AnswerAndHangUpPerType(_PairMixin, unittest.TestCase):
                 got = await within(user.lost, f"the user's EOF after the answer ({query}, flow {flow}, #{i})")
                 self.assertEqual(len(got), len(ANSWER), f"{query}, flow {flow}, #{i}: bytes lost")
                 self.assertEqual(got, ANSWER)
+            for i in range(3):
+                user = await self._user(entry)
+                user.transport.write(b"U" + ANSWER)
+                user.transport.loseConnection()  # after the bytes, at once
+                await wait_for(lambda: len(factory.connections) == 4 + i, what=f"the upload's target ({query}, {flow})")
+                target = factory.connections[-1]
+                await within(target.lost, f"the target's EOF after the upload ({query}, flow {flow}, #{i})")
+                up = b"".join(target.uploaded)
+                self.assertEqual(len(up), len(ANSWER), f"upload {query}, flow {flow}, #{i}: bytes lost")
+                self.assertEqual(up, ANSWER)
             await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what=f"slots released ({flow})")
             self.quiet("server" + suffix)
             self.quiet("client" + suffix)
