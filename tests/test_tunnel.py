@@ -20,7 +20,16 @@ from twisted.trial import unittest
 from nodepass.config.urls import Tunables, parse_url
 from nodepass.service.instance import TunnelService
 from nodepass.base.logs import NodeLog
-from nodepass.pools.tcp import REFILL_DELAY, ClientPool, adjust_capacity, adjust_interval
+from nodepass.pools.tcp import (
+    GONE_MEMORY,
+    REFILL_DELAY,
+    ClientPool,
+    IdlePool,
+    PoolConnectionGone,
+    PoolTimeout,
+    adjust_capacity,
+    adjust_interval,
+)
 from tests.helpers import (
     Client,
     HashingClient,
@@ -972,6 +981,72 @@ class ResilienceTests(TunnelMixin, unittest.TestCase):
         await wait_for(lambda: server.stats.tcps == 0 and client.stats.tcps == 0, what="slots released")
         self.assertFalse(self.logged("client", "ERROR"))
 
+    async def _users_leave_at_once(self, query: str, flow: str) -> None:
+        """Users that connect and leave at once (health checks, port scans):
+        the entry names a pool connection in its launch and closes it, and
+        the exit may see that close before the launch (separate connections,
+        or frames of one QUIC packet in stream order).  The exit's control
+        connection is held still while the users come and go, so every
+        launch arrives after its pool connection closed.  Each settles at
+        once, without a pool error or an error line, and the tunnel goes on
+        carrying traffic.  (Before, such a launch waited ``pool_get_timeout``
+        for a connection that was gone, then logged an ERROR and counted a
+        pool error; enough of them flushed the pool.)"""
+        patient = Tunables(**{**_fields(FAST), "pool_get_timeout": 60.0, "report_interval": 5.0})
+        tport, _ = self.echo_targets()
+        entry = free_port()
+        if flow == "-":
+            server = await self.start_server(f"127.0.0.1:{entry}", f"&mode=1{query}", tunables=patient)
+            client = await self.start_client(f"127.0.0.1:{tport}", tunables=patient, min_size=16)
+            exit_ = client
+        else:
+            server = await self.start_server(f"127.0.0.1:{tport}", f"&mode=0{query}", tunables=patient)
+            client = await self.start_client(f"127.0.0.1:{entry}", tunables=patient, min_size=16)
+            exit_ = server
+        self.assertEqual(await echo_roundtrip(entry, b"first"), b"first")
+        runner = exit_.runner
+        names = ("server", "client") if exit_ is client else ("client", "server")
+
+        def launches(name: str, arrow: str) -> int:
+            return sum('"action":"tcp"' in line and arrow in line for line in self.lines[name])
+
+        sent, read = launches(names[0], "->"), launches(names[1], "<-")
+        control = runner.control.transport
+        control.pauseProducing()
+        try:
+            for i in range(1, 11):
+                user = await connect(entry)
+                await close(user)
+                await wait_for(lambda: launches(names[0], "->") - sent == i, what=f"the entry's launch for user {i}")
+            await wait_for(lambda: len(runner.pool._gone) >= 10, what="the exit saw the named pool connections closed")
+        finally:
+            control.resumeProducing()
+        await wait_for(lambda: launches(names[1], "<-") - read == 10, what="the exit read the 10 launches")
+        await wait_for(
+            lambda: runner.launching == 0 and server.stats.tcps == 0 and client.stats.tcps == 0,
+            timeout=20,
+            what=f"every launch settled ({query}, flow {flow}; a missed one would wait 60 s)",
+        )
+        self.assertEqual(runner.pool.errors, 0)
+        name = "client" if exit_ is client else "server"
+        self.assertFalse(self.logged(name, "did not arrive"), self.lines.get(name))
+        self.assertFalse(self.logged(name, "ERROR"), self.lines.get(name))
+        self.assertEqual(await echo_roundtrip(entry, b"after"), b"after")
+
+    @d
+    async def test_users_that_leave_at_once_tls_pool(self):
+        await self._users_leave_at_once("&tls=1", "-")
+        await self._users_leave_at_once("&tls=1", "+")
+
+    @d
+    async def test_users_that_leave_at_once_quic_pool(self):
+        await self._users_leave_at_once("&type=1", "-")
+        await self._users_leave_at_once("&type=1", "+")
+
+    @d
+    async def test_users_that_leave_at_once_plain_pool(self):
+        await self._users_leave_at_once("&tls=0", "-")
+
     @d
     async def test_pool_refills_after_use_without_waiting_for_rounds(self):
         slow = Tunables(**{**_fields(FAST), "min_pool_interval": 30.0, "max_pool_interval": 30.0})
@@ -1070,6 +1145,78 @@ class _Conn:
 
     def on_lost(self, cb):
         pass
+
+
+class GoneConnectionTests(unittest.TestCase):
+    """A get for an idle connection its peer closed ends at once
+    (:class:`PoolConnectionGone`), without a wait or a pool error."""
+
+    def _pool(self):
+        clock = task.Clock()
+        return IdlePool(clock, NodeLog("none")), clock
+
+    def _offer(self, pool, pool_id):
+        conn = _Conn()
+        lost = []
+        conn.on_lost = lost.append  # the pool's discard callback
+        self.assertTrue(pool._offer(pool_id, conn))
+        return conn, lost
+
+    def _peer_closes(self, conn, lost):
+        conn.lost = True
+        for cb in lost:
+            cb(None)
+
+    def test_get_after_the_peer_closed_it_fails_at_once(self):
+        pool, clock = self._pool()
+        conn, lost = self._offer(pool, "aaaa0001")
+        self._peer_closes(conn, lost)
+        self.assertEqual(pool.idle_count(), 0)
+        failure = self.failureResultOf(pool.outgoing_get("aaaa0001", 5.0), PoolConnectionGone)
+        self.assertIn("aaaa0001", failure.getErrorMessage())
+        self.assertEqual(clock.getDelayedCalls(), [])  # no wait
+        self.assertEqual(pool.errors, 0)
+        # once: a second launch naming it is a miss like any other
+        d = pool.outgoing_get("aaaa0001", 5.0)
+        self.assertNoResult(d)
+        clock.advance(5.0)
+        self.failureResultOf(d, PoolTimeout)
+        self.assertEqual(pool.errors, 1)
+
+    def test_lenient_take_of_a_lost_connection_remembers_it(self):
+        pool, clock = self._pool()
+        conn, _lost = self._offer(pool, "aaaa0002")
+        conn.lost = True  # lost, and no callback yet
+        self.assertIsNone(pool.take("aaaa0002"))
+        self.failureResultOf(pool.outgoing_get("aaaa0002", 5.0), PoolConnectionGone)
+        self.assertEqual(pool.errors, 0)
+
+    def test_unknown_ids_still_wait_and_count(self):
+        pool, clock = self._pool()
+        d = pool.outgoing_get("bbbb0001", 2.0)
+        self.assertNoResult(d)
+        conn, _lost = self._offer(pool, "bbbb0001")
+        self.assertEqual(self.successResultOf(d), ("bbbb0001", conn))
+        self.assertEqual(pool.errors, 0)
+
+    def test_memory_is_bounded(self):
+        pool, clock = self._pool()
+        for i in range(GONE_MEMORY + 1):
+            conn, lost = self._offer(pool, f"{i:08x}")
+            self._peer_closes(conn, lost)
+        self.assertEqual(len(pool._gone), GONE_MEMORY)
+        oldest = pool.outgoing_get(f"{0:08x}", 1.0)  # forgotten: waits
+        self.assertNoResult(oldest)
+        self.failureResultOf(pool.outgoing_get(f"{GONE_MEMORY:08x}", 1.0), PoolConnectionGone)
+        clock.advance(1.0)
+        self.failureResultOf(oldest, PoolTimeout)
+
+    def test_a_new_connection_under_a_gone_id_is_handed_out(self):
+        pool, clock = self._pool()
+        conn, lost = self._offer(pool, "cccc0001")
+        self._peer_closes(conn, lost)
+        again, _lost = self._offer(pool, "cccc0001")
+        self.assertEqual(self.successResultOf(pool.outgoing_get("cccc0001", 1.0)), ("cccc0001", again))
 
 
 class PoolSizingTests(unittest.TestCase):

@@ -28,7 +28,7 @@ from nodepass.compat.twisted_fastpath import DialBatch, LeanConnection, lean_acc
 from nodepass.net.dialer import TargetGroup
 from nodepass.modes.base import InstanceContext, Runner, TunnelError
 from nodepass.modes.verify import FingerprintExchange, VerifyGate
-from nodepass.pools.tcp import IdlePool
+from nodepass.pools.tcp import IdlePool, PoolConnectionGone
 from nodepass.relay.block import Blocked, Decision, ScreenedEnd, refuse
 from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, no_delay, peer_text, proxy_v1_header
 from nodepass.relay import splice, tls_fast
@@ -615,6 +615,10 @@ class DualEndRunner(Runner):
 
     def _exit_missed(self, failure: Failure, origin: str) -> None:
         self.launching -= 1
+        if failure.check(PoolConnectionGone):
+            # The user left before this end heard of it: nothing to do.
+            self.ctx.log.debug("TCP launch %s: %s", origin, failure.getErrorMessage())
+            return
         self.ctx.log.error("TCP launch %s: %s", origin, failure.getErrorMessage())
 
     def _exit_got(self, got: tuple[str, PoolEnd], origin: str) -> None:
@@ -672,6 +676,9 @@ class DualEndRunner(Runner):
         assert pool is not None  # made before signals are read
         try:
             _, conn = await pool.outgoing_get(pool_id, t.pool_get_timeout)
+        except PoolConnectionGone as e:
+            ctx.log.debug("UDP launch %s: %s", origin, e)
+            return
         except Exception as e:  # noqa: BLE001
             ctx.log.error("UDP launch %s: %s", origin, e)
             return

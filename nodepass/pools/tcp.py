@@ -43,6 +43,19 @@ class PoolClosed(Exception):
     """The pool was shut down while waiting."""
 
 
+class PoolConnectionGone(Exception):
+    """A get named an idle connection that its peer had closed already: the
+    entry's user left at once (a health check, a port scan), the entry
+    closed the pool connection it had named in the launch, and here the
+    close came in before the launch.  Nothing is left to relay; it is not
+    a pool error."""
+
+
+#: How many IDs of idle connections closed by the peer a pool remembers
+#: for launches still on their way (one entry each: a few dozen bytes).
+GONE_MEMORY = 1024
+
+
 def _close(conn: Any) -> None:
     transport = getattr(conn, "transport", None)
     if transport is not None and not getattr(conn, "lost", False):
@@ -72,6 +85,9 @@ class IdlePool:
         self.closed = False
         self._any: deque[_Waiter] = deque()
         self._by_id: dict[str, _Waiter] = {}
+        #: IDs of idle connections the peer closed, oldest first (see
+        #: :class:`PoolConnectionGone`).
+        self._gone: OrderedDict[str, None] = OrderedDict()
 
     # -- bookkeeping ------------------------------------------------------
     def idle_count(self) -> int:
@@ -92,6 +108,7 @@ class IdlePool:
             return False
         if pool_id in self.idle:
             return False
+        self._gone.pop(pool_id, None)
         conn.pool_id = pool_id
         w = self._by_id.pop(pool_id, None)
         if w is not None:
@@ -115,7 +132,18 @@ class IdlePool:
     def discard(self, pool_id: str, conn: Any) -> None:
         if self.idle.get(pool_id) is conn:
             del self.idle[pool_id]
+            self._remember_gone(pool_id)
             self._lost_idle()
+
+    def _remember_gone(self, pool_id: str) -> None:
+        gone = self._gone
+        gone[pool_id] = None
+        if len(gone) > GONE_MEMORY:
+            gone.popitem(last=False)
+
+    def _gone_failure(self, pool_id: str) -> Deferred[Any]:
+        self._gone.pop(pool_id, None)
+        return defer.fail(PoolConnectionGone(f"pool connection {pool_id} was closed by the peer before its launch"))
 
     def _consumed(self) -> None:
         """Hook: a connection left the pool for use."""
@@ -147,7 +175,10 @@ class IdlePool:
         """The idle connection named ``pool_id`` if it is here now, else
         None; no wait and no error counted (a lenient look-up)."""
         conn = self.idle.pop(pool_id, None)
-        if conn is None or getattr(conn, "lost", False):
+        if conn is None:
+            return None
+        if getattr(conn, "lost", False):
+            self._remember_gone(pool_id)
             return None
         self._consumed()
         return conn
@@ -156,9 +187,13 @@ class IdlePool:
         """The connection named ``pool_id``; waits up to ``timeout`` for it
         to arrive.  A miss counts as a pool error (SPEC §4)."""
         conn = self.idle.pop(pool_id, None)
-        if conn is not None and not getattr(conn, "lost", False):
-            self._consumed()
-            return defer.succeed((pool_id, conn))
+        if conn is not None:
+            if not getattr(conn, "lost", False):
+                self._consumed()
+                return defer.succeed((pool_id, conn))
+            return self._gone_failure(pool_id)
+        if pool_id in self._gone:
+            return self._gone_failure(pool_id)
         if pool_id in self._by_id:
             self.errors += 1
             return defer.fail(PoolTimeout(f"pool connection {pool_id} requested twice"))
