@@ -274,15 +274,19 @@ def twistd_observer(twistd: Optional[Mapping], level: str) -> NodePassObserver:
 
 def own_process(reactor: Any, config: InstanceConfig) -> None:
     """Set up a process nodepass owns (the console script's, twistd's) to
-    run ``config``: its epoll reactor dispatches without Twisted's
-    per-event log context (``lean_dispatch``), and where tunnels run here,
-    its garbage collector is paced for them (:mod:`nodepass.base.collector`;
-    not in a master whose instances run in workers, whose cycles are its API
-    requests' and whose memory is what counts).  Worker processes do the
-    same for themselves (``nodepass.workers.child``)."""
+    run ``config``: its soft open-files limit is raised to the hard one, as
+    Go does (:mod:`nodepass.base.limits`), its epoll reactor dispatches
+    without Twisted's per-event log context (``lean_dispatch``), and where
+    tunnels run here, its garbage collector is paced for them
+    (:mod:`nodepass.base.collector`; not in a master whose instances run in
+    workers, whose cycles are its API requests' and whose memory is what
+    counts).  Worker processes do the same for themselves
+    (``nodepass.workers.child``)."""
     from nodepass.base.collector import pace_collector
+    from nodepass.base.limits import raise_open_files_limit
     from nodepass.compat.twisted_fastpath import lean_dispatch
 
+    raise_open_files_limit()
     lean_dispatch(reactor)
     if not (isinstance(config, MasterConfig) and config.workers > 0):
         pace_collector()

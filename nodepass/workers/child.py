@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from nodepass.base.logs import ORDER, NodeLog
 from nodepass.base.stats import Checkpoint, InstanceStats
 from nodepass.base.collector import pace_collector
+from nodepass.base.limits import raise_open_files_limit
 from nodepass.compat.twisted_fastpath import lean_dispatch
 from nodepass.service.instance import TunnelService
 from nodepass.workers import commands as cmd
@@ -176,8 +177,9 @@ def main(argv: list[str]) -> int:
     from twisted.internet import stdio as stdio_module
 
     reactor: Any = installed  # mypy cannot call the zope interfaces it is typed with
-    lean_dispatch(reactor)  # this process is ours: no per-event log context
-    pace_collector()  # ... and its collector's pace (nodepass.base.collector)
+    raise_open_files_limit()  # this process is ours: the open-files limit as Go sets it,
+    lean_dispatch(reactor)  # no per-event log context,
+    pace_collector()  # and its collector's pace (nodepass.base.collector)
     stdio: Any = stdio_module  # typed after the Windows variant, which has no fd arguments
     proto = WorkerProtocol(reactor, level)
     observer: Any = proto.observe
