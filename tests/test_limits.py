@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tests.helpers import connect, free_port
+from tests.helpers import connect, free_port, wait_for
 from tests.procs import spawn
 from tests.test_master_state import echo_server
 from tests.test_tunnel import d
@@ -30,12 +31,14 @@ second = raise_open_files_limit()
 print(json.dumps({"hard": hard, "first": first, "second": second, "now": resource.getrlimit(resource.RLIMIT_NOFILE)}))
 """
 
-#: The console script, started with a soft limit of ``LOW``.
+#: The console script, started with a soft limit of ``argv[1]`` (and the
+#: hard one too when ``argv[2]`` is ``hard``).
 LOWERED = r"""
 import resource, runpy, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard))
-sys.argv = ["nodepass", sys.argv[2]]
+low = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (low, low if sys.argv[2] == "hard" else hard))
+sys.argv = ["nodepass", sys.argv[3]]
 runpy.run_module("nodepass.cli", run_name="__main__")
 """
 
@@ -73,7 +76,7 @@ class OpenFilesLimitTests(unittest.TestCase):
         target = await echo_server(self)
         entry = free_port()
         url = f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1&log=info"
-        proc = spawn(self, ["-c", LOWERED, str(LOW), url])
+        proc = spawn(self, ["-c", LOWERED, str(LOW), "soft", url])
         await proc.wait_for(r"Client started: ", timeout=20)
         pid = proc.transport.pid
         self.assertNotEqual(_soft_limit(pid), str(LOW))
@@ -87,3 +90,34 @@ class OpenFilesLimitTests(unittest.TestCase):
         self.assertNotIn("Too many open files", proc.text())
         self.assertNotIn("ERROR", proc.text())
 
+    @d
+    async def test_out_of_descriptors_is_an_error_line_and_passes(self) -> None:
+        """A forwarder at its hard limit turns users away with one ERROR
+        line that names the limit (not one per refusal, and not only at
+        INFO as Twisted says it), and serves again once descriptors are
+        free."""
+        target = await echo_server(self)
+        entry = free_port()
+        url = f"client://127.0.0.1:{entry}/127.0.0.1:{target}?mode=1&log=info"
+        proc = spawn(self, ["-c", LOWERED, "40", "hard", url])
+        await proc.wait_for(r"Client started: ", timeout=20)
+        pid = proc.transport.pid
+        users = await defer.gatherResults([defer.ensureDeferred(connect(entry)) for _ in range(40)])
+        for user in users:
+            user.transport.write(b"x")
+        await proc.wait_for(r"ERROR  Accept on 127\.0\.0\.1:\d+ failed: Too many open files \(open-files limit 40\); connections are refused", timeout=20)
+        for user in users:
+            user.transport.abortConnection()
+        await defer.gatherResults([user.lost for user in users])
+        await wait_for(lambda: _descriptors(pid) < 30, timeout=20, what="the forwarder's descriptors freed")
+        again = await connect(entry)
+        again.transport.write(b"again")
+        self.assertEqual(await again.wait_bytes(5, timeout=10), b"again")
+        again.transport.loseConnection()
+        text = proc.text()
+        self.assertEqual(text.count("Accept on"), 1, text)
+        self.assertNotIn("Traceback", text)
+
+
+def _descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))

@@ -72,6 +72,7 @@ from typing import Any, Callable, Optional
 from twisted.internet import address, error, main, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
 from twisted.python import failure, log
 
 try:
@@ -93,6 +94,12 @@ _ANSWER_SIZE = 16384
 #: accept(2) errors that are not about one connection: Twisted's own
 #: ``doRead`` handles them (it keeps a spare descriptor for EMFILE).
 _ACCEPT_RETRY = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
+#: accept(2) errors of a process out of descriptors (or of kernel memory):
+#: Twisted's ``doRead`` closes such a pending connection at once and says
+#: so only at INFO; operators get an ERROR line (:func:`_out_of_descriptors`).
+_OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+#: At most one such line per listening port in this many seconds.
+OUT_OF_DESCRIPTORS_EVERY = 5.0
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK))
 
 
@@ -475,6 +482,38 @@ def _peer_tuple(addr: tuple) -> tuple:
     return addr
 
 
+def _out_of_descriptors(port: Any, e: OSError) -> None:
+    """An ERROR line for a listening port that cannot accept for want of
+    descriptors (at most one per :data:`OUT_OF_DESCRIPTORS_EVERY` seconds,
+    with the count of refusals since the last): users are being turned
+    away, and the cause is a limit the operator sets."""
+    now = port.reactor.seconds()
+    last, count = getattr(port, "_np_out_of_fds", (None, 0))
+    count += 1
+    if last is not None and now - last < OUT_OF_DESCRIPTORS_EVERY:
+        port._np_out_of_fds = (last, count)
+        return
+    port._np_out_of_fds = (now, 0)
+    try:
+        import resource
+
+        limit = f" (open-files limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})"
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        limit = ""
+    host = port.getHost()
+    more = f" ({count - 1} more since the last report)" if last is not None and count > 1 else ""
+    _ACCEPT_LOG.error(
+        "Accept on {where} failed: {why}{limit}; connections are refused until descriptors are free{more}",
+        where=f"{host.host}:{host.port}",
+        why=os.strerror(e.errno) if e.errno else str(e),
+        limit=limit,
+        more=more,
+    )
+
+
+_ACCEPT_LOG = Logger(namespace="nodepass.accept")
+
+
 def lean_accepts(port: Any) -> bool:
     """Have a listening ``tcp.Port`` (from ``reactor.listenTCP``) make a
     :class:`LeanConnection` for every accepted socket, with a protocol from
@@ -513,6 +552,8 @@ def lean_accepts(port: Any) -> bool:
             except OSError as e:
                 if e.errno in _ACCEPT_RETRY:
                     break
+                if e.errno in _OUT_OF_DESCRIPTORS:
+                    _out_of_descriptors(port, e)
                 twisted_do_read()  # Twisted's own handling and logging
                 break
             count += 1
