@@ -278,11 +278,12 @@ def own_process(reactor: Any, config: InstanceConfig) -> None:
     Go does (:mod:`nodepass.base.limits`), its epoll reactor dispatches
     without Twisted's per-event log context (``lean_dispatch``), and where
     tunnels run here, its garbage collector is paced for them
-    (:mod:`nodepass.base.collector`; not in a master whose instances run in
+    (:mod:`nodepass.base.collector`, with a full collection once a minute
+    when its own have stopped; not in a master whose instances run in
     workers, whose cycles are its API requests' and whose memory is what
     counts).  Worker processes do the same for themselves
     (``nodepass.workers.child``)."""
-    from nodepass.base.collector import pace_collector
+    from nodepass.base.collector import IdleSweep, pace_collector
     from nodepass.base.limits import raise_open_files_limit
     from nodepass.compat.twisted_fastpath import lean_dispatch
 
@@ -290,6 +291,7 @@ def own_process(reactor: Any, config: InstanceConfig) -> None:
     lean_dispatch(reactor)
     if not (isinstance(config, MasterConfig) and config.workers > 0):
         pace_collector()
+        IdleSweep(reactor).start()
 
 
 def _mark_twistd(root: NodePassRoot, twistd: Optional[Mapping]) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import gc
 import json
+import weakref
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
-from nodepass.base.collector import YOUNG_THRESHOLD, pace_collector
+from nodepass.base.collector import IDLE_SWEEP_EVERY, YOUNG_THRESHOLD, IdleSweep, pace_collector
 from tests.procs import spawn
 from tests.test_tunnel import d
 
@@ -57,3 +58,51 @@ class PaceTests(unittest.TestCase):
         for url, paced in urls.items():
             want = [YOUNG_THRESHOLD, default[1], default[2]] if paced else default
             self.assertEqual(got["after"][url], want, url)
+
+
+class _Node:
+    """A member of a reference cycle."""
+
+    def __init__(self) -> None:
+        self.other: object = None
+
+
+def _cycle() -> weakref.ref:
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+class IdleSweepTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.addCleanup(gc.enable)
+        gc.disable()  # no collection but the ones this test makes
+        self.clock = task.Clock()
+        self.sweep = IdleSweep(self.clock)
+        self.sweep.start()
+        self.addCleanup(self.sweep.stop)
+
+    def test_collects_cycles_when_no_full_collection_ran(self) -> None:
+        gone = _cycle()
+        self.clock.advance(IDLE_SWEEP_EVERY - 1)
+        self.assertIsNotNone(gone(), "collected before the minute was up")
+        self.clock.advance(1)
+        self.assertIsNone(gone(), "the cycle outlived the sweep")
+        self.assertEqual(self.sweep.sweeps, 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # and looks again later
+
+    def test_leaves_a_process_whose_own_collections_run(self) -> None:
+        gone = _cycle()
+        gc.collect()  # a full collection of its own since the last look
+        self.assertIsNone(gone())
+        kept = _cycle()
+        self.clock.advance(IDLE_SWEEP_EVERY)
+        self.assertEqual(self.sweep.sweeps, 0)
+        self.assertIsNotNone(kept(), "swept although the process collected on its own")
+        self.clock.advance(IDLE_SWEEP_EVERY)  # none since: now it sweeps
+        self.assertEqual(self.sweep.sweeps, 1)
+        self.assertIsNone(kept())
+
+    def test_stop(self) -> None:
+        self.sweep.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

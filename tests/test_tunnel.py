@@ -601,6 +601,30 @@ class FlowTests(TunnelMixin, unittest.TestCase):
         self.assertEqual(left, [], garbage_names(left))
 
     @d
+    async def test_tls_pool_connections_reset_leave_no_garbage(self):
+        """Idle tls=1 pool connections that the peer resets (no
+        close_notify: a server that was killed) are freed by reference
+        counting.  Twisted's TLS layer keeps the Failure of the SSL error it
+        then catches, whose traceback held the layer and the SSL connection
+        in a cycle: a client whose server kept restarting grew by its whole
+        pool each time (``LeanTLSProtocol._tlsShutdownFinished``)."""
+        from tests.helpers import collector_off, garbage_names, garbage_of_ours
+
+        server, client, entry, _ = await self.tunnel("-", "&tls=1")
+        self.assertEqual(await echo_roundtrip(entry, b"warm"), b"warm")
+        pool = client.runner.pool
+        await wait_for(lambda: pool.idle_count() >= 4, what="idle pool connections")
+        with collector_off():
+            theirs = [end for end in list(pool.idle.values()) if end.pool_id in server.runner.pool.idle][:4]
+            self.assertEqual(len(theirs), 4)
+            for end in theirs:
+                server.runner.pool.idle[end.pool_id].transport.abortConnection()  # a reset
+            await wait_for(lambda: all(end.lost for end in theirs), what="the client saw the resets")
+            theirs = []  # (the test's references are the only ones that count)
+            left = garbage_of_ours()
+        self.assertEqual(left, [], garbage_names(left))
+
+    @d
     async def test_endless_download_closed_reverse(self):
         await self._endless_download_then_close("-")
 

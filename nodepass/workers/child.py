@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from nodepass.base.logs import ORDER, NodeLog
 from nodepass.base.stats import Checkpoint, InstanceStats
-from nodepass.base.collector import pace_collector
+from nodepass.base.collector import IdleSweep, pace_collector
 from nodepass.base.limits import raise_open_files_limit
 from nodepass.compat.twisted_fastpath import lean_dispatch
 from nodepass.service.instance import TunnelService
@@ -179,7 +179,8 @@ def main(argv: list[str]) -> int:
     reactor: Any = installed  # mypy cannot call the zope interfaces it is typed with
     raise_open_files_limit()  # this process is ours: the open-files limit as Go sets it,
     lean_dispatch(reactor)  # no per-event log context,
-    pace_collector()  # and its collector's pace (nodepass.base.collector)
+    pace_collector()  # and its collector's pace (nodepass.base.collector),
+    IdleSweep(reactor).start()  # with a full collection when its own stop
     stdio: Any = stdio_module  # typed after the Windows variant, which has no fd arguments
     proto = WorkerProtocol(reactor, level)
     observer: Any = proto.observe
