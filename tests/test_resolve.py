@@ -15,13 +15,15 @@ import time
 from typing import Any
 
 from twisted.internet import reactor, task
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from nodepass.base.logs import NodeLog
 from nodepass.config.urls import Tunables, parse_url
 from nodepass.modes.single import tunnel_address_binds
 from nodepass.net import resolve
-from nodepass.net.dialer import DNSCache, ResolveError
+from nodepass.config.urls import Address
+from nodepass.net.dialer import DNSCache, ResolveError, TargetGroup
 from nodepass.service.instance import TunnelService
 from tests.helpers import close, connect, free_port, listen_echo, service_up
 from tests.test_single import d
@@ -104,6 +106,43 @@ class DNSCacheTests(ResolveTestCase):
         self.assertEqual(len(self.resolver.calls), 1)
 
     @d
+    async def test_fresh_name_dials_at_once(self) -> None:
+        """A target name the cache holds fresh is dialled from the cache
+        (``DNSCache.cached``, the path of every connection of a tunnel to
+        ``localhost:PORT``) without another lookup; a stale one is looked up
+        again."""
+        echo, _ = listen_echo()
+        self.addCleanup(echo.stopListening)
+        clock_offset = [0.0]
+
+        class Later:
+            """The reactor, with its clock moved on by ``clock_offset``."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(reactor, name)
+
+            def seconds(self) -> float:
+                return reactor.seconds() + clock_offset[0]
+
+        group = TargetGroup([Address("slow.example", echo.getHost().port)], Later(), NodeLog("none"), dns_ttl=60.0)
+        factory = Factory.forProtocol(Protocol)
+        first = await group.dial(factory)
+        first.transport.loseConnection()
+        self.assertEqual(len(self.resolver.calls), 1)
+        self.assertEqual(group.dns.cached("slow.example"), "127.0.0.1")
+        connected: list[Any] = []
+        group.connect(factory, connected.append, lambda f: connected.append(f))
+        await wait_until(lambda: connected)
+        self.assertIsInstance(connected[0], Protocol)
+        connected[0].transport.loseConnection()
+        self.assertEqual(len(self.resolver.calls), 1)
+        clock_offset[0] = 61.0  # past the TTL
+        self.assertIsNone(group.dns.cached("slow.example"))
+        again = await group.dial(factory)
+        again.transport.loseConnection()
+        self.assertEqual(len(self.resolver.calls), 2)
+
+    @d
     async def test_unresolved_name_is_named(self) -> None:
         with self.assertRaises(ResolveError) as caught:
             await DNSCache(60.0, reactor).resolve("nowhere.invalid")
@@ -137,3 +176,9 @@ class SingleEndTests(ResolveTestCase):
         c.transport.write(b"hello")
         self.assertEqual(await c.wait_bytes(5), b"hello")
         await close(c)
+
+
+async def wait_until(predicate: Any) -> None:
+    from tests.helpers import wait_for
+
+    await wait_for(predicate, timeout=10, what="the dial's outcome")

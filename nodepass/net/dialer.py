@@ -73,6 +73,16 @@ class DNSCache:
         # Prefer IPv4, as Go's dialer tends to for dual-stack loopback names.
         return str(prefer_ipv4(infos)[0][4][0])
 
+    def cached(self, host: str) -> Optional[str]:
+        """The address of ``host`` when the cache holds a fresh one, else
+        None: a dial to a name takes this path at every connection, without
+        the coroutine and Deferred of :meth:`resolve` (a tenth of the
+        requests per second through a tunnel to ``localhost:PORT``)."""
+        entry = self._entries.get(host)
+        if entry is not None and self.reactor.seconds() - entry[0] < self.ttl:
+            return entry[1]
+        return None
+
     async def resolve(self, host: str) -> str:
         if host == "" or is_unspecified(host):
             return "127.0.0.1" if ":" not in host else "::1"
@@ -263,6 +273,10 @@ class GroupDial:
         group = self.group
         if target.host in group._literal:
             self._dial_ip(target.host, target.port)
+            return
+        ip = group.dns.cached(target.host)
+        if ip is not None:
+            self._dial_ip(ip, target.port)
             return
         d = defer.ensureDeferred(group.dns.resolve(target.host))
         self.current = d
