@@ -19,7 +19,8 @@ round); ratios are taken within each round and the median over rounds is
 shown, with the median absolute figures beside them.
 
     python3 bench/bench_http.py [--rounds 3] [--seconds 4] [--connections 20] [--tries 200]
-                                [--paths direct,single,tls=0,tls=1] [--trees DIR,DIR] [--json]
+                                [--paths direct,single,tls=0,tls=1] [--trees DIR,DIR]
+                                [--target-host 127.0.0.1|localhost] [--json]
 
 ``--trees`` compares code: each directory holds a ``nodepass/`` package
 (say ``git worktree add /tmp/before COMMIT``), every path but ``direct``
@@ -206,6 +207,8 @@ def main() -> int:
                     help="comma-separated: direct, single, or a dual-end server query such as tls=0")
     ap.add_argument("--trees", default="",
                     help="comma-separated directories, each holding a nodepass/ package: compare them, interleaved")
+    ap.add_argument("--target-host", default="127.0.0.1",
+                    help="how a dual-end exit names nginx: an IP, or a name such as localhost (the DNS cache's path)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ensure_tools()
@@ -243,7 +246,7 @@ def main() -> int:
                 ports[p], pids[p] = port, [proc.pid]
             else:
                 with _CodeFrom(tree):
-                    t = Tunnel(nginx.port, kind)
+                    t = Tunnel(nginx.port, kind, target_host=args.target_host)
                 tunnels.append(t)
                 t.wait_up()  # an HTTP error answer is an answer: the path is up
                 ports[p], pids[p] = t.entry, [t.server.pid, t.client.pid]

@@ -63,12 +63,12 @@ PROFILE = os.environ.get("NP_BENCH_PROFILE", "").split()
 class Tunnel:
     """A server process and a client process carrying one target."""
 
-    def __init__(self, target: int, query: str, min_pool: int = 64, report: str = "5s"):
+    def __init__(self, target: int, query: str, min_pool: int = 64, report: str = "5s", target_host: str = "127.0.0.1"):
         self.tunnel = free_port()
         self.entry = free_port()
         env = dict(os.environ, NP_REPORT_INTERVAL=report, PYTHONPATH=ROOT)
         server_url = f"server://127.0.0.1:{self.tunnel}/127.0.0.1:{self.entry}?mode=1&{query}&log=event"
-        client_url = f"client://127.0.0.1:{self.tunnel}/127.0.0.1:{target}?mode=2&min={min_pool}&log=event"
+        client_url = f"client://127.0.0.1:{self.tunnel}/{target_host}:{target}?mode=2&min={min_pool}&log=event"
         # A mode naming a wire generation pins both ends to it (the default,
         # auto at both ends, settles on 1.14).
         client_url += "".join(f"&{p}" for p in query.split("&") if p.startswith("wire="))
