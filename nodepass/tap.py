@@ -275,7 +275,8 @@ def twistd_observer(twistd: Optional[Mapping], level: str) -> NodePassObserver:
 def own_process(reactor: Any, config: InstanceConfig) -> None:
     """Set up a process nodepass owns (the console script's, twistd's) to
     run ``config``: its soft open-files limit is raised to the hard one, as
-    Go does (:mod:`nodepass.base.limits`), its epoll reactor dispatches
+    Go does (:mod:`nodepass.base.limits`), a SIGTERM before its reactor runs
+    stops it cleanly (:func:`stop_on_early_signals`), its epoll reactor dispatches
     without Twisted's per-event log context (``lean_dispatch``), and where
     tunnels run here, its garbage collector is paced for them
     (:mod:`nodepass.base.collector`, with a full collection once a minute
@@ -288,10 +289,33 @@ def own_process(reactor: Any, config: InstanceConfig) -> None:
     from nodepass.compat.twisted_fastpath import lean_dispatch
 
     raise_open_files_limit()
+    stop_on_early_signals(reactor)
     lean_dispatch(reactor)
     if not (isinstance(config, MasterConfig) and config.workers > 0):
         pace_collector()
         IdleSweep(reactor).start()
+
+
+def stop_on_early_signals(reactor: Any) -> None:
+    """SIGTERM or SIGINT before the reactor runs stops the process the
+    clean way, once the reactor runs, instead of ending it at once.
+
+    twistd starts the service and tells its parent (and so a supervisor or
+    an operator's script) that the daemon started before it runs the
+    reactor, which is what installs Twisted's signal handlers: a SIGTERM
+    in between met Python's default action, and the daemon died without
+    stopping its workers or removing its pidfile.  The reactor's own
+    handlers replace these when it runs."""
+    import signal
+
+    def early(_signum: int, _frame: Any) -> None:
+        reactor.callWhenRunning(reactor.stop)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, early)
+        except (ValueError, OSError):  # not the main thread: leave it
+            pass
 
 
 def _mark_twistd(root: NodePassRoot, twistd: Optional[Mapping]) -> None:

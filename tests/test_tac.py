@@ -72,3 +72,34 @@ class DaemonTacTests(unittest.TestCase):
         # after: the parent can be gone a moment before the file is.
         await wait_for(lambda: not os.path.exists(self.pidfile), timeout=10, what="the failed daemon's pidfile removed")
         self.assertIn("ERROR  Master error: ", _read(self.log))
+
+
+#: In a fresh interpreter: a process nodepass owns gets SIGTERM before its
+#: reactor runs (where twistd has already told its parent it started).
+EARLY_SIGTERM = r"""
+import os, signal
+from twisted.internet import reactor
+from nodepass.config.urls import parse_url
+from nodepass.tap import own_process
+own_process(reactor, parse_url("client://127.0.0.1:0/127.0.0.1:1?mode=1"))
+stopped = []
+reactor.addSystemEventTrigger("before", "shutdown", lambda: stopped.append("shutdown"))
+os.kill(os.getpid(), signal.SIGTERM)
+reactor.run()
+print("stopped cleanly" if stopped else "not stopped")
+"""
+
+
+class EarlySignalTests(unittest.TestCase):
+    @d
+    async def test_sigterm_before_the_reactor_runs_stops_cleanly(self) -> None:
+        """The SIGTERM is not lost and does not end the process at once: the
+        reactor starts, runs its shutdown (a daemon's cleanup: workers, its
+        pidfile) and the process exits 0.  twistd's daemon tells its parent
+        it started before it runs the reactor; a supervisor's SIGTERM in
+        that window used to kill it outright (seen once in CI:
+        ``test_daemon_logs_to_logfile`` found its pidfile left behind)."""
+        proc = spawn(self, ["-c", EARLY_SIGTERM])
+        status = await proc.ended.addTimeout(30, reactor)
+        self.assertEqual(status, 0, proc.text())
+        self.assertIn("stopped cleanly", proc.text())
