@@ -1058,6 +1058,33 @@ class ResilienceTests(TunnelMixin, unittest.TestCase):
         self.assertEqual(await echo_roundtrip(entry, b"after"), b"after")
 
     @d
+    async def test_slot_refusals_logged_once_then_summed(self):
+        """Users beyond ``slot`` are refused with one ERROR line for the
+        first and one summary line per report interval for the rest, not
+        a line each (under overload that was thousands of lines a second),
+        and the tunnel serves again once slots are free."""
+        server, client, entry, _ = await self.tunnel("-", "&slot=2")
+        held = []
+        for i in range(2):
+            user = await connect(entry)
+            user.transport.write(b"held%d" % i)
+            self.assertEqual(await user.wait_bytes(5), b"held%d" % i)
+            held.append(user)
+        for _ in range(20):
+            user = await connect(entry)
+            await user.lost  # refused
+        await wait_for(lambda: self.logged("server", "more connections in the last"), what="the summary line")
+        lines = self.lines["server"]
+        self.assertEqual(len([ln for ln in lines if "TCP slot limit reached (2), refusing 127.0.0.1:" in ln]), 1, lines)
+        summary = [ln for ln in lines if "more connections in the last" in ln]
+        self.assertEqual(len(summary), 1, lines)
+        self.assertRegex(summary[0], r"ERROR  TCP slot limit reached \(2\), refused 19 more connections in the last \S+ \(the last from 127\.0\.0\.1:\d+\)")
+        for user in held:
+            await close(user)
+        await wait_for(lambda: server.stats.tcps == 0, what="the held slots released")
+        self.assertEqual(await echo_roundtrip(entry, b"after"), b"after")
+
+    @d
     async def test_users_that_leave_at_once_tls_pool(self):
         await self._users_leave_at_once("&tls=1", "-")
         await self._users_leave_at_once("&tls=1", "+")

@@ -10,7 +10,7 @@ from nodepass.config.urls import Tunables
 from nodepass.base.logs import NodeLog
 from nodepass.base.stats import InstanceStats
 from nodepass.base.timers import IdleTimer
-from nodepass.relay.udp import UDPSessionListener, open_target_udp
+from nodepass.relay.udp import DropReport, UDPSessionListener, open_target_udp
 from tests.helpers import UDPClient, UDPEcho, dead_port, listen_udp, sleep, wait_for
 from tests.test_single import ForwarderMixin, d
 
@@ -301,3 +301,50 @@ class SingleEndUDPTests(ForwarderMixin, unittest.TestCase):
         self.assertEqual(await c.next(), b"fb")
         self.assertTrue(self.logged("Dial source 192.0.2.55 unusable"))
         self.assertEqual(echo.senders[0][0], "127.0.0.1")
+
+
+class DropReportTests(unittest.TestCase):
+    """Slot-limit refusals: a summary line per report interval, not one
+    line per refusal (a flood of ERROR lines hides everything else, and a
+    log written faster than its reader takes it stalls the reactor)."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.log = NodeLog("info")
+        self.lines: list[str] = []
+        self.log.listeners.append(lambda level, line: self.lines.append(line))
+
+    def test_datagrams_summed_per_interval(self) -> None:
+        report = DropReport(self.clock, self.log, 5.0)
+        for i in range(100):
+            self.assertFalse(report.drop(4, f"10.0.0.{i}:53"))
+        self.assertEqual(self.lines, [])
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.lines), 1)
+        self.assertIn("UDP slot limit reached (4), dropped 100 datagrams in the last 5s (the last from 10.0.0.99:53)", self.lines[0])
+        self.clock.advance(5.0)  # quiet: nothing more, and the timer ends
+        self.assertEqual(len(self.lines), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_first_refusal_alone_then_one_summary(self) -> None:
+        report = DropReport(self.clock, self.log, 5.0, "connections", kind="TCP", verb="refused", first_alone=True)
+        self.assertTrue(report.drop(20, "1.2.3.4:1"))  # the caller logs this one
+        for i in range(2183):
+            self.assertFalse(report.drop(20, f"1.2.3.4:{i + 2}"))
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.lines), 1)
+        self.assertIn("TCP slot limit reached (20), refused 2183 more connections in the last 5s (the last from 1.2.3.4:2184)", self.lines[0])
+        self.clock.advance(5.0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(report.drop(20, "1.2.3.4:9"))  # a quiet period later: alone again
+        report.close()  # nothing counted after it: no summary at close
+        self.assertEqual(len(self.lines), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_reports_what_is_counted(self) -> None:
+        report = DropReport(self.clock, self.log, 5.0, "connections", kind="TCP", verb="refused", first_alone=True)
+        report.drop(3, "a:1")
+        report.drop(3, "a:2")
+        report.close()
+        self.assertEqual(len(self.lines), 1)
+        self.assertIn("TCP slot limit reached (3), refused 1 more connections in the last 0s (the last from a:2)", self.lines[0])

@@ -104,9 +104,9 @@ class EntryTCP(ScreenedEnd):
         self.hold()
         r = self.runner
         if not r.ctx.stats.acquire_tcp():
-            r.ctx.log.error(
-                "TCP slot limit reached (%d), refusing %s", r.ctx.stats.slot_limit, addr_text(self.transport.getPeer())
-            )
+            peer = addr_text(self.transport.getPeer())
+            if r.tcp_refused.drop(r.ctx.stats.slot_limit, peer):
+                r.ctx.log.error("TCP slot limit reached (%d), refusing %s", r.ctx.stats.slot_limit, peer)
             self.transport.abortConnection()
             return
         blocked = r.blocked
@@ -290,6 +290,11 @@ class DualEndRunner(Runner):
         # UDP launches the exit turns away at the slot limit: one summary
         # line per report interval, not one per launch.
         self.udp_dropped = DropReport(ctx.reactor, ctx.log, ctx.tunables.report_interval, "sessions")
+        # TCP connections and launches turned away there: the first of a
+        # quiet period logged as it comes, the rest in one summary line.
+        self.tcp_refused = DropReport(
+            ctx.reactor, ctx.log, ctx.tunables.report_interval, "connections", kind="TCP", verb="refused", first_alone=True
+        )
 
     # -- shape ------------------------------------------------------------
     @property
@@ -626,7 +631,8 @@ class DualEndRunner(Runner):
         conn = got[1]
         if not ctx.stats.acquire_tcp():
             self.launching -= 1
-            ctx.log.error("TCP slot limit reached (%d), dropping %s", ctx.stats.slot_limit, origin)
+            if self.tcp_refused.drop(ctx.stats.slot_limit, origin):
+                ctx.log.error("TCP slot limit reached (%d), dropping %s", ctx.stats.slot_limit, origin)
             conn.transport.loseConnection()
             return
         launch = _ExitLaunch(self, origin, conn)
@@ -726,6 +732,7 @@ class DualEndRunner(Runner):
         self.stopping = True
         self.splicer.stop()
         self.udp_dropped.close()
+        self.tcp_refused.close()
         if self.exchange is not None:
             self.exchange.stop()
         if self.gate is not None:

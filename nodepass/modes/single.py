@@ -37,7 +37,7 @@ from nodepass.net.dialer import ResolveError, TargetGroup
 from nodepass.net.resolve import getaddrinfo, prefer_ipv4
 from nodepass.relay.block import Blocked, Decision, ScreenedEnd, refuse
 from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
-from nodepass.relay.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
+from nodepass.relay.udp import DropReport, TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
 #: Listen backlog: bursts of new connections must not overflow the accept
 #: queue (the kernel caps it at net.core.somaxconn).
@@ -149,6 +149,11 @@ class SingleEndRunner(Runner):
         self._ping_index = 0
         self._stopping = False
         self._target_factory = _TargetFactory()
+        # Connections turned away at the slot limit: the first of a quiet
+        # period logged as it comes, the rest in one summary line.
+        self._tcp_refused = DropReport(
+            ctx.reactor, ctx.log, ctx.tunables.report_interval, "connections", kind="TCP", verb="refused", first_alone=True
+        )
         # NP_TCP_DATA_BUF_SIZE is Go's copy buffer; reads here are never
         # smaller than RELAY_BUFFER_SIZE, which Python needs to keep the
         # per-chunk cost low, but a larger tunable makes them larger.
@@ -196,6 +201,7 @@ class SingleEndRunner(Runner):
         """Close listeners, in-flight dials, every relayed pair and UDP
         session; fires once every socket is released."""
         self._stopping = True
+        self._tcp_refused.close()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
@@ -244,9 +250,9 @@ class SingleEndRunner(Runner):
         self._track(user)
         stats = self.ctx.stats
         if not stats.acquire_tcp():
-            self.ctx.log.error(
-                "TCP slot limit reached (%d), closing connection from %s", stats.slot_limit, _fmt(_peer(user.transport))
-            )
+            peer = _fmt(_peer(user.transport))
+            if self._tcp_refused.drop(stats.slot_limit, peer):
+                self.ctx.log.error("TCP slot limit reached (%d), closing connection from %s", stats.slot_limit, peer)
             user.transport.loseConnection()
             return
         user.hold()
