@@ -10,7 +10,8 @@ from nodepass.config.urls import Tunables
 from nodepass.base.logs import NodeLog
 from nodepass.base.stats import InstanceStats
 from nodepass.base.timers import IdleTimer
-from nodepass.relay.udp import DropReport, UDPSessionListener, open_target_udp
+from nodepass.relay.refusals import DropReport
+from nodepass.relay.udp import UDPSessionListener, open_target_udp
 from tests.helpers import UDPClient, UDPEcho, dead_port, listen_udp, sleep, wait_for
 from tests.test_single import ForwarderMixin, d
 

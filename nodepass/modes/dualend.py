@@ -32,7 +32,8 @@ from nodepass.pools.tcp import IdlePool, PoolConnectionGone
 from nodepass.relay.block import Blocked, Decision, ScreenedEnd, refuse
 from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, no_delay, peer_text, proxy_v1_header
 from nodepass.relay import splice, tls_fast
-from nodepass.relay.udp import DropReport, TargetUDP, UDPSession, UDPSessionListener, open_target_udp
+from nodepass.relay.refusals import DropReport
+from nodepass.relay.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
 
 def addr_text(addr: Any) -> str:

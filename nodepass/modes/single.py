@@ -37,7 +37,8 @@ from nodepass.net.dialer import ResolveError, TargetGroup
 from nodepass.net.resolve import getaddrinfo, prefer_ipv4
 from nodepass.relay.block import Blocked, Decision, ScreenedEnd, refuse
 from nodepass.relay.core import RELAY_BUFFER_SIZE, Relay, RelayEnd, peer_text, proxy_v1_header
-from nodepass.relay.udp import DropReport, TargetUDP, UDPSession, UDPSessionListener, open_target_udp
+from nodepass.relay.refusals import DropReport
+from nodepass.relay.udp import TargetUDP, UDPSession, UDPSessionListener, open_target_udp
 
 #: Listen backlog: bursts of new connections must not overflow the accept
 #: queue (the kernel caps it at net.core.somaxconn).

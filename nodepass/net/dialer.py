@@ -88,15 +88,16 @@ class DNSCache:
             return "127.0.0.1" if ":" not in host else "::1"
         if is_ip_literal(host):
             return host
+        fresh = self.cached(host)
+        if fresh is not None:
+            return fresh
         now = self.reactor.seconds()
-        cached = self._entries.get(host)
-        if cached is not None and now - cached[0] < self.ttl:
-            return cached[1]
         try:
             ip = await self._lookup(host)
         except (OSError, UnicodeError) as e:  # UnicodeError: not a valid IDNA name
-            if cached is not None:
-                return cached[1]
+            last = self._entries.get(host)
+            if last is not None:
+                return last[1]
             raise ResolveError(host, e) from None
         self._entries[host] = (now, ip)
         return ip
